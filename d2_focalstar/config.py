@@ -1,0 +1,49 @@
+from detectron2.config import CfgNode as CN
+
+from .losses import LOSS_TYPES
+
+
+def add_focalstar_config(cfg):
+    """
+    Add every config key of d2-focalstar, with its default. Alpha is detectron2's
+    MODEL.RETINANET.FOCAL_LOSS_ALPHA and FL's gamma MODEL.RETINANET.FOCAL_LOSS_GAMMA.
+    """
+    cfg.MODEL.FOCALSTAR = CN()
+    # Classification loss of RetinaNetFLStar: "FLSTAR" (modified focal loss), "FL" (focal loss,
+    # gamma = MODEL.RETINANET.FOCAL_LOSS_GAMMA) or "CE" (alpha-balanced cross-entropy).
+    cfg.MODEL.FOCALSTAR.LOSS_TYPE = "FLSTAR"
+    # FL*'s gamma: the factor is ((1 - p_t) / p_t) ** GAMMA. The proposal's values: 0.125, 0.25, 0.5.
+    cfg.MODEL.FOCALSTAR.GAMMA = 0.25
+    # Cap on FL*'s factor for very hard examples (p_t -> 0); past it the gradient is MAX_FACTOR
+    # times CE's. 0 = no cap (the exact, unbounded formula).
+    cfg.MODEL.FOCALSTAR.MAX_FACTOR = 100.0
+
+    # More COCO-format datasets, registered by name at start-up without code:
+    # a list of [name, json_file, image_root], e.g. [["mine_train", "a/train.json", "a/images"]].
+    cfg.DATASETS.COCO_JSON = []
+
+
+def check_focalstar_config(cfg):
+    """Raise ValueError naming the key, the value and what is allowed, for a bad loss setting."""
+    fs, rn = cfg.MODEL.FOCALSTAR, cfg.MODEL.RETINANET
+    problems = []
+    if str(fs.LOSS_TYPE).upper() not in LOSS_TYPES:
+        problems.append(f"MODEL.FOCALSTAR.LOSS_TYPE={fs.LOSS_TYPE!r}: allowed {', '.join(LOSS_TYPES)}")
+    for key, value in (("MODEL.FOCALSTAR.GAMMA", fs.GAMMA),
+                       ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", rn.FOCAL_LOSS_GAMMA)):
+        if not (isinstance(value, (int, float)) and value >= 0):
+            problems.append(f"{key}={value!r}: allowed a number >= 0")
+    alpha = rn.FOCAL_LOSS_ALPHA
+    if not (isinstance(alpha, (int, float)) and (0 <= alpha <= 1 or alpha == -1)):
+        problems.append(f"MODEL.RETINANET.FOCAL_LOSS_ALPHA={alpha!r}: allowed [0, 1], "
+                        "or -1 for no class weighting")
+    cap = fs.MAX_FACTOR
+    if not (isinstance(cap, (int, float)) and (cap == 0 or cap >= 1)):
+        problems.append(f"MODEL.FOCALSTAR.MAX_FACTOR={cap!r}: allowed 0 (no cap) or a number >= 1")
+    for i, entry in enumerate(cfg.DATASETS.COCO_JSON):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3
+                and all(isinstance(s, str) and s for s in entry)):
+            problems.append(f"DATASETS.COCO_JSON[{i}]={entry!r}: allowed "
+                            "[name, json_file, image_root], three non-empty strings")
+    if problems:
+        raise ValueError("Invalid d2-focalstar config:\n  " + "\n  ".join(problems))

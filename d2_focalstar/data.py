@@ -1,0 +1,217 @@
+"""
+Datasets: the embedded synthetic "shapes" dataset, and COCO-format datasets named in the config.
+
+The embedded dataset is generated on first use, deterministically from a seed, as COCO JSON plus
+JPEG images under ``$DETECTRON2_DATASETS/<name>/`` (default ``./datasets``), and registered in
+detectron2's catalogs as ``<name>_train`` and ``<name>_val``. Each scene holds many small shapes of
+a few classes among unlabelled clutter (lines, outlines, blobs, noise), so that foreground anchors
+are a tiny fraction of all anchors: the imbalance that FL and FL* are about.
+"""
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json, register_coco_instances
+
+__all__ = ["SHAPE_CLASSES", "EMBEDDED_DATASETS", "ShapesSpec", "generate_shapes_dataset",
+           "ensure_shapes_dataset", "register_embedded_datasets", "register_coco_json_datasets"]
+
+logger = logging.getLogger(__name__)
+
+SHAPE_CLASSES = ["circle", "square", "triangle", "cross"]
+
+
+@dataclass(frozen=True)
+class ShapesSpec:
+    num_train: int
+    num_val: int
+    image_size: int  # square images, pixels
+    min_objects: int
+    max_objects: int
+    min_size: int  # object size range, pixels
+    max_size: int
+    seed: int
+
+
+#: The embedded datasets, by name. "focalstar_shapes" is sized for a CPU quickstart.
+EMBEDDED_DATASETS = {
+    "focalstar_shapes": ShapesSpec(num_train=512, num_val=64, image_size=192, min_objects=4,
+                                   max_objects=12, min_size=12, max_size=36, seed=0),
+    "focalstar_shapes_large": ShapesSpec(num_train=8000, num_val=500, image_size=512,
+                                         min_objects=8, max_objects=30, min_size=10, max_size=64,
+                                         seed=0),
+}
+
+
+def _dataset_root():
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def _random_color(rng, background):
+    """A color that differs clearly from the local background, so every object is visible."""
+    while True:
+        color = rng.integers(0, 256, size=3)
+        if np.abs(color.astype(int) - background.astype(int)).sum() > 150:
+            return tuple(int(c) for c in color)
+
+
+def _draw_shape(img, cls, cx, cy, size, color):
+    h = size / 2
+    if cls == "circle":
+        cv2.circle(img, (cx, cy), int(round(h)), color, -1, cv2.LINE_AA)
+    elif cls == "square":
+        cv2.rectangle(img, (int(cx - h), int(cy - h)), (int(cx + h), int(cy + h)), color, -1)
+    elif cls == "triangle":
+        pts = np.array([[cx, cy - h], [cx - h, cy + h], [cx + h, cy + h]], np.int32)
+        cv2.fillPoly(img, [pts], color, cv2.LINE_AA)
+    elif cls == "cross":
+        t = max(2, int(size / 4))
+        cv2.rectangle(img, (int(cx - h), cy - t // 2), (int(cx + h), cy + t // 2), color, -1)
+        cv2.rectangle(img, (cx - t // 2, int(cy - h)), (cx + t // 2, int(cy + h)), color, -1)
+    return [int(cx - h), int(cy - h), int(2 * h), int(2 * h)]  # XYWH, as COCO
+
+
+def _draw_clutter(img, rng, spec):
+    s = spec.image_size
+    for _ in range(rng.integers(10, 25)):
+        kind = rng.integers(0, 3)
+        color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if kind == 0:  # thin lines
+            p, q = rng.integers(0, s, size=2), rng.integers(0, s, size=2)
+            cv2.line(img, tuple(map(int, p)), tuple(map(int, q)), color, 1, cv2.LINE_AA)
+        elif kind == 1:  # ellipse outlines: round like circles, but hollow and elongated
+            c = tuple(int(v) for v in rng.integers(0, s, size=2))
+            axes = (int(rng.integers(4, spec.max_size)), int(rng.integers(2, 6)))
+            cv2.ellipse(img, c, axes, float(rng.uniform(0, 180)), 0, 360, color, 1, cv2.LINE_AA)
+        else:  # small blobs, below the object size range
+            c = tuple(int(v) for v in rng.integers(0, s, size=2))
+            cv2.circle(img, c, int(rng.integers(1, max(2, spec.min_size // 4))), color, -1)
+
+
+def _render_image(rng, spec, image_id, file_name):
+    s = spec.image_size
+    # Smooth random background: a bilinear blend of four corner colors, plus noise.
+    corners = rng.integers(0, 256, size=(2, 2, 3)).astype(np.float32)
+    img = cv2.resize(corners, (s, s), interpolation=cv2.INTER_LINEAR)
+    img += rng.normal(0, 12, size=img.shape).astype(np.float32)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    _draw_clutter(img, rng, spec)
+
+    annotations, boxes = [], []
+    for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
+        for _attempt in range(20):  # place without heavy overlap
+            size = int(rng.integers(spec.min_size, spec.max_size + 1))
+            cx, cy = (int(v) for v in rng.integers(size // 2 + 1, s - size // 2 - 1, size=2))
+            box = np.array([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2])
+            if all(_iou(box, b) < 0.1 for b in boxes):
+                break
+        else:
+            continue
+        cls_id = int(rng.integers(0, len(SHAPE_CLASSES)))
+        color = _random_color(rng, img[cy, cx])
+        bbox = _draw_shape(img, SHAPE_CLASSES[cls_id], cx, cy, size, color)
+        boxes.append(box)
+        annotations.append({"image_id": image_id, "category_id": cls_id + 1, "bbox": bbox,
+                            "area": bbox[2] * bbox[3], "iscrowd": 0})
+    cv2.imwrite(file_name, img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return annotations
+
+
+def _iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def generate_shapes_dataset(out_dir, spec: ShapesSpec):
+    """Write ``train/``, ``val/`` (JPEG) and ``train.json``, ``val.json`` (COCO) into out_dir."""
+    categories = [{"id": i + 1, "name": n, "supercategory": "shape"}
+                  for i, n in enumerate(SHAPE_CLASSES)]
+    for split, count, seed in (("train", spec.num_train, spec.seed),
+                               ("val", spec.num_val, spec.seed + 1_000_003)):
+        rng = np.random.default_rng(seed)
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        images, annotations = [], []
+        for i in range(count):
+            file_name = f"{split}_{i:06d}.jpg"
+            anns = _render_image(rng, spec, i + 1, os.path.join(out_dir, split, file_name))
+            images.append({"id": i + 1, "file_name": file_name,
+                           "width": spec.image_size, "height": spec.image_size})
+            annotations.extend(anns)
+        for k, ann in enumerate(annotations):
+            ann["id"] = k + 1
+        with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": categories,
+                       "info": {"description": f"d2-focalstar embedded dataset, {spec}"}}, f)
+
+
+def ensure_shapes_dataset(name, root=None):
+    """
+    Generate the embedded dataset ``name`` under ``root`` unless it is there; return its folder.
+    Safe with several processes: each writes into a private temporary folder and renames it into
+    place, so the folder either does not exist or is complete.
+    """
+    spec = EMBEDDED_DATASETS[name]
+    root = root or _dataset_root()
+    out_dir = os.path.join(root, name)
+    if os.path.isdir(out_dir):
+        return out_dir
+    os.makedirs(root, exist_ok=True)
+    logger.info(f"Generating the embedded dataset {name!r} into {out_dir} (first use only) ...")
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
+    try:
+        generate_shapes_dataset(tmp, spec)
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not os.path.isdir(out_dir):  # not a lost race with another process: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def register_embedded_datasets(root=None):
+    """Register ``<name>_train`` / ``<name>_val`` for every embedded dataset (generated lazily)."""
+    root = root or _dataset_root()
+    for name in EMBEDDED_DATASETS:
+        folder = os.path.join(root, name)
+        for split in ("train", "val"):
+            dataset_name = f"{name}_{split}"
+            if dataset_name in DatasetCatalog.list():
+                continue
+            json_file = os.path.join(folder, f"{split}.json")
+            image_root = os.path.join(folder, split)
+
+            def load(name=name, root=root, json_file=json_file, image_root=image_root,
+                     dataset_name=dataset_name):
+                ensure_shapes_dataset(name, root)
+                return load_coco_json(json_file, image_root, dataset_name)
+
+            DatasetCatalog.register(dataset_name, load)
+            MetadataCatalog.get(dataset_name).set(
+                json_file=json_file, image_root=image_root, evaluator_type="coco",
+                thing_classes=list(SHAPE_CLASSES))
+
+
+def register_coco_json_datasets(cfg):
+    """Register each [name, json_file, image_root] of DATASETS.COCO_JSON (a COCO-format dataset)."""
+    for i, (name, json_file, image_root) in enumerate(cfg.DATASETS.COCO_JSON):
+        key = f"DATASETS.COCO_JSON[{i}]"
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(f"{key}: json_file {json_file!r} of dataset {name!r} does not exist")
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(f"{key}: image_root {image_root!r} of dataset {name!r} "
+                                    "is not a folder")
+        if name in DatasetCatalog.list():
+            if MetadataCatalog.get(name).get("json_file") == json_file:
+                continue  # registered by an earlier setup() in this process
+            raise ValueError(f"{key}: dataset name {name!r} is already registered "
+                             "(a detectron2 builtin or another entry): choose another name")
+        register_coco_instances(name, {}, json_file, image_root)

@@ -1,0 +1,83 @@
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling.box_regression import _dense_box_regression_loss
+from detectron2.utils.events import get_event_storage
+
+from .config import check_focalstar_config
+from .losses import sigmoid_classification_loss
+
+__all__ = ["RetinaNetFLStar"]
+
+
+@META_ARCH_REGISTRY.register()
+class RetinaNetFLStar(RetinaNet):
+    """
+    detectron2's RetinaNet whose classification loss is chosen by MODEL.FOCALSTAR.LOSS_TYPE:
+    FL* (the modified focal loss), FL or CE. Everything else, the box loss and its
+    normalisation included, is the parent's, so with LOSS_TYPE="FL" the losses equal stock
+    RetinaNet's.
+    """
+
+    @configurable
+    def __init__(self, *, cls_loss_type="FLSTAR", flstar_gamma=0.25, flstar_max_factor=100.0,
+                 **kwargs):
+        """
+        Args:
+            cls_loss_type: "FLSTAR", "FL" or "CE".
+            flstar_gamma: FL*'s gamma (FL uses ``focal_loss_gamma``, as in RetinaNet).
+            flstar_max_factor: cap on FL*'s modulating factor, 0 for none.
+            kwargs: as for :class:`RetinaNet`.
+        """
+        super().__init__(**kwargs)
+        self.cls_loss_type = cls_loss_type.upper()
+        self.flstar_gamma = flstar_gamma
+        self.flstar_max_factor = flstar_max_factor
+
+    @classmethod
+    def from_config(cls, cfg):
+        check_focalstar_config(cfg)
+        ret = super().from_config(cfg)
+        ret.update(
+            cls_loss_type=cfg.MODEL.FOCALSTAR.LOSS_TYPE,
+            flstar_gamma=cfg.MODEL.FOCALSTAR.GAMMA,
+            flstar_max_factor=cfg.MODEL.FOCALSTAR.MAX_FACTOR,
+        )
+        return ret
+
+    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+        """Same inputs and outputs as :meth:`RetinaNet.losses`."""
+        num_images = len(gt_labels)
+        gt_labels = torch.stack(gt_labels)  # (N, R); background = num_classes, ignored = -1
+
+        valid_mask = gt_labels >= 0
+        pos_mask = valid_mask & (gt_labels != self.num_classes)
+        num_pos_anchors = pos_mask.sum().item()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
+        normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
+
+        # One-hot without the background column: background anchors are all-negative rows.
+        targets = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[:, :-1]
+        gamma = self.flstar_gamma if self.cls_loss_type == "FLSTAR" else self.focal_loss_gamma
+        loss_cls = sigmoid_classification_loss(
+            cat(pred_logits, dim=1)[valid_mask],
+            targets,
+            loss_type=self.cls_loss_type,
+            alpha=self.focal_loss_alpha,
+            gamma=gamma,
+            max_factor=self.flstar_max_factor,
+            reduction="sum",
+        )
+
+        loss_box_reg = _dense_box_regression_loss(
+            anchors,
+            self.box2box_transform,
+            pred_anchor_deltas,
+            gt_boxes,
+            pos_mask,
+            box_reg_loss_type=self.box_reg_loss_type,
+            smooth_l1_beta=self.smooth_l1_beta,
+        )
+        return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
