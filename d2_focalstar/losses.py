@@ -45,8 +45,8 @@ def sigmoid_classification_loss(
     :func:`sigmoid_ce_loss`, so that runs comparing them differ only in the loss.
 
     Args:
-        inputs: logits of any shape, fp32, fp16 or bf16. The loss is computed and returned in
-            fp32 whatever their dtype (half-precision logits would overflow FL*'s factor).
+        inputs: logits of any shape, fp32, fp16 or bf16 (or fp64). Half-precision logits are
+            computed on, and the loss returned, in fp32: FL*'s factor overflows fp16.
         targets: same shape as ``inputs``, binary (0 or 1) classification labels. Soft labels
             are not supported: x_t needs a sign.
         loss_type: "FLSTAR" (modified focal loss), "FL" (focal loss) or "CE"
@@ -64,7 +64,8 @@ def sigmoid_classification_loss(
         reduction: "none" (per element), "mean" or "sum".
 
     Returns:
-        fp32 loss tensor, shape of ``inputs`` for "none", a scalar otherwise.
+        loss tensor (fp32, or fp64 for fp64 inputs), shape of ``inputs`` for "none", a scalar
+        otherwise.
     """
     loss_type = loss_type.upper()
     if loss_type not in LOSS_TYPES:
@@ -80,7 +81,7 @@ def sigmoid_classification_loss(
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ")
 
-    x = inputs.float()
+    x = inputs.to(torch.promote_types(inputs.dtype, torch.float32))  # fp16/bf16 -> fp32
     pos = targets > 0.5
     x_t = torch.where(pos, x, -x)
     loss = F.softplus(-x_t)  # -log(p_t), the cross-entropy

@@ -1,0 +1,191 @@
+"""The loss functions against an independent float64 reference of the formulas as written."""
+import math
+
+import pytest
+import torch
+from fvcore.nn import sigmoid_focal_loss as fvcore_focal_loss
+
+from d2_focalstar.losses import (
+    sigmoid_ce_loss,
+    sigmoid_classification_loss,
+    sigmoid_flstar_loss,
+    sigmoid_focal_loss,
+)
+
+
+def reference(x, t, loss_type, alpha, gamma, max_factor=0.0):
+    """The formulas of the proposal, literally, in float64 (p, p_t, a_t, pow, log)."""
+    x, t = x.double(), t.double()
+    p = torch.sigmoid(x)
+    p_t = p * t + (1 - p) * (1 - t)
+    a_t = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else torch.ones_like(x)
+    if loss_type == "FLSTAR":
+        factor = ((1 - p_t) / p_t) ** gamma
+        if max_factor:
+            factor = factor.clamp(max=max_factor)
+    elif loss_type == "FL":
+        factor = (1 - p_t) ** gamma
+    else:
+        factor = torch.ones_like(x)
+    return -a_t * factor * torch.log(p_t)
+
+
+def grid(n=4001, lo=-12.0, hi=12.0):
+    x = torch.linspace(lo, hi, n)
+    x = torch.cat([x, x])
+    t = torch.cat([torch.ones(n), torch.zeros(n)])
+    return x, t
+
+
+# The seed's Fig. 4 settings (alpha = 1 there) and the study's alpha = 0.25, plus no weighting.
+SETTINGS = [("CE", a, 0.0) for a in (1.0, 0.25, -1)] + [
+    ("FL", a, 2.0) for a in (1.0, 0.25, -1)] + [
+    ("FLSTAR", a, g) for a in (1.0, 0.25, -1) for g in (0.125, 0.25, 0.5, 1.0)]
+
+
+@pytest.mark.parametrize("loss_type,alpha,gamma", SETTINGS)
+def test_values_match_float64_reference(loss_type, alpha, gamma):
+    x, t = grid()
+    ours = sigmoid_classification_loss(x, t, loss_type, alpha, gamma, max_factor=0)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), reference(x, t, loss_type, alpha, gamma),
+                               rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("loss_type,alpha,gamma", SETTINGS)
+def test_gradients_match_float64_reference(loss_type, alpha, gamma):
+    x, t = grid(lo=-10, hi=10)
+    x_ours = x.clone().requires_grad_()
+    sigmoid_classification_loss(x_ours, t, loss_type, alpha, gamma, max_factor=0).sum().backward()
+    x_ref = x.double().requires_grad_()
+    reference(x_ref, t, loss_type, alpha, gamma).sum().backward()
+    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type,gamma", [("FLSTAR", 0.25), ("FL", 2.0), ("CE", 0.0)])
+def test_gradcheck_float64(loss_type, gamma):
+    x = (torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4)
+    t = (torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.7).double()
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda v: sigmoid_classification_loss(v, t, loss_type, 0.25, gamma, reduction="sum"), (x,))
+
+
+@pytest.mark.parametrize("gamma", [0.125, 0.25, 0.5, 2.0])
+def test_flstar_factor_is_one_at_pt_half(gamma):
+    x = torch.zeros(2)
+    t = torch.tensor([1.0, 0.0])
+    flstar = sigmoid_flstar_loss(x, t, alpha=0.25, gamma=gamma)
+    # at p_t = 0.5 FL* is the alpha-balanced CE: a_t * log 2
+    torch.testing.assert_close(flstar, torch.tensor([0.25, 0.75]) * math.log(2))
+    torch.testing.assert_close(flstar, sigmoid_ce_loss(x, t, alpha=0.25))
+
+
+def test_flstar_upweights_hard_and_downweights_easy_examples():
+    x = torch.tensor([-3.0, 3.0])  # positive targets: p_t = sigmoid(x), hard then easy
+    t = torch.ones(2)
+    ratio = sigmoid_flstar_loss(x, t, gamma=0.5) / sigmoid_ce_loss(x, t)
+    assert ratio[0] > 1 and ratio[1] < 1
+    torch.testing.assert_close(ratio, torch.exp(-0.5 * x))
+
+
+@pytest.mark.parametrize("loss_type", ["FL", "FLSTAR"])
+def test_gamma_zero_is_alpha_balanced_ce(loss_type):
+    x, t = grid()
+    torch.testing.assert_close(sigmoid_classification_loss(x, t, loss_type, 0.25, 0.0),
+                               sigmoid_ce_loss(x, t, alpha=0.25))
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1, 2.0), (0.5, 1.0)])
+def test_focal_loss_equals_fvcore(alpha, gamma):
+    x = torch.randn(64, 80, generator=torch.Generator().manual_seed(0)) * 5
+    t = (torch.rand(64, 80, generator=torch.Generator().manual_seed(1)) > 0.95).float()
+    for reduction in ("none", "sum", "mean"):
+        torch.testing.assert_close(sigmoid_focal_loss(x, t, alpha, gamma, reduction),
+                                   fvcore_focal_loss(x, t, alpha, gamma, reduction),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_max_factor_caps_factor_and_turns_gradient_into_scaled_ce():
+    cap, gamma, alpha = 100.0, 0.5, 0.25
+    x = torch.linspace(-60, -20, 41, dtype=torch.float64, requires_grad=True)  # hard positives
+    t = torch.ones_like(x)
+    loss = sigmoid_flstar_loss(x, t, alpha=alpha, gamma=gamma, max_factor=cap)
+    loss.sum().backward()
+    # past x_t = -ln(cap)/gamma (= -9.2), loss = cap * CE and gradient = -a_t * cap * sigmoid(-x_t)
+    torch.testing.assert_close(loss, cap * sigmoid_ce_loss(x.detach(), t, alpha=alpha))
+    torch.testing.assert_close(x.grad, -alpha * cap * torch.sigmoid(-x.detach()))
+    # below the threshold the cap does not act
+    y = torch.tensor([-9.0, 0.0, 5.0], dtype=torch.float64)
+    torch.testing.assert_close(sigmoid_flstar_loss(y, torch.ones(3), gamma=gamma, max_factor=cap),
+                               reference(y, torch.ones(3), "FLSTAR", 0.25, gamma))
+
+
+@pytest.mark.parametrize("gamma", [0.125, 0.25, 0.5, 1.0])
+def test_capped_gradient_is_bounded_as_documented(gamma):
+    cap, alpha = 100.0, 0.25
+    x = torch.linspace(-100, 100, 20001, dtype=torch.float64, requires_grad=True)
+    t = torch.ones_like(x)
+    sigmoid_flstar_loss(x, t, alpha=alpha, gamma=gamma, max_factor=cap).sum().backward()
+    bound = alpha * cap * (1 + math.log(cap))
+    assert x.grad.abs().max() <= bound
+    assert x.grad.abs().max() > 0.5 * bound  # the bound is tight, not vacuous
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EXTREME_SETTINGS = [("FLSTAR", g) for g in (0.125, 0.25, 0.5, 1.0)] + [("FL", 2.0), ("CE", 0.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_type,gamma", EXTREME_SETTINGS)
+def test_extreme_logits_give_finite_loss_and_gradient(dtype, loss_type, gamma):
+    x = torch.linspace(-100, 100, 2001).to(dtype)
+    x = torch.cat([x, x]).requires_grad_()
+    t = torch.cat([torch.ones(2001), torch.zeros(2001)]).to(dtype)
+    loss = sigmoid_classification_loss(x, t, loss_type, 0.25, gamma, reduction="none")
+    assert loss.dtype == torch.float32  # accumulated in fp32 whatever the logits
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert x.grad.dtype == dtype
+    assert torch.isfinite(x.grad).all()
+    # the hardest positive (x = -100) and negative (x = 100) have the largest loss of their
+    # kind, and it is not saturated: nothing was clamped to a constant
+    positives, negatives = loss[:2001], loss[2001:]
+    assert positives[0] == positives.max() > positives[100]
+    assert negatives[-1] == negatives.max() > negatives[-101]
+
+
+def test_without_cap_fp16_gradient_overflows_which_is_why_the_cap_is_default():
+    x = torch.tensor([-100.0], dtype=torch.float16, requires_grad=True)
+    sigmoid_flstar_loss(x, torch.ones(1, dtype=torch.float16), gamma=0.5, max_factor=0).sum().backward()
+    assert torch.isinf(x.grad).all()
+    x.grad = None
+    sigmoid_flstar_loss(x, torch.ones(1, dtype=torch.float16), gamma=0.5).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_empty_input():
+    x = torch.zeros(0, 80, requires_grad=True)
+    loss = sigmoid_flstar_loss(x, torch.zeros(0, 80), reduction="sum")
+    assert loss.item() == 0.0
+    loss.backward()
+    assert x.grad.shape == (0, 80)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(loss_type="FLSTARR"), "loss_type='FLSTARR'"),
+    (dict(gamma=-0.5), "gamma=-0.5"),
+    (dict(gamma=float("nan")), "gamma=nan"),
+    (dict(alpha=1.5), "alpha=1.5"),
+    (dict(max_factor=0.5), "max_factor=0.5"),
+    (dict(reduction="avg"), "reduction='avg'"),
+])
+def test_bad_arguments_are_named(kwargs, needle):
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        sigmoid_classification_loss(x, torch.zeros(2, 3), **kwargs)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):
+        sigmoid_flstar_loss(torch.zeros(2, 3), torch.zeros(2, 4))

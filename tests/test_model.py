@@ -1,0 +1,184 @@
+"""RetinaNetFLStar: registration, config keys, and its losses against stock RetinaNet's."""
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet, build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from d2_focalstar import RetinaNetFLStar, add_focalstar_config, check_focalstar_config
+from test_losses import reference
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def quickstart_cfg(*opts):
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, "quickstart_flstar.yaml"))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def synthetic_batch(num_classes=4):
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for n_obj, (h, w) in zip([5, 0, 2], [(128, 160), (128, 160), (96, 128)]):  # one empty image
+        image = torch.randint(0, 256, (3, h, w), generator=g).float()
+        xy = torch.rand(n_obj, 2, generator=g) * torch.tensor([w - 40, h - 40])
+        wh = 8 + torch.rand(n_obj, 2, generator=g) * 30
+        inst = Instances((h, w), gt_boxes=Boxes(torch.cat([xy, xy + wh], 1)),
+                         gt_classes=torch.randint(0, num_classes, (n_obj,), generator=g))
+        batch.append({"image": image, "instances": inst, "height": h, "width": w})
+    return batch
+
+
+def test_meta_arch_is_registered_and_built_from_config():
+    assert META_ARCH_REGISTRY.get("RetinaNetFLStar") is RetinaNetFLStar
+    model = build_model(quickstart_cfg("MODEL.FOCALSTAR.GAMMA", "0.125",
+                                       "MODEL.FOCALSTAR.MAX_FACTOR", "50.0"))
+    assert type(model) is RetinaNetFLStar and isinstance(model, RetinaNet)
+    assert (model.cls_loss_type, model.flstar_gamma, model.flstar_max_factor) == ("FLSTAR", 0.125, 50.0)
+    assert model.focal_loss_alpha == 0.25 and model.num_classes == 4
+
+
+def test_config_defaults():
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    assert cfg.MODEL.FOCALSTAR.LOSS_TYPE == "FLSTAR"
+    assert cfg.MODEL.FOCALSTAR.GAMMA == 0.25
+    assert cfg.MODEL.FOCALSTAR.MAX_FACTOR == 100.0
+    assert cfg.DATASETS.COCO_JSON == []
+    check_focalstar_config(cfg)  # defaults are valid
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("MODEL.FOCALSTAR.LOSS_TYPE", "FOCAL", "FLSTAR, FL, CE"),
+    ("MODEL.FOCALSTAR.GAMMA", -0.25, ">= 0"),
+    ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", -2.0, ">= 0"),
+    ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", 1.5, "[0, 1]"),
+    ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", -0.5, "-1 for no class weighting"),
+    ("MODEL.FOCALSTAR.MAX_FACTOR", 0.5, ">= 1"),
+])
+def test_bad_config_value_names_key_value_and_allowed(key, value, allowed):
+    cfg = quickstart_cfg(key, str(value) if not isinstance(value, str) else value)
+    with pytest.raises(ValueError) as e:
+        build_model(cfg)  # the model checks its config when built
+    msg = str(e.value)
+    assert f"{key}={value!r}" in msg and allowed in msg
+
+
+def test_no_weighting_alpha_is_accepted():
+    check_focalstar_config(quickstart_cfg("MODEL.RETINANET.FOCAL_LOSS_ALPHA", "-1.0"))
+
+
+def test_unknown_config_key_is_named():
+    cfg = quickstart_cfg()
+    with pytest.raises((KeyError, AssertionError), match="MODEL.FOCALSTAR.GAMA"):
+        cfg.merge_from_list(["MODEL.FOCALSTAR.GAMA", "0.5"])
+
+
+def test_coco_1x_configs_match_detectron2_model_zoo():
+    from detectron2 import model_zoo
+
+    zoo = get_cfg()
+    zoo.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+    for name, loss_type in [("retinanet_R50_flstar_1x.yaml", "FLSTAR"),
+                            ("retinanet_R50_fl_1x.yaml", "FL")]:
+        cfg = get_cfg()
+        add_focalstar_config(cfg)
+        cfg.merge_from_file(os.path.join(CONFIGS, name))
+        assert cfg.MODEL.META_ARCHITECTURE == "RetinaNetFLStar"
+        assert cfg.MODEL.FOCALSTAR.LOSS_TYPE == loss_type
+        # everything detectron2 defines is as in its zoo config, but the meta-arch and output dir
+        for key in ("MODEL.RESNETS", "MODEL.FPN", "MODEL.RETINANET", "MODEL.BACKBONE",
+                    "MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "DATASETS", "SOLVER", "INPUT", "TEST"):
+            ours, theirs = cfg, zoo
+            for part in key.split("."):
+                ours, theirs = ours[part], theirs[part]
+            if key == "DATASETS":
+                ours = {k: v for k, v in ours.items() if k != "COCO_JSON"}
+            assert ours == theirs, key
+        for ours, theirs in zip(cfg.MODEL.ANCHOR_GENERATOR.SIZES, zoo.MODEL.ANCHOR_GENERATOR.SIZES):
+            assert ours == pytest.approx(theirs, rel=1e-12)
+    assert cfg.SOLVER.MAX_ITER == 90000 and cfg.SOLVER.IMS_PER_BATCH == 16
+
+
+def _pair(*opts):
+    """RetinaNetFLStar and stock RetinaNet with the same weights."""
+    torch.manual_seed(0)
+    ours = build_model(quickstart_cfg(*opts))
+    stock_cfg = quickstart_cfg(*opts)
+    stock_cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    stock = build_model(stock_cfg)
+    assert type(stock) is RetinaNet
+    stock.load_state_dict(ours.state_dict())
+    return ours, stock
+
+
+@pytest.mark.parametrize("gamma", [2.0, 1.0])
+def test_fl_mode_equals_stock_retinanet_losses(gamma):
+    ours, stock = _pair("MODEL.FOCALSTAR.LOSS_TYPE", "FL", "MODEL.RETINANET.FOCAL_LOSS_GAMMA", str(gamma))
+    batch = synthetic_batch()
+    with EventStorage():
+        got = ours(batch)
+        want = stock(batch)
+    assert set(got) == set(want) == {"loss_cls", "loss_box_reg"}
+    for k in want:
+        assert want[k] > 0
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+def test_loss_types_give_different_cls_loss_and_same_box_loss():
+    batch = synthetic_batch()
+    out = {}
+    for loss_type in ("FLSTAR", "FL", "CE"):
+        torch.manual_seed(0)
+        model = build_model(quickstart_cfg("MODEL.FOCALSTAR.LOSS_TYPE", loss_type))
+        with EventStorage():
+            out[loss_type] = model(batch)
+    assert len({round(v["loss_cls"].item(), 6) for v in out.values()}) == 3
+    for v in out.values():
+        torch.testing.assert_close(v["loss_box_reg"], out["FL"]["loss_box_reg"])
+
+
+def _tiny_losses_inputs(gt, num_classes=3):
+    g = torch.Generator().manual_seed(0)
+    n, r = gt.shape
+    anchors = [Boxes(torch.tensor([[0.0, 0, 10, 10]]).repeat(r, 1) + torch.arange(r)[:, None])]
+    logits = [(torch.randn(n, r, num_classes, generator=g) * 6).requires_grad_()]
+    deltas = [torch.randn(n, r, 4, generator=g).requires_grad_()]
+    gt_boxes = [anchors[0].tensor + 1.0 for _ in range(n)]
+    return anchors, logits, list(gt), deltas, gt_boxes
+
+
+@pytest.mark.parametrize("loss_type,gamma", [("FLSTAR", 0.25), ("FLSTAR", 0.5), ("FL", 2.0), ("CE", 0.0)])
+def test_losses_value_skips_ignored_anchors_and_normalises_by_ema_of_positives(loss_type, gamma):
+    model = build_model(quickstart_cfg("MODEL.FOCALSTAR.LOSS_TYPE", loss_type,
+                                       "MODEL.FOCALSTAR.GAMMA", str(gamma),
+                                       "MODEL.RETINANET.NUM_CLASSES", "3",
+                                       "MODEL.RETINANET.FOCAL_LOSS_GAMMA", str(gamma)))
+    gt = torch.tensor([[0, 3, -1, 3, 2, -1, 3, 1], [3, 3, 3, -1, 3, 3, 3, 3]])  # 3 = background
+    anchors, logits, labels, deltas, gt_boxes = _tiny_losses_inputs(gt)
+    with EventStorage():
+        loss = model.losses(anchors, logits, labels, deltas, gt_boxes)["loss_cls"]
+    valid = gt >= 0
+    targets = torch.nn.functional.one_hot(gt[valid], 4)[:, :3].float()
+    expected = reference(logits[0].detach()[valid], targets, loss_type, 0.25, gamma,
+                         100.0 if loss_type == "FLSTAR" else 0.0).sum()
+    normalizer = 0.9 * 100 + 0.1 * 3  # the EMA of 3 positive anchors, started at 100
+    torch.testing.assert_close(loss.double(), expected / normalizer, rtol=1e-5, atol=1e-8)
+    loss.backward()
+    assert (logits[0].grad[~valid] == 0).all() and (logits[0].grad[valid] != 0).all()
+
+
+def test_all_background_batch_has_finite_cls_loss_and_zero_box_loss():
+    model = build_model(quickstart_cfg("MODEL.RETINANET.NUM_CLASSES", "3"))
+    gt = torch.full((2, 8), 3)
+    gt[1, :2] = -1
+    with EventStorage():
+        out = model.losses(*_tiny_losses_inputs(gt))
+    assert torch.isfinite(out["loss_cls"]) and out["loss_cls"] > 0
+    assert out["loss_box_reg"] == 0
