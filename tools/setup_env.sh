@@ -24,11 +24,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --disable-pip-version-check)
+pip_install() {
+  # this machine's pip config names index folders that may be absent; drop its warnings about them
+  "$PY" -m pip install --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
+}
 
 echo "[setup] python packages (torch comes from the local mirror where there is one)"
-"${PIP[@]}" -q --upgrade pip "setuptools<81" wheel
-"${PIP[@]}" -q -r requirements.txt pytest
+pip_install -q --upgrade pip "setuptools<81" wheel
+pip_install -q -r requirements.txt pytest
 
 if "$PY" -c "import detectron2" 2>/dev/null; then
   echo "[setup] detectron2 already importable: kept ($("$PY" -c 'import detectron2; print(detectron2.__version__, detectron2.__file__)'))"
@@ -37,13 +40,13 @@ else
   site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   req=$(mktemp)
   echo "$D2_WHEEL_REQ" >"$req"
-  "${PIP[@]}" -q --no-deps --only-binary=:all: --python-version 3.10 \
+  pip_install -q --no-deps --only-binary=:all: --python-version 3.10 \
     --require-hashes --target "$site" --upgrade -r "$req"
   rm -f "$req"
   "$PY" -c "import detectron2; print('[setup] detectron2', detectron2.__version__)"
 fi
 
-"${PIP[@]}" -q --no-deps --no-build-isolation -e .
+pip_install -q --no-deps --no-build-isolation -e .
 "$PY" -c "import torch, torchvision, detectron2, fvcore, pycocotools, cv2, d2_focalstar; \
 print('[setup] ok: torch', torch.__version__, '| torchvision', torchvision.__version__, \
 '| detectron2', detectron2.__version__, '| cuda', torch.cuda.is_available())"

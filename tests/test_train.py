@@ -1,0 +1,84 @@
+"""End to end through train_net.py: a short CPU training learns, --eval-only reproduces it,
+and a 2-process run goes through detectron2's launch (gloo without a GPU)."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = ["--config-file", "configs/quickstart_flstar.yaml"]
+ITERS = 200
+
+
+def train_net(*args, timeout=900):
+    proc = subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def coco_ap(log):
+    """The bbox metrics of the last evaluation, from detectron2's 'copypaste' lines."""
+    rows = re.findall(r"copypaste: (AP,AP50.*)\n.*copypaste: ([-\d.,nan]+)", log)
+    assert rows, log[-3000:]
+    names, values = rows[-1]
+    return dict(zip(names.split(","), (float(v) for v in values.split(","))))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    log = train_net(*QUICKSTART, "SOLVER.MAX_ITER", str(ITERS), "SOLVER.STEPS", "(150, 180)",
+                    "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out))
+    return out, log
+
+
+def test_short_cpu_training_learns(trained, tmp_path):
+    out, log = trained
+    untrained = coco_ap(train_net(*QUICKSTART, "--eval-only", "MODEL.WEIGHTS", "",
+                                  "OUTPUT_DIR", str(tmp_path)))
+    learned = coco_ap(log)
+    assert untrained["AP"] < 2.0
+    assert learned["AP"] > 20.0 and learned["AP50"] > 40.0, learned
+    assert os.path.isfile(out / "model_final.pth")
+
+
+def test_eval_only_reproduces_the_trained_ap(trained, tmp_path):
+    out, log = trained
+    again = coco_ap(train_net(*QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
+                              "OUTPUT_DIR", str(tmp_path)))
+    for k, v in coco_ap(log).items():
+        if not math.isnan(v):
+            assert again[k] == pytest.approx(v, abs=1e-3), k
+
+
+def test_default_flstar_training_does_not_diverge(trained):
+    out, _ = trained
+    with open(out / "config.yaml") as f:
+        cfg = f.read()
+    # the run used the defaults: FL* with the default cap on its factor
+    assert re.search(r"LOSS_TYPE: FLSTAR", cfg) and re.search(r"MAX_FACTOR: 100\.0", cfg)
+    with open(out / "metrics.json") as f:
+        rows = [json.loads(line) for line in f if '"total_loss"' in line]
+    losses = [r["total_loss"] for r in rows]
+    assert rows[-1]["iteration"] == ITERS - 1
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+
+
+def test_two_process_cpu_run_through_launch(tmp_path):
+    log = train_net(*QUICKSTART, "--num-gpus", "2", "--dist-url", "auto",
+                    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2",
+                    "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path))
+    assert "World size: 2" in log
+    with open(tmp_path / "log.txt.rank1") as f:
+        assert "Rank of current process: 1. World size: 2" in f.read()
+    assert os.path.isfile(tmp_path / "model_final.pth")
+    # evaluation was sharded over both processes and gathered: every val image was scored
+    assert "Start inference on 32 batches" in log or "on 2 devices" in log
+    assert not math.isnan(coco_ap(log)["AP"])
