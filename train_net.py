@@ -8,21 +8,48 @@ Train or evaluate RetinaNetFLStar (FL*, FL or CE) with detectron2's DefaultTrain
     python train_net.py --config-file configs/quickstart_flstar.yaml   # CPU, embedded data
 """
 import os
+import sys
+import weakref
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.data import build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 
-from d2_focalstar import add_focalstar_config, check_focalstar_config, register_coco_json_datasets
-from d2_focalstar.engine import enable_cpu_ddp, fall_back_to_cpu
+from d2_focalstar import check_datasets, register_coco_json_datasets
+from d2_focalstar.checkpoint import SafeCheckpointer
+from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
+from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message,
+                                 enable_cpu_ddp, load_config)
+
+
+def fault_log(cfg):
+    return os.path.join(cfg.OUTPUT_DIR, "data_faults.jsonl")
 
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         enable_cpu_ddp()
         super().__init__(cfg)
+
+    def build_hooks(self):
+        # atomic saves, no NaN weights saved, no code run when loading
+        self.checkpointer = SafeCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
+                                             trainer=weakref.proxy(self))
+        faults = hooks.CallbackHook(after_train=lambda t: summarize_data_faults(fault_log(t.cfg)))
+        return [faults] + super().build_hooks()
+
+    def train(self):
+        try:
+            return super().train()
+        except FloatingPointError as e:
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+            raise TrainingDiverged(divergence_message(self.cfg, self.iter, e, last)) from None
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # bad images are skipped and bad boxes clipped or removed, each recorded in the fault log
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True, fault_log(cfg)))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -31,13 +58,8 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_focalstar_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    fall_back_to_cpu(cfg)
+    cfg = load_config(args)  # get_cfg, add_focalstar_config, merge file and opts, all checked
     cfg.freeze()
-    check_focalstar_config(cfg)
     register_coco_json_datasets(cfg)
     default_setup(cfg, args)
     return cfg
@@ -47,7 +69,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
@@ -63,11 +85,12 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        # once, before any process starts: config, weights and datasets
+        cfg = load_config(args)
+        register_coco_json_datasets(cfg)
+        check_datasets(cfg)
+        launch(main, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except (ConfigError, TrainingDiverged) as e:
+        sys.exit(f"train_net.py: error: {e}")

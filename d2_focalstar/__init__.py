@@ -1,6 +1,6 @@
 """d2-focalstar: RetinaNet with the modified focal loss FL* on detectron2."""
 from .config import add_focalstar_config, check_focalstar_config
-from .data import register_coco_json_datasets, register_embedded_datasets
+from .data import check_datasets, register_coco_json_datasets, register_embedded_datasets
 from .losses import sigmoid_ce_loss, sigmoid_flstar_loss, sigmoid_focal_loss
 from .retinanet import RetinaNetFLStar  # registers the meta-architecture
 

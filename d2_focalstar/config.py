@@ -3,6 +3,10 @@ from detectron2.config import CfgNode as CN
 from .losses import LOSS_TYPES
 
 
+class ConfigError(ValueError):
+    """A bad config value, command line or dataset, found at start-up; reported on one line."""
+
+
 def add_focalstar_config(cfg):
     """
     Add every config key of d2-focalstar, with its default. Alpha is detectron2's
@@ -24,7 +28,7 @@ def add_focalstar_config(cfg):
 
 
 def check_focalstar_config(cfg):
-    """Raise ValueError naming the key, the value and what is allowed, for a bad loss setting."""
+    """Raise ConfigError naming the key, the value and what is allowed, for a bad loss setting."""
     fs, rn = cfg.MODEL.FOCALSTAR, cfg.MODEL.RETINANET
     problems = []
     if str(fs.LOSS_TYPE).upper() not in LOSS_TYPES:
@@ -46,4 +50,4 @@ def check_focalstar_config(cfg):
             problems.append(f"DATASETS.COCO_JSON[{i}]={entry!r}: allowed "
                             "[name, json_file, image_root], three non-empty strings")
     if problems:
-        raise ValueError("Invalid d2-focalstar config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(problems))

@@ -19,8 +19,11 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 
+from .config import ConfigError
+
 __all__ = ["SHAPE_CLASSES", "EMBEDDED_DATASETS", "ShapesSpec", "generate_shapes_dataset",
-           "ensure_shapes_dataset", "register_embedded_datasets", "register_coco_json_datasets"]
+           "ensure_shapes_dataset", "register_embedded_datasets", "register_coco_json_datasets",
+           "check_datasets", "check_coco_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,13 +208,72 @@ def register_coco_json_datasets(cfg):
     for i, (name, json_file, image_root) in enumerate(cfg.DATASETS.COCO_JSON):
         key = f"DATASETS.COCO_JSON[{i}]"
         if not os.path.isfile(json_file):
-            raise FileNotFoundError(f"{key}: json_file {json_file!r} of dataset {name!r} does not exist")
+            raise ConfigError(f"{key}: json_file {json_file!r} of dataset {name!r} does not exist")
         if not os.path.isdir(image_root):
-            raise FileNotFoundError(f"{key}: image_root {image_root!r} of dataset {name!r} "
-                                    "is not a folder")
+            raise ConfigError(f"{key}: image_root {image_root!r} of dataset {name!r} is not a folder")
         if name in DatasetCatalog.list():
             if MetadataCatalog.get(name).get("json_file") == json_file:
                 continue  # registered by an earlier setup() in this process
-            raise ValueError(f"{key}: dataset name {name!r} is already registered "
-                             "(a detectron2 builtin or another entry): choose another name")
+            raise ConfigError(f"{key}: dataset name {name!r} is already registered "
+                              "(a detectron2 builtin or another entry): choose another name")
         register_coco_instances(name, {}, json_file, image_root)
+
+
+def check_coco_json(json_file, dataset_name):
+    """Raise ConfigError, naming the file, for JSON that is malformed or not COCO detection,
+    or that uses a category id it does not declare."""
+    where = f"{json_file} (dataset {dataset_name!r})"
+    try:
+        with open(json_file, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON: {e.msg} at line {e.lineno}, "
+                          f"column {e.colno}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{where}: cannot be read: {e}") from None
+    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+            and isinstance(data.get("categories"), list)
+            and isinstance(data.get("annotations", []), list)):
+        raise ConfigError(f"{where}: not a COCO detection file: it needs the lists 'images', "
+                          "'categories' and 'annotations'")
+    declared = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
+    undeclared = [a for a in data.get("annotations", [])
+                  if not isinstance(a, dict) or a.get("category_id") not in declared]
+    if undeclared:
+        first = undeclared[0] if isinstance(undeclared[0], dict) else {}
+        raise ConfigError(
+            f"{where}: {len(undeclared)} annotations use a category_id that 'categories' does "
+            f"not declare (first: annotation id {first.get('id')} with category_id "
+            f"{first.get('category_id')!r}; declared: {sorted(declared, key=str)[:20]})")
+
+
+def check_datasets(cfg):
+    """
+    At start-up, for every dataset in DATASETS.TRAIN and DATASETS.TEST: it is registered, and if
+    it is a COCO-format one, its JSON and image folder exist and the JSON is sound. Raises
+    ConfigError naming the key, the dataset and the file. Reads each JSON once (COCO train:
+    ~0.5 GB, some seconds); call it in one process, not in every worker.
+    """
+    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+        for name in names:
+            if name not in DatasetCatalog.list():
+                raise ConfigError(
+                    f"{key}: dataset {name!r} is not registered. Use an embedded one "
+                    f"({', '.join(n + '_train/_val' for n in EMBEDDED_DATASETS)}), a detectron2 "
+                    "builtin such as coco_2017_train, or add yours with DATASETS.COCO_JSON "
+                    "(datasets/README.md)")
+            base = name.rsplit("_", 1)[0]
+            if base in EMBEDDED_DATASETS:
+                ensure_shapes_dataset(base)
+                continue
+            meta = MetadataCatalog.get(name)
+            json_file, image_root = meta.get("json_file"), meta.get("image_root")
+            if json_file is None:
+                continue  # not a COCO-JSON dataset: nothing we know how to check
+            if not os.path.isfile(json_file):
+                raise ConfigError(f"{key}: dataset {name!r}: annotation file {json_file} does not "
+                                  "exist (COCO goes under $DETECTRON2_DATASETS/coco: see "
+                                  "datasets/README.md)")
+            if image_root and not os.path.isdir(image_root):
+                raise ConfigError(f"{key}: dataset {name!r}: image folder {image_root} does not exist")
+            check_coco_json(json_file, name)

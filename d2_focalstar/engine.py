@@ -1,10 +1,87 @@
-"""Small fixes to detectron2's engine so that the same train_net.py runs on a laptop CPU."""
+"""
+What train_net.py needs around detectron2's engine: loading and checking the config from the
+command line (bad input becomes a one-line ConfigError), the CPU fall-back, multi-process CPU
+runs, and an informative stop when training diverges.
+"""
+import difflib
 import logging
+import os
 
 import torch
+from detectron2.config import get_cfg
 from detectron2.engine import defaults
 
+from .config import ConfigError, add_focalstar_config, check_focalstar_config
+
 logger = logging.getLogger(__name__)
+
+__all__ = ["ConfigError", "TrainingDiverged", "load_config", "fall_back_to_cpu", "enable_cpu_ddp",
+           "divergence_message"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN/inf; the message says where and what to change."""
+
+
+def _all_keys(node, prefix=""):
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _all_keys(v, full + ".")
+        else:
+            yield full
+
+
+def _unknown_key_message(key, cfg, where):
+    keys = list(_all_keys(cfg))
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{where}: unknown config key {key!r}{hint}"
+
+
+def _check_opts_keys(cfg, opts):
+    if len(opts) % 2:
+        raise ConfigError(f"command-line opts must be KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key in opts[0::2]:
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(_unknown_key_message(key, cfg, "command line"))
+            node = node[part]
+
+
+def load_config(args):
+    """The config for ``args`` (train_net's command line), checked: raises ConfigError."""
+    if not args.config_file:
+        raise ConfigError("--config-file is required, e.g. --config-file configs/quickstart_flstar.yaml")
+    if not os.path.isfile(args.config_file):
+        raise ConfigError(f"--config-file {args.config_file}: no such file")
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    try:
+        cfg.merge_from_file(args.config_file)
+    except KeyError as e:  # yacs: "Non-existent config key: A.B"
+        key = str(e.args[0]).rsplit(" ", 1)[-1]
+        raise ConfigError(_unknown_key_message(key, cfg, args.config_file)) from None
+    _check_opts_keys(cfg, args.opts)
+    try:
+        cfg.merge_from_list(args.opts)
+    except (ValueError, AssertionError) as e:  # yacs: a value of the wrong type
+        raise ConfigError(f"command line: {e}") from None
+    fall_back_to_cpu(cfg)
+    check_focalstar_config(cfg)
+    _check_weights(cfg, args)
+    return cfg
+
+
+def _check_weights(cfg, args):
+    weights = cfg.MODEL.WEIGHTS
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if args.eval_only and not weights and not resuming:
+        raise ConfigError("--eval-only needs weights to evaluate: add MODEL.WEIGHTS "
+                          "path/to/model_final.pth (or --resume with an OUTPUT_DIR that has one)")
+    if weights and "://" not in weights and not resuming and not os.path.isfile(weights):
+        raise ConfigError(f"MODEL.WEIGHTS={weights!r}: no such file")
 
 
 def fall_back_to_cpu(cfg):
@@ -31,3 +108,19 @@ def enable_cpu_ddp():
 
     create_ddp_model._d2_focalstar_cpu_ok = True
     defaults.create_ddp_model = create_ddp_model
+
+
+def divergence_message(cfg, iteration, error, last_checkpoint):
+    """What to tell the user when the loss or the weights stop being finite."""
+    fs, solver = cfg.MODEL.FOCALSTAR, cfg.SOLVER
+    gamma = (f"MODEL.FOCALSTAR.GAMMA={fs.GAMMA}, MODEL.FOCALSTAR.MAX_FACTOR={fs.MAX_FACTOR} "
+             "(0 = uncapped)" if fs.LOSS_TYPE.upper() == "FLSTAR"
+             else f"MODEL.RETINANET.FOCAL_LOSS_GAMMA={cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA}")
+    return (
+        f"Training diverged at iteration {iteration}: {error}\n"
+        f"  Settings that control the growth: MODEL.FOCALSTAR.LOSS_TYPE={fs.LOSS_TYPE}, {gamma}, "
+        f"SOLVER.BASE_LR={solver.BASE_LR}, SOLVER.WARMUP_ITERS={solver.WARMUP_ITERS}, "
+        f"SOLVER.CLIP_GRADIENTS.ENABLED={solver.CLIP_GRADIENTS.ENABLED} "
+        f"(CLIP_VALUE={solver.CLIP_GRADIENTS.CLIP_VALUE}), SOLVER.AMP.ENABLED={solver.AMP.ENABLED}.\n"
+        f"  Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate, lower "
+        f"MAX_FACTOR or enable gradient clipping, then continue with --resume.")

@@ -12,6 +12,7 @@ from detectron2.modeling import build_model
 from pycocotools.coco import COCO
 
 from d2_focalstar import add_focalstar_config, register_coco_json_datasets
+from d2_focalstar.config import ConfigError
 from d2_focalstar.data import (
     EMBEDDED_DATASETS,
     SHAPE_CLASSES,
@@ -119,12 +120,12 @@ def test_coco_json_missing_file_is_named(tmp_path, broken, needle):
     generate_shapes_dataset(tmp_path, TINY)
     json_file = str(tmp_path / ("nope.json" if broken == "json" else "val.json"))
     image_root = str(tmp_path / ("nope" if broken == "images" else "val"))
-    with pytest.raises(FileNotFoundError, match=rf"DATASETS.COCO_JSON\[0\]: {needle} .*nope"):
+    with pytest.raises(ConfigError, match=rf"DATASETS.COCO_JSON\[0\]: {needle} .*nope"):
         register_coco_json_datasets(_coco_cfg(("broken_" + broken, json_file, image_root)))
 
 
 def test_coco_json_name_clash_with_builtin_is_refused(tmp_path):
     generate_shapes_dataset(tmp_path, TINY)
     cfg = _coco_cfg(("coco_2017_val", str(tmp_path / "val.json"), str(tmp_path / "val")))
-    with pytest.raises(ValueError, match="coco_2017_val.*already registered"):
+    with pytest.raises(ConfigError, match="coco_2017_val.*already registered"):
         register_coco_json_datasets(cfg)

@@ -1,0 +1,122 @@
+"""
+A DetectionCheckpointer that never leaves a half-written file and never runs code from one.
+
+- Saving writes to a temporary file in the same folder, fsyncs it and renames it into place; so
+  does ``last_checkpoint``. A kill at any moment leaves the previous complete checkpoint and a
+  ``last_checkpoint`` that names a complete file.
+- A model whose weights are not finite is not saved: the last good checkpoint stays the last one.
+- Loading never unpickles arbitrary objects: ``.pth`` files go through
+  ``torch.load(weights_only=True)`` (tensors and plain containers only), and detectron2 / Caffe2
+  model-zoo ``.pkl`` files through an unpickler that admits only numpy arrays and plain data.
+"""
+import os
+import pickle
+import tempfile
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "NonFiniteWeightsError"]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds Python objects that loading it would have to construct or call."""
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """The model's weights are NaN or infinite, so they are not saved."""
+
+
+# What a model-zoo .pkl (a dict of numpy arrays, pickled by Python 2 or 3) may contain.
+_PKL_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how protocol-2 pickles store bytes
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _PKL_ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def _atomic_write(path, write):
+    """Call write(file) on a temporary file beside ``path``, then rename it to ``path``."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        bad = [k for k, v in self.model.state_dict().items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            last = self.get_checkpoint_file() if self.has_checkpoint() else None
+            raise NonFiniteWeightsError(
+                f"Not saving checkpoint {name!r}: {len(bad)} weight tensors are NaN/inf "
+                f"(first: {bad[0]}). The last good checkpoint is {last or 'none'}.")
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info(f"Saving checkpoint to {path}")
+        _atomic_write(path, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+
+    def _load_file(self, filename):
+        if filename.endswith(".pyth"):
+            raise UnsafeCheckpointError(f"{filename}: pycls .pyth checkpoints are not supported")
+        if filename.endswith(".pkl"):
+            with PathManager.open(filename, "rb") as f:
+                try:
+                    data = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+                except pickle.UnpicklingError as e:
+                    raise UnsafeCheckpointError(
+                        f"Refusing to load {filename}: a .pkl checkpoint may hold only numpy "
+                        f"arrays and plain data, but {e}. Nothing in it was run.") from None
+            return self._from_model_zoo_dict(data)
+        return super()._load_file(filename)
+
+    def _from_model_zoo_dict(self, data):
+        # What DetectionCheckpointer._load_file does with an unpickled .pkl, on safe data.
+        if "model" in data and "__author__" in data:
+            self.logger.info(f"Reading a file from '{data['__author__']}'")
+            return data
+        if "blobs" in data:
+            data = data["blobs"]
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def _torch_load(self, f):
+        try:
+            return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"Refusing to load {f}: it holds Python objects beyond tensors and plain "
+                f"containers, which loading would construct or call (torch.load "
+                f"weights_only=True said: {str(e).splitlines()[0]}). Nothing in it was run.") from None

@@ -1,0 +1,102 @@
+"""
+A training DatasetMapper that survives bad images and boxes, the way detectron2 treats them:
+
+| fault | what happens |
+| --- | --- |
+| image missing, unreadable, truncated, size unlike the JSON's | skipped (the loader takes another) |
+| 16-bit image | skipped: detectron2's reader would clip it to white; convert it to 8 bits |
+| grayscale or RGBA image | read as RGB (gray replicated, alpha dropped) |
+| box of zero or negative size | removed (detectron2's filter_empty_instances) |
+| box outside the image | clipped to the image (detectron2's transform_instance_annotations) |
+| image without annotations | removed before training (DATALOADER.FILTER_EMPTY_ANNOTATIONS) |
+
+Each kind is warned about once per process; every occurrence is appended to a JSON-lines fault
+log (one line per image and kind), which :func:`summarize_data_faults` counts at the end.
+"""
+import json
+import logging
+import os
+
+from detectron2.data import DatasetMapper
+from detectron2.structures import BoxMode
+from PIL import Image
+
+__all__ = ["CheckedDatasetMapper", "summarize_data_faults"]
+
+logger = logging.getLogger(__name__)
+
+_16_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _box_faults(dataset_dict):
+    w, h = dataset_dict.get("width"), dataset_dict.get("height")
+    for ann in dataset_dict.get("annotations", []):
+        x0, y0, x1, y1 = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
+        if x1 <= x0 or y1 <= y0:
+            yield "box of zero or negative size (removed)", f"bbox {ann['bbox']}"
+        elif w and h and (x0 < 0 or y0 < 0 or x1 > w or y1 > h):
+            yield "box outside the image (clipped)", f"bbox {ann['bbox']} in {w}x{h}"
+
+
+class CheckedDatasetMapper(DatasetMapper):
+    def __init__(self, cfg, is_train=True, fault_log=None):
+        """fault_log: path of the JSON-lines file that records every fault (None: not recorded)."""
+        super().__init__(cfg, is_train)
+        self.fault_log = fault_log
+        self._warned = set()
+
+    def _report(self, kind, file_name, detail):
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning(f"Data fault: {kind}: {file_name} ({detail}). Further faults of this "
+                           f"kind are counted in {self.fault_log or 'no log'}, not printed.")
+        if self.fault_log:
+            line = json.dumps({"kind": kind, "file": file_name, "detail": detail}) + "\n"
+            # one write() with O_APPEND: lines from several loader workers do not interleave
+            fd = os.open(self.fault_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
+    def __call__(self, dataset_dict):
+        file_name = dataset_dict["file_name"]
+        try:
+            with Image.open(file_name) as im:  # reads the header only
+                mode = im.mode
+        except FileNotFoundError:
+            return self._report("image missing (skipped)", file_name, "no such file")
+        except OSError as e:
+            return self._report("image unreadable (skipped)", file_name, str(e))
+        if mode in _16_BIT_MODES:
+            return self._report("16-bit image (skipped; convert it to 8 bits)", file_name,
+                                f"PIL mode {mode}")
+        if mode in ("L", "LA", "P", "RGBA", "CMYK"):
+            self._report("grayscale, palette, RGBA or CMYK image (read as RGB)", file_name,
+                         f"PIL mode {mode}")
+        for kind, detail in _box_faults(dataset_dict):
+            self._report(kind, file_name, detail)
+        try:
+            return super().__call__(dataset_dict)
+        except OSError as e:  # PIL: "image file is truncated", a decoder error
+            return self._report("image truncated or corrupt (skipped)", file_name, str(e))
+        except ValueError as e:  # detectron2's SizeMismatchError and friends
+            return self._report("image does not match its annotations (skipped)", file_name, str(e))
+
+
+def summarize_data_faults(fault_log):
+    """{kind: number of distinct images} from a fault log; logs one line per kind."""
+    if not fault_log or not os.path.isfile(fault_log):
+        return {}
+    files = {}
+    with open(fault_log) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            files.setdefault(rec["kind"], set()).add(rec["file"])
+    counts = {kind: len(v) for kind, v in sorted(files.items())}
+    for kind, n in counts.items():
+        logger.warning(f"Data faults during training: {kind}: {n} image(s); see {fault_log}")
+    return counts
