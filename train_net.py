@@ -17,7 +17,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator, verify_results
 
 from d2_focalstar import check_datasets, register_coco_json_datasets
-from d2_focalstar.checkpoint import SafeCheckpointer
+from d2_focalstar.checkpoint import SafeCheckpointer, UnsafeCheckpointError
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
 from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message,
                                  enable_cpu_ddp, load_config)
@@ -92,5 +92,5 @@ if __name__ == "__main__":
         check_datasets(cfg)
         launch(main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except (ConfigError, TrainingDiverged) as e:
+    except (ConfigError, TrainingDiverged, UnsafeCheckpointError) as e:
         sys.exit(f"train_net.py: error: {e}")

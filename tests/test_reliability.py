@@ -1,0 +1,222 @@
+"""Faults provoked for real: bad command lines and configs, untrusted checkpoints, divergence,
+SIGKILL during training and during a checkpoint write, and a failing rank in a 2-process run."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from d2_focalstar.checkpoint import SafeCheckpointer, UnsafeCheckpointError
+from helpers import FAST, QUICKSTART, REPO, run
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_net.py: error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in last, last
+
+
+# ---- bad command lines and configs ------------------------------------------------------------
+
+def test_missing_config_file_argument():
+    assert_one_line_error(run("train_net.py"), "--config-file is required")
+
+
+def test_config_file_that_does_not_exist():
+    assert_one_line_error(run("train_net.py", "--config-file", "configs/nope.yaml"),
+                          "configs/nope.yaml: no such file")
+
+
+def test_typo_in_opts_key_is_named_with_a_suggestion():
+    proc = run("train_net.py", *QUICKSTART, "MODEL.FOCALSTAR.GAMA", "0.5")
+    assert_one_line_error(proc, "unknown config key 'MODEL.FOCALSTAR.GAMA'", "MODEL.FOCALSTAR.GAMMA")
+
+
+def test_typo_in_config_file_key_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{REPO}/configs/quickstart_flstar.yaml"\nSOLVER:\n  BASE_LRR: 0.1\n')
+    assert_one_line_error(run("train_net.py", "--config-file", str(bad)),
+                          str(bad), "SOLVER.BASE_LRR", "SOLVER.BASE_LR")
+
+
+def test_bad_loss_setting_names_key_value_and_allowed():
+    proc = run("train_net.py", *QUICKSTART, "MODEL.FOCALSTAR.LOSS_TYPE", "FOCAL")
+    assert_one_line_error(proc, "MODEL.FOCALSTAR.LOSS_TYPE='FOCAL'", "allowed FLSTAR, FL, CE")
+
+
+def test_eval_only_without_weights():
+    assert_one_line_error(run("train_net.py", *QUICKSTART, "--eval-only"),
+                          "--eval-only needs weights")
+
+
+def test_weights_path_that_does_not_exist():
+    assert_one_line_error(run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", "nope/model.pth"),
+                          "MODEL.WEIGHTS='nope/model.pth': no such file")
+
+
+def test_unregistered_dataset_name():
+    assert_one_line_error(run("train_net.py", *QUICKSTART, "DATASETS.TRAIN", "('shapes_trian',)"),
+                          "DATASETS.TRAIN", "'shapes_trian' is not registered")
+
+
+# ---- untrusted checkpoint files ---------------------------------------------------------------
+
+class _Evil:
+    """Unpickling this creates a file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_files(tmp_path):
+    marker = str(tmp_path / "pwned")
+    pth, pkl = tmp_path / "evil.pth", tmp_path / "evil.pkl"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": _Evil(marker)}, pth)
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": {"w": np.zeros(1)}, "__author__": "x", "extra": _Evil(marker)}, f, protocol=2)
+    return marker, pth, pkl
+
+
+def test_crafted_checkpoint_does_not_run_code_when_loaded(tmp_path):
+    marker, pth, pkl = _evil_files(tmp_path)
+    model = torch.nn.Linear(1, 1)
+    for path in (pth, pkl):
+        with pytest.raises(UnsafeCheckpointError, match=f"Refusing to load {path}.*Nothing in it was run"):
+            SafeCheckpointer(model).load(str(path))
+    assert not os.path.exists(marker)
+
+
+def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
+    marker, pth, pkl = _evil_files(tmp_path)
+    for path in (pth, pkl):
+        proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(path),
+                   "OUTPUT_DIR", str(tmp_path / "out"))
+        assert_one_line_error(proc, f"Refusing to load {path}")
+    # --resume reads whatever last_checkpoint names
+    out = tmp_path / "resume"
+    out.mkdir()
+    (out / "last_checkpoint").write_text(str(pth))
+    proc = run("train_net.py", *QUICKSTART, "--resume", *FAST, "OUTPUT_DIR", str(out))
+    assert_one_line_error(proc, "Refusing to load")
+    assert not os.path.exists(marker)
+
+
+def test_model_zoo_style_pkl_of_numpy_arrays_still_loads(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    blobs = {"weight": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.ones(2, np.float32),
+             "bias_momentum": np.zeros(2, np.float32)}
+    with open(tmp_path / "zoo.pkl", "wb") as f:
+        pickle.dump({"blobs": blobs}, f, protocol=2)
+    SafeCheckpointer(model).load(str(tmp_path / "zoo.pkl"))
+    torch.testing.assert_close(model.weight.detach(), torch.from_numpy(blobs["weight"]))
+
+
+def test_checkpoints_of_a_training_run_load_with_weights_only(tmp_path):
+    run("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2",
+        "OUTPUT_DIR", str(tmp_path), check=True)
+    state = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert state["iteration"] == 2 and "optimizer" in state["trainer"]["_trainer"]
+
+
+# ---- divergence -------------------------------------------------------------------------------
+
+def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_path):
+    proc = run("train_net.py", *QUICKSTART, *FAST, "SOLVER.BASE_LR", "50.0", "SOLVER.WARMUP_ITERS", "0",
+               "SOLVER.CLIP_GRADIENTS.ENABLED", "False", "SOLVER.CHECKPOINT_PERIOD", "1",
+               "SOLVER.MAX_ITER", "50", "OUTPUT_DIR", str(tmp_path))
+    assert proc.returncode != 0
+    msg = proc.stderr[proc.stderr.index("train_net.py: error: "):]
+    assert "Training diverged at iteration" in msg and "loss_cls" in msg and "loss_box_reg" in msg
+    for setting in ("MODEL.FOCALSTAR.GAMMA=0.25", "MODEL.FOCALSTAR.MAX_FACTOR=100.0",
+                    "SOLVER.BASE_LR=50.0", "SOLVER.CLIP_GRADIENTS.ENABLED=False"):
+        assert setting in msg
+    last = (tmp_path / "last_checkpoint").read_text().strip()
+    assert f"Last good checkpoint: {tmp_path / last}" in msg
+    state = torch.load(tmp_path / last, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+# ---- interruption -----------------------------------------------------------------------------
+
+MAX_ITER = 16
+INTERRUPTIBLE = [*FAST, "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.CHECKPOINT_PERIOD", "4"]
+
+
+def _wait_for(predicate, proc, timeout=300):
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "training ended before the kill"
+        assert time.time() < end, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _assert_checkpoints_complete(folder):
+    for name in os.listdir(folder):
+        if name.endswith(".pth"):  # every visible checkpoint is whole
+            torch.load(folder / name, weights_only=True)
+    last = (folder / "last_checkpoint").read_text().strip()
+    assert torch.load(folder / last, weights_only=True)["iteration"] >= 3
+
+
+def _resume_and_finish(folder):
+    proc = run("train_net.py", *QUICKSTART, "--resume", *INTERRUPTIBLE, "OUTPUT_DIR", str(folder),
+               check=True)
+    assert "Loading checkpoint from" in proc.output or "Loading from" in proc.output
+    assert torch.load(folder / "model_final.pth", weights_only=True)["iteration"] == MAX_ITER - 1
+    with open(folder / "metrics.json") as f:
+        iters = [json.loads(line)["iteration"] for line in f if "total_loss" in line]
+    assert iters[-1] == MAX_ITER - 1
+
+
+def test_sigkill_during_training_then_resume(tmp_path):
+    proc = subprocess.Popen([sys.executable, "train_net.py", *QUICKSTART, *INTERRUPTIBLE, "OUTPUT_DIR", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (tmp_path / "last_checkpoint").exists(), proc)
+        time.sleep(0.7)  # somewhere in the following iterations
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _assert_checkpoints_complete(tmp_path)
+    _resume_and_finish(tmp_path)
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path):
+    marker = tmp_path / "saving"
+    env = dict(os.environ, SLOW_SAVE_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, "tests/slow_checkpoint_train_net.py", *QUICKSTART, *INTERRUPTIBLE,
+                             "OUTPUT_DIR", str(tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(marker.exists, proc)  # half of the second checkpoint is on disk
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+    assert not (tmp_path / "model_0000007.pth").exists()
+    _assert_checkpoints_complete(tmp_path)
+    _resume_and_finish(tmp_path)
+
+
+# ---- failing workers --------------------------------------------------------------------------
+
+def test_one_failing_rank_ends_the_whole_job(tmp_path):
+    start = time.time()
+    proc = run("tests/failing_rank_train_net.py", *QUICKSTART, "--num-gpus", "2", "--dist-url",
+               "auto", *FAST, "SOLVER.MAX_ITER", "50", "OUTPUT_DIR", str(tmp_path), timeout=300)
+    assert proc.returncode != 0
+    assert "injected fault on rank 1 at iteration 3" in proc.output
+    assert time.time() - start < 240
