@@ -6,7 +6,7 @@ A training DatasetMapper that survives bad images and boxes, the way detectron2 
 | image missing, unreadable, truncated, size unlike the JSON's | skipped (the loader takes another) |
 | 16-bit image | skipped: detectron2's reader would clip it to white; convert it to 8 bits |
 | grayscale or RGBA image | read as RGB (gray replicated, alpha dropped) |
-| box of zero or negative size | removed (detectron2's filter_empty_instances) |
+| box of zero or negative size | removed (detectron2 would flip a negative-size box into a valid one) |
 | box outside the image | clipped to the image (detectron2's transform_instance_annotations) |
 | image without annotations | removed before training (DATALOADER.FILTER_EMPTY_ANNOTATIONS) |
 
@@ -28,14 +28,20 @@ logger = logging.getLogger(__name__)
 _16_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-def _box_faults(dataset_dict):
+def _check_boxes(dataset_dict):
+    """(annotations to keep, [(kind, detail)]): boxes of zero or negative size are dropped here,
+    since detectron2 would turn a negative-size box into a flipped, positive one."""
     w, h = dataset_dict.get("width"), dataset_dict.get("height")
+    keep, faults = [], []
     for ann in dataset_dict.get("annotations", []):
         x0, y0, x1, y1 = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
         if x1 <= x0 or y1 <= y0:
-            yield "box of zero or negative size (removed)", f"bbox {ann['bbox']}"
-        elif w and h and (x0 < 0 or y0 < 0 or x1 > w or y1 > h):
-            yield "box outside the image (clipped)", f"bbox {ann['bbox']} in {w}x{h}"
+            faults.append(("box of zero or negative size (removed)", f"bbox {ann['bbox']}"))
+            continue
+        if w and h and (x0 < 0 or y0 < 0 or x1 > w or y1 > h):
+            faults.append(("box outside the image (clipped)", f"bbox {ann['bbox']} in {w}x{h}"))
+        keep.append(ann)
+    return keep, faults
 
 
 class CheckedDatasetMapper(DatasetMapper):
@@ -60,6 +66,8 @@ class CheckedDatasetMapper(DatasetMapper):
                 os.close(fd)
 
     def __call__(self, dataset_dict):
+        """The mapped dict, or None for a skipped image (detectron2's MapDataset then takes
+        another one)."""
         file_name = dataset_dict["file_name"]
         try:
             with Image.open(file_name) as im:  # reads the header only
@@ -74,8 +82,11 @@ class CheckedDatasetMapper(DatasetMapper):
         if mode in ("L", "LA", "P", "RGBA", "CMYK"):
             self._report("grayscale, palette, RGBA or CMYK image (read as RGB)", file_name,
                          f"PIL mode {mode}")
-        for kind, detail in _box_faults(dataset_dict):
-            self._report(kind, file_name, detail)
+        if "annotations" in dataset_dict:
+            annotations, faults = _check_boxes(dataset_dict)
+            for kind, detail in faults:
+                self._report(kind, file_name, detail)
+            dataset_dict = dict(dataset_dict, annotations=annotations)
         try:
             return super().__call__(dataset_dict)
         except OSError as e:  # PIL: "image file is truncated", a decoder error

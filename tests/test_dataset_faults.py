@@ -1,0 +1,149 @@
+"""Broken datasets, for real: start-up errors that name the file, and per-image faults that are
+skipped, clipped or filtered with one warning per kind and a count at the end."""
+import json
+import logging
+import os
+
+import cv2
+import numpy as np
+import pytest
+from detectron2.data.datasets import load_coco_json
+
+from d2_focalstar.config import ConfigError
+from d2_focalstar.data import ShapesSpec, check_coco_json, generate_shapes_dataset
+from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
+from helpers import FAST, QUICKSTART, run
+from test_model import quickstart_cfg
+
+SPEC = ShapesSpec(num_train=12, num_val=2, image_size=96, min_objects=2, max_objects=4,
+                  min_size=12, max_size=24, seed=3)
+
+
+def _write_json(path, data):
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """A COCO-format dataset with one image or box per kind of fault."""
+    generate_shapes_dataset(tmp_path, SPEC)
+    images = tmp_path / "train"
+    data = json.loads((tmp_path / "train.json").read_text())
+    f = [images / im["file_name"] for im in data["images"]]
+    os.remove(f[0])                                                      # missing
+    f[1].write_bytes(f[1].read_bytes()[: f[1].stat().st_size * 2 // 5])  # truncated
+    f[2].write_text("this is not an image")                              # unreadable
+    cv2.imwrite(str(f[3]), cv2.cvtColor(cv2.imread(str(f[3])), cv2.COLOR_BGR2GRAY))  # grayscale
+    rgba = cv2.cvtColor(cv2.imread(str(f[4])), cv2.COLOR_BGR2BGRA)
+    cv2.imwrite(str(f[4].with_suffix(".png")), rgba)                     # RGBA
+    cv2.imwrite(str(f[5].with_suffix(".png")),                            # 16-bit gray
+                cv2.imread(str(f[5]), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 257)
+    for i in (4, 5):
+        data["images"][i]["file_name"] = f[i].with_suffix(".png").name
+    anns7 = [a for a in data["annotations"] if a["image_id"] == data["images"][6]["id"]]
+    anns7[0]["bbox"][2] = 0                                              # zero width
+    anns7[1]["bbox"][3] = -5                                             # negative height
+    anns7.append(dict(anns7[0], id=10_000, bbox=[80, 80, 40, 40]))       # beyond the 96x96 image
+    data["annotations"].append(anns7[-1])
+    empty_id = data["images"][7]["id"]                                   # no annotations
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != empty_id]
+    _write_json(tmp_path / "broken.json", data)
+    return tmp_path
+
+
+# ---- start-up ---------------------------------------------------------------------------------
+
+def test_malformed_json_is_named_with_its_position(tmp_path):
+    (tmp_path / "a.json").write_text('{"images": [], "categories": [\n  {"id": 1,}]}')
+    with pytest.raises(ConfigError, match=r"a.json \(dataset 'x'\): not valid JSON: .* line 2"):
+        check_coco_json(str(tmp_path / "a.json"), "x")
+
+
+def test_json_that_is_not_coco_detection(tmp_path):
+    _write_json(tmp_path / "a.json", {"images": []})
+    with pytest.raises(ConfigError, match="a.json.*not a COCO detection file"):
+        check_coco_json(str(tmp_path / "a.json"), "x")
+
+
+def test_undeclared_category_id_is_named(broken):
+    data = json.loads((broken / "train.json").read_text())
+    data["annotations"][5]["category_id"] = 7
+    _write_json(broken / "bad.json", data)
+    with pytest.raises(ConfigError, match=r"bad.json.*1 annotations use a category_id .*"
+                                          rf"annotation id {data['annotations'][5]['id']} with category_id 7"):
+        check_coco_json(str(broken / "bad.json"), "x")
+
+
+@pytest.mark.parametrize("fault,needle", [
+    ("malformed", "not valid JSON"), ("category", "category_id that 'categories' does not declare"),
+    ("no-json", "does not exist"), ("no-images", "is not a folder")])
+def test_train_net_stops_at_start_up_naming_the_file(broken, fault, needle):
+    json_file, image_root = broken / "train.json", broken / "train"
+    if fault == "malformed":
+        json_file = broken / "m.json"
+        json_file.write_text((broken / "train.json").read_text()[:-10])
+    elif fault == "category":
+        data = json.loads((broken / "train.json").read_text())
+        data["categories"] = data["categories"][:2]
+        json_file = broken / "c.json"
+        _write_json(json_file, data)
+    elif fault == "no-json":
+        json_file = broken / "absent.json"
+    else:
+        image_root = broken / "absent"
+    proc = run("train_net.py", *QUICKSTART, *FAST, "DATASETS.COCO_JSON",
+               str([["mine", str(json_file), str(image_root)]]), "DATASETS.TRAIN", "('mine',)")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_net.py: error:") and needle in last
+    assert str(json_file if fault != "no-images" else image_root) in last
+
+
+# ---- per image --------------------------------------------------------------------------------
+
+def test_mapper_handles_each_kind_of_image_and_box_fault(broken, caplog):
+    dicts = load_coco_json(str(broken / "broken.json"), str(broken / "train"), "broken_unit")
+    log = broken / "faults.jsonl"
+    cfg = quickstart_cfg("INPUT.RANDOM_FLIP", "none", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+                         "INPUT.MAX_SIZE_TRAIN", "96")
+    mapper = CheckedDatasetMapper(cfg, True, str(log))
+    with caplog.at_level(logging.WARNING):
+        out = [mapper(dict(d)) for d in dicts]
+        out += [mapper(dict(d)) for d in dicts[:3]]  # the same bad files again: no new warning
+    assert [o is None for o in out[:8]] == [True, True, True, False, False, True, False, False]
+    for o in (out[3], out[4]):  # grayscale and RGBA read as 3-channel images
+        assert o["image"].shape == (3, 96, 96)
+    boxes = out[6]["instances"].gt_boxes.tensor
+    n_anns = len(dicts[6]["annotations"])
+    assert len(boxes) == n_anns - 2  # the two degenerate boxes removed, the outside one kept...
+    assert boxes.max() <= 96  # ...and clipped to the image
+    assert len(out[7]["instances"]) == 0  # no annotations: an all-background image
+
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Data fault")]
+    kinds = ["image missing", "image truncated or corrupt", "image unreadable", "16-bit image",
+             "grayscale, palette, RGBA", "box of zero or negative size", "box outside the image"]
+    for kind in kinds:
+        assert sum(kind in w for w in warnings) == 1, (kind, warnings)
+    counts = summarize_data_faults(str(log))
+    assert counts == {
+        "16-bit image (skipped; convert it to 8 bits)": 1,
+        "box of zero or negative size (removed)": 1,
+        "box outside the image (clipped)": 1,
+        "grayscale, palette, RGBA or CMYK image (read as RGB)": 2,
+        "image missing (skipped)": 1,
+        "image truncated or corrupt (skipped)": 1,
+        "image unreadable (skipped)": 1,
+    }
+
+
+def test_training_on_a_broken_dataset_completes_and_counts_faults(broken, tmp_path):
+    out = tmp_path / "out"
+    proc = run("train_net.py", *QUICKSTART, *FAST, "DATALOADER.NUM_WORKERS", "2",
+               "DATASETS.COCO_JSON", str([["broken_train", str(broken / "broken.json"), str(broken / "train")]]),
+               "DATASETS.TRAIN", "('broken_train',)", "SOLVER.MAX_ITER", "12", "OUTPUT_DIR", str(out),
+               check=True)
+    assert "Removed 1 images with no usable annotations" in proc.output
+    assert os.path.isfile(out / "model_final.pth")
+    summary = [line for line in proc.output.splitlines() if "Data faults during training" in line]
+    for kind in ("image missing", "image truncated", "image unreadable", "16-bit image"):
+        assert sum(kind in line for line in summary) == 1, summary
