@@ -22,6 +22,17 @@ def add_focalstar_config(cfg):
     # times CE's. 0 = no cap (the exact, unbounded formula).
     cfg.MODEL.FOCALSTAR.MAX_FACTOR = 100.0
 
+    # Safety metrics, computed beside COCO AP by d2_focalstar.safety.SafetyEvaluator: for these
+    # class names (those the dataset lacks are skipped), the log-average miss rate over false
+    # positives per image in [1e-2, 1e0] and the recall at FP_PER_IMAGE false positives per image.
+    cfg.TEST.SAFETY = CN()
+    cfg.TEST.SAFETY.ENABLED = True
+    cfg.TEST.SAFETY.CLASSES = ["person", "bicycle", "car", "motorcycle", "bus", "truck",
+                               "traffic light", "stop sign"]
+    cfg.TEST.SAFETY.FP_PER_IMAGE = 0.1
+    # IoU at which a detection matches a ground-truth box for these metrics.
+    cfg.TEST.SAFETY.IOU_THRESHOLD = 0.5
+
     # More COCO-format datasets, registered by name at start-up without code:
     # a list of [name, json_file, image_root], e.g. [["mine_train", "a/train.json", "a/images"]].
     cfg.DATASETS.COCO_JSON = []
