@@ -14,13 +14,16 @@ def add_focalstar_config(cfg):
     """
     cfg.MODEL.FOCALSTAR = CN()
     # Classification loss of RetinaNetFLStar: "FLSTAR" (modified focal loss), "FL" (focal loss,
-    # gamma = MODEL.RETINANET.FOCAL_LOSS_GAMMA) or "CE" (alpha-balanced cross-entropy).
+    # gamma = MODEL.RETINANET.FOCAL_LOSS_GAMMA), "CE" (alpha-balanced cross-entropy) or
+    # "FLSTAR_APPENDIX" (the RetinaNet paper appendix's FL*, fvcore's sigmoid_focal_loss_star).
     cfg.MODEL.FOCALSTAR.LOSS_TYPE = "FLSTAR"
     # FL*'s gamma: the factor is ((1 - p_t) / p_t) ** GAMMA. The proposal's values: 0.125, 0.25, 0.5.
     cfg.MODEL.FOCALSTAR.GAMMA = 0.25
     # Cap on FL*'s factor for very hard examples (p_t -> 0); past it the gradient is MAX_FACTOR
     # times CE's. 0 = no cap (the exact, unbounded formula).
     cfg.MODEL.FOCALSTAR.MAX_FACTOR = 100.0
+    # Gamma of LOSS_TYPE "FLSTAR_APPENDIX": -log(sigmoid(gamma * x_t)) / gamma (> 0).
+    cfg.MODEL.FOCALSTAR.APPENDIX_GAMMA = 2.0
 
     # Safety metrics, computed beside COCO AP by d2_focalstar.safety.SafetyEvaluator: for these
     # class names (those the dataset lacks are skipped), the log-average miss rate over false
@@ -48,6 +51,8 @@ def check_focalstar_config(cfg):
                        ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", rn.FOCAL_LOSS_GAMMA)):
         if not (isinstance(value, (int, float)) and value >= 0):
             problems.append(f"{key}={value!r}: allowed a number >= 0")
+    if not (isinstance(fs.APPENDIX_GAMMA, (int, float)) and fs.APPENDIX_GAMMA > 0):
+        problems.append(f"MODEL.FOCALSTAR.APPENDIX_GAMMA={fs.APPENDIX_GAMMA!r}: allowed a number > 0")
     alpha = rn.FOCAL_LOSS_ALPHA
     if not (isinstance(alpha, (int, float)) and (0 <= alpha <= 1 or alpha == -1)):
         problems.append(f"MODEL.RETINANET.FOCAL_LOSS_ALPHA={alpha!r}: allowed [0, 1], "

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["LOSS_TYPES", "sigmoid_flstar_loss", "sigmoid_focal_loss", "sigmoid_ce_loss",
-           "sigmoid_classification_loss"]
+           "sigmoid_classification_loss", "gamma_for"]
 
 #: Loss types accepted by :func:`sigmoid_classification_loss` (and MODEL.FOCALSTAR.LOSS_TYPE).
-LOSS_TYPES = ("FLSTAR", "FL", "CE")
+#: "FLSTAR_APPENDIX" is the other FL*, of the RetinaNet paper's appendix (fvcore's
+#: ``sigmoid_focal_loss_star``), so that a study can put both side by side.
+LOSS_TYPES = ("FLSTAR", "FL", "CE", "FLSTAR_APPENDIX")
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -49,8 +51,10 @@ def sigmoid_classification_loss(
             computed on, and the loss returned, in fp32: FL*'s factor overflows fp16.
         targets: same shape as ``inputs``, binary (0 or 1) classification labels. Soft labels
             are not supported: x_t needs a sign.
-        loss_type: "FLSTAR" (modified focal loss), "FL" (focal loss) or "CE"
-            (alpha-balanced cross-entropy; gamma is ignored).
+        loss_type: "FLSTAR" (modified focal loss), "FL" (focal loss), "CE"
+            (alpha-balanced cross-entropy; gamma is ignored) or "FLSTAR_APPENDIX" (the RetinaNet
+            appendix's FL*, -log(sigmoid(gamma * x_t)) / gamma, as fvcore's
+            ``sigmoid_focal_loss_star``; gamma must be > 0).
         alpha: weight of positives in [0, 1] (negatives get 1 - alpha); alpha < 0 means no
             weighting, as in fvcore.
         gamma: exponent of the modulating factor, >= 0. gamma = 0 gives CE for FL and FL*.
@@ -74,6 +78,8 @@ def sigmoid_classification_loss(
         raise ValueError(f"reduction={reduction!r} is not one of {_REDUCTIONS}")
     if not gamma >= 0:  # also catches NaN
         raise ValueError(f"gamma={gamma} must be >= 0")
+    if loss_type == "FLSTAR_APPENDIX" and gamma == 0:
+        raise ValueError("gamma=0 is not allowed for FLSTAR_APPENDIX (it divides by gamma)")
     if alpha > 1 or alpha != alpha:
         raise ValueError(f"alpha={alpha} must be in [0, 1], or < 0 for no weighting")
     if not (max_factor == 0 or max_factor >= 1):
@@ -85,7 +91,9 @@ def sigmoid_classification_loss(
     pos = targets > 0.5
     x_t = torch.where(pos, x, -x)
     loss = F.softplus(-x_t)  # -log(p_t), the cross-entropy
-    if loss_type == "FL" and gamma > 0:
+    if loss_type == "FLSTAR_APPENDIX":
+        loss = F.softplus(-gamma * x_t) / gamma
+    elif loss_type == "FL" and gamma > 0:
         loss = loss * torch.exp(-gamma * F.softplus(x_t))
     elif loss_type == "FLSTAR" and gamma > 0:
         log_factor = -gamma * x_t
@@ -130,3 +138,9 @@ def sigmoid_ce_loss(inputs, targets, alpha=0.25, reduction="none"):
     Arguments and return value as in :func:`sigmoid_classification_loss`.
     """
     return sigmoid_classification_loss(inputs, targets, "CE", alpha, 0.0, 0.0, reduction)
+
+
+def gamma_for(loss_type, flstar_gamma, focal_gamma, appendix_gamma):
+    """The gamma that ``loss_type`` uses, out of the config's three (CE ignores it)."""
+    return {"FLSTAR": flstar_gamma, "FL": focal_gamma, "CE": 0.0,
+            "FLSTAR_APPENDIX": appendix_gamma}[loss_type.upper()]

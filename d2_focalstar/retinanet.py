@@ -7,7 +7,7 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.utils.events import get_event_storage
 
 from .config import check_focalstar_config
-from .losses import sigmoid_classification_loss
+from .losses import gamma_for, sigmoid_classification_loss
 
 __all__ = ["RetinaNetFLStar"]
 
@@ -16,25 +16,28 @@ __all__ = ["RetinaNetFLStar"]
 class RetinaNetFLStar(RetinaNet):
     """
     detectron2's RetinaNet whose classification loss is chosen by MODEL.FOCALSTAR.LOSS_TYPE:
-    FL* (the modified focal loss), FL or CE. Everything else, the box loss and its
+    FL* (the modified focal loss), FL, CE, or the RetinaNet appendix's FL*. Everything else, the box loss and its
     normalisation included, is the parent's, so with LOSS_TYPE="FL" the losses equal stock
     RetinaNet's.
     """
 
     @configurable
     def __init__(self, *, cls_loss_type="FLSTAR", flstar_gamma=0.25, flstar_max_factor=100.0,
-                 **kwargs):
+                 appendix_gamma=2.0, **kwargs):
         """
         Args:
-            cls_loss_type: "FLSTAR", "FL" or "CE".
+            cls_loss_type: "FLSTAR", "FL", "CE" or "FLSTAR_APPENDIX".
             flstar_gamma: FL*'s gamma (FL uses ``focal_loss_gamma``, as in RetinaNet).
             flstar_max_factor: cap on FL*'s modulating factor, 0 for none.
+            appendix_gamma: gamma of the RetinaNet appendix's FL* ("FLSTAR_APPENDIX").
             kwargs: as for :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
         self.cls_loss_type = cls_loss_type.upper()
         self.flstar_gamma = flstar_gamma
         self.flstar_max_factor = flstar_max_factor
+        self.cls_loss_gamma = gamma_for(self.cls_loss_type, flstar_gamma, self.focal_loss_gamma,
+                                        appendix_gamma)
 
     @classmethod
     def from_config(cls, cfg):
@@ -44,6 +47,7 @@ class RetinaNetFLStar(RetinaNet):
             cls_loss_type=cfg.MODEL.FOCALSTAR.LOSS_TYPE,
             flstar_gamma=cfg.MODEL.FOCALSTAR.GAMMA,
             flstar_max_factor=cfg.MODEL.FOCALSTAR.MAX_FACTOR,
+            appendix_gamma=cfg.MODEL.FOCALSTAR.APPENDIX_GAMMA,
         )
         return ret
 
@@ -60,13 +64,12 @@ class RetinaNetFLStar(RetinaNet):
 
         # One-hot without the background column: background anchors are all-negative rows.
         targets = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[:, :-1]
-        gamma = self.flstar_gamma if self.cls_loss_type == "FLSTAR" else self.focal_loss_gamma
         loss_cls = sigmoid_classification_loss(
             cat(pred_logits, dim=1)[valid_mask],
             targets,
             loss_type=self.cls_loss_type,
             alpha=self.focal_loss_alpha,
-            gamma=gamma,
+            gamma=self.cls_loss_gamma,
             max_factor=self.flstar_max_factor,
             reduction="sum",
         )

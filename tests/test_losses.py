@@ -189,3 +189,28 @@ def test_bad_arguments_are_named(kwargs, needle):
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):
         sigmoid_flstar_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1, 1.0), (0.5, 0.5)])
+def test_appendix_flstar_equals_fvcore_sigmoid_focal_loss_star(alpha, gamma):
+    from fvcore.nn import sigmoid_focal_loss_star
+
+    x = torch.randn(64, 80, generator=torch.Generator().manual_seed(2)) * 5
+    t = (torch.rand(64, 80, generator=torch.Generator().manual_seed(3)) > 0.95).float()
+    for reduction in ("none", "sum"):
+        ours = sigmoid_classification_loss(x, t, "FLSTAR_APPENDIX", alpha, gamma, reduction=reduction)
+        torch.testing.assert_close(ours, sigmoid_focal_loss_star(x, t, alpha, gamma, reduction),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_appendix_flstar_extreme_logits_finite(dtype):
+    x = torch.linspace(-100, 100, 2001).to(dtype).requires_grad_()
+    loss = sigmoid_classification_loss(x, torch.ones(2001, dtype=dtype), "FLSTAR_APPENDIX", 0.25, 2.0)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+
+
+def test_appendix_flstar_rejects_gamma_zero():
+    with pytest.raises(ValueError, match="gamma=0 is not allowed for FLSTAR_APPENDIX"):
+        sigmoid_classification_loss(torch.zeros(2), torch.zeros(2), "FLSTAR_APPENDIX", 0.25, 0.0)
