@@ -20,7 +20,7 @@ from d2_focalstar import check_datasets, register_coco_json_datasets
 from d2_focalstar.checkpoint import SafeCheckpointer, UnsafeCheckpointError
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
 from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message,
-                                 enable_cpu_ddp, load_config)
+                                 enable_cpu_ddp, load_config, write_results)
 
 
 def fault_log(cfg):
@@ -75,11 +75,15 @@ def main(args):
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
+            write_results(cfg, res, iteration=None)
         return res
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    res = trainer.train()
+    if comm.is_main_process():  # also without evaluation: it marks the run as finished
+        write_results(cfg, res or {}, iteration=trainer.iter)
+    return res
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "NonFiniteWeightsError"]
+__all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "NonFiniteWeightsError", "atomic_write"]
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -48,7 +48,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call write(file) on a temporary file beside ``path``, then rename it to ``path``."""
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -81,12 +81,12 @@ class SafeCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         path = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info(f"Saving checkpoint to {path}")
-        _atomic_write(path, lambda f: torch.save(data, f))
+        atomic_write(path, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(os.path.basename(path))
 
     def tag_last_checkpoint(self, last_filename_basename):
         path = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+        atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
     def _load_file(self, filename):
         if filename.endswith(".pyth"):

@@ -4,6 +4,7 @@ command line (bad input becomes a one-line ConfigError), the CPU fall-back, mult
 runs, and an informative stop when training diverges.
 """
 import difflib
+import json
 import logging
 import os
 
@@ -11,12 +12,17 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.engine import defaults
 
+from .checkpoint import atomic_write
 from .config import ConfigError, add_focalstar_config, check_focalstar_config
+from .losses import gamma_for
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "TrainingDiverged", "load_config", "fall_back_to_cpu", "enable_cpu_ddp",
-           "divergence_message"]
+           "divergence_message", "write_results", "RESULTS_FILE"]
+
+#: Where train_net.py leaves the final metrics of a run, for tools/compare.py and tools/sweep.py.
+RESULTS_FILE = "results.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,3 +130,24 @@ def divergence_message(cfg, iteration, error, last_checkpoint):
         f"(CLIP_VALUE={solver.CLIP_GRADIENTS.CLIP_VALUE}), SOLVER.AMP.ENABLED={solver.AMP.ENABLED}.\n"
         f"  Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate, lower "
         f"MAX_FACTOR or enable gradient clipping, then continue with --resume.")
+
+
+def write_results(cfg, results, iteration):
+    """Write the final metrics and the settings that identify the run to OUTPUT_DIR/results.json."""
+    fs = cfg.MODEL.FOCALSTAR
+    record = {
+        "loss_type": fs.LOSS_TYPE.upper(),
+        "gamma": gamma_for(fs.LOSS_TYPE, fs.GAMMA, cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
+                           fs.APPENDIX_GAMMA),
+        "alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
+        "max_factor": fs.MAX_FACTOR,
+        "seed": cfg.SEED,
+        "weights": cfg.MODEL.WEIGHTS,
+        "iteration": iteration,
+        "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
+        "results": {task: dict(metrics) for task, metrics in results.items()},
+    }
+    path = os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    logger.info(f"Final metrics written to {path}")

@@ -1,0 +1,266 @@
+"""
+The FL vs FL* study: what tools/plot_losses.py, tools/sweep.py and tools/compare.py share.
+
+- Fig. 4 of the proposal: loss and gradient magnitude against p_t, from the project's own losses.
+- Sweeps: the list of runs (loss type x gamma x seed) and the state of each run's folder.
+- Comparison: Table 2 (AP, AP50, AP75, APs, APm, APl, and the safety metrics) per run and per
+  setting, with the difference to the FL baseline and the spread over seeds; Fig. 6, the
+  training curves from metrics.json.
+"""
+import csv
+import io
+import json
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .engine import RESULTS_FILE
+from .losses import sigmoid_classification_loss
+
+__all__ = ["FIG4_CURVES", "loss_curves", "plot_fig4", "SweepRun", "plan_sweep", "run_state",
+           "load_run", "comparison_rows", "to_markdown", "to_csv", "plot_training_curves"]
+
+# ---- Fig. 4 --------------------------------------------------------------------------------------
+
+#: (label, loss type, gamma) of the proposal's Fig. 4, alpha = 1.
+FIG4_CURVES = [("CE", "CE", 0.0), ("FL, g=2", "FL", 2.0), ("FL*, g=0.125", "FLSTAR", 0.125),
+               ("FL*, g=0.25", "FLSTAR", 0.25), ("FL*, g=0.5", "FLSTAR", 0.5)]
+
+
+def loss_curves(p_t, curves=FIG4_CURVES, alpha=1.0, max_factor=0.0):
+    """
+    For each (label, loss_type, gamma): the loss of a positive with probability p_t and the
+    magnitude of its gradient with respect to the logit, both from
+    :func:`sigmoid_classification_loss` (autograd), uncapped by default.
+    Returns {label: (loss, |dloss/dx|)} as float64 numpy arrays.
+    """
+    x = torch.logit(torch.as_tensor(p_t, dtype=torch.float64))
+    out = OrderedDict()
+    for label, loss_type, gamma in curves:
+        xg = x.clone().requires_grad_()
+        loss = sigmoid_classification_loss(xg, torch.ones_like(xg), loss_type, alpha, gamma, max_factor)
+        loss.sum().backward()
+        out[label] = (loss.detach().numpy(), xg.grad.abs().numpy())
+    return out
+
+
+def plot_fig4(out_prefix, num=2000):
+    """Write <out_prefix>.png and .svg: loss (left) and gradient magnitude (right) vs p_t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p_t = np.linspace(1e-3, 1.0 - 1e-6, num)
+    curves = loss_curves(p_t)
+    fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, (loss, grad) in curves.items():
+        style = "--" if label.startswith(("CE", "FL,")) else "-"
+        ax_loss.plot(p_t, loss, style, label=label)
+        ax_grad.plot(p_t, grad, style, label=label)
+    ax_loss.set(xlabel="probability of ground-truth class $p_t$", ylabel="loss", ylim=(0, 5),
+                title="Loss (alpha = 1)")
+    ax_grad.set(xlabel="probability of ground-truth class $p_t$", yscale="log", ylim=(1e-4, 1e2),
+                ylabel="|d loss / d logit|", title="Gradient magnitude: FL* up-weights hard examples")
+    for ax in (ax_loss, ax_grad):
+        ax.axvline(0.5, color="gray", lw=0.6, ls=":")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    paths = [f"{out_prefix}.png", f"{out_prefix}.svg"]
+    for path in paths:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return paths
+
+
+# ---- sweeps ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepRun:
+    loss_type: str
+    gamma: float
+    seed: int
+
+    @property
+    def name(self):
+        gamma = "" if self.loss_type == "CE" else f"_g{self.gamma:g}"
+        return f"{self.loss_type.lower()}{gamma}_s{self.seed}"
+
+    def opts(self):
+        """train_net.py opts that select this run's loss, gamma and seed."""
+        gamma_key = {"FL": "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "FLSTAR": "MODEL.FOCALSTAR.GAMMA",
+                     "FLSTAR_APPENDIX": "MODEL.FOCALSTAR.APPENDIX_GAMMA"}.get(self.loss_type)
+        opts = ["MODEL.FOCALSTAR.LOSS_TYPE", self.loss_type, "SEED", str(self.seed)]
+        return opts + ([gamma_key, str(self.gamma)] if gamma_key else [])
+
+
+def plan_sweep(loss_types, flstar_gammas, seeds, fl_gamma=2.0, appendix_gamma=2.0):
+    """Every run of loss type x gamma x seed: FL* takes each of ``flstar_gammas``; FL, CE and the
+    appendix FL* are run once per seed (their gamma fixed)."""
+    runs = []
+    for loss_type in (t.upper() for t in loss_types):
+        gammas = {"FLSTAR": flstar_gammas, "FL": [fl_gamma], "CE": [0.0],
+                  "FLSTAR_APPENDIX": [appendix_gamma]}[loss_type]
+        runs += [SweepRun(loss_type, float(g), int(s)) for g in gammas for s in seeds]
+    return runs
+
+
+def run_state(folder):
+    """'done' (results.json written), 'interrupted' (a checkpoint to resume from) or 'new'."""
+    if os.path.isfile(os.path.join(folder, RESULTS_FILE)):
+        return "done"
+    if os.path.isfile(os.path.join(folder, "last_checkpoint")):
+        return "interrupted"
+    return "new"
+
+
+# ---- comparison -----------------------------------------------------------------------------------
+
+COCO_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def load_run(folder):
+    """The record train_net.py wrote to <folder>/results.json, with 'folder' added."""
+    path = os.path.join(folder, RESULTS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder}: no {RESULTS_FILE} (an unfinished run, or not a "
+                                "train_net.py output folder)")
+    with open(path) as f:
+        record = json.load(f)
+    record["folder"] = folder
+    return record
+
+
+def _metrics(record):
+    res = record["results"]
+    out = OrderedDict((k, res.get("bbox", {}).get(k, math.nan)) for k in COCO_METRICS)
+    for k, v in res.get("safety", {}).items():
+        if "-" not in k:  # the means; per-class values stay in the run's own files
+            out[k] = v
+    return out
+
+
+def _setting(record):
+    gamma = "" if record["loss_type"] == "CE" else f" g={record['gamma']:g}"
+    return f"{record['loss_type']}{gamma}"
+
+
+def _nanmean(values):
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def comparison_rows(records):
+    """
+    Table 2: one row per run, then one row per setting (loss type + gamma) over its seeds with
+    mean and sample standard deviation, each with the difference of the mean to FL's.
+    Returns (columns, rows) where rows are dicts of column -> value (numbers or strings).
+    """
+    metric_names = list(OrderedDict.fromkeys(k for r in records for k in _metrics(r)))
+    groups = OrderedDict()
+    for r in sorted(records, key=lambda r: (_setting(r), r.get("seed", 0))):
+        groups.setdefault(_setting(r), []).append(r)
+    means = {s: {m: _nanmean([_metrics(r).get(m, math.nan) for r in rs]) for m in metric_names}
+             for s, rs in groups.items()}
+    baseline = next((s for s in means if s.startswith("FL ") or s == "FL"), None)
+
+    rows = []
+    for setting, rs in groups.items():
+        for r in rs:
+            row = OrderedDict(run=os.path.basename(os.path.normpath(r["folder"])), setting=setting,
+                              seeds=str(r.get("seed")))
+            row.update(_metrics(r))
+            rows.append(row)
+    for setting, rs in groups.items():
+        row = OrderedDict(run="mean", setting=setting, seeds=str(len(rs)))
+        for m in metric_names:
+            values = [v for v in (_metrics(r).get(m, math.nan) for r in rs) if not math.isnan(v)]
+            row[m] = means[setting][m]
+            row[f"{m} sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+            row[f"{m} vs FL"] = (means[setting][m] - means[baseline][m]) if baseline else math.nan
+        rows.append(row)
+    columns = ["run", "setting", "seeds"] + metric_names
+    return columns, rows
+
+
+def _fmt(v):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else (
+        f"{v:.2f}" if isinstance(v, float) else str(v))
+
+
+def to_markdown(columns, rows):
+    """Per-run rows as they are; per-setting rows as 'mean ± sd (+diff vs FL)'."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            if row["run"] == "mean" and c not in ("run", "setting", "seeds"):
+                cell = _fmt(v)
+                if _fmt(row.get(f"{c} sd")):
+                    cell += f" ± {_fmt(row[f'{c} sd'])}"
+                if _fmt(row.get(f"{c} vs FL")):
+                    cell += f" ({row[f'{c} vs FL']:+.2f})"
+                cells.append(cell)
+            else:
+                cells.append(_fmt(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(columns, rows):
+    extra = [k for row in rows for k in row if k not in columns]
+    fields = columns + list(OrderedDict.fromkeys(extra))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in fields})
+    return buf.getvalue()
+
+
+def _read_metrics(folder):
+    path = os.path.join(folder, "metrics.json")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill
+                    pass
+    return rows
+
+
+def plot_training_curves(folders, out_path, labels=None):
+    """Fig. 6: loss_cls, loss_box_reg, total_loss (and bbox/AP where evaluated) vs iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["loss_cls", "loss_box_reg", "total_loss", "bbox/AP"]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for i, folder in enumerate(folders):
+        label = labels[i] if labels else os.path.basename(os.path.normpath(folder))
+        rows = _read_metrics(folder)
+        for ax, key in zip(axes, keys):
+            pts = [(r["iteration"], r[key]) for r in rows if key in r and "iteration" in r]
+            if pts:
+                it, v = zip(*pts)
+                ax.plot(it, v, marker="o" if key == "bbox/AP" else None, ms=3, label=label)
+    for ax, key in zip(axes, keys):
+        ax.set(xlabel="iteration", title=key)
+        if key != "bbox/AP":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,141 @@
+"""The study tools: Fig. 4 from the loss functions, sweeps that skip and resume, and Table 2
+from result folders."""
+import csv
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from d2_focalstar.study import (
+    SweepRun,
+    comparison_rows,
+    load_run,
+    loss_curves,
+    plan_sweep,
+    plot_fig4,
+    run_state,
+    to_csv,
+    to_markdown,
+)
+from helpers import FAST, QUICKSTART, run
+
+
+def test_fig4_curves_come_from_the_loss_functions():
+    p_t = np.array([0.1, 0.5, 0.9])
+    c = loss_curves(p_t)
+    log2 = math.log(2)
+    for label in ("CE", "FL*, g=0.125", "FL*, g=0.25", "FL*, g=0.5"):
+        assert c[label][0][1] == pytest.approx(log2)  # factor 1 at p_t = 0.5
+    assert c["FL, g=2"][0][1] == pytest.approx(0.25 * log2)
+    np.testing.assert_allclose(c["CE"][1], 1 - p_t)  # |dCE/dx| = 1 - p_t
+    # FL*: loss = odds^g * CE with odds = (1-p)/p; at p_t = 0.1, odds = 9
+    assert c["FL*, g=0.5"][0][0] == pytest.approx(3 * -math.log(0.1))
+    # the hard example gets a larger gradient than under CE, the easy one a smaller one
+    assert c["FL*, g=0.5"][1][0] > c["CE"][1][0] and c["FL*, g=0.5"][1][2] < c["CE"][1][2]
+
+
+def test_fig4_plot_writes_png_and_svg(tmp_path):
+    png, svg = plot_fig4(str(tmp_path / "fig4"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in open(svg).read(2000)
+
+
+def test_sweep_plan():
+    runs = plan_sweep(["CE", "FL", "FLSTAR"], [0.125, 0.5], [0, 1])
+    assert [r.name for r in runs] == ["ce_s0", "ce_s1", "fl_g2_s0", "fl_g2_s1", "flstar_g0.125_s0",
+                                      "flstar_g0.125_s1", "flstar_g0.5_s0", "flstar_g0.5_s1"]
+    assert SweepRun("FLSTAR", 0.5, 1).opts() == [
+        "MODEL.FOCALSTAR.LOSS_TYPE", "FLSTAR", "SEED", "1", "MODEL.FOCALSTAR.GAMMA", "0.5"]
+    assert SweepRun("FL", 2.0, 0).opts()[-2:] == ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "2.0"]
+
+
+def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None):
+    os.makedirs(folder)
+    results = {"bbox": {"AP": ap, "AP50": ap + 20, "AP75": ap - 5, "APs": ap - 10, "APm": ap + 5,
+                        "APl": float("nan")}}
+    if lamr is not None:
+        results["safety"] = {"LAMR": lamr, "R@0.1FPPI": 100 - lamr, "LAMR-person": lamr}
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"loss_type": loss_type, "gamma": gamma, "seed": seed, "results": results}, f)
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        for it in range(0, 40, 10):
+            f.write(json.dumps({"iteration": it, "loss_cls": 1.0 / (it + 1), "loss_box_reg": 0.5,
+                                "total_loss": 1.5}) + "\n")
+        f.write(json.dumps({"iteration": 39, "bbox/AP": ap}) + "\n")
+        f.write('{"iteration": 40, "loss_c')  # a line cut by a kill is ignored
+
+
+@pytest.fixture
+def runs(tmp_path):
+    _fake_run(tmp_path / "fl_s0", "FL", 2.0, 0, 30.0, lamr=60.0)
+    _fake_run(tmp_path / "fl_s1", "FL", 2.0, 1, 32.0, lamr=58.0)
+    _fake_run(tmp_path / "flstar_s0", "FLSTAR", 0.25, 0, 31.0, lamr=50.0)
+    _fake_run(tmp_path / "flstar_s1", "FLSTAR", 0.25, 1, 35.0, lamr=54.0)
+    _fake_run(tmp_path / "ce_s0", "CE", 0.0, 0, 20.0)
+    return tmp_path
+
+
+def test_comparison_means_spread_and_difference_to_fl(runs):
+    records = [load_run(str(runs / n)) for n in ("fl_s0", "fl_s1", "flstar_s0", "flstar_s1", "ce_s0")]
+    columns, rows = comparison_rows(records)
+    assert columns[:9] == ["run", "setting", "seeds", "AP", "AP50", "AP75", "APs", "APm", "APl"]
+    assert "LAMR" in columns and "R@0.1FPPI" in columns and "LAMR-person" not in columns
+    means = {r["setting"]: r for r in rows if r["run"] == "mean"}
+    assert means["FL g=2"]["AP"] == 31.0 and means["FL g=2"]["AP vs FL"] == 0.0
+    assert means["FLSTAR g=0.25"]["AP"] == 33.0
+    assert means["FLSTAR g=0.25"]["AP sd"] == pytest.approx(math.sqrt(8))  # values 31, 35
+    assert means["FLSTAR g=0.25"]["AP vs FL"] == 2.0
+    assert means["FLSTAR g=0.25"]["LAMR vs FL"] == -7.0  # 52 vs 59
+    assert means["CE"]["AP vs FL"] == -11.0 and math.isnan(means["CE"]["AP sd"])  # one seed
+    assert math.isnan(means["CE"]["LAMR"])  # no safety metrics in that run
+
+    md = to_markdown(columns, rows)
+    assert "| mean | FLSTAR g=0.25 | 2 | 33.00 ± 2.83 (+2.00) |" in md
+    table = list(csv.DictReader(io.StringIO(to_csv(columns, rows))))
+    assert len(table) == 5 + 3
+    assert {r["setting"] for r in table if r["run"] == "mean"} == {"CE", "FL g=2", "FLSTAR g=0.25"}
+    assert [r["AP"] for r in table if r["setting"] == "FLSTAR g=0.25"] == ["31.00", "35.00", "33.00"]
+
+
+def test_compare_command_on_fixture_folders(runs, tmp_path):
+    proc = run("tools/compare.py", *[str(runs / n) for n in ("fl_s0", "fl_s1", "flstar_s0", "flstar_s1")],
+               str(tmp_path / "not_a_run"), "--out", str(tmp_path / "cmp" / "table"), check=True)
+    assert "| mean | FLSTAR g=0.25 |" in proc.stdout
+    assert "skipped" in proc.stderr and "not_a_run" in proc.stderr
+    for ext in (".md", ".csv", "_curves.png"):
+        assert os.path.getsize(tmp_path / "cmp" / f"table{ext}") > 100
+
+
+def test_run_state(tmp_path):
+    assert run_state(str(tmp_path / "absent")) == "new"
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    assert run_state(str(tmp_path)) == "interrupted"
+    (tmp_path / "results.json").write_text("{}")
+    assert run_state(str(tmp_path)) == "done"
+
+
+def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
+    out = tmp_path / "sweep"
+    sweep = ["tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--seeds", "0",
+             "--out", str(out), "--", *FAST, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1"]
+    first = run(*sweep, check=True)
+    assert "ce_s0: new" in first.stdout and "fl_g2_s0: new" in first.stdout
+    for name, loss_type in (("ce_s0", "CE"), ("fl_g2_s0", "FL")):
+        record = load_run(str(out / name))
+        assert record["loss_type"] == loss_type and record["iteration"] == 2
+
+    # interrupt fl_g2_s0 after its first checkpoint: drop what the end of training wrote
+    fl = out / "fl_g2_s0"
+    os.remove(fl / "results.json")
+    os.remove(fl / "model_final.pth")
+    (fl / "last_checkpoint").write_text("model_0000000.pth")
+    again = run(*sweep, check=True)
+    assert "ce_s0: done" in again.stdout and "fl_g2_s0: interrupted" in again.stdout
+    assert load_run(str(fl))["iteration"] == 2
+    log = (fl / "log.txt").read_text()
+    resumed = log[log.rindex("Command line arguments"):]  # the second train_net.py of this folder
+    assert "resume=True" in resumed and "model_0000000.pth" in resumed
+    assert "Starting training from iteration 1" in resumed
