@@ -14,11 +14,12 @@ import weakref
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 
 from d2_focalstar import check_datasets, register_coco_json_datasets
 from d2_focalstar.checkpoint import SafeCheckpointer, UnsafeCheckpointError
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
+from d2_focalstar.safety import build_safety_evaluator
 from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message,
                                  enable_cpu_ddp, load_config, write_results)
 
@@ -54,7 +55,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        evaluators = [COCOEvaluator(dataset_name, output_dir=output_folder),
+                      build_safety_evaluator(cfg, dataset_name, output_folder)]
+        return DatasetEvaluators([e for e in evaluators if e is not None])
 
 
 def setup(args):
