@@ -48,12 +48,23 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
+def _umask():
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call write(file) on a temporary file beside ``path``, then rename it to ``path``, which
+    gets the permissions a plain open() would give (mkstemp's are owner-only)."""
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -25,7 +25,7 @@ __all__ = ["CheckedDatasetMapper", "summarize_data_faults"]
 
 logger = logging.getLogger(__name__)
 
-_16_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def _check_boxes(dataset_dict):
@@ -76,7 +76,7 @@ class CheckedDatasetMapper(DatasetMapper):
             return self._report("image missing (skipped)", file_name, "no such file")
         except OSError as e:
             return self._report("image unreadable (skipped)", file_name, str(e))
-        if mode in _16_BIT_MODES:
+        if mode in SIXTEEN_BIT_MODES:
             return self._report("16-bit image (skipped; convert it to 8 bits)", file_name,
                                 f"PIL mode {mode}")
         if mode in ("L", "LA", "P", "RGBA", "CMYK"):

@@ -31,7 +31,7 @@ pip_install() {
 
 echo "[setup] python packages (torch comes from the local mirror where there is one)"
 pip_install -q --upgrade pip "setuptools<81" wheel
-pip_install -q -r requirements.txt pytest
+pip_install -q -r requirements.txt pytest scikit-learn
 
 if "$PY" -c "import detectron2" 2>/dev/null; then
   echo "[setup] detectron2 already importable: kept ($("$PY" -c 'import detectron2; print(detectron2.__version__, detectron2.__file__)'))"

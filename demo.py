@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""
+Run a checkpoint on a folder of photos: each photo annotated with detectron2's Visualizer, and
+one detections.json.
+
+    python demo.py --config-file configs/quickstart_flstar.yaml --input photos/ --output out/ \
+        MODEL.WEIGHTS output/quickstart_flstar/model_final.pth
+
+Photos of any size, EXIF orientation applied, grayscale/palette/RGBA read as RGB. A file that is
+no usable image is skipped with a warning saying why. Writes <output>/<stem>.jpg per photo and
+<output>/detections.json: {file: [{"bbox": [x0, y0, x1, y1] (photo pixels), "score",
+"category_id" (the model's 0-based class), "category"}]}; each through a temp file and a rename.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import cv2
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from d2_focalstar import register_coco_json_datasets  # first: it quiets fvcore's import warnings
+from d2_focalstar.checkpoint import SafeCheckpointer, UnsafeCheckpointError, atomic_write
+from d2_focalstar.engine import ConfigError, load_config
+from d2_focalstar.mapper import SIXTEEN_BIT_MODES  # detectron2 would clip them to white
+import detectron2.data.transforms as T
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import Visualizer
+
+logger = setup_logger(name="demo")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like train_net.py's errors
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--input", required=True, help="a folder of photos (or one photo)")
+    p.add_argument("--output", required=True, help="folder for annotated photos, detections.json")
+    p.add_argument("--confidence-threshold", type=float, default=0.5, metavar="S",
+                   help="minimum score of a detection, default 0.5 (sets the model's "
+                   "MODEL.RETINANET.SCORE_THRESH_TEST too)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (sets MODEL.DEVICE; without CUDA, cuda "
+                   "falls back to the CPU with a warning)")
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="config KEY VALUE pairs, after the options: MODEL.WEIGHTS FILE, ...")
+    args = p.parse_args(argv)
+    if not 0 <= args.confidence_threshold <= 1:
+        p.error(f"--confidence-threshold {args.confidence_threshold}: must be in [0, 1]")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device {args.device!r}: use cpu, cuda or cuda:N")
+    return args
+
+
+def setup(args):
+    """The checked config: train_net.py's load_config; KEY VALUE opts override the demo's flags."""
+    opts = ["MODEL.RETINANET.SCORE_THRESH_TEST", str(args.confidence_threshold)]
+    opts += ["MODEL.DEVICE", args.device] if args.device else []
+    opts += args.opts
+    cfg = load_config(argparse.Namespace(config_file=args.config_file, opts=opts,
+                                         eval_only=False, resume=False))
+    if not cfg.MODEL.WEIGHTS:
+        raise ConfigError("no weights to run: add MODEL.WEIGHTS path/to/model_final.pth")
+    if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
+        raise ConfigError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: the demo supports RGB and BGR")
+    return cfg
+
+
+def list_inputs(src, dst):
+    """The files to process (sorted; sub-folders and hidden files are left out)."""
+    if not os.path.exists(src):
+        raise ConfigError(f"--input {src}: no such folder or file")
+    folder = src if os.path.isdir(src) else os.path.dirname(src) or "."
+    if os.path.isdir(dst) and os.path.samefile(folder, dst):
+        raise ConfigError(f"--output {dst} is the input folder: its photos could be overwritten")
+    if not os.path.isdir(src):
+        return [src]
+    files = [e.path for e in sorted(os.scandir(src), key=lambda e: e.name)
+             if e.is_file() and not e.name.startswith(".")]
+    if not files:
+        raise ConfigError(f"--input {src}: no files in it")
+    return files
+
+
+def output_names(files):
+    """<stem>.jpg for each file, or <name>.jpg where two files share a stem (a.jpg and a.png)."""
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    return [(s if stems.count(s) == 1 else os.path.basename(f)) + ".jpg"
+            for s, f in zip(stems, files)]
+
+
+def dataset_metadata(cfg):
+    """thing_classes of DATASETS.TEST[0]; a DATASETS.COCO_JSON one is read to learn them."""
+    if not cfg.DATASETS.TEST:
+        return MetadataCatalog.get("__unused")
+    name = cfg.DATASETS.TEST[0]
+    own = [entry[0] for entry in cfg.DATASETS.COCO_JSON]
+    if not MetadataCatalog.get(name).get("thing_classes") and name in own:
+        register_coco_json_datasets(cfg)
+        DatasetCatalog.get(name)  # load_coco_json sets thing_classes
+    return MetadataCatalog.get(name)
+
+
+def read_photo(path, resize):
+    """(BGR uint8 array, None), or (None, why it cannot be used)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in SIXTEEN_BIT_MODES:
+                return None, f"16-bit image (PIL mode {im.mode}): convert it to 8 bits"
+        image = read_image(path, format="BGR")  # EXIF orientation applied; gray, RGBA -> 3 channels
+    except UnidentifiedImageError:
+        return None, "not an image (cannot identify image file)"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"unreadable image ({e})"
+    h, w = image.shape[:2]
+    if 0 in resize.get_output_shape(h, w, resize.short_edge_length[0], resize.max_size):
+        return None, f"{w}x{h} pixels: too narrow to resize to the model's input size"
+    return image, None
+
+
+def save(path, data):
+    """Write bytes to path through a temporary file and a rename (a crash leaves no half file)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def predict(model, resize, cfg, image):
+    """Instances of one BGR image, in its own pixels: detectron2's DefaultPredictor.__call__."""
+    if cfg.INPUT.FORMAT == "RGB":
+        image = image[:, :, ::-1]
+    h, w = image.shape[:2]
+    x = resize.get_transform(image).apply_image(image)
+    x = torch.as_tensor(x.astype("float32").transpose(2, 0, 1))
+    with torch.no_grad():
+        return model([{"image": x, "height": h, "width": w}])[0]["instances"].to("cpu")
+
+
+def main(args):
+    setup_logger(name="d2_focalstar")
+    setup_logger(name="fvcore")  # the checkpointer's messages: what was loaded, what did not fit
+    cfg = setup(args)
+    files = list_inputs(args.input, args.output)
+    metadata = dataset_metadata(cfg)
+    names = metadata.get("thing_classes", None) or []
+    model = build_model(cfg)
+    try:
+        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # truncated or not a checkpoint: torch and pickle raise many kinds
+        why = (str(e).splitlines() or [""])[0]
+        raise ConfigError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} cannot be loaded (corrupt or not a "
+                          f"checkpoint?): {type(e).__name__}: {why}") from None
+    model.eval()
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    os.makedirs(args.output, exist_ok=True)
+
+    detections, skipped = {}, []
+    for i, (path, out_name) in enumerate(zip(files, output_names(files)), 1):
+        name = os.path.basename(path)
+        image, why = read_photo(path, resize)
+        if image is None:
+            logger.warning(f"{i}/{len(files)} skipped {name}: {why}")
+            skipped.append(name)
+            continue
+        start = time.perf_counter()
+        inst = predict(model, resize, cfg, image)
+        ms = 1000 * (time.perf_counter() - start)
+        inst = inst[inst.scores >= args.confidence_threshold]
+        detections[name] = [
+            {"bbox": [round(v, 2) for v in box], "score": round(score, 4), "category_id": k,
+             "category": names[k] if k < len(names) else str(k)}
+            for box, score, k in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
+                                     inst.pred_classes.tolist())]
+        drawn = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(inst).get_image()
+        jpeg = cv2.imencode(".jpg", drawn[:, :, ::-1])[1].tobytes()
+        save(os.path.join(args.output, out_name), jpeg)
+        logger.info(f"{i}/{len(files)} {name}: {len(inst)} detections, {ms:.0f} ms -> {out_name}")
+
+    json_path = os.path.join(args.output, "detections.json")
+    save(json_path, json.dumps(detections, indent=1).encode())
+    logger.info(f"{len(detections)} photos annotated in {args.output}, detections in {json_path}; "
+                f"{len(skipped)} file(s) skipped" + (f": {', '.join(skipped)}" if skipped else ""))
+    if not detections:
+        raise ConfigError(f"--input {args.input}: none of its {len(files)} file(s) is a usable "
+                          "image")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ConfigError, UnsafeCheckpointError) as e:
+        sys.exit(f"demo.py: error: {e}")

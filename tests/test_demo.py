@@ -1,0 +1,151 @@
+"""demo.py on a folder of real photos (scikit-learn's sample images) with an untrained checkpoint:
+EXIF rotation, grayscale, RGBA, a text file and a truncated JPEG; and its one-line errors."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from PIL import Image
+
+from d2_focalstar.checkpoint import SafeCheckpointer
+from d2_focalstar.data import SHAPE_CLASSES
+from helpers import QUICKSTART, run
+from test_model import quickstart_cfg
+
+# Detections from an untrained model: keep every score; few boxes per photo, so drawing is quick.
+ANY_SCORE = ["--confidence-threshold", "0.0", "--device", "cpu",
+             "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "3"]
+# file name -> (width, height) as displayed, i.e. after the EXIF orientation
+GOOD = {"a_photo.jpg": (640, 427), "b_exif_rotated.jpg": (427, 640), "c_gray.png": (517, 301),
+        "d_rgba.png": (640, 427)}
+BAD = {"e_notes.txt": "not an image", "f_truncated.jpg": "truncated"}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    SafeCheckpointer(build_model(quickstart_cfg()), save_dir=str(folder)).save("model")
+    return str(folder / "model.pth")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    samples = pytest.importorskip("sklearn.datasets").load_sample_images()  # test-only dependency
+    china, flower = (Image.fromarray(a) for a in samples.images)  # 640x427 RGB
+    shutil.copy(samples.filenames[0], folder / "a_photo.jpg")  # the camera's JPEG as it is
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: display rotated 90 degrees clockwise
+    flower.save(folder / "b_exif_rotated.jpg", exif=exif)
+    china.convert("L").resize((517, 301)).save(folder / "c_gray.png")
+    rgba = flower.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(folder / "d_rgba.png")
+    (folder / "e_notes.txt").write_text("not a photo\n")
+    data = (folder / "a_photo.jpg").read_bytes()
+    (folder / "f_truncated.jpg").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo(weights, photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "annotated"
+    proc = run("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(out), *ANY_SCORE,
+               "MODEL.WEIGHTS", weights, timeout=120)
+    return proc, out
+
+
+def test_exits_zero_and_counts_the_skipped_files(demo):
+    proc, _ = demo
+    assert proc.returncode == 0, proc.output[-5000:]
+    assert "4 photos annotated" in proc.output and "2 file(s) skipped" in proc.output
+
+
+def test_bad_files_are_named_with_the_reason(demo):
+    proc, _ = demo
+    for name, reason in BAD.items():
+        lines = [line for line in proc.output.splitlines() if f"skipped {name}:" in line]
+        assert len(lines) == 1 and reason in lines[0], proc.output[-5000:]
+
+
+def test_every_photo_is_annotated_at_its_displayed_size(demo):
+    _, out = demo
+    for name, size in GOOD.items():  # b_exif_rotated.jpg: stored 640x427, shown 427x640
+        with Image.open(out / (os.path.splitext(name)[0] + ".jpg")) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", size), name
+
+
+def test_boxes_are_drawn_over_the_photo(demo, photos):
+    _, out = demo
+    with Image.open(photos / "c_gray.png") as im:
+        photo = np.asarray(im, dtype=float)
+    with Image.open(out / "c_gray.jpg") as im:
+        drawn = np.asarray(im, dtype=float)
+    assert np.abs(drawn - photo[..., None]).max(axis=2).max() > 100  # colored boxes and labels
+    assert np.median(np.abs(drawn - photo[..., None])) < 5  # elsewhere, the photo
+
+
+def test_detections_json_lists_the_photos_with_boxes_inside_them(demo):
+    _, out = demo
+    detections = json.loads((out / "detections.json").read_text())
+    assert sorted(detections) == sorted(GOOD)
+    for name, (w, h) in GOOD.items():
+        assert 1 <= len(detections[name]) <= 3, name
+        for d in detections[name]:
+            x0, y0, x1, y1 = d["bbox"]
+            assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h, (name, d)
+            assert 0 <= d["score"] <= 1
+            assert d["category"] == SHAPE_CLASSES[d["category_id"]]
+
+
+def test_only_finished_outputs_are_left(demo):
+    _, out = demo
+    assert sorted(os.listdir(out)) == sorted(
+        ["detections.json"] + [os.path.splitext(n)[0] + ".jpg" for n in GOOD])
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.output, proc.output[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("demo.py: error: "), proc.output[-2000:]
+    for needle in needles:
+        assert needle in last, last
+
+
+@pytest.fixture
+def notes(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("hello\n")
+    return str(tmp_path / "in")
+
+
+@pytest.mark.parametrize("opts,needle", [
+    ([], "add MODEL.WEIGHTS"),
+    (["MODEL.WEIGHTS", "nope/model_final.pth"], "'nope/model_final.pth': no such file"),
+])
+def test_missing_weights_is_a_one_line_error(notes, tmp_path, opts, needle):
+    proc = run("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
+               *opts, timeout=120)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_weights_are_a_one_line_error(weights, notes, tmp_path):
+    cut = tmp_path / "cut.pth"
+    with open(weights, "rb") as f:
+        cut.write_bytes(f.read(1000))
+    proc = run("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
+               "MODEL.WEIGHTS", str(cut), timeout=120)
+    assert_one_line_error(proc, str(cut), "cannot be loaded")
+
+
+def test_a_folder_without_any_usable_image_fails(weights, notes, tmp_path):
+    proc = run("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
+               "--device", "cpu", "MODEL.WEIGHTS", weights, timeout=120)
+    assert_one_line_error(proc, "none of its 1 file(s) is a usable image")
+    assert "skipped notes.txt: not an image" in proc.output
