@@ -22,6 +22,10 @@ def add_focalstar_config(cfg):
     # Cap on FL*'s factor for very hard examples (p_t -> 0); past it the gradient is MAX_FACTOR
     # times CE's. 0 = no cap (the exact, unbounded formula).
     cfg.MODEL.FOCALSTAR.MAX_FACTOR = 100.0
+    # Use the fused Triton kernel (d2_focalstar/fused.py) for the classification loss on CUDA.
+    # Off by default until it has been benchmarked and checked on a GPU; tested on the CPU
+    # under Triton's interpreter (where TRITON_INTERPRET=1 also enables it on CPU tensors).
+    cfg.MODEL.FOCALSTAR.FUSED_KERNEL = False
     # Gamma of LOSS_TYPE "FLSTAR_APPENDIX": -log(sigmoid(gamma * x_t)) / gamma (> 0).
     cfg.MODEL.FOCALSTAR.APPENDIX_GAMMA = 2.0
 

@@ -1,3 +1,5 @@
+import os
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -23,19 +25,22 @@ class RetinaNetFLStar(RetinaNet):
 
     @configurable
     def __init__(self, *, cls_loss_type="FLSTAR", flstar_gamma=0.25, flstar_max_factor=100.0,
-                 appendix_gamma=2.0, **kwargs):
+                 appendix_gamma=2.0, fused_kernel=False, **kwargs):
         """
         Args:
             cls_loss_type: "FLSTAR", "FL", "CE" or "FLSTAR_APPENDIX".
             flstar_gamma: FL*'s gamma (FL uses ``focal_loss_gamma``, as in RetinaNet).
             flstar_max_factor: cap on FL*'s modulating factor, 0 for none.
             appendix_gamma: gamma of the RetinaNet appendix's FL* ("FLSTAR_APPENDIX").
+            fused_kernel: compute the classification loss with the fused Triton kernel on
+                CUDA tensors (and on CPU ones under TRITON_INTERPRET=1).
             kwargs: as for :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
         self.cls_loss_type = cls_loss_type.upper()
         self.flstar_gamma = flstar_gamma
         self.flstar_max_factor = flstar_max_factor
+        self.fused_kernel = fused_kernel
         self.cls_loss_gamma = gamma_for(self.cls_loss_type, flstar_gamma, self.focal_loss_gamma,
                                         appendix_gamma)
 
@@ -48,6 +53,7 @@ class RetinaNetFLStar(RetinaNet):
             flstar_gamma=cfg.MODEL.FOCALSTAR.GAMMA,
             flstar_max_factor=cfg.MODEL.FOCALSTAR.MAX_FACTOR,
             appendix_gamma=cfg.MODEL.FOCALSTAR.APPENDIX_GAMMA,
+            fused_kernel=cfg.MODEL.FOCALSTAR.FUSED_KERNEL,
         )
         return ret
 
@@ -62,17 +68,25 @@ class RetinaNetFLStar(RetinaNet):
         get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
         normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
 
-        # One-hot without the background column: background anchors are all-negative rows.
-        targets = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[:, :-1]
-        loss_cls = sigmoid_classification_loss(
-            cat(pred_logits, dim=1)[valid_mask],
-            targets,
-            loss_type=self.cls_loss_type,
-            alpha=self.focal_loss_alpha,
-            gamma=self.cls_loss_gamma,
-            max_factor=self.flstar_max_factor,
-            reduction="sum",
-        )
+        logits = cat(pred_logits, dim=1)
+        if self.fused_kernel and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            from .fused import fused_classification_loss  # needs Triton: imported only here
+
+            loss_cls = fused_classification_loss(
+                logits.reshape(-1, self.num_classes), gt_labels.reshape(-1), self.cls_loss_type,
+                self.focal_loss_alpha, self.cls_loss_gamma, self.flstar_max_factor)
+        else:
+            # One-hot without the background column: background anchors are all-negative rows.
+            targets = F.one_hot(gt_labels[valid_mask], num_classes=self.num_classes + 1)[:, :-1]
+            loss_cls = sigmoid_classification_loss(
+                logits[valid_mask],
+                targets,
+                loss_type=self.cls_loss_type,
+                alpha=self.focal_loss_alpha,
+                gamma=self.cls_loss_gamma,
+                max_factor=self.flstar_max_factor,
+                reduction="sum",
+            )
 
         loss_box_reg = _dense_box_regression_loss(
             anchors,

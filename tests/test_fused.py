@@ -1,0 +1,107 @@
+"""The fused Triton kernel against the reference loss functions. Without a GPU it runs in
+Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.utils.events import EventStorage
+
+from d2_focalstar.losses import sigmoid_classification_loss
+
+fused = pytest.importorskip("d2_focalstar.fused")  # needs triton, which torch's wheel brings
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SETTINGS = [("FLSTAR", 0.125), ("FLSTAR", 0.25), ("FLSTAR", 0.5), ("FL", 2.0), ("CE", 0.0),
+            ("FLSTAR_APPENDIX", 2.0)]
+
+
+def _inputs(R=203, K=80, scale=6.0, seed=0):
+    """R not a multiple of the block, K not a power of two; background, ignored and class rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, K, generator=g) * scale
+    labels = torch.randint(0, K, (R,), generator=g)
+    labels[torch.rand(R, generator=g) < 0.6] = K  # background
+    labels[torch.rand(R, generator=g) < 0.1] = -1  # ignored
+    return x.to(DEVICE), labels.to(DEVICE)
+
+
+def _reference(x, labels, loss_type, gamma, max_factor=100.0, alpha=0.25):
+    valid = labels >= 0
+    targets = F.one_hot(labels[valid], x.shape[1] + 1)[:, :-1]
+    return sigmoid_classification_loss(x[valid], targets, loss_type, alpha, gamma, max_factor, "sum")
+
+
+def _both(x, labels, loss_type, gamma, grad_scale=0.5, **kw):
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = fused.fused_classification_loss(xa, labels, loss_type, gamma=gamma, **kw)
+    (a * grad_scale).backward()
+    b = _reference(xb, labels, loss_type, gamma, **kw)
+    (b * grad_scale).backward()
+    return a, b, xa.grad, xb.grad
+
+
+@pytest.mark.parametrize("loss_type,gamma", SETTINGS)
+@pytest.mark.parametrize("scale", [3.0, 40.0])  # ordinary and extreme logits (|x| up to ~150)
+def test_fused_fp32_matches_reference(loss_type, gamma, scale):
+    x, labels = _inputs(scale=scale)
+    a, b, ga, gb = _both(x, labels, loss_type, gamma)
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(ga).all()
+
+
+@pytest.mark.parametrize("max_factor", [0.0, 10.0])
+def test_fused_flstar_cap_matches_reference(max_factor):
+    x, labels = _inputs(scale=8.0)
+    a, b, ga, gb = _both(x, labels, "FLSTAR", 0.5, max_factor=max_factor)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss_type,gamma", [("FLSTAR", 0.25), ("FL", 2.0)])
+def test_fused_half_precision_logits(dtype, loss_type, gamma):
+    x, labels = _inputs(scale=10.0)
+    x = x.to(dtype)
+    a, b, ga, gb = _both(x, labels, loss_type, gamma)
+    assert a.dtype == torch.float32 and ga.dtype == dtype  # loss accumulated in fp32
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # same half inputs, fp32 maths
+    torch.testing.assert_close(ga.float(), gb.float(), rtol=1e-2, atol=1e-3)
+    assert torch.isfinite(ga).all()
+
+
+def test_ignored_anchors_get_exactly_zero_gradient_and_no_loss():
+    x, labels = _inputs()
+    xa = x.clone().requires_grad_()
+    fused.fused_classification_loss(xa, labels, "FLSTAR", gamma=0.25).backward()
+    assert (xa.grad[labels < 0] == 0).all() and (xa.grad[labels >= 0] != 0).any()
+    changed = x.clone()
+    changed[labels < 0] = 1e4
+    torch.testing.assert_close(fused.fused_classification_loss(changed, labels, "FLSTAR", gamma=0.25),
+                               fused.fused_classification_loss(x, labels, "FLSTAR", gamma=0.25))
+
+
+def test_empty_input():
+    x = torch.zeros(0, 80, device=DEVICE, requires_grad=True)
+    loss = fused.fused_classification_loss(x, torch.zeros(0, dtype=torch.int64, device=DEVICE))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert x.grad.shape == (0, 80)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="loss_type='FOCAL'"):
+        fused.fused_classification_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), "FOCAL")
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(3,\)"):
+        fused.fused_classification_loss(torch.zeros(2, 3), torch.zeros(3, dtype=torch.int64))
+
+
+def test_retinanet_with_fused_kernel_in_fl_mode_equals_stock():
+    from test_model import _pair, synthetic_batch
+
+    ours, stock = _pair("MODEL.FOCALSTAR.LOSS_TYPE", "FL", "MODEL.FOCALSTAR.FUSED_KERNEL", "True")
+    assert ours.fused_kernel
+    batch = synthetic_batch()
+    with EventStorage():
+        got, want = ours(batch), stock(batch)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
