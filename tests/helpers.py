@@ -18,3 +18,14 @@ def run(script, *args, timeout=600, check=None):
     if check is not None:
         assert (proc.returncode == 0) == check, proc.output[-5000:]
     return proc
+
+
+def assert_one_line_error(proc, program, *needles):
+    """The process failed with one line, '<program>: error: ...' holding every needle, and no
+    traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.output, proc.output[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{program}: error: "), proc.output[-2000:]
+    for needle in needles:
+        assert needle in last, last

@@ -12,6 +12,7 @@ from PIL import Image
 
 from d2_focalstar.checkpoint import SafeCheckpointer
 from d2_focalstar.data import SHAPE_CLASSES
+import helpers
 from helpers import QUICKSTART, run
 from test_model import quickstart_cfg
 
@@ -109,12 +110,7 @@ def test_only_finished_outputs_are_left(demo):
 
 
 def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.output, proc.output[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("demo.py: error: "), proc.output[-2000:]
-    for needle in needles:
-        assert needle in last, last
+    helpers.assert_one_line_error(proc, "demo.py", *needles)
 
 
 @pytest.fixture

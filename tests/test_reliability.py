@@ -13,16 +13,12 @@ import pytest
 import torch
 
 from d2_focalstar.checkpoint import SafeCheckpointer, UnsafeCheckpointError
+import helpers
 from helpers import FAST, QUICKSTART, REPO, run
 
 
 def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("train_net.py: error: "), proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in last, last
+    helpers.assert_one_line_error(proc, "train_net.py", *needles)
 
 
 # ---- bad command lines and configs ------------------------------------------------------------
