@@ -83,9 +83,11 @@ def main(args):
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    res = trainer.train()
+    trainer.train()
+    # DefaultTrainer.train() returns the final evaluation only if TEST.EXPECTED_RESULTS is set
+    res = getattr(trainer, "_last_eval_results", None) or {}
     if comm.is_main_process():  # also without evaluation: it marks the run as finished
-        write_results(cfg, res or {}, iteration=trainer.iter)
+        write_results(cfg, res, iteration=trainer.iter)
     return res
 
 

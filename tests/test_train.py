@@ -49,6 +49,15 @@ def test_short_cpu_training_learns(trained, tmp_path):
     assert os.path.isfile(out / "model_final.pth")
 
 
+def test_results_json_holds_the_final_evaluation(trained):
+    out, log = trained
+    with open(out / "results.json") as f:
+        record = json.load(f)
+    assert record["loss_type"] == "FLSTAR" and record["gamma"] == 0.25 and record["iteration"] == ITERS
+    assert record["results"]["bbox"]["AP"] == pytest.approx(coco_ap(log)["AP"], abs=1e-3)
+    assert set(record["results"]["safety"]) >= {"LAMR", "R@0.1FPPI", "LAMR-triangle", "LAMR-cross"}
+
+
 def test_eval_only_reproduces_the_trained_ap(trained, tmp_path):
     out, log = trained
     again = coco_ap(train_net(*QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
