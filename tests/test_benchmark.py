@@ -1,0 +1,49 @@
+"""tools/benchmark.py --cpu-smoke: every variant runs and computes the same loss as the reference."""
+import json
+
+import pytest
+import torch
+
+from helpers import assert_one_line_error, run
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = run("tools/benchmark.py", "--cpu-smoke", "--out", str(out), check=True)
+    with open(out) as f:
+        return json.load(f), proc.stdout
+
+
+def test_every_loss_variant_agrees_with_the_reference(smoke):
+    report, _ = smoke
+    rows = report["loss"]
+    assert not [r for r in rows if "error" in r]
+    variants = {r["variant"] for r in rows}
+    assert {"detectron2 stock FL (fvcore jit, one-hot)", "torchvision FL (one-hot)",
+            "fused FL (Triton)", "fused FL* (Triton)"} <= variants
+    assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16"}
+    compared = [r for r in rows if r["agrees_with_reference"] is not None]
+    assert len(compared) == 4 * 3  # stock, torchvision, fused FL, fused FL*, in each dtype
+    assert all(r["agrees_with_reference"] for r in compared), [r["variant"] for r in compared
+                                                               if not r["agrees_with_reference"]]
+    for r in rows:
+        assert r["ms"] > 0
+        assert r["effective_gbs"] == pytest.approx(
+            3 * r["loss_shape_bytes"] / (r["ms"] / 1e3) / 1e9, rel=1e-6)
+
+
+def test_detectors_are_timed_and_projected(smoke):
+    report, stdout = smoke
+    rows = {r["system"]: r for r in report["detector"]}
+    assert len(rows) == 3 and "torchvision RetinaNet" in rows
+    for r in rows.values():
+        assert r["train_img_s"] == pytest.approx(report["meta"]["sizes"]["train_batch"] / r["train_s_per_iter"])
+        assert r["coco_1x_hours"] == pytest.approx(90000 * 16 / r["train_img_s"] / 3600)
+    assert rows["detectron2 RetinaNet (stock)"]["train_vs_stock"] == 1.0
+    assert "| system | train img/s |" in stdout and "| variant | dtype | ms |" in stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the full benchmark runs on a GPU")
+def test_full_benchmark_without_a_gpu_says_so():
+    assert_one_line_error(run("tools/benchmark.py"), "tools/benchmark.py", "no CUDA device", "--cpu-smoke")
