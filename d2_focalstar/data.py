@@ -42,10 +42,14 @@ class ShapesSpec:
     seed: int
 
 
-#: The embedded datasets, by name. "focalstar_shapes" is sized for a CPU quickstart.
+#: The embedded datasets, by name. "focalstar_shapes" is sized for a CPU quickstart,
+#: "focalstar_shapes_medium" for a GPU study that generates its data in about a minute.
 EMBEDDED_DATASETS = {
     "focalstar_shapes": ShapesSpec(num_train=512, num_val=64, image_size=192, min_objects=4,
                                    max_objects=12, min_size=12, max_size=36, seed=0),
+    "focalstar_shapes_medium": ShapesSpec(num_train=2000, num_val=250, image_size=320,
+                                          min_objects=6, max_objects=20, min_size=10, max_size=48,
+                                          seed=0),
     "focalstar_shapes_large": ShapesSpec(num_train=8000, num_val=500, image_size=512,
                                          min_objects=8, max_objects=30, min_size=10, max_size=64,
                                          seed=0),

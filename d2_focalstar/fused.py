@@ -109,7 +109,8 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, R, K, alpha
     tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=bounds)
 
 
-_BLOCK_R = 16
+_BLOCK_R = 16  # anchors per program
+_NUM_WARPS = 4
 
 
 def _launch_args(logits, loss_type, alpha, gamma, max_factor):
@@ -117,14 +118,15 @@ def _launch_args(logits, loss_type, alpha, gamma, max_factor):
     log_cap = math.log(max_factor) if (loss == "FLSTAR" and 0 < max_factor < math.inf) else 1e30
     R, K = logits.shape
     return dict(R=R, K=K, alpha=float(alpha), gamma=float(gamma), log_max_factor=log_cap,
-                LOSS=_LOSS_CODES[loss], BLOCK_R=_BLOCK_R, BLOCK_K=triton.next_power_of_2(K))
+                LOSS=_LOSS_CODES[loss], BLOCK_R=_BLOCK_R, BLOCK_K=triton.next_power_of_2(K),
+                num_warps=_NUM_WARPS)
 
 
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, loss_type, alpha, gamma, max_factor):
         args = _launch_args(logits, loss_type, alpha, gamma, max_factor)
-        grid = (triton.cdiv(args["R"], _BLOCK_R),)
+        grid = (triton.cdiv(args["R"], args["BLOCK_R"]),)
         partial = torch.empty(grid[0], dtype=torch.float32, device=logits.device)
         if grid[0] > 0:
             _forward_kernel[grid](logits, labels, partial, **args)
@@ -136,7 +138,7 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, labels = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        grid = (triton.cdiv(ctx.args["R"], _BLOCK_R),)
+        grid = (triton.cdiv(ctx.args["R"], ctx.args["BLOCK_R"]),)
         if grid[0] > 0:
             _backward_kernel[grid](logits, labels, grad, grad_out.float().contiguous(), **ctx.args)
         return grad, None, None, None, None, None

@@ -81,6 +81,18 @@ def test_unknown_config_key_is_named():
         cfg.merge_from_list(["MODEL.FOCALSTAR.GAMA", "0.5"])
 
 
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
+def test_every_config_loads_and_names_known_datasets(name):
+    from detectron2.data import DatasetCatalog
+
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, name))
+    check_focalstar_config(cfg)
+    for dataset in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:
+        assert dataset in DatasetCatalog.list(), (name, dataset)
+
+
 def test_coco_1x_configs_match_detectron2_model_zoo():
     from detectron2 import model_zoo
 

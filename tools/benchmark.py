@@ -234,7 +234,7 @@ def synthetic_batch(sizes, n, device, seed=0):
     return batch
 
 
-def detectron2_model(config_file, meta_arch, device, sizes, fused):
+def detectron2_model(config_file, meta_arch, device, sizes, fused, loss_type="FLSTAR"):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
@@ -248,6 +248,7 @@ def detectron2_model(config_file, meta_arch, device, sizes, fused):
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = str(device)
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = fused
+    cfg.MODEL.FOCALSTAR.LOSS_TYPE = loss_type
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = sizes["train_size"][0], sizes["train_size"][1]
     return build_model(cfg)
 
@@ -284,6 +285,9 @@ def bench_detectors(args, sizes, device, timer):
     systems = {
         "RetinaNetFLStar (FL*, this project)": (
             "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda)),
+        "RetinaNetFLStar (FL, this project)": (  # the same loss as stock: the code path alone differs
+            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda,
+                                           loss_type="FL")),
         "detectron2 RetinaNet (stock)": (
             "d2", lambda: detectron2_model(args.config_file, "RetinaNet", device, sizes, fused=False)),
         "torchvision RetinaNet": ("tv", lambda: torchvision_model(device, sizes)),
@@ -322,7 +326,7 @@ def bench_detectors(args, sizes, device, timer):
         del model, opt
         if cuda:
             torch.cuda.empty_cache()
-    stock = rows[1]
+    stock = next(r for r in rows if "stock" in r["system"])
     for r in rows:
         r["train_vs_stock"] = r["train_img_s"] / stock["train_img_s"]
         r["infer_vs_stock"] = r["infer_img_s"] / stock["infer_img_s"]

@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""Run a list of trainings, loss type x gamma x seed, one after another, each in its own folder.
-Finished runs (results.json present) are skipped; interrupted ones resume from their checkpoint.
+"""Run a list of trainings, loss type x gamma x seed, each in its own folder: one after another,
+or --jobs at a time sharing the GPUs. Finished runs (results.json present) are skipped;
+interrupted ones resume from their checkpoint.
 
     python tools/sweep.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8 \\
         --loss-types CE FL FLSTAR --gammas 0.125 0.25 0.5 --seeds 0 1 --out output/sweep
+    python tools/sweep.py --config-file configs/study_shapes_gpu.yaml --jobs 12 \\
+        --loss-types CE FL FLSTAR FLSTAR_APPENDIX --seeds 0 1 --out output/study_gpu
     python tools/compare.py output/sweep/*
 
+With --jobs N, N runs go at once: run slot j gets --num-gpus GPUs starting at GPU j * num_gpus,
+wrapping around (small models share a GPU well), each run's output goes to <folder>/sweep.log,
+and OMP_NUM_THREADS defaults to the CPU count / N so that the runs do not oversubscribe the CPU.
 Anything after "--" goes to every train_net.py run as opts, e.g. -- SOLVER.MAX_ITER 2000
 """
 import argparse
@@ -17,6 +23,24 @@ import time
 from d2_focalstar.study import plan_sweep, run_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def visible_gpus():
+    """The GPU ids this process may use: CUDA_VISIBLE_DEVICES, else all that torch sees."""
+    ids = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if ids is not None:
+        return [i for i in ids.split(",") if i.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def slot_gpus(slot, num_gpus, gpus):
+    """The CUDA_VISIBLE_DEVICES of run slot ``slot`` (None without GPUs)."""
+    if not gpus:
+        return None
+    return ",".join(gpus[(slot * num_gpus + i) % len(gpus)] for i in range(min(num_gpus, len(gpus))))
+
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
@@ -31,27 +55,55 @@ if __name__ == "__main__":
     parser.add_argument("--fl-gamma", type=float, default=2.0)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs (or CPU processes) per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default: one after another)")
     parser.add_argument("--out", default="output/sweep", help="one sub-folder per run")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.num_gpus < 1:
+        parser.error(f"--jobs ({args.jobs}) and --num-gpus ({args.num_gpus}) must be at least 1")
 
     runs = plan_sweep(args.loss_types, args.gammas, args.seeds, fl_gamma=args.fl_gamma)
-    failed = []
+    gpus = visible_gpus() if args.jobs > 1 else []
+    env = dict(os.environ)
+    if args.jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    todo = []
     for i, run in enumerate(runs, 1):
         folder = os.path.join(args.out, run.name)
         state = run_state(folder)
         print(f"[sweep {i}/{len(runs)}] {run.name}: {state}", flush=True)
-        if state == "done" or args.dry_run:
-            continue
-        cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", args.config_file,
-               "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
-        cmd += ["--resume"] if state == "interrupted" else []
-        cmd += run.opts() + ["OUTPUT_DIR", folder] + extra
-        start = time.time()
-        rc = subprocess.call(cmd)
-        print(f"[sweep {i}/{len(runs)}] {run.name}: exit {rc} after {time.time() - start:.0f} s",
-              flush=True)
-        if rc != 0:
-            failed.append(run.name)
+        if state != "done" and not args.dry_run:
+            todo.append((i, run, folder, state))
+
+    failed, running, free_slots = [], {}, list(range(args.jobs))
+    while todo or running:
+        while todo and free_slots:  # start runs while there is a free slot
+            i, run, folder, state = todo.pop(0)
+            slot = free_slots.pop(0)
+            cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
+                   args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
+            cmd += ["--resume"] if state == "interrupted" else []
+            cmd += run.opts() + ["OUTPUT_DIR", folder] + extra
+            run_env, log = dict(env), None
+            if args.jobs > 1:
+                devices = slot_gpus(slot, args.num_gpus, gpus)
+                if devices is not None:
+                    run_env["CUDA_VISIBLE_DEVICES"] = devices
+                os.makedirs(folder, exist_ok=True)
+                log = open(os.path.join(folder, "sweep.log"), "a")
+                print(f"[sweep {i}/{len(runs)}] {run.name}: started (GPUs {devices}, log "
+                      f"{os.path.join(folder, 'sweep.log')})", flush=True)
+            proc = subprocess.Popen(cmd, env=run_env, stdout=log, stderr=subprocess.STDOUT if log else None)
+            running[proc] = (i, run, slot, log, time.time())
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            i, run, slot, log, start = running.pop(proc)
+            free_slots.append(slot)
+            if log:
+                log.close()
+            print(f"[sweep {i}/{len(runs)}] {run.name}: exit {proc.returncode} after "
+                  f"{time.time() - start:.0f} s", flush=True)
+            if proc.returncode != 0:
+                failed.append(run.name)
     if failed:
         sys.exit(f"sweep.py: {len(failed)} run(s) failed: {', '.join(failed)} (rerun to retry them)")
