@@ -6,7 +6,9 @@ Compared with the reference path (:func:`d2_focalstar.losses.sigmoid_classificat
 one-hot target), it builds no one-hot tensor and no boolean-masked copy of the logits: ignored
 anchors (label -1) are masked inside the kernel. The forward reads the logits once and writes one
 partial sum per block (summed in fp32 afterwards, in a fixed order: deterministic); the backward
-reads them again and writes the gradient, so the whole costs three passes over the logits.
+reads them again and writes the gradient, so the whole costs three passes over the logits. Each
+program takes a block of consecutive elements of the flattened logits (not a tile of rows), so
+that loads and stores are contiguous and no lanes are lost when K is not a power of two.
 
 Runs on CUDA, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``), which is how
 the tests check it against the reference without a GPU. The per-element maths is the reference's:
@@ -45,20 +47,24 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _tile(logits_ptr, labels_ptr, pid, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Load one tile: x (fp32), sign s (+1 for the label's column), the mask of valid elements
-    (in bounds, anchor not ignored), the offsets and the in-bounds mask."""
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_K)
-    row_ok = rows < R
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    bounds = row_ok[:, None] & (cols < K)[None, :]
-    mask = bounds & (labels >= 0)[:, None]
-    offsets = rows[:, None] * K + cols[None, :]
-    x = tl.load(logits_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    positive = cols[None, :] == labels[:, None]
+def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, BLOCK: tl.constexpr,
+              WIDE: tl.constexpr):
+    """Load BLOCK consecutive elements of the flattened (R, K) logits: x (fp32), the sign s
+    (+1 in the label's column), positive, the mask of elements that count (in bounds, anchor not
+    ignored), the offsets and the in-bounds mask. Flat, contiguous offsets let the loads and
+    stores be vectorised; each anchor's label is gathered (from cache) for its K elements."""
+    if WIDE:  # more than 2**31 elements
+        offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < N
+    rows = offsets // K
+    labels = tl.load(labels_ptr + rows, mask=in_bounds, other=-1)
+    mask = in_bounds & (labels >= 0)
+    x = tl.load(logits_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    positive = (offsets - rows * K) == labels
     s = tl.where(positive, 1.0, -1.0)
-    return x, s, positive, mask, offsets, bounds
+    return x, s, positive, mask, offsets, in_bounds
 
 
 @triton.jit
@@ -67,10 +73,10 @@ def _alpha_t(positive, alpha):
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, R, K, alpha, gamma, log_max_factor,
-                    LOSS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, alpha, gamma, log_max_factor,
+                    K: tl.constexpr, LOSS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
-    x, s, positive, mask, _, _ = _tile(logits_ptr, labels_ptr, pid, R, K, BLOCK_R, BLOCK_K)
+    x, s, positive, mask, _, _ = _elements(logits_ptr, labels_ptr, pid, N, K, BLOCK, WIDE)
     x_t = s * x
     if LOSS == 3:  # appendix FL*: softplus(-gamma x_t) / gamma
         loss = _softplus(-gamma * x_t) / gamma
@@ -81,15 +87,15 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, R, K, alpha, gamma, log
         elif LOSS == 1:  # FL: factor exp(-gamma softplus(x_t))
             loss = loss * tl.exp(-gamma * _softplus(x_t))
     loss = tl.where(mask, loss * _alpha_t(positive, alpha), 0.0)
-    tl.store(partial_ptr + pid, tl.sum(tl.sum(loss, axis=1), axis=0))
+    tl.store(partial_ptr + pid, tl.sum(loss, axis=0))
 
 
 @triton.jit
-def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, R, K, alpha, gamma,
-                     log_max_factor, LOSS: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, alpha, gamma,
+                     log_max_factor, K: tl.constexpr, LOSS: tl.constexpr, BLOCK: tl.constexpr,
+                     WIDE: tl.constexpr):
     pid = tl.program_id(0)
-    x, s, positive, mask, offsets, bounds = _tile(logits_ptr, labels_ptr, pid, R, K, BLOCK_R, BLOCK_K)
+    x, s, positive, mask, offsets, in_bounds = _elements(logits_ptr, labels_ptr, pid, N, K, BLOCK, WIDE)
     x_t = s * x
     if LOSS == 3:
         d = -_sigmoid(-gamma * x_t)
@@ -106,27 +112,28 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, R, K, alpha
     g_out = tl.load(grad_out_ptr).to(tl.float32)
     grad = tl.where(mask, g_out * s * d * _alpha_t(positive, alpha), 0.0)
     # ignored anchors get an explicit 0: the gradient tensor is not zero-initialised
-    tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=bounds)
+    tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
 
-_BLOCK_R = 16  # anchors per program
-_NUM_WARPS = 4
+_BLOCK = 2048  # elements per program
+_NUM_WARPS = 8
+_INT32_LIMIT = 2**31  # above it, 64-bit offsets
 
 
 def _launch_args(logits, loss_type, alpha, gamma, max_factor):
     loss = loss_type.upper()
     log_cap = math.log(max_factor) if (loss == "FLSTAR" and 0 < max_factor < math.inf) else 1e30
-    R, K = logits.shape
-    return dict(R=R, K=K, alpha=float(alpha), gamma=float(gamma), log_max_factor=log_cap,
-                LOSS=_LOSS_CODES[loss], BLOCK_R=_BLOCK_R, BLOCK_K=triton.next_power_of_2(K),
-                num_warps=_NUM_WARPS)
+    N = logits.numel()
+    return dict(N=N, K=logits.shape[1], alpha=float(alpha), gamma=float(gamma),
+                log_max_factor=log_cap, LOSS=_LOSS_CODES[loss], BLOCK=_BLOCK,
+                WIDE=N + _BLOCK >= _INT32_LIMIT, num_warps=_NUM_WARPS)
 
 
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, loss_type, alpha, gamma, max_factor):
         args = _launch_args(logits, loss_type, alpha, gamma, max_factor)
-        grid = (triton.cdiv(args["R"], args["BLOCK_R"]),)
+        grid = (triton.cdiv(args["N"], args["BLOCK"]),)
         partial = torch.empty(grid[0], dtype=torch.float32, device=logits.device)
         if grid[0] > 0:
             _forward_kernel[grid](logits, labels, partial, **args)
@@ -138,7 +145,7 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, labels = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        grid = (triton.cdiv(ctx.args["R"], ctx.args["BLOCK_R"]),)
+        grid = (triton.cdiv(ctx.args["N"], ctx.args["BLOCK"]),)
         if grid[0] > 0:
             _backward_kernel[grid](logits, labels, grad, grad_out.float().contiguous(), **ctx.args)
         return grad, None, None, None, None, None
@@ -164,5 +171,5 @@ def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, ga
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be (R, K) and labels {tuple(labels.shape)} (R,)")
-    return _FusedLoss.apply(logits.contiguous(), labels.contiguous().to(torch.int64),
+    return _FusedLoss.apply(logits.contiguous(), labels.contiguous().to(torch.int32),
                             loss_type, alpha, gamma, max_factor)

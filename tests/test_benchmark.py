@@ -36,12 +36,22 @@ def test_every_loss_variant_agrees_with_the_reference(smoke):
 def test_detectors_are_timed_and_projected(smoke):
     report, stdout = smoke
     rows = {r["system"]: r for r in report["detector"]}
-    assert len(rows) == 3 and "torchvision RetinaNet" in rows
+    assert len(rows) == 4 and "torchvision RetinaNet" in rows
     for r in rows.values():
         assert r["train_img_s"] == pytest.approx(report["meta"]["sizes"]["train_batch"] / r["train_s_per_iter"])
         assert r["coco_1x_hours"] == pytest.approx(90000 * 16 / r["train_img_s"] / 3600)
     assert rows["detectron2 RetinaNet (stock)"]["train_vs_stock"] == 1.0
     assert "| system | train img/s |" in stdout and "| variant | dtype | ms |" in stdout
+
+
+def test_fl_mode_with_the_fused_kernel_equals_stock_detectron2(smoke):
+    report, stdout = smoke
+    check = report["fl_mode_check"]
+    assert check["fused_kernel"]  # under TRITON_INTERPRET on the CPU
+    assert set(check["rel_diff"]) == {"loss_cls", "loss_box_reg"}
+    assert check["losses_ours"]["loss_cls"] > 0
+    assert max(check["rel_diff"].values()) < 1e-5, check
+    assert "FL mode vs stock detectron2 RetinaNet" in stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the full benchmark runs on a GPU")

@@ -49,6 +49,20 @@ def test_fused_fp32_matches_reference(loss_type, gamma, scale):
     assert torch.isfinite(ga).all()
 
 
+@pytest.mark.parametrize("R,K,wide", [(301, 4, False), (7, 1, False), (203, 80, True)])
+def test_fused_other_shapes_and_64bit_offsets(R, K, wide, monkeypatch):
+    """Few classes, one class, and the 64-bit offset path (forced: real use needs 2**31 logits)."""
+    if wide:
+        monkeypatch.setattr(fused, "_INT32_LIMIT", 0)
+    x, labels = _inputs(R=R, K=K, scale=6.0)
+    loss_type, gamma = "FLSTAR", 0.25
+    a, b, ga, gb = _both(x, labels, loss_type, gamma)
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(ga).all()
+
+
 @pytest.mark.parametrize("max_factor", [0.0, 10.0])
 def test_fused_flstar_cap_matches_reference(max_factor):
     x, labels = _inputs(scale=8.0)

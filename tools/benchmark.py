@@ -20,6 +20,7 @@ It prints Markdown tables and writes everything to --out as JSON.
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,9 +32,11 @@ import torch.nn.functional as F
 
 COCO_1X_IMAGES = 90000 * 16
 FULL = dict(images=16, anchors=201600, classes=80, positives=150, train_size=(800, 1333),
-            train_batch=16, infer_batch=8, boxes=7, copy_bytes=2 << 30, loss_iters=20, det_iters=10)
+            train_batch=16, infer_batch=8, boxes=7, copy_bytes=2 << 30, loss_iters=20, det_iters=10,
+            warmup=3)
 SMOKE = dict(images=2, anchors=160, classes=8, positives=10, train_size=(64, 96),
-             train_batch=2, infer_batch=2, boxes=3, copy_bytes=16 << 20, loss_iters=1, det_iters=1)
+             train_batch=2, infer_batch=2, boxes=3, copy_bytes=16 << 20, loss_iters=1, det_iters=1,
+             warmup=1)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -52,17 +55,18 @@ def parse_args(argv=None):
 
 
 class Timer:
-    """Mean seconds of fn() after warm-up, synchronising the device around the timed region."""
+    """Median seconds of fn() after warm-up, synchronising the device around the timed region."""
 
-    def __init__(self, device):
+    def __init__(self, device, warmup):
         self.device = device
+        self.warmup = warmup
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __call__(self, fn, iters, warmup=1):
-        for _ in range(warmup):
+    def __call__(self, fn, iters):
+        for _ in range(self.warmup):
             fn()
         times = []
         for _ in range(iters):
@@ -71,7 +75,7 @@ class Timer:
             fn()
             self.sync()
             times.append(time.perf_counter() - t0)
-        return statistics.mean(times)
+        return statistics.median(times)
 
 
 def peak_extra_bytes(device, fn):
@@ -150,7 +154,7 @@ def loss_variants(device, fused_ok, compile_ok):
             x = logits.float()
             t = labels[:, None] == torch.arange(k, device=labels.device)
             x_t = torch.where(t, x, -x)
-            factor = torch.exp(torch.clamp(-flstar_gamma * x_t, max=torch.log(torch.tensor(cap)).item()))
+            factor = torch.exp(torch.clamp(-flstar_gamma * x_t, max=math.log(cap)))
             a_t = torch.where(t, alpha, 1 - alpha)
             loss = a_t * factor * F.softplus(-x_t)
             return torch.where((labels >= 0)[:, None], loss, 0.0).sum()
@@ -202,6 +206,7 @@ def bench_losses(args, sizes, device, timer, copy_gbs):
             except Exception as e:  # e.g. a variant that does not support the dtype
                 rows.append(dict(variant=name, dtype=dtype_name, error=f"{type(e).__name__}: {e}"))
                 continue
+            logits.grad = None  # the gradient counts in the extra memory
             extra = peak_extra_bytes(device, step)
             effective = 3 * grad_bytes / seconds / 1e9
             rows.append(dict(
@@ -272,6 +277,24 @@ def torchvision_inputs(batch):
     images = [d["image"].float() / 255 for d in batch]
     targets = [{"boxes": d["instances"].gt_boxes.tensor, "labels": d["instances"].gt_classes} for d in batch]
     return images, targets
+
+
+def fl_mode_check(args, sizes, device, batch):
+    """RetinaNetFLStar in FL mode (fused kernel on CUDA) and stock RetinaNet, same weights, same
+    batch, fp32: the relative difference of each loss term (it must stay at rounding level)."""
+    from detectron2.utils.events import EventStorage
+
+    fused = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    torch.manual_seed(0)
+    ours = detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=fused, loss_type="FL")
+    stock = detectron2_model(args.config_file, "RetinaNet", device, sizes, fused=False)
+    stock.load_state_dict(ours.state_dict())
+    with EventStorage(0), torch.no_grad():
+        got, want = ours(batch), stock(batch)
+    diff = {k: abs(float(got[k]) - float(want[k])) / max(abs(float(want[k])), 1e-12) for k in want}
+    del ours, stock
+    return dict(fused_kernel=fused, losses_ours={k: float(v) for k, v in got.items()},
+                losses_stock={k: float(v) for k, v in want.items()}, rel_diff=diff)
 
 
 def bench_detectors(args, sizes, device, timer):
@@ -360,6 +383,11 @@ def print_tables(report):
                   f"{r['pct_of_copy']:.0f}% | {fmt(gib(r['extra_peak_bytes']), '.2f')} | "
                   f"{fmt(r['extra_peak_vs_grad'], '.2f')} | {agrees} |")
         print()
+    if report.get("fl_mode_check"):
+        c = report["fl_mode_check"]
+        print("FL mode vs stock detectron2 RetinaNet, same weights and batch, fp32"
+              f" (fused kernel {'on' if c['fused_kernel'] else 'off'}): relative difference "
+              + ", ".join(f"{k} {v:.1e}" for k, v in c["rel_diff"].items()) + "\n")
     if report.get("detector"):
         print("| system | train img/s | s/iter | peak GiB | vs stock (train) | vs stock (peak) | "
               "inference img/s | COCO 1x hours (1 device) |")
@@ -383,7 +411,7 @@ def main(argv=None):
         device = torch.device("cuda")
         sizes = FULL
         torch.backends.cudnn.benchmark = True
-    timer = Timer(device)
+    timer = Timer(device, sizes["warmup"])
     try:
         import triton
         triton_version = triton.__version__
@@ -399,6 +427,7 @@ def main(argv=None):
     if "loss" in args.sections:
         report["loss"] = bench_losses(args, sizes, device, timer, copy_gbs)
     if "detector" in args.sections:
+        report["fl_mode_check"] = fl_mode_check(args, sizes, device, synthetic_batch(sizes, sizes["train_batch"], device))
         report["detector"] = bench_detectors(args, sizes, device, timer)
     print_tables(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
