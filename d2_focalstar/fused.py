@@ -15,6 +15,7 @@ the tests check it against the reference without a GPU. The per-element maths is
 x_t = x for the label's column and -x elsewhere; loss = a_t * factor(x_t) * softplus(-x_t).
 """
 import math
+import os
 
 import torch
 import triton
@@ -22,7 +23,11 @@ import triton.language as tl
 
 from .losses import LOSS_TYPES
 
-__all__ = ["fused_classification_loss"]
+__all__ = ["fused_classification_loss", "INTERPRETED"]
+
+#: The kernels below run in Triton's interpreter (on CPU tensors too): TRITON_INTERPRET=1 was set
+#: when this module was imported, which is when triton.jit reads it.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOSS_CODES = {name: i for i, name in enumerate(LOSS_TYPES)}  # FLSTAR 0, FL 1, CE 2, APPENDIX 3
 

@@ -1,4 +1,4 @@
-import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,15 @@ from .losses import gamma_for, sigmoid_classification_loss
 __all__ = ["RetinaNetFLStar"]
 
 
+def _fused_kernel_runs_on(logits):
+    """CUDA logits; or CPU ones where d2_focalstar.fused was imported to run in Triton's
+    interpreter (the tests); never on a CPU without that (a laptop may lack Triton)."""
+    if logits.is_cuda:
+        return True
+    fused = sys.modules.get(f"{__package__}.fused")
+    return fused is not None and fused.INTERPRETED
+
+
 @META_ARCH_REGISTRY.register()
 class RetinaNetFLStar(RetinaNet):
     """
@@ -25,7 +34,7 @@ class RetinaNetFLStar(RetinaNet):
 
     @configurable
     def __init__(self, *, cls_loss_type="FLSTAR", flstar_gamma=0.25, flstar_max_factor=100.0,
-                 appendix_gamma=2.0, fused_kernel=False, **kwargs):
+                 appendix_gamma=2.0, fused_kernel=True, **kwargs):
         """
         Args:
             cls_loss_type: "FLSTAR", "FL", "CE" or "FLSTAR_APPENDIX".
@@ -33,7 +42,8 @@ class RetinaNetFLStar(RetinaNet):
             flstar_max_factor: cap on FL*'s modulating factor, 0 for none.
             appendix_gamma: gamma of the RetinaNet appendix's FL* ("FLSTAR_APPENDIX").
             fused_kernel: compute the classification loss with the fused Triton kernel on
-                CUDA tensors (and on CPU ones under TRITON_INTERPRET=1).
+                CUDA tensors (and on CPU ones where d2_focalstar.fused was imported with
+                TRITON_INTERPRET=1, as the tests do); elsewhere the reference functions.
             kwargs: as for :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -69,7 +79,7 @@ class RetinaNetFLStar(RetinaNet):
         normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
 
         logits = cat(pred_logits, dim=1)
-        if self.fused_kernel and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        if self.fused_kernel and _fused_kernel_runs_on(logits):
             from .fused import fused_classification_loss  # needs Triton: imported only here
 
             loss_cls = fused_classification_loss(

@@ -6,12 +6,23 @@ import tempfile
 # detectron2 or d2_focalstar (both read it when imported), and inherited by subprocesses.
 os.environ.setdefault("DETECTRON2_DATASETS", tempfile.mkdtemp(prefix="d2fs-datasets-"))
 
-# Without a GPU, Triton kernels run in its interpreter on the CPU (read when triton is imported).
+# Without a GPU, the fused Triton kernel runs in Triton's interpreter on the CPU, in this process:
+# triton.jit reads TRITON_INTERPRET when d2_focalstar.fused is imported. It is then removed from
+# the environment, so that the trainings the tests start as subprocesses use the (fast) reference
+# loss on the CPU, as a user's CPU run does.
 try:
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import d2_focalstar.fused  # noqa: F401
+            from triton import knobs
+
+            knobs.runtime.interpret = True  # the interpreter reads it again at launch
+        except ImportError:  # no Triton: tests/test_fused.py skips itself
+            pass
+        del os.environ["TRITON_INTERPRET"]
 except ImportError:
     pass
 

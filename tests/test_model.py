@@ -131,9 +131,11 @@ def _pair(*opts):
     return ours, stock
 
 
+@pytest.mark.parametrize("fused", [False, True])  # the reference functions, the Triton kernel
 @pytest.mark.parametrize("gamma", [2.0, 1.0])
-def test_fl_mode_equals_stock_retinanet_losses(gamma):
-    ours, stock = _pair("MODEL.FOCALSTAR.LOSS_TYPE", "FL", "MODEL.RETINANET.FOCAL_LOSS_GAMMA", str(gamma))
+def test_fl_mode_equals_stock_retinanet_losses(gamma, fused):
+    ours, stock = _pair("MODEL.FOCALSTAR.LOSS_TYPE", "FL", "MODEL.RETINANET.FOCAL_LOSS_GAMMA", str(gamma),
+                        "MODEL.FOCALSTAR.FUSED_KERNEL", str(fused))
     batch = synthetic_batch()
     with EventStorage():
         got = ours(batch)

@@ -311,6 +311,8 @@ def bench_detectors(args, sizes, device, timer):
         "RetinaNetFLStar (FL, this project)": (  # the same loss as stock: the code path alone differs
             "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda,
                                            loss_type="FL")),
+        "RetinaNetFLStar (FL*, FUSED_KERNEL off)": (  # how much of the difference the kernel makes
+            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=False)),
         "detectron2 RetinaNet (stock)": (
             "d2", lambda: detectron2_model(args.config_file, "RetinaNet", device, sizes, fused=False)),
         "torchvision RetinaNet": ("tv", lambda: torchvision_model(device, sizes)),
