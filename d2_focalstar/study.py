@@ -21,7 +21,7 @@ import torch
 from .engine import RESULTS_FILE
 from .losses import sigmoid_classification_loss
 
-__all__ = ["FIG4_CURVES", "loss_curves", "plot_fig4", "SweepRun", "plan_sweep", "run_state",
+__all__ = ["setting_name", "FIG4_CURVES", "loss_curves", "plot_fig4", "SweepRun", "plan_sweep", "run_state",
            "load_run", "comparison_rows", "to_markdown", "to_csv", "plot_training_curves"]
 
 # ---- Fig. 4 --------------------------------------------------------------------------------------
@@ -146,8 +146,14 @@ def _metrics(record):
 
 
 def _setting(record):
+    """'FLSTAR g=0.25'; with ' cap=10' where FL*'s MAX_FACTOR is not the default 100."""
     gamma = "" if record["loss_type"] == "CE" else f" g={record['gamma']:g}"
-    return f"{record['loss_type']}{gamma}"
+    cap = record.get("max_factor", 100.0)
+    cap = f" cap={cap:g}" if record["loss_type"] == "FLSTAR" and cap != 100.0 else ""
+    return f"{record['loss_type']}{gamma}{cap}"
+
+
+setting_name = _setting
 
 
 def _nanmean(values):
@@ -237,23 +243,32 @@ def _read_metrics(folder):
     return rows
 
 
-def plot_training_curves(folders, out_path, labels=None):
-    """Fig. 6: loss_cls, loss_box_reg, total_loss (and bbox/AP where evaluated) vs iteration."""
+def plot_training_curves(folders, out_path, labels=None, groups=None):
+    """Fig. 6: loss_cls, loss_box_reg, total_loss (and bbox/AP where evaluated) vs iteration.
+    Runs of one group (a setting, over seeds) share a colour and differ in line style."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = ["loss_cls", "loss_box_reg", "total_loss", "bbox/AP"]
+    groups = groups or list(range(len(folders)))
+    distinct = list(dict.fromkeys(groups))
+    colors = plt.get_cmap("tab10" if len(distinct) <= 10 else "tab20")
+    styles, seen = ["-", "--", ":", "-."], {}
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for i, folder in enumerate(folders):
         label = labels[i] if labels else os.path.basename(os.path.normpath(folder))
+        color = colors(distinct.index(groups[i]) % colors.N)
+        style = styles[seen.setdefault(groups[i], []).__len__() % len(styles)]
+        seen[groups[i]].append(folder)
         rows = _read_metrics(folder)
         for ax, key in zip(axes, keys):
             pts = [(r["iteration"], r[key]) for r in rows if key in r and "iteration" in r]
             if pts:
                 it, v = zip(*pts)
-                ax.plot(it, v, marker="o" if key == "bbox/AP" else None, ms=3, label=label)
+                ax.plot(it, v, style, color=color, marker="o" if key == "bbox/AP" else None, ms=3,
+                        label=label)
     for ax, key in zip(axes, keys):
         ax.set(xlabel="iteration", title=key)
         if key != "bbox/AP":

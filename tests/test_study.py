@@ -52,14 +52,15 @@ def test_sweep_plan():
     assert SweepRun("FL", 2.0, 0).opts()[-2:] == ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "2.0"]
 
 
-def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None):
+def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None, max_factor=100.0):
     os.makedirs(folder)
     results = {"bbox": {"AP": ap, "AP50": ap + 20, "AP75": ap - 5, "APs": ap - 10, "APm": ap + 5,
                         "APl": float("nan")}}
     if lamr is not None:
         results["safety"] = {"LAMR": lamr, "R@0.1FPPI": 100 - lamr, "LAMR-person": lamr}
     with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump({"loss_type": loss_type, "gamma": gamma, "seed": seed, "results": results}, f)
+        json.dump({"loss_type": loss_type, "gamma": gamma, "seed": seed, "max_factor": max_factor,
+                   "results": results}, f)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         for it in range(0, 40, 10):
             f.write(json.dumps({"iteration": it, "loss_cls": 1.0 / (it + 1), "loss_box_reg": 0.5,
@@ -98,6 +99,13 @@ def test_comparison_means_spread_and_difference_to_fl(runs):
     assert len(table) == 5 + 3
     assert {r["setting"] for r in table if r["run"] == "mean"} == {"CE", "FL g=2", "FLSTAR g=0.25"}
     assert [r["AP"] for r in table if r["setting"] == "FLSTAR g=0.25"] == ["31.00", "35.00", "33.00"]
+
+
+def test_a_non_default_cap_is_a_setting_of_its_own(runs):
+    _fake_run(runs / "capped_s0", "FLSTAR", 0.25, 0, 40.0, max_factor=10.0)
+    records = [load_run(str(runs / n)) for n in ("fl_s0", "flstar_s0", "flstar_s1", "capped_s0")]
+    means = {r["setting"]: r for r in comparison_rows(records)[1] if r["run"] == "mean"}
+    assert means["FLSTAR g=0.25"]["AP"] == 33.0 and means["FLSTAR g=0.25 cap=10"]["AP"] == 40.0
 
 
 def test_compare_command_on_fixture_folders(runs, tmp_path):
