@@ -214,7 +214,7 @@ def bench_losses(args, sizes, device, timer, copy_gbs):
                 loss_shape_bytes=grad_bytes,
                 effective_gbs=effective, pct_of_copy=100 * effective / copy_gbs,
                 extra_peak_bytes=extra, extra_peak_vs_grad=None if extra is None else extra / grad_bytes,
-                loss=float(loss), agrees_with_reference=agrees))
+                loss=float(loss.detach()), agrees_with_reference=agrees))
         del logits
     return rows
 
