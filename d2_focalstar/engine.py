@@ -7,6 +7,7 @@ import difflib
 import json
 import logging
 import os
+import re
 
 import torch
 from detectron2.config import get_cfg
@@ -56,6 +57,20 @@ def _check_opts_keys(cfg, opts):
             node = node[part]
 
 
+def _coerce_opts(cfg, opts):
+    """Opts with a whole number for a float key written as a float: yacs refuses
+    'MODEL.FOCALSTAR.MAX_FACTOR 10' (int vs float); it means 10.0."""
+    opts = list(opts)
+    for i in range(0, len(opts) - 1, 2):
+        node = cfg
+        for part in opts[i].split("."):
+            node = node[part]
+        value = opts[i + 1]
+        if isinstance(node, float) and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            opts[i + 1] = value.strip() + ".0"
+    return opts
+
+
 def load_config(args):
     """The config for ``args`` (train_net's command line), checked: raises ConfigError."""
     if not args.config_file:
@@ -71,7 +86,7 @@ def load_config(args):
         raise ConfigError(_unknown_key_message(key, cfg, args.config_file)) from None
     _check_opts_keys(cfg, args.opts)
     try:
-        cfg.merge_from_list(args.opts)
+        cfg.merge_from_list(_coerce_opts(cfg, args.opts))
     except (ValueError, AssertionError) as e:  # yacs: a value of the wrong type
         raise ConfigError(f"command line: {e}") from None
     fall_back_to_cpu(cfg)

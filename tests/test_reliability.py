@@ -49,6 +49,21 @@ def test_bad_loss_setting_names_key_value_and_allowed():
     assert_one_line_error(proc, "MODEL.FOCALSTAR.LOSS_TYPE='FOCAL'", "allowed FLSTAR, FL, CE")
 
 
+def test_whole_number_for_a_float_key_means_that_float(monkeypatch):
+    # yacs alone refuses "MODEL.FOCALSTAR.MAX_FACTOR 10" (int for a float key)
+    from detectron2.engine import default_argument_parser
+    from d2_focalstar.engine import ConfigError, load_config
+    monkeypatch.chdir(REPO)
+    parse = default_argument_parser().parse_args
+    cfg = load_config(parse([*QUICKSTART, "MODEL.FOCALSTAR.MAX_FACTOR", "10", "SOLVER.BASE_LR", "1",
+                             "SOLVER.MAX_ITER", "7"]))
+    assert cfg.MODEL.FOCALSTAR.MAX_FACTOR == 10.0 and isinstance(cfg.MODEL.FOCALSTAR.MAX_FACTOR, float)
+    assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
+    assert cfg.SOLVER.MAX_ITER == 7 and isinstance(cfg.SOLVER.MAX_ITER, int)
+    with pytest.raises(ConfigError, match="command line"):  # a fraction for an int key stays an error
+        load_config(parse([*QUICKSTART, "SOLVER.MAX_ITER", "10.5"]))
+
+
 def test_eval_only_without_weights():
     assert_one_line_error(run("train_net.py", *QUICKSTART, "--eval-only"),
                           "--eval-only needs weights")
