@@ -188,6 +188,7 @@ def comparison_rows(records):
             values = [v for v in (_metrics(r).get(m, math.nan) for r in rs) if not math.isnan(v)]
             row[m] = means[setting][m]
             row[f"{m} sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+            row[f"{m} n"] = len(values)  # seeds with a value (NaN: e.g. no detections at all)
             row[f"{m} vs FL"] = (means[setting][m] - means[baseline][m]) if baseline else math.nan
         rows.append(row)
     columns = ["run", "setting", "seeds"] + metric_names
@@ -200,7 +201,8 @@ def _fmt(v):
 
 
 def to_markdown(columns, rows):
-    """Per-run rows as they are; per-setting rows as 'mean ± sd (+diff vs FL)'."""
+    """Per-run rows as they are; per-setting rows as 'mean ± sd (+diff vs FL)', with
+    '[n of N seeds]' where some seeds have no value for that metric."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -212,6 +214,8 @@ def to_markdown(columns, rows):
                     cell += f" ± {_fmt(row[f'{c} sd'])}"
                 if _fmt(row.get(f"{c} vs FL")):
                     cell += f" ({row[f'{c} vs FL']:+.2f})"
+                if 0 < row.get(f"{c} n", 0) < int(row["seeds"]):
+                    cell += f" [{row[f'{c} n']} of {row['seeds']} seeds]"
                 cells.append(cell)
             else:
                 cells.append(_fmt(v))

@@ -147,3 +147,16 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
     resumed = log[log.rindex("Command line arguments"):]  # the second train_net.py of this folder
     assert "resume=True" in resumed and "model_0000000.pth" in resumed
     assert "Starting training from iteration 1" in resumed
+
+
+def test_a_seed_without_a_value_is_counted_in_the_mean_row(runs):
+    # a run with no detections at all has AP NaN: the mean is over the other seeds and says so
+    _fake_run(runs / "collapsed_s0", "FLSTAR", 0.5, 0, float("nan"))
+    _fake_run(runs / "collapsed_s1", "FLSTAR", 0.5, 1, 0.5)
+    records = [load_run(str(runs / n)) for n in ("fl_s0", "fl_s1", "collapsed_s0", "collapsed_s1")]
+    columns, rows = comparison_rows(records)
+    means = {r["setting"]: r for r in rows if r["run"] == "mean"}
+    assert means["FLSTAR g=0.5"]["AP"] == 0.5 and means["FLSTAR g=0.5"]["AP n"] == 1
+    md = to_markdown(columns, rows)
+    assert "| mean | FLSTAR g=0.5 | 2 | 0.50 (-30.50) [1 of 2 seeds] |" in md
+    assert "| mean | FL g=2 | 2 | 31.00 ± 1.41 (+0.00) |" in md  # all seeds: no count shown
