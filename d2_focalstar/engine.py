@@ -160,6 +160,8 @@ def write_results(cfg, results, iteration):
         "weights": cfg.MODEL.WEIGHTS,
         "iteration": iteration,
         "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
+        "solver": {"base_lr": cfg.SOLVER.BASE_LR, "max_iter": cfg.SOLVER.MAX_ITER,
+                   "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH},
         "results": {task: dict(metrics) for task, metrics in results.items()},
     }
     path = os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE)

@@ -16,12 +16,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import yaml
 import torch
 
 from .engine import RESULTS_FILE
 from .losses import sigmoid_classification_loss
 
-__all__ = ["setting_name", "FIG4_CURVES", "loss_curves", "plot_fig4", "SweepRun", "plan_sweep", "run_state",
+__all__ = ["setting_names", "FIG4_CURVES", "loss_curves", "plot_fig4", "SweepRun", "plan_sweep", "run_state",
            "load_run", "comparison_rows", "to_markdown", "to_csv", "plot_training_curves"]
 
 # ---- Fig. 4 --------------------------------------------------------------------------------------
@@ -133,6 +134,13 @@ def load_run(folder):
     with open(path) as f:
         record = json.load(f)
     record["folder"] = folder
+    if "solver" not in record:  # written before results.json had it: the run's config.yaml
+        config = os.path.join(folder, "config.yaml")
+        if os.path.isfile(config):
+            with open(config) as f:
+                solver = (yaml.safe_load(f) or {}).get("SOLVER", {})
+            record["solver"] = {k.lower(): solver[k] for k in ("BASE_LR", "MAX_ITER", "IMS_PER_BATCH")
+                                if k in solver}
     return record
 
 
@@ -153,7 +161,26 @@ def _setting(record):
     return f"{record['loss_type']}{gamma}{cap}"
 
 
-setting_name = _setting
+# settings besides the loss that make runs not comparable as seeds of one setting
+_KNOBS = (("lr", lambda r: r.get("solver", {}).get("base_lr")),
+          ("iters", lambda r: r.get("solver", {}).get("max_iter")),
+          ("batch", lambda r: r.get("solver", {}).get("ims_per_batch")),
+          ("alpha", lambda r: r.get("alpha")))
+
+
+def setting_names(records):
+    """The setting of each record: loss type, gamma and cap (see ``_setting``), plus 'lr=..',
+    'iters=..', 'batch=..' or 'alpha=..' where a run's value differs from the one most of
+    ``records`` have, so that runs differing in more than the seed are never averaged."""
+    names = [_setting(r) for r in records]
+    for knob, get in _KNOBS:
+        values = [get(r) for r in records]
+        known = [v for v in values if v is not None]
+        if len(set(known)) < 2:
+            continue
+        usual = max(set(known), key=lambda v: (known.count(v), -known.index(v)))
+        names = [n if v is None or v == usual else f"{n} {knob}={v:g}" for n, v in zip(names, values)]
+    return names
 
 
 def _nanmean(values):
@@ -169,8 +196,8 @@ def comparison_rows(records):
     """
     metric_names = list(OrderedDict.fromkeys(k for r in records for k in _metrics(r)))
     groups = OrderedDict()
-    for r in sorted(records, key=lambda r: (_setting(r), r.get("seed", 0))):
-        groups.setdefault(_setting(r), []).append(r)
+    for name, r in sorted(zip(setting_names(records), records), key=lambda nr: (nr[0], nr[1].get("seed", 0))):
+        groups.setdefault(name, []).append(r)
     means = {s: {m: _nanmean([_metrics(r).get(m, math.nan) for r in rs]) for m in metric_names}
              for s, rs in groups.items()}
     baseline = next((s for s in means if s.startswith("FL ") or s == "FL"), None)

@@ -8,7 +8,9 @@ import os
 
 import numpy as np
 import pytest
+from detectron2.config import get_cfg
 
+from d2_focalstar.config import add_focalstar_config
 from d2_focalstar.study import (
     SweepRun,
     comparison_rows,
@@ -17,6 +19,7 @@ from d2_focalstar.study import (
     plan_sweep,
     plot_fig4,
     run_state,
+    setting_names,
     to_csv,
     to_markdown,
 )
@@ -52,8 +55,11 @@ def test_sweep_plan():
     assert SweepRun("FL", 2.0, 0).opts()[-2:] == ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "2.0"]
 
 
-def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None, max_factor=100.0):
+def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None, max_factor=100.0, lr=None):
     os.makedirs(folder)
+    if lr is not None:  # the solver settings as detectron2's config.yaml of the run has them
+        with open(os.path.join(folder, "config.yaml"), "w") as f:
+            f.write(f"MODEL:\n  DEVICE: cpu\nSOLVER:\n  BASE_LR: {lr}\n  IMS_PER_BATCH: 8\n  MAX_ITER: 600\n")
     results = {"bbox": {"AP": ap, "AP50": ap + 20, "AP75": ap - 5, "APs": ap - 10, "APm": ap + 5,
                         "APl": float("nan")}}
     if lamr is not None:
@@ -160,3 +166,25 @@ def test_a_seed_without_a_value_is_counted_in_the_mean_row(runs):
     md = to_markdown(columns, rows)
     assert "| mean | FLSTAR g=0.5 | 2 | 0.50 (-30.50) [1 of 2 seeds] |" in md
     assert "| mean | FL g=2 | 2 | 31.00 ± 1.41 (+0.00) |" in md  # all seeds: no count shown
+
+
+def test_runs_that_differ_in_learning_rate_are_not_seeds_of_one_setting(runs):
+    # the fixture runs have no solver record and no config.yaml: they count as "unknown"
+    _fake_run(runs / "lr_a_s0", "FLSTAR", 0.5, 0, 10.0, lr=0.02)
+    _fake_run(runs / "lr_a_s1", "FLSTAR", 0.5, 1, 12.0, lr=0.02)
+    _fake_run(runs / "lr_b_s0", "FLSTAR", 0.5, 0, 40.0, lr=0.005)
+    records = [load_run(str(runs / n)) for n in ("fl_s0", "lr_a_s0", "lr_a_s1", "lr_b_s0")]
+    assert records[1]["solver"] == {"base_lr": 0.02, "max_iter": 600, "ims_per_batch": 8}
+    assert setting_names(records) == ["FL g=2", "FLSTAR g=0.5", "FLSTAR g=0.5", "FLSTAR g=0.5 lr=0.005"]
+    means = {r["setting"]: r for r in comparison_rows(records)[1] if r["run"] == "mean"}
+    assert means["FLSTAR g=0.5"]["AP"] == 11.0 and means["FLSTAR g=0.5 lr=0.005"]["AP"] == 40.0
+
+
+def test_results_json_records_the_solver_settings(tmp_path):
+    from d2_focalstar.engine import write_results
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    cfg.OUTPUT_DIR, cfg.SOLVER.BASE_LR = str(tmp_path), 0.005
+    write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
+    assert load_run(str(tmp_path))["solver"] == {"base_lr": 0.005, "max_iter": cfg.SOLVER.MAX_ITER,
+                                                 "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH}

@@ -12,7 +12,7 @@ import os
 import sys
 
 from d2_focalstar.checkpoint import atomic_write
-from d2_focalstar.study import (comparison_rows, load_run, plot_training_curves, setting_name, to_csv,
+from d2_focalstar.study import (comparison_rows, load_run, plot_training_curves, setting_names, to_csv,
                                 to_markdown)
 
 if __name__ == "__main__":
@@ -39,5 +39,5 @@ if __name__ == "__main__":
     atomic_write(args.out + ".md", lambda f: f.write(markdown.encode()))
     atomic_write(args.out + ".csv", lambda f: f.write(to_csv(columns, rows).encode()))
     curves = plot_training_curves([r["folder"] for r in records], args.out + "_curves.png",
-                                  groups=[setting_name(r) for r in records])
+                                  groups=setting_names(records))
     print(f"wrote {args.out}.md, {args.out}.csv, {curves}")
