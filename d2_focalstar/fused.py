@@ -8,11 +8,15 @@ anchors (label -1) are masked inside the kernel. The forward reads the logits on
 partial sum per block (summed in fp32 afterwards, in a fixed order: deterministic); the backward
 reads them again and writes the gradient, so the whole costs three passes over the logits. Each
 program takes a block of consecutive elements of the flattened logits (not a tile of rows), so
-that loads and stores are contiguous and no lanes are lost when K is not a power of two.
+that loads and stores are contiguous and no lanes are lost when K is not a power of two; the block
+is read in groups of gcd(K, 16) elements, which lie in one row and share one label load.
 
 Runs on CUDA, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``), which is how
 the tests check it against the reference without a GPU. The per-element maths is the reference's:
-x_t = x for the label's column and -x elsewhere; loss = a_t * factor(x_t) * softplus(-x_t).
+x_t = x for the label's column and -x elsewhere; loss = a_t * factor(x_t) * softplus(-x_t), written
+in base 2 so that each exp is one exp2 instruction on the GPU and the one log is a short
+polynomial (``_log2_1p``). The forward kernel is bound by instruction issue, not memory, so this
+matters: ``tools/fused_sass_stats.py`` counts the instructions per element without a GPU.
 """
 import math
 import os
@@ -32,90 +36,108 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOSS_CODES = {name: i for i, name in enumerate(LOSS_TYPES)}  # FLSTAR 0, FL 1, CE 2, APPENDIX 3
 
 
-@triton.jit
-def _log1p_exp_neg_abs(z):
-    """log(1 + exp(-|z|)) accurate in fp32 also where exp(-|z|) is tiny (series below 0.05)."""
-    u = tl.exp(-tl.abs(z))
-    series = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - u * (0.25 - u * (0.2 - u / 6.0)))))
-    return tl.where(u < 0.05, series, tl.log(1.0 + u))
+# Constants the kernels use; the kernels work in base 2 (exp2 is one GPU instruction, exp three).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _softplus(z):
-    return tl.maximum(z, 0.0) + _log1p_exp_neg_abs(z)
+def _log2_1p(u):
+    """log2(1 + u) for u in [0, 1], tiny u included: u times a degree-8 polynomial, the Chebyshev
+    interpolant of log2(1 + u) / u on [0, 1] (numpy.polynomial.chebyshev.Chebyshev.interpolate,
+    converted to powers). Relative error below 2e-7 in fp32 (tests/test_fused.py checks it against
+    float64). A polynomial instead of a log: on the GPU a log is ~20 instructions, this is 9."""
+    q = 0.0073954020626842976 * u - 0.04194501042366028
+    q = q * u + 0.11183207482099533
+    q = q * u - 0.1962389498949051
+    q = q * u + 0.27522119879722595
+    q = q * u - 0.3582990765571594
+    q = q * u + 0.48067888617515564
+    q = q * u - 0.7213395237922668
+    q = q * u + 1.4426950216293335
+    return u * q
 
 
 @triton.jit
-def _sigmoid(z):
-    e = tl.exp(-tl.abs(z))
-    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+def _neg_log2_sigmoid(z):
+    """-log2(sigmoid(z)) for z in base-2 units (z = x log2(e)), without overflow or log(0):
+    max(-z, 0) + log2(1 + 2^-|z|)."""
+    return tl.maximum(-z, 0.0) + _log2_1p(tl.exp2(-tl.abs(z)))
 
 
 @triton.jit
-def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, BLOCK: tl.constexpr,
-              WIDE: tl.constexpr):
-    """Load BLOCK consecutive elements of the flattened (R, K) logits: x (fp32), the sign s
-    (+1 in the label's column), positive, the mask of elements that count (in bounds, anchor not
-    ignored), the offsets and the in-bounds mask. Flat, contiguous offsets let the loads and
-    stores be vectorised; each anchor's label is gathered (from cache) for its K elements."""
+def _neg_log2_pt(x_t):
+    """In base-2 units: y_t = x_t log2(e), -log2(p_t) and -log2(1 - p_t), sharing one exp2 and
+    one polynomial (|y_t| is the same for both)."""
+    y_t = x_t * _LOG2E
+    shared = _log2_1p(tl.exp2(-tl.abs(y_t)))
+    return y_t, tl.maximum(-y_t, 0.0) + shared, tl.maximum(y_t, 0.0) + shared
+
+
+@triton.jit
+def _elements(logits_ptr, labels_ptr, pid, N, alpha_pos, alpha_neg, K: tl.constexpr,
+              G: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """Load BLOCK consecutive elements of the flattened (R, K) logits, as BLOCK // G groups of G
+    (G divides K, so a group lies in one row and shares its anchor's label: one label load per
+    group, not per element). Returns x_t = x for the label's column and -x elsewhere (fp32),
+    positive, valid (in bounds, anchor not ignored), alpha_t, the offsets and the in-bounds mask.
+    Contiguous groups let the loads and stores be vectorised."""
     if WIDE:  # more than 2**31 elements
-        offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        starts = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK // G) * G
     else:
-        offsets = pid * BLOCK + tl.arange(0, BLOCK)
+        starts = pid * BLOCK + tl.arange(0, BLOCK // G) * G
+    rows = starts // K
+    labels = tl.load(labels_ptr + rows, mask=starts < N, other=-1)[:, None]
+    offsets = starts[:, None] + tl.arange(0, G)[None, :]
     in_bounds = offsets < N
-    rows = offsets // K
-    labels = tl.load(labels_ptr + rows, mask=in_bounds, other=-1)
-    mask = in_bounds & (labels >= 0)
     x = tl.load(logits_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-    positive = (offsets - rows * K) == labels
-    s = tl.where(positive, 1.0, -1.0)
-    return x, s, positive, mask, offsets, in_bounds
+    positive = (offsets - rows[:, None] * K) == labels
+    alpha_t = tl.where(positive, alpha_pos, alpha_neg)
+    return tl.where(positive, x, -x), positive, in_bounds & (labels >= 0), alpha_t, offsets, in_bounds
 
 
 @triton.jit
-def _alpha_t(positive, alpha):
-    return tl.where(alpha >= 0, tl.where(positive, alpha, 1.0 - alpha), 1.0)
-
-
-@triton.jit
-def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, alpha, gamma, log_max_factor,
-                    K: tl.constexpr, LOSS: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, alpha_pos, alpha_neg, gamma,
+                    log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
+                    BLOCK: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
-    x, s, positive, mask, _, _ = _elements(logits_ptr, labels_ptr, pid, N, K, BLOCK, WIDE)
-    x_t = s * x
-    if LOSS == 3:  # appendix FL*: softplus(-gamma x_t) / gamma
-        loss = _softplus(-gamma * x_t) / gamma
+    x_t, _, valid, alpha_t, _, _ = _elements(logits_ptr, labels_ptr, pid, N, alpha_pos,
+                                             alpha_neg, K, G, BLOCK, WIDE)
+    if LOSS == 3:  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
+        loss = _neg_log2_sigmoid(gamma * x_t * _LOG2E) * (_LN2 / gamma)
     else:
-        loss = _softplus(-x_t)
-        if LOSS == 0:  # FL*: factor exp(-gamma x_t), capped
-            loss = loss * tl.exp(tl.minimum(-gamma * x_t, log_max_factor))
-        elif LOSS == 1:  # FL: factor exp(-gamma softplus(x_t))
-            loss = loss * tl.exp(-gamma * _softplus(x_t))
-    loss = tl.where(mask, loss * _alpha_t(positive, alpha), 0.0)
-    tl.store(partial_ptr + pid, tl.sum(loss, axis=0))
+        y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
+        loss = nl2_pt * _LN2  # CE = -log(p_t) = softplus(-x_t)
+        if LOSS == 0:  # FL*: factor ((1 - p_t) / p_t)^gamma = exp(-gamma x_t), capped
+            loss = loss * tl.exp2(tl.minimum(-gamma * y_t, log2_max_factor))
+        elif LOSS == 1:  # FL: factor (1 - p_t)^gamma
+            loss = loss * tl.exp2(-gamma * nl2_qt)
+    # tl.where, not a 0 weight: an ignored anchor's logits never reach the sum, even if not finite
+    tl.store(partial_ptr + pid, tl.sum(tl.where(valid, loss * alpha_t, 0.0)))
 
 
 @triton.jit
-def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, alpha, gamma,
-                     log_max_factor, K: tl.constexpr, LOSS: tl.constexpr, BLOCK: tl.constexpr,
-                     WIDE: tl.constexpr):
+def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, alpha_pos, alpha_neg,
+                     gamma, log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
+                     BLOCK: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
-    x, s, positive, mask, offsets, in_bounds = _elements(logits_ptr, labels_ptr, pid, N, K, BLOCK, WIDE)
-    x_t = s * x
-    if LOSS == 3:
-        d = -_sigmoid(-gamma * x_t)
+    x_t, positive, valid, alpha_t, offsets, in_bounds = _elements(
+        logits_ptr, labels_ptr, pid, N, alpha_pos, alpha_neg, K, G, BLOCK, WIDE)
+    if LOSS == 3:  # d/dx_t: -sigmoid(-gamma x_t) = -2^(log2 sigmoid(-gamma x_t))
+        d = -tl.exp2(-_neg_log2_sigmoid(-gamma * x_t * _LOG2E))
     else:
-        d = -_sigmoid(-x_t)  # d CE / d x_t
-        if LOSS == 0:
-            log_factor = -gamma * x_t
-            capped = log_factor > log_max_factor
-            factor = tl.exp(tl.minimum(log_factor, log_max_factor))
-            d = factor * (d - tl.where(capped, 0.0, gamma) * _softplus(-x_t))
-        elif LOSS == 1:
-            factor = tl.exp(-gamma * _softplus(x_t))
-            d = factor * (d - gamma * _sigmoid(x_t) * _softplus(-x_t))
+        y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
+        d = -tl.exp2(-nl2_qt)  # d CE / d x_t = -(1 - p_t)
+        if LOSS == 0:  # FL* = factor * CE with d factor / d x_t = -gamma factor (0 past the cap)
+            log2_factor = -gamma * y_t
+            capped = log2_factor > log2_max_factor
+            factor = tl.exp2(tl.minimum(log2_factor, log2_max_factor))
+            d = factor * (d - tl.where(capped, 0.0, gamma) * (nl2_pt * _LN2))
+        elif LOSS == 1:  # FL = factor * CE with d factor / d x_t = -gamma p_t factor
+            factor = tl.exp2(-gamma * nl2_qt)
+            d = factor * (d - gamma * tl.exp2(-nl2_pt) * (nl2_pt * _LN2))
     g_out = tl.load(grad_out_ptr).to(tl.float32)
-    grad = tl.where(mask, g_out * s * d * _alpha_t(positive, alpha), 0.0)
+    grad = tl.where(valid, tl.where(positive, d, -d) * (alpha_t * g_out), 0.0)  # d x_t/d x = +-1
     # ignored anchors get an explicit 0: the gradient tensor is not zero-initialised
     tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
@@ -127,10 +149,12 @@ _INT32_LIMIT = 2**31  # above it, 64-bit offsets
 
 def _launch_args(logits, loss_type, alpha, gamma, max_factor):
     loss = loss_type.upper()
-    log_cap = math.log(max_factor) if (loss == "FLSTAR" and 0 < max_factor < math.inf) else 1e30
+    log2_cap = math.log2(max_factor) if (loss == "FLSTAR" and 0 < max_factor < math.inf) else 1e30
     N = logits.numel()
-    return dict(N=N, K=logits.shape[1], alpha=float(alpha), gamma=float(gamma),
-                log_max_factor=log_cap, LOSS=_LOSS_CODES[loss], BLOCK=_BLOCK,
+    K = logits.shape[1]
+    alpha_pos, alpha_neg = (float(alpha), 1.0 - float(alpha)) if alpha >= 0 else (1.0, 1.0)
+    return dict(N=N, K=K, G=math.gcd(K, 16), alpha_pos=alpha_pos, alpha_neg=alpha_neg,
+                gamma=float(gamma), log2_max_factor=log2_cap, LOSS=_LOSS_CODES[loss], BLOCK=_BLOCK,
                 WIDE=N + _BLOCK >= _INT32_LIMIT, num_warps=_NUM_WARPS)
 
 

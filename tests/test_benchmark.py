@@ -57,3 +57,25 @@ def test_fl_mode_with_the_fused_kernel_equals_stock_detectron2(smoke):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the full benchmark runs on a GPU")
 def test_full_benchmark_without_a_gpu_says_so():
     assert_one_line_error(run("tools/benchmark.py"), "tools/benchmark.py", "no CUDA device", "--cpu-smoke")
+
+
+def test_sass_stats_counts_the_fused_kernels_without_a_gpu(tmp_path):
+    """tools/fused_sass_stats.py compiles the kernels for an H100 with Triton's own ptxas (no GPU,
+    no driver) and counts their instructions. What it finds is the kernel's design: FL* takes two
+    exp2 per element in the forward (2^-|y_t| and the factor) and three in the backward (plus
+    1 - p_t), and no log or division instruction; CE takes one and two, and fewer instructions."""
+    out = tmp_path / "sass.json"
+    proc = run("tools/fused_sass_stats.py", "--loss-types", "FLSTAR", "CE", "--dtypes", "fp32",
+               "--out", str(out), check=True)
+    assert "| forward | FLSTAR | fp32 |" in proc.stdout
+    rows = {(r["kernel"], r["loss_type"]): r for r in json.loads(out.read_text())}
+    assert len(rows) == 4
+    assert rows["forward", "FLSTAR"]["mufu_per_element"] == 2
+    assert rows["backward", "FLSTAR"]["mufu_per_element"] == 3
+    assert rows["forward", "CE"]["mufu_per_element"] == 1
+    assert rows["backward", "CE"]["mufu_per_element"] == 2
+    assert rows["forward", "CE"]["per_element"] < rows["forward", "FLSTAR"]["per_element"]
+    # ~34 with Triton 3.8; the earlier kernel (a software log, exp instead of exp2) took 63
+    assert rows["forward", "FLSTAR"]["per_element"] < 45
+    for r in rows.values():  # a model from the counts, positive and finite
+        assert 0 < r["issue_bound_ms"] < 10 and r["memory_floor_ms"] > 0

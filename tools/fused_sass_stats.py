@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""
+What the fused loss kernel costs per element in machine instructions, without a GPU: compiles
+d2_focalstar/fused.py's forward and backward kernels for a CUDA architecture with Triton's own
+ptxas (no GPU or driver needed), disassembles them with its nvdisasm and counts the SASS
+instructions of one program, divided by the elements that program handles.
+
+    python tools/fused_sass_stats.py                        # sm_90 (H100), every loss and dtype
+    python tools/fused_sass_stats.py --loss-types FLSTAR --dtypes fp32 --out output/sass.json
+
+Why: the kernel's forward is bound by instruction issue, not memory (docs/BENCHMARKS.md), so the
+instructions per element predict its speed and a change to the kernel's maths can be judged here
+before it is timed on a GPU. The "issue-bound ms" column is a model, not a measurement: warp
+instructions for 16 x 201,600 x 80 logits at one instruction per cycle on each of the SMs' four
+schedulers (132 SMs at 1.755 GHz for an H100 SXM); the memory floor of the same pass is beside it
+(the copy speed measured on an H100, 2944 GB/s). The kernel is compiled as a launch on that size
+specialises it: every pointer and N divisible by 16.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.tools.disasm import get_sass  # noqa: E402
+
+from d2_focalstar import fused  # noqa: E402
+from d2_focalstar.losses import LOSS_TYPES  # noqa: E402
+
+ELEMENTS = 16 * 201600 * 80
+H100 = dict(sms=132, schedulers=4, ghz=1.755, copy_gbs=2944)
+DTYPES = {"fp32": ("fp32", 4), "fp16": ("fp16", 2), "bf16": ("bf16", 2)}
+_SASS_LINE = re.compile(r"^[0-9a-f-]{2}:[0-9a-f-]:[0-9a-f-]:[A-Z-]:\d+\t(.*)$")
+
+
+def compile_kernel(which, loss_type, dtype, arch=90, num_classes=80):
+    """The cubin of the forward or backward kernel, specialised like a launch on large tensors."""
+    fn = fused._forward_kernel if which == "forward" else fused._backward_kernel
+    # the launch arguments the module itself would pass for RetinaNet-sized logits
+    logits = torch.empty((ELEMENTS // num_classes, num_classes), device="meta",
+                         dtype=getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]))
+    launch = fused._launch_args(logits, loss_type, alpha=0.25, gamma=0.5, max_factor=100.0)
+    constexprs = {fn.arg_names[i]: launch[fn.arg_names[i]] for i in fn.constexprs}
+    pointer_types = {"logits_ptr": "*" + DTYPES[dtype][0], "grad_ptr": "*" + DTYPES[dtype][0],
+                     "labels_ptr": "*i32"}  # other pointers: fp32 (partial sums, grad_out)
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointer_types.get(name, "*fp32")
+        else:
+            sig[name] = "i32" if isinstance(launch[name], int) else "fp32"
+    # Triton specialises integer and pointer arguments divisible by 16 at launch
+    divisible = [i for i, (name, ty) in enumerate(sig.items()) if ty.startswith("*") or name == "N"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": launch["num_warps"]}).asm["cubin"]
+
+
+def count_instructions(cubin):
+    """Opcode -> count over the SASS of one program (NOPs left out)."""
+    ops = collections.Counter()
+    for line in get_sass(cubin).splitlines():
+        m = _SASS_LINE.match(line)
+        if not m:
+            continue
+        op = re.sub(r"^@!?U?P\w+\s+", "", m.group(1)).split()[0].rstrip(";").split(".")[0]
+        if op != "NOP":
+            ops[op] += 1
+    return ops
+
+
+def stats(which, loss_type, dtype, arch=90):
+    ops = count_instructions(compile_kernel(which, loss_type, dtype, arch))
+    per_thread = fused._BLOCK / (fused._NUM_WARPS * 32)  # elements each thread handles
+    total = sum(ops.values())
+    per_element = total / per_thread
+    warp_instructions = per_element * ELEMENTS / 32
+    issue_ms = warp_instructions / (H100["sms"] * H100["schedulers"] * H100["ghz"] * 1e9) * 1e3
+    nbytes = DTYPES[dtype][1] * ELEMENTS * (1 if which == "forward" else 2)
+    return dict(kernel=which, loss_type=loss_type, dtype=dtype, arch=f"sm_{arch}",
+                instructions=total, per_element=round(per_element, 1),
+                mufu_per_element=round(ops["MUFU"] / per_thread, 2),
+                loads_per_element=round(ops["LDG"] / per_thread, 2),
+                issue_bound_ms=round(issue_ms, 3),
+                memory_floor_ms=round(nbytes / (H100["copy_gbs"] * 1e9) * 1e3, 3),
+                opcodes=dict(ops.most_common()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--loss-types", nargs="+", default=list(LOSS_TYPES), choices=list(LOSS_TYPES))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100)")
+    p.add_argument("--out", default=None, help="also write the rows (with opcode counts) as JSON")
+    args = p.parse_args(argv)
+    rows = [stats(which, loss, dtype, args.arch) for loss in args.loss_types for dtype in args.dtypes
+            for which in ("forward", "backward")]
+    print(f"Fused kernel, SASS for sm_{args.arch}, BLOCK {fused._BLOCK}, {fused._NUM_WARPS} warps, "
+          f"K = 80 (compiled offline; the ms columns are a model for one H100, not a timing)\n")
+    print("| kernel | loss | dtype | instr / element | MUFU / element | loads / element "
+          "| issue-bound ms | memory floor ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['loss_type']} | {r['dtype']} | {r['per_element']} | "
+              f"{r['mufu_per_element']} | {r['loads_per_element']} | {r['issue_bound_ms']} | "
+              f"{r['memory_floor_ms']} |")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
