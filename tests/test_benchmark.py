@@ -1,5 +1,7 @@
-"""tools/benchmark.py --cpu-smoke: every variant runs and computes the same loss as the reference."""
+"""tools/benchmark.py --cpu-smoke (every variant runs and computes the same loss as the reference), and
+the other speed tools: the offline instruction count and the GPU-session script."""
 import json
+import os
 
 import pytest
 import torch
@@ -79,3 +81,25 @@ def test_sass_stats_counts_the_fused_kernels_without_a_gpu(tmp_path):
     assert rows["forward", "FLSTAR"]["per_element"] < 45
     for r in rows.values():  # a model from the counts, positive and finite
         assert 0 < r["issue_bound_ms"] < 10 and r["memory_floor_ms"] > 0
+
+
+def test_gpu_checks_script_refuses_unknown_steps_and_logs_the_ones_it_runs(tmp_path):
+    """tools/gpu_checks.sh, the one command a short GPU session runs: an unknown step stops it
+    before anything runs, naming the allowed ones; a step it runs (env, no GPU needed) lands in
+    OUTDIR/gpu_checks.log with the versions."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = dict(os.environ, PYTHON=sys.executable)
+    bad = subprocess.run(["bash", "tools/gpu_checks.sh", str(tmp_path / "bad"), "env", "bench", "benhc"],
+                         cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2
+    assert "unknown step 'benhc' (allowed: env test bench blocks study study-lr)" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    ok = subprocess.run(["bash", "tools/gpu_checks.sh", str(tmp_path / "ok"), "env"], cwd=REPO,
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    log = (tmp_path / "ok" / "gpu_checks.log").read_text()
+    assert "torch" in log and "detectron2" in log and "[gpu_checks] all steps passed" in log

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The project's GPU checks in one command, for a GPU machine held for a short time (a lent or
+# rented node): set up from a wheelhouse if there is one, run the steps asked for within a time
+# budget, and always pack what they made into a few files under OUTDIR, also when a step fails or
+# the budget runs out (a step cut off resumes on the next call: runs keep their checkpoints).
+#
+#   bash tools/gpu_checks.sh OUTDIR STEP...
+#   GPU_CHECKS_BUDGET_S=540 bash tools/gpu_checks.sh "$OUT" env test study
+#
+# Steps:
+#   env        GPU, driver, torch / Triton / detectron2 versions
+#   test       the fused kernel's tests on the GPU (tests/test_fused.py), under a minute
+#   bench      tools/benchmark.py, all of it (~2.5 min on an H100)      -> OUTDIR/benchmark.json
+#   blocks     tools/fused_block_sweep.py (~1 min)                      -> OUTDIR/fused_block_sweep.json
+#   study      the GPU study of docs/RESULTS.md (its two sweeps, 14 runs at once), ~9 min on an H100
+#                                                                       -> OUTDIR/study_gpu.tgz
+#   study-lr   CE, FL* g=0.25 and g=0.5 at lr 0.005 on the same data, seeds 0 1 (6 runs at once)
+#                                                                       -> OUTDIR/study_gpu_lr005.tgz
+# A study's .tgz holds, per run, results.json, metrics.json, config.yaml and log.txt (the files
+# docs/results/ keeps), and the comparison of all its runs (tools/compare.py). Unpack it with
+#   tar xzf study_gpu.tgz -C docs/results/
+# Everything the steps print also goes to OUTDIR/gpu_checks.log.
+#
+# Wheelhouse: if the Python (.venv/bin/python, else python3, or $PYTHON) cannot import detectron2,
+# fvcore and pycocotools and .whl/ exists (tools/offline_wheels.sh), .whl/ is installed into
+# /tmp/site first, with no index.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:?usage: bash tools/gpu_checks.sh OUTDIR STEP... (steps: env test bench blocks study study-lr)}
+shift
+[ $# -gt 0 ] || { echo "gpu_checks.sh: name at least one step: env test bench blocks study study-lr" >&2; exit 2; }
+for step in "$@"; do
+  case $step in env|test|bench|blocks|study|study-lr) ;;
+    *) echo "gpu_checks.sh: unknown step '$step' (allowed: env test bench blocks study study-lr)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/gpu_checks.log"
+exec > >(tee -a "$LOG") 2>&1
+BUDGET=${GPU_CHECKS_BUDGET_S:-540}
+START=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+
+if [ -d .whl ] && ! "$PY" -c "import detectron2, fvcore, pycocotools" 2>/dev/null; then
+  echo "[gpu_checks] installing the wheelhouse .whl/ into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  "$PY" -c "import zipfile, glob; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.whl/detectron2/*.whl')]" || exit 1
+  export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+STUDY_CFG=configs/study_shapes_gpu.yaml
+pack_study() {  # folder name -> OUTDIR/name.tgz with the kept files of each run and the comparison
+  local name=$1 dir=output/$1
+  [ -d "$dir" ] || return 0
+  "$PY" tools/compare.py "$dir"/*/ --out "$dir/compare" || echo "[gpu_checks] compare.py failed"
+  (cd output && find "$name" -maxdepth 2 \( -name results.json -o -name metrics.json \
+      -o -name config.yaml -o -name log.txt -o -name 'compare*' \) -print0 |
+    tar czf - --null -T -) >"$OUTDIR/$name.tgz"
+  echo "[gpu_checks] packed $OUTDIR/$name.tgz ($(tar tzf "$OUTDIR/$name.tgz" | grep -c results.json) finished runs)"
+}
+run_step() {
+  local step=$1 t
+  t=$(left)
+  if [ "$t" -lt 30 ]; then echo "[gpu_checks] $step: skipped, ${t} s of the budget left"; return 1; fi
+  echo "[gpu_checks] $step: start, ${t} s of the budget left"
+  case $step in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+      "$PY" -c "import torch, triton, detectron2, fvcore, pycocotools, d2_focalstar; print('torch', torch.__version__, '| triton', triton.__version__, '| detectron2', detectron2.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" ;;
+    test)
+      timeout -k 10 "$t" "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py ;;
+    bench)
+      timeout -k 10 "$t" "$PY" tools/benchmark.py --out "$OUTDIR/benchmark.json" ;;
+    blocks)
+      timeout -k 10 "$t" "$PY" tools/fused_block_sweep.py --out "$OUTDIR/fused_block_sweep.json" ;;
+    study)
+      # the two sweeps of docs/RESULTS.md side by side: 12 + 2 runs on the one GPU
+      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $STUDY_CFG --jobs 12 \
+        --loss-types CE FL FLSTAR FLSTAR_APPENDIX --gammas 0.125 0.25 0.5 --seeds 0 1 \
+        --out output/study_gpu >"$OUTDIR/sweep_a.log" 2>&1 &
+      local a=$!
+      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $STUDY_CFG --jobs 2 \
+        --loss-types CE FLSTAR --gammas 0.25 --seeds 2 --out output/study_gpu >"$OUTDIR/sweep_b.log" 2>&1 &
+      local b=$! rc=0
+      wait $a || rc=$?
+      wait $b || rc=$?
+      cat "$OUTDIR/sweep_a.log" "$OUTDIR/sweep_b.log"; rm -f "$OUTDIR/sweep_a.log" "$OUTDIR/sweep_b.log"
+      pack_study study_gpu; return $rc ;;
+    study-lr)
+      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $STUDY_CFG --jobs 6 \
+        --loss-types CE FLSTAR --gammas 0.25 0.5 --seeds 0 1 --out output/study_gpu_lr005 \
+        -- SOLVER.BASE_LR 0.005
+      local rc=$?; pack_study study_gpu_lr005; return $rc ;;
+  esac
+}
+
+failed=()
+for step in "$@"; do
+  run_step "$step"; rc=$?
+  echo "[gpu_checks] $step: exit $rc after $(( $(date +%s) - START )) s in all"
+  [ $rc -eq 0 ] || failed+=("$step")
+done
+ls -l "$OUTDIR"
+if [ ${#failed[@]} -gt 0 ]; then echo "[gpu_checks] failed or cut off: ${failed[*]}"; exit 1; fi
+echo "[gpu_checks] all steps passed"
