@@ -11,6 +11,7 @@
 #   env        GPU, driver, torch / Triton / detectron2 versions
 #   test       the fused kernel's tests on the GPU (tests/test_fused.py), under a minute
 #   bench      tools/benchmark.py, all of it (~2.5 min on an H100)      -> OUTDIR/benchmark.json
+#   bench-loss tools/benchmark.py --sections loss: the loss variants only -> OUTDIR/benchmark_loss.json
 #   blocks     tools/fused_block_sweep.py (~1 min)                      -> OUTDIR/fused_block_sweep.json
 #   study      the GPU study of docs/RESULTS.md (its two sweeps, 14 runs at once), ~9 min on an H100
 #                                                                       -> OUTDIR/study_gpu.tgz
@@ -26,12 +27,12 @@
 # /tmp/site first, with no index.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: bash tools/gpu_checks.sh OUTDIR STEP... (steps: env test bench blocks study study-lr)}
+OUTDIR=${1:?usage: bash tools/gpu_checks.sh OUTDIR STEP... (steps: env test bench bench-loss blocks study study-lr)}
 shift
-[ $# -gt 0 ] || { echo "gpu_checks.sh: name at least one step: env test bench blocks study study-lr" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "gpu_checks.sh: name at least one step: env test bench bench-loss blocks study study-lr" >&2; exit 2; }
 for step in "$@"; do
-  case $step in env|test|bench|blocks|study|study-lr) ;;
-    *) echo "gpu_checks.sh: unknown step '$step' (allowed: env test bench blocks study study-lr)" >&2; exit 2 ;;
+  case $step in env|test|bench|bench-loss|blocks|study|study-lr) ;;
+    *) echo "gpu_checks.sh: unknown step '$step' (allowed: env test bench bench-loss blocks study study-lr)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUTDIR"
@@ -77,6 +78,8 @@ run_step() {
       timeout -k 10 "$t" "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py ;;
     bench)
       timeout -k 10 "$t" "$PY" tools/benchmark.py --out "$OUTDIR/benchmark.json" ;;
+    bench-loss)
+      timeout -k 10 "$t" "$PY" tools/benchmark.py --sections loss --out "$OUTDIR/benchmark_loss.json" ;;
     blocks)
       timeout -k 10 "$t" "$PY" tools/fused_block_sweep.py --out "$OUTDIR/fused_block_sweep.json" ;;
     study)
