@@ -75,12 +75,12 @@ def _neg_log2_pt(x_t):
 
 
 @triton.jit
-def _elements(logits_ptr, labels_ptr, pid, N, alpha_pos, alpha_neg, K: tl.constexpr,
-              G: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, G: tl.constexpr,
+              BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """Load BLOCK consecutive elements of the flattened (R, K) logits, as BLOCK // G groups of G
     (G divides K, so a group lies in one row and shares its anchor's label: one label load per
     group, not per element). Returns x_t = x for the label's column and -x elsewhere (fp32),
-    positive, valid (in bounds, anchor not ignored), alpha_t, the offsets and the in-bounds mask.
+    positive, valid (in bounds, anchor not ignored), the offsets and the in-bounds mask.
     Contiguous groups let the loads and stores be vectorised."""
     if WIDE:  # more than 2**31 elements
         starts = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK // G) * G
@@ -92,8 +92,7 @@ def _elements(logits_ptr, labels_ptr, pid, N, alpha_pos, alpha_neg, K: tl.conste
     in_bounds = offsets < N
     x = tl.load(logits_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     positive = (offsets - rows[:, None] * K) == labels
-    alpha_t = tl.where(positive, alpha_pos, alpha_neg)
-    return tl.where(positive, x, -x), positive, in_bounds & (labels >= 0), alpha_t, offsets, in_bounds
+    return tl.where(positive, x, -x), positive, in_bounds & (labels >= 0), offsets, in_bounds
 
 
 @triton.jit
@@ -101,19 +100,22 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, alpha_pos, alpha_neg
                     log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
                     BLOCK: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
-    x_t, _, valid, alpha_t, _, _ = _elements(logits_ptr, labels_ptr, pid, N, alpha_pos,
-                                             alpha_neg, K, G, BLOCK, WIDE)
+    x_t, positive, valid, _, _ = _elements(logits_ptr, labels_ptr, pid, N, K, G, BLOCK, WIDE)
+    # the loss is computed in bits (log2); alpha_t and the conversion to nats are two scalars
     if LOSS == 3:  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
-        loss = _neg_log2_sigmoid(gamma * x_t * _LOG2E) * (_LN2 / gamma)
+        unit = _LN2 / gamma
+        loss = _neg_log2_sigmoid(x_t * (gamma * _LOG2E))
     else:
+        unit = _LN2
         y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
-        loss = nl2_pt * _LN2  # CE = -log(p_t) = softplus(-x_t)
+        loss = nl2_pt  # CE = -log(p_t) = softplus(-x_t)
         if LOSS == 0:  # FL*: factor ((1 - p_t) / p_t)^gamma = exp(-gamma x_t), capped
             loss = loss * tl.exp2(tl.minimum(-gamma * y_t, log2_max_factor))
         elif LOSS == 1:  # FL: factor (1 - p_t)^gamma
             loss = loss * tl.exp2(-gamma * nl2_qt)
+    weight = tl.where(positive, alpha_pos * unit, alpha_neg * unit)
     # tl.where, not a 0 weight: an ignored anchor's logits never reach the sum, even if not finite
-    tl.store(partial_ptr + pid, tl.sum(tl.where(valid, loss * alpha_t, 0.0)))
+    tl.store(partial_ptr + pid, tl.sum(tl.where(valid, loss * weight, 0.0)))
 
 
 @triton.jit
@@ -121,10 +123,10 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, alpha_po
                      gamma, log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
                      BLOCK: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
-    x_t, positive, valid, alpha_t, offsets, in_bounds = _elements(
-        logits_ptr, labels_ptr, pid, N, alpha_pos, alpha_neg, K, G, BLOCK, WIDE)
+    x_t, positive, valid, offsets, in_bounds = _elements(logits_ptr, labels_ptr, pid, N, K, G,
+                                                         BLOCK, WIDE)
     if LOSS == 3:  # d/dx_t: -sigmoid(-gamma x_t) = -2^(log2 sigmoid(-gamma x_t))
-        d = -tl.exp2(-_neg_log2_sigmoid(-gamma * x_t * _LOG2E))
+        d = -tl.exp2(-_neg_log2_sigmoid(x_t * (-gamma * _LOG2E)))
     else:
         y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
         d = -tl.exp2(-nl2_qt)  # d CE / d x_t = -(1 - p_t)
@@ -132,13 +134,15 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, alpha_po
             log2_factor = -gamma * y_t
             capped = log2_factor > log2_max_factor
             factor = tl.exp2(tl.minimum(log2_factor, log2_max_factor))
-            d = factor * (d - tl.where(capped, 0.0, gamma) * (nl2_pt * _LN2))
+            d = factor * (d - tl.where(capped, 0.0, gamma * _LN2) * nl2_pt)
         elif LOSS == 1:  # FL = factor * CE with d factor / d x_t = -gamma p_t factor
             factor = tl.exp2(-gamma * nl2_qt)
-            d = factor * (d - gamma * tl.exp2(-nl2_pt) * (nl2_pt * _LN2))
+            d = factor * (d - (gamma * _LN2) * tl.exp2(-nl2_pt) * nl2_pt)
+    # d x_t / d x = +1 or -1, alpha_t and the incoming gradient: two scalars
     g_out = tl.load(grad_out_ptr).to(tl.float32)
-    grad = tl.where(valid, tl.where(positive, d, -d) * (alpha_t * g_out), 0.0)  # d x_t/d x = +-1
+    weight = tl.where(positive, alpha_pos * g_out, -(alpha_neg * g_out))
     # ignored anchors get an explicit 0: the gradient tensor is not zero-initialised
+    grad = tl.where(valid, d * weight, 0.0)
     tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
 
