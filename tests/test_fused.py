@@ -70,6 +70,19 @@ def test_fused_other_shapes_and_64bit_offsets(R, K, wide, monkeypatch):
     assert torch.isfinite(ga).all()
 
 
+@pytest.mark.parametrize("block,iters", [(64, {"forward": 3, "backward": 2}), (256, {"forward": 1, "backward": 4})])
+def test_fused_programs_over_several_blocks(block, iters, monkeypatch):
+    """Each program runs over ITERS blocks one after another (the forward sums them before its one
+    reduction): small blocks, so that the 203 x 80 logits take many programs, the last one partly
+    past the end."""
+    monkeypatch.setattr(fused, "_BLOCK", block)
+    monkeypatch.setattr(fused, "_ITERS", iters)
+    x, labels = _inputs(scale=6.0)
+    a, b, ga, gb = _both(x, labels, "FLSTAR", 0.25)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("max_factor", [0.0, 10.0])
 def test_fused_flstar_cap_matches_reference(max_factor):
     x, labels = _inputs(scale=8.0)

@@ -47,7 +47,7 @@ def compile_kernel(which, loss_type, dtype, arch=90, num_classes=80):
     # the launch arguments the module itself would pass for RetinaNet-sized logits
     logits = torch.empty((ELEMENTS // num_classes, num_classes), device="meta",
                          dtype=getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]))
-    launch = fused._launch_args(logits, loss_type, alpha=0.25, gamma=0.5, max_factor=100.0)
+    launch = fused._launch_args(logits, loss_type, alpha=0.25, gamma=0.5, max_factor=100.0, which=which)
     constexprs = {fn.arg_names[i]: launch[fn.arg_names[i]] for i in fn.constexprs}
     pointer_types = {"logits_ptr": "*" + DTYPES[dtype][0], "grad_ptr": "*" + DTYPES[dtype][0],
                      "labels_ptr": "*i32"}  # other pointers: fp32 (partial sums, grad_out)
@@ -67,22 +67,53 @@ def compile_kernel(which, loss_type, dtype, arch=90, num_classes=80):
                           options={"num_warps": launch["num_warps"]}).asm["cubin"]
 
 
-def count_instructions(cubin):
-    """Opcode -> count over the SASS of one program (NOPs left out)."""
-    ops = collections.Counter()
-    for line in get_sass(cubin).splitlines():
+def _sass(cubin):
+    """The disassembly, with cuobjdump's stderr (a format warning per kernel) silenced."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            return get_sass(cubin)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def count_instructions(cubin, iters=1):
+    """Opcode -> count of the instructions one program executes (NOPs left out): the SASS of the
+    kernel, with the body of its loop (from a label to the branch back to it) counted ``iters``
+    times (the kernels loop over the program's ITERS blocks)."""
+    lines = []  # (label or None, opcode or None, branch target or None)
+    for line in _sass(cubin).splitlines():
+        label = re.match(r"^(\.?L\w+):", line.strip())
+        if label:
+            lines.append((label.group(1), None, None))
+            continue
         m = _SASS_LINE.match(line)
         if not m:
             continue
-        op = re.sub(r"^@!?U?P\w+\s+", "", m.group(1)).split()[0].rstrip(";").split(".")[0]
-        if op != "NOP":
-            ops[op] += 1
+        text = re.sub(r"^@!?U?P\w+\s+", "", m.group(1))
+        op = text.split()[0].rstrip(";").split(".")[0]
+        target = re.match(r"BRA\s+`?\(?(\.?L\w+)", text)
+        lines.append((None, op, target.group(1) if target else None))
+    where = {label: i for i, (label, _, _) in enumerate(lines) if label}
+    times = [1] * len(lines)
+    for i, (_, op, target) in enumerate(lines):
+        if target is not None and where.get(target, i) < i:  # a branch back: a loop
+            for j in range(where[target], i + 1):
+                times[j] = iters
+    ops = collections.Counter()
+    for (_, op, _), n in zip(lines, times):
+        if op is not None and op != "NOP":
+            ops[op] += n
     return ops
 
 
 def stats(which, loss_type, dtype, arch=90):
-    ops = count_instructions(compile_kernel(which, loss_type, dtype, arch))
-    per_thread = fused._BLOCK / (fused._NUM_WARPS * 32)  # elements each thread handles
+    iters = fused._ITERS[which]
+    ops = count_instructions(compile_kernel(which, loss_type, dtype, arch), iters)
+    # elements each thread handles: ITERS blocks, each spread over the program's threads
+    per_thread = iters * fused._BLOCK / (fused._NUM_WARPS * 32)
     total = sum(ops.values())
     per_element = total / per_thread
     warp_instructions = per_element * ELEMENTS / 32
@@ -107,6 +138,7 @@ def main(argv=None):
     rows = [stats(which, loss, dtype, args.arch) for loss in args.loss_types for dtype in args.dtypes
             for which in ("forward", "backward")]
     print(f"Fused kernel, SASS for sm_{args.arch}, BLOCK {fused._BLOCK}, {fused._NUM_WARPS} warps, "
+          f"blocks per program {fused._ITERS}, "
           f"K = 80 (compiled offline; the ms columns are a model for one H100, not a timing)\n")
     print("| kernel | loss | dtype | instr / element | MUFU / element | loads / element "
           "| issue-bound ms | memory floor ms |")
