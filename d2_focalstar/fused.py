@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .losses import LOSS_TYPES
+from .losses import LOSS_TYPES, check_loss_arguments
 
 __all__ = ["fused_classification_loss", "INTERPRETED"]
 
@@ -102,15 +102,16 @@ def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, G: tl.constexpr,
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, alpha_pos, alpha_neg, gamma,
+def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
                     log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
                     BLOCK: tl.constexpr, ITERS: tl.constexpr, WIDE: tl.constexpr):
-    # the loss is computed in bits (log2); alpha_t and the conversion to nats are scalars
-    unit = _LN2 / gamma if LOSS == 3 else _LN2
-    # each program sums ITERS consecutive blocks, then reduces once: the reduction across the
-    # program's threads (shuffles, shared memory, a barrier) is paid once per ITERS blocks
+    # the loss is computed in bits (log2): w_pos and w_neg are alpha_t times the conversion to
+    # the loss's units (ln 2, over gamma for the appendix's FL*)
+    # each program sums ITERS consecutive blocks (unrolled), then reduces once: the reduction
+    # across the program's threads (shuffles, shared memory, a barrier) is paid once per ITERS
+    # blocks
     acc = tl.zeros([BLOCK // G, G], dtype=tl.float32)
-    for i in range(ITERS):
+    for i in tl.static_range(ITERS):
         x_t, positive, valid, _, _ = _elements(logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i,
                                                N, K, G, BLOCK, WIDE)
         if LOSS == 3:  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
@@ -123,20 +124,19 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, alpha_pos, alpha_neg
             elif LOSS == 1:  # FL: factor (1 - p_t)^gamma
                 loss = loss * tl.exp2(-gamma * nl2_qt)
         # 0 for an ignored anchor (its logits were not loaded: the loss is finite, whatever they hold)
-        acc += loss * tl.where(positive, tl.where(valid, alpha_pos * unit, 0.0),
-                               tl.where(valid, alpha_neg * unit, 0.0))
+        acc += loss * tl.where(positive, tl.where(valid, w_pos, 0.0), tl.where(valid, w_neg, 0.0))
     tl.store(partial_ptr + tl.program_id(0), tl.sum(acc))
 
 
 @triton.jit
-def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, alpha_pos, alpha_neg,
+def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, w_pos, w_neg,
                      gamma, log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
                      BLOCK: tl.constexpr, ITERS: tl.constexpr, WIDE: tl.constexpr):
-    # d x_t / d x = +1 or -1, alpha_t and the incoming gradient: two scalars
+    # w_pos and w_neg are alpha_t; with d x_t / d x = +1 or -1 and the incoming gradient: two scalars
     g_out = tl.load(grad_out_ptr).to(tl.float32)
-    w_pos = alpha_pos * g_out
-    w_neg = -(alpha_neg * g_out)
-    for i in range(ITERS):
+    w_pos = w_pos * g_out
+    w_neg = -(w_neg * g_out)
+    for i in tl.static_range(ITERS):
         x_t, positive, valid, offsets, in_bounds = _elements(
             logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i, N, K, G, BLOCK, WIDE)
         if LOSS == 3:  # d/dx_t: -sigmoid(-gamma x_t) = -2^(log2 sigmoid(-gamma x_t))
@@ -159,25 +159,33 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, alpha_po
 
 
 _BLOCK = 2048  # elements per block
-# blocks per program, one after another: the forward's reduction is then paid once per
-# ITERS blocks (tools/fused_sass_stats.py: 31.4 -> 27.7 instructions per fp16 logit at 4); the
-# backward has no reduction and gains nothing from a loop
-_ITERS = {"forward": 4, "backward": 1}
+# blocks per program, one after another: the forward's reduction is then paid once per ITERS
+# blocks (tools/fused_sass_stats.py: 31.6 -> 27.6 instructions per fp16 logit at 2); the
+# backward has no reduction and gains nothing from it
+_ITERS = {"forward": 2, "backward": 1}
 _NUM_WARPS = 8
+# registers per thread at most: 32 lets an SM hold 2048 threads (8 programs), which keeps enough
+# loads in flight; the kernels fit without spilling, except the appendix FL*'s fp32 forward (a
+# few spill stores, in a pass bound by memory): tools/fused_sass_stats.py shows both
+_MAXNREG = 32
 _INT32_LIMIT = 2**31  # above it, 64-bit offsets
 
 
 def _launch_args(logits, loss_type, alpha, gamma, max_factor, which="forward"):
     """The keyword arguments of the forward or backward kernel's launch, grid excluded."""
-    loss = loss_type.upper()
+    loss = check_loss_arguments(loss_type, alpha, gamma, max_factor)
     log2_cap = math.log2(max_factor) if (loss == "FLSTAR" and 0 < max_factor < math.inf) else 1e30
     N = logits.numel()
     K = logits.shape[1]
-    alpha_pos, alpha_neg = (float(alpha), 1.0 - float(alpha)) if alpha >= 0 else (1.0, 1.0)
+    w_pos, w_neg = (float(alpha), 1.0 - float(alpha)) if alpha >= 0 else (1.0, 1.0)  # alpha_t
+    if which == "forward":  # the forward computes in bits: the conversion goes into the weights
+        unit = math.log(2) / (gamma if loss == "FLSTAR_APPENDIX" else 1.0)
+        w_pos, w_neg = w_pos * unit, w_neg * unit
     iters = _ITERS[which]
-    return dict(N=N, K=K, G=math.gcd(K, 16), alpha_pos=alpha_pos, alpha_neg=alpha_neg,
+    return dict(N=N, K=K, G=math.gcd(K, 16), w_pos=w_pos, w_neg=w_neg,
                 gamma=float(gamma), log2_max_factor=log2_cap, LOSS=_LOSS_CODES[loss], BLOCK=_BLOCK,
-                ITERS=iters, WIDE=N + _BLOCK * iters >= _INT32_LIMIT, num_warps=_NUM_WARPS)
+                ITERS=iters, WIDE=N + _BLOCK * iters >= _INT32_LIMIT, num_warps=_NUM_WARPS,
+                maxnreg=_MAXNREG)
 
 
 def _grid(args):
@@ -222,8 +230,7 @@ def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, ga
         fp32 scalar, equal to ``sigmoid_classification_loss(logits[valid], one_hot(labels[valid])
         [:, :K], ..., reduction="sum")``.
     """
-    if loss_type.upper() not in _LOSS_CODES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    check_loss_arguments(loss_type, alpha, gamma, max_factor)
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be (R, K) and labels {tuple(labels.shape)} (R,)")
     return _FusedLoss.apply(logits.contiguous(), labels.contiguous().to(torch.int32),

@@ -24,13 +24,30 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["LOSS_TYPES", "sigmoid_flstar_loss", "sigmoid_focal_loss", "sigmoid_ce_loss",
-           "sigmoid_classification_loss", "gamma_for"]
+           "sigmoid_classification_loss", "check_loss_arguments", "gamma_for"]
 
 #: Loss types accepted by :func:`sigmoid_classification_loss` (and MODEL.FOCALSTAR.LOSS_TYPE).
 #: "FLSTAR_APPENDIX" is the other FL*, of the RetinaNet paper's appendix (fvcore's
 #: ``sigmoid_focal_loss_star``), so that a study can put both side by side.
 LOSS_TYPES = ("FLSTAR", "FL", "CE", "FLSTAR_APPENDIX")
 _REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_loss_arguments(loss_type: str, alpha: float, gamma: float, max_factor: float) -> str:
+    """The loss type, upper-cased; a ValueError naming the argument and what is allowed if one of
+    them is bad. Shared by this module and the fused kernel (d2_focalstar/fused.py)."""
+    loss_type = loss_type.upper()
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    if not gamma >= 0:  # also catches NaN
+        raise ValueError(f"gamma={gamma} must be >= 0")
+    if loss_type == "FLSTAR_APPENDIX" and gamma == 0:
+        raise ValueError("gamma=0 is not allowed for FLSTAR_APPENDIX (it divides by gamma)")
+    if alpha > 1 or alpha != alpha:
+        raise ValueError(f"alpha={alpha} must be in [0, 1], or < 0 for no weighting")
+    if not (max_factor == 0 or max_factor >= 1):
+        raise ValueError(f"max_factor={max_factor} must be 0 (no cap) or >= 1")
+    return loss_type
 
 
 def sigmoid_classification_loss(
@@ -71,19 +88,9 @@ def sigmoid_classification_loss(
         loss tensor (fp32, or fp64 for fp64 inputs), shape of ``inputs`` for "none", a scalar
         otherwise.
     """
-    loss_type = loss_type.upper()
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    loss_type = check_loss_arguments(loss_type, alpha, gamma, max_factor)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {_REDUCTIONS}")
-    if not gamma >= 0:  # also catches NaN
-        raise ValueError(f"gamma={gamma} must be >= 0")
-    if loss_type == "FLSTAR_APPENDIX" and gamma == 0:
-        raise ValueError("gamma=0 is not allowed for FLSTAR_APPENDIX (it divides by gamma)")
-    if alpha > 1 or alpha != alpha:
-        raise ValueError(f"alpha={alpha} must be in [0, 1], or < 0 for no weighting")
-    if not (max_factor == 0 or max_factor >= 1):
-        raise ValueError(f"max_factor={max_factor} must be 0 (no cap) or >= 1")
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} differ")
 

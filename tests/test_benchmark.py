@@ -66,8 +66,8 @@ def test_sass_stats_counts_the_fused_kernels_without_a_gpu(tmp_path):
     no driver) and counts their instructions. What it finds is the kernel's design: FL* takes two
     exp2 per element in the forward (2^-|y_t| and the factor) and three in the backward (plus
     1 - p_t), and no log or division instruction; CE takes one and two, and fewer instructions.
-    The forward loops over its program's blocks: the counts per element come out right only if
-    the loop's body is counted once per block."""
+    The forward handles several blocks per program: the counts are per element of all of them.
+    Each kernel keeps to 32 registers without spilling, so that an SM holds 2048 threads."""
     out = tmp_path / "sass.json"
     proc = run("tools/fused_sass_stats.py", "--loss-types", "FLSTAR", "CE", "--dtypes", "fp32",
                "--out", str(out), check=True)
@@ -83,6 +83,7 @@ def test_sass_stats_counts_the_fused_kernels_without_a_gpu(tmp_path):
     assert rows["forward", "FLSTAR"]["per_element"] < 45
     for r in rows.values():  # a model from the counts, positive and finite
         assert 0 < r["issue_bound_ms"] < 10 and r["memory_floor_ms"] > 0
+        assert r["registers"] <= 32 and r["spill_stores"] == 0, r
 
 
 def test_gpu_checks_script_refuses_unknown_steps_and_logs_the_ones_it_runs(tmp_path):

@@ -162,6 +162,14 @@ def test_bad_arguments():
         fused.fused_classification_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), "FOCAL")
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(3,\)"):
         fused.fused_classification_loss(torch.zeros(2, 3), torch.zeros(3, dtype=torch.int64))
+    # the reference's checks, not a kernel that would divide by 0 or weight outside [0, 1]
+    labels = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="gamma=0 is not allowed for FLSTAR_APPENDIX"):
+        fused.fused_classification_loss(torch.zeros(2, 3), labels, "FLSTAR_APPENDIX", gamma=0.0)
+    with pytest.raises(ValueError, match="alpha=2"):
+        fused.fused_classification_loss(torch.zeros(2, 3), labels, alpha=2.0)
+    with pytest.raises(ValueError, match="max_factor=0.5"):
+        fused.fused_classification_loss(torch.zeros(2, 3), labels, max_factor=0.5)
 
 
 def test_retinanet_with_fused_kernel_in_fl_mode_equals_stock():

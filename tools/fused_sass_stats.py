@@ -21,7 +21,9 @@ import collections
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, not the interpreter's
@@ -63,8 +65,20 @@ def compile_kernel(which, loss_type, dtype, arch=90, num_classes=80):
     divisible = [i for i, (name, ty) in enumerate(sig.items()) if ty.startswith("*") or name == "N"]
     attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": launch["num_warps"]}).asm["cubin"]
+    options = {"num_warps": launch["num_warps"], "maxnreg": launch.get("maxnreg")}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
+
+
+def registers(cubin):
+    """Registers per thread of the compiled kernel (cuobjdump -res-usage, Triton's own copy)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1))
 
 
 def _sass(cubin):
@@ -79,10 +93,10 @@ def _sass(cubin):
         os.close(saved)
 
 
-def count_instructions(cubin, iters=1):
-    """Opcode -> count of the instructions one program executes (NOPs left out): the SASS of the
-    kernel, with the body of its loop (from a label to the branch back to it) counted ``iters``
-    times (the kernels loop over the program's ITERS blocks)."""
+def count_instructions(cubin):
+    """Opcode -> count over the SASS of one program (NOPs left out). The kernels are straight-line
+    code (their loop over a program's blocks is unrolled), so this is what one program executes;
+    a kernel with a real loop is refused rather than miscounted."""
     lines = []  # (label or None, opcode or None, branch target or None)
     for line in _sass(cubin).splitlines():
         label = re.match(r"^(\.?L\w+):", line.strip())
@@ -93,25 +107,22 @@ def count_instructions(cubin, iters=1):
         if not m:
             continue
         text = re.sub(r"^@!?U?P\w+\s+", "", m.group(1))
-        op = text.split()[0].rstrip(";").split(".")[0]
         target = re.match(r"BRA\s+`?\(?(\.?L\w+)", text)
-        lines.append((None, op, target.group(1) if target else None))
+        lines.append((None, text.split()[0].rstrip(";").split(".")[0], target.group(1) if target else None))
     where = {label: i for i, (label, _, _) in enumerate(lines) if label}
-    times = [1] * len(lines)
-    for i, (_, op, target) in enumerate(lines):
-        if target is not None and where.get(target, i) < i:  # a branch back: a loop
-            for j in range(where[target], i + 1):
-                times[j] = iters
-    ops = collections.Counter()
-    for (_, op, _), n in zip(lines, times):
-        if op is not None and op != "NOP":
-            ops[op] += n
-    return ops
+    for i, (_, _, target) in enumerate(lines):
+        # a branch back over other instructions is a loop (the trap at the end branches to itself)
+        if target in where and where[target] < i - 1:
+            raise SystemExit("tools/fused_sass_stats.py: error: the kernel has a loop; its "
+                             "instructions per element would be miscounted (unroll it: tl.static_range)")
+    return collections.Counter(op for _, op, _ in lines if op is not None and op != "NOP")
 
 
 def stats(which, loss_type, dtype, arch=90):
     iters = fused._ITERS[which]
-    ops = count_instructions(compile_kernel(which, loss_type, dtype, arch), iters)
+    cubin = compile_kernel(which, loss_type, dtype, arch)
+    ops = count_instructions(cubin)
+    regs = registers(cubin)
     # elements each thread handles: ITERS blocks, each spread over the program's threads
     per_thread = iters * fused._BLOCK / (fused._NUM_WARPS * 32)
     total = sum(ops.values())
@@ -120,7 +131,8 @@ def stats(which, loss_type, dtype, arch=90):
     issue_ms = warp_instructions / (H100["sms"] * H100["schedulers"] * H100["ghz"] * 1e9) * 1e3
     nbytes = DTYPES[dtype][1] * ELEMENTS * (1 if which == "forward" else 2)
     return dict(kernel=which, loss_type=loss_type, dtype=dtype, arch=f"sm_{arch}",
-                instructions=total, per_element=round(per_element, 1),
+                instructions=total, per_element=round(per_element, 1), registers=regs,
+                spill_stores=ops["STL"],
                 mufu_per_element=round(ops["MUFU"] / per_thread, 2),
                 loads_per_element=round(ops["LDG"] / per_thread, 2),
                 issue_bound_ms=round(issue_ms, 3),
@@ -141,12 +153,12 @@ def main(argv=None):
           f"blocks per program {fused._ITERS}, "
           f"K = 80 (compiled offline; the ms columns are a model for one H100, not a timing)\n")
     print("| kernel | loss | dtype | instr / element | MUFU / element | loads / element "
-          "| issue-bound ms | memory floor ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| registers | spill stores | issue-bound ms | memory floor ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['kernel']} | {r['loss_type']} | {r['dtype']} | {r['per_element']} | "
-              f"{r['mufu_per_element']} | {r['loads_per_element']} | {r['issue_bound_ms']} | "
-              f"{r['memory_floor_ms']} |")
+              f"{r['mufu_per_element']} | {r['loads_per_element']} | {r['registers']} | "
+              f"{r['spill_stores']} | {r['issue_bound_ms']} | {r['memory_floor_ms']} |")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
