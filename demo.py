@@ -23,7 +23,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from d2_focalstar import register_coco_json_datasets  # first: it quiets fvcore's import warnings
-from d2_focalstar.checkpoint import SafeCheckpointer, UnsafeCheckpointError, atomic_write
+from d2_focalstar.checkpoint import (CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError,
+                                     atomic_write)
 from d2_focalstar.engine import ConfigError, load_config
 from d2_focalstar.mapper import SIXTEEN_BIT_MODES  # detectron2 would clip them to white
 import detectron2.data.transforms as T
@@ -151,14 +152,8 @@ def main(args):
     metadata = dataset_metadata(cfg)
     names = metadata.get("thing_classes", None) or []
     model = build_model(cfg)
-    try:
-        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    except UnsafeCheckpointError:
-        raise
-    except Exception as e:  # truncated or not a checkpoint: torch and pickle raise many kinds
-        why = (str(e).splitlines() or [""])[0]
-        raise ConfigError(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} cannot be loaded (corrupt or not a "
-                          f"checkpoint?): {type(e).__name__}: {why}") from None
+    # a file that is not a checkpoint, or a damaged or unsafe one: a one-line error naming it
+    SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     os.makedirs(args.output, exist_ok=True)
@@ -197,5 +192,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (ConfigError, UnsafeCheckpointError) as e:
+    except (ConfigError, UnsafeCheckpointError, CheckpointReadError) as e:
         sys.exit(f"demo.py: error: {e}")

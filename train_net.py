@@ -17,7 +17,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 
 from d2_focalstar import check_datasets, register_coco_json_datasets
-from d2_focalstar.checkpoint import SafeCheckpointer, UnsafeCheckpointError
+from d2_focalstar.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
 from d2_focalstar.safety import build_safety_evaluator
 from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message,
@@ -87,7 +87,8 @@ def main(args):
     # DefaultTrainer.train() returns the final evaluation only if TEST.EXPECTED_RESULTS is set
     res = getattr(trainer, "_last_eval_results", None) or {}
     if comm.is_main_process():  # also without evaluation: it marks the run as finished
-        write_results(cfg, res, iteration=trainer.iter)
+        # trainer.iter is MAX_ITER + 1 when a finished run is resumed (no step left to run)
+        write_results(cfg, res, iteration=min(trainer.iter, cfg.SOLVER.MAX_ITER))
     return res
 
 
@@ -98,8 +99,8 @@ if __name__ == "__main__":
         # once, before any process starts: config, weights and datasets
         cfg = load_config(args)
         register_coco_json_datasets(cfg)
-        check_datasets(cfg)
+        check_datasets(cfg, train=not args.eval_only)  # evaluation needs only DATASETS.TEST
         launch(main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except (ConfigError, TrainingDiverged, UnsafeCheckpointError) as e:
+    except (ConfigError, TrainingDiverged, UnsafeCheckpointError, CheckpointReadError) as e:
         sys.exit(f"train_net.py: error: {e}")

@@ -17,11 +17,28 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "NonFiniteWeightsError", "atomic_write"]
+__all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "CheckpointReadError",
+           "NonFiniteWeightsError", "atomic_write"]
 
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint holds Python objects that loading it would have to construct or call."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A weights file is not a checkpoint at all, or a damaged or truncated one."""
+
+
+def _first_line(e):
+    """The exception's type and first sentence (torch's messages run on with advice)."""
+    line = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {line.split('. ')[0][:160]}"
+
+
+def _not_a_checkpoint(filename, e):
+    return CheckpointReadError(
+        f"{filename} cannot be read as a checkpoint: it is not a PyTorch (.pth) or model-zoo "
+        f"(.pkl) file, or it is damaged or truncated ({_first_line(e)}).")
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -41,11 +58,15 @@ _PKL_ALLOWED = {
 }
 
 
+class _Forbidden(pickle.UnpicklingError):
+    """A .pkl names a Python global outside _PKL_ALLOWED."""
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _PKL_ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+        raise _Forbidden(f"global '{module}.{name}' is not allowed")
 
 
 def _umask():
@@ -106,10 +127,14 @@ class SafeCheckpointer(DetectionCheckpointer):
             with PathManager.open(filename, "rb") as f:
                 try:
                     data = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-                except pickle.UnpicklingError as e:
+                except _Forbidden as e:
                     raise UnsafeCheckpointError(
                         f"Refusing to load {filename}: a .pkl checkpoint may hold only numpy "
                         f"arrays and plain data, but {e}. Nothing in it was run.") from None
+                except Exception as e:  # text, an image, a cut file: pickle raises many kinds
+                    raise _not_a_checkpoint(filename, e) from None
+            if not isinstance(data, dict):
+                raise _not_a_checkpoint(filename, TypeError(f"it holds a {type(data).__name__}, not a dict"))
             return self._from_model_zoo_dict(data)
         return super()._load_file(filename)
 
@@ -127,7 +152,14 @@ class SafeCheckpointer(DetectionCheckpointer):
         try:
             return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:
+            # torch's message explains how to turn the check off; we name only what it found
+            found = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+            if not found:  # not a pickle of anything: an image, a text file renamed .pth
+                raise _not_a_checkpoint(f, e) from None
             raise UnsafeCheckpointError(
                 f"Refusing to load {f}: it holds Python objects beyond tensors and plain "
-                f"containers, which loading would construct or call (torch.load "
-                f"weights_only=True said: {str(e).splitlines()[0]}). Nothing in it was run.") from None
+                f"containers, which loading would construct or call "
+                f"({found[0].replace('WeightsUnpickler error: ', '').split(' was not')[0]}). "
+                f"Nothing in it was run.") from None
+        except Exception as e:  # a truncated zip, an empty file, bytes that are not a pickle
+            raise _not_a_checkpoint(f, e) from None

@@ -251,14 +251,16 @@ def check_coco_json(json_file, dataset_name):
             f"{first.get('category_id')!r}; declared: {sorted(declared, key=str)[:20]})")
 
 
-def check_datasets(cfg):
+def check_datasets(cfg, train=True):
     """
-    At start-up, for every dataset in DATASETS.TRAIN and DATASETS.TEST: it is registered, and if
-    it is a COCO-format one, its JSON and image folder exist and the JSON is sound. Raises
-    ConfigError naming the key, the dataset and the file. Reads each JSON once (COCO train:
-    ~0.5 GB, some seconds); call it in one process, not in every worker.
+    At start-up, for every dataset in DATASETS.TRAIN (unless ``train`` is False: evaluation only)
+    and DATASETS.TEST: it is registered, and if it is a COCO-format one, its JSON and image folder
+    exist and the JSON is sound. Raises ConfigError naming the key, the dataset and the file.
+    Reads each JSON once (COCO train: ~0.5 GB, some seconds); call it in one process, not in
+    every worker.
     """
-    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+    keys = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN)] if train else []
+    for key, names in keys + [("DATASETS.TEST", cfg.DATASETS.TEST)]:
         for name in names:
             if name not in DatasetCatalog.list():
                 raise ConfigError(

@@ -7,10 +7,11 @@ import os
 import cv2
 import numpy as np
 import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from d2_focalstar.config import ConfigError
-from d2_focalstar.data import ShapesSpec, check_coco_json, generate_shapes_dataset
+from d2_focalstar.data import ShapesSpec, check_coco_json, check_datasets, generate_shapes_dataset
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
 from helpers import FAST, QUICKSTART, run
 from test_model import quickstart_cfg
@@ -97,6 +98,19 @@ def test_train_net_stops_at_start_up_naming_the_file(broken, fault, needle):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train_net.py: error:") and needle in last
     assert str(json_file if fault != "no-images" else image_root) in last
+
+
+def test_evaluation_only_does_not_need_the_training_set(broken):
+    """--eval-only checks DATASETS.TEST alone: someone with only COCO val2017 can evaluate (and
+    the ~0.5 GB train JSON is not parsed for nothing)."""
+    # registered the way detectron2 registers its builtin COCO splits, JSON not on disk
+    name = f"gone_train_{os.getpid()}"
+    DatasetCatalog.register(name, lambda: [])
+    MetadataCatalog.get(name).set(json_file=str(broken / "absent.json"), image_root=str(broken / "train"))
+    cfg = quickstart_cfg("DATASETS.TRAIN", f"('{name}',)")
+    with pytest.raises(ConfigError, match="DATASETS.TRAIN.*absent.json does not exist"):
+        check_datasets(cfg)
+    check_datasets(cfg, train=False)
 
 
 # ---- per image --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2_focalstar.checkpoint import SafeCheckpointer, UnsafeCheckpointError
+from d2_focalstar.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
 import helpers
 from helpers import FAST, QUICKSTART, REPO, run
 
@@ -109,6 +109,25 @@ def test_crafted_checkpoint_does_not_run_code_when_loaded(tmp_path):
     assert not os.path.exists(marker)
 
 
+def test_files_that_are_not_checkpoints_are_told_apart_from_unsafe_ones(tmp_path):
+    """Text, an image, an empty file, a cut checkpoint: 'cannot be read as a checkpoint', not
+    'refusing to load' (and never torch's advice to turn weights_only off)."""
+    model = torch.nn.Linear(1, 1)
+    good = tmp_path / "good.pth"
+    torch.save({"model": model.state_dict()}, good)
+    files = {"notes.pth": b"hello world\n", "photo.pth": b"\xff\xd8\xff\xe0" + bytes(100),
+             "empty.pth": b"", "cut.pth": good.read_bytes()[:1000], "notes.pkl": b"hello\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointReadError, match=f"{tmp_path / name} cannot be read as a checkpoint"):
+            SafeCheckpointer(model).load(str(tmp_path / name))
+    marker, pth, _ = _evil_files(tmp_path)
+    with pytest.raises(UnsafeCheckpointError, match="Unsupported global") as e:
+        SafeCheckpointer(model).load(str(pth))
+    assert "weights_only" not in str(e.value)
+    SafeCheckpointer(model).load(str(good))  # and a real one still loads
+
+
 def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
     marker, pth, pkl = _evil_files(tmp_path)
     for path in (pth, pkl):
@@ -122,6 +141,11 @@ def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
     proc = run("train_net.py", *QUICKSTART, "--resume", *FAST, "OUTPUT_DIR", str(out))
     assert_one_line_error(proc, "Refusing to load")
     assert not os.path.exists(marker)
+    notes = tmp_path / "log.txt"
+    notes.write_text("not weights\n")
+    proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(notes),
+               "OUTPUT_DIR", str(tmp_path / "out"))
+    assert_one_line_error(proc, f"{notes} cannot be read as a checkpoint")
 
 
 def test_model_zoo_style_pkl_of_numpy_arrays_still_loads(tmp_path):

@@ -154,6 +154,58 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
     assert "resume=True" in resumed and "model_0000000.pth" in resumed
     assert "Starting training from iteration 1" in resumed
 
+    # a run that died in its final evaluation: resumed from model_final, no step left to run,
+    # it still records the iteration it finished at
+    os.remove(fl / "results.json")
+    again = run(*sweep, check=True)
+    assert "fl_g2_s0: interrupted" in again.stdout
+    assert load_run(str(fl))["iteration"] == 2
+
+
+def _processes_mentioning(text):
+    """PIDs of the processes whose command line holds ``text``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds processes through /proc")
+def test_stopping_a_sweep_stops_its_runs_and_it_reports_their_progress(tmp_path):
+    """SIGTERM to the sweep (a kill, a job scheduler) stops its trainings too instead of leaving
+    them running; while they run it prints their iteration and ETA."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    out = tmp_path / "sweep"
+    sweep = subprocess.Popen(
+        [sys.executable, "tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--jobs", "2",
+         "--status-every", "1", "--out", str(out), "--", *FAST, "SOLVER.MAX_ITER", "100000"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [out / "ce_s0" / "sweep.log", out / "fl_g2_s0" / "sweep.log"]
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(p.exists() and "iter:" in p.read_text() for p in logs):
+        time.sleep(1)
+    time.sleep(2)  # a status line after both logs show progress
+    runs = [pid for pid in _processes_mentioning(str(out)) if pid != sweep.pid]
+    assert len(runs) >= 2, runs
+    sweep.send_signal(signal.SIGTERM)
+    output = sweep.communicate(timeout=120)[0]
+    assert sweep.returncode == 130, output[-3000:]
+    assert "stopping 2 run(s)" in output
+    assert "running: ce_s0 iter " in output and ", eta " in output
+    time.sleep(0.5)
+    assert not _processes_mentioning(str(out))
+
 
 def test_a_seed_without_a_value_is_counted_in_the_mean_row(runs):
     # a run with no detections at all has AP NaN: the mean is over the other seeds and says so

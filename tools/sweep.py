@@ -11,15 +11,22 @@ interrupted ones resume from their checkpoint.
 
 With --jobs N, N runs go at once: run slot j gets --num-gpus GPUs starting at GPU j * num_gpus,
 wrapping around (small models share a GPU well), each run's output goes to <folder>/sweep.log,
-and OMP_NUM_THREADS defaults to the CPU count / N so that the runs do not oversubscribe the CPU.
+and OMP_NUM_THREADS defaults to the CPU count / N so that the runs do not oversubscribe the CPU;
+every --status-every seconds a line gives each running run's iteration and ETA (from its log).
 Anything after "--" goes to every train_net.py run as opts, e.g. -- SOLVER.MAX_ITER 2000
+
+Stopping the sweep (Ctrl-C, SIGTERM) stops its runs too; their checkpoints are whole (written
+atomically), so the same command later resumes them.
 """
 import argparse
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 
+from d2_focalstar.losses import LOSS_TYPES
 from d2_focalstar.study import plan_sweep, run_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +42,38 @@ def visible_gpus():
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def last_progress(log_path, tail=8192):
+    """'iter N, eta H:MM:SS' from the last progress line detectron2 wrote to a run's log, or None."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(log_path) - tail))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = re.findall(r"eta: (\S+)\s+iter: (\d+)", text)
+    return f"iter {found[-1][1]}, eta {found[-1][0]}" if found else None
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop(running, grace=30):
+    """SIGTERM each run's process group (train_net.py and the processes it started), then SIGKILL
+    what is still there after ``grace`` seconds."""
+    for proc in running:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def slot_gpus(slot, num_gpus, gpus):
     """The CUDA_VISIBLE_DEVICES of run slot ``slot`` (None without GPUs)."""
     if not gpus:
@@ -48,8 +87,8 @@ if __name__ == "__main__":
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--loss-types", nargs="+", default=["CE", "FL", "FLSTAR"],
-                        help="of FLSTAR, FL, CE, FLSTAR_APPENDIX")
+    parser.add_argument("--loss-types", nargs="+", default=["CE", "FL", "FLSTAR"], type=str.upper,
+                        choices=LOSS_TYPES, metavar="LOSS", help=f"of {', '.join(LOSS_TYPES)}")
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.125, 0.25, 0.5],
                         help="FL*'s gammas (FL uses --fl-gamma)")
     parser.add_argument("--fl-gamma", type=float, default=2.0)
@@ -58,6 +97,8 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default: one after another)")
     parser.add_argument("--out", default="output/sweep", help="one sub-folder per run")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    parser.add_argument("--status-every", type=float, default=60,
+                        help="seconds between progress lines with --jobs > 1 (0: none)")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.num_gpus < 1:
         parser.error(f"--jobs ({args.jobs}) and --num-gpus ({args.num_gpus}) must be at least 1")
@@ -75,35 +116,51 @@ if __name__ == "__main__":
         if state != "done" and not args.dry_run:
             todo.append((i, run, folder, state))
 
+    # SIGTERM (kill, a job scheduler) stops the sweep like Ctrl-C: its runs are stopped with it
+    signal.signal(signal.SIGTERM, interrupt)
     failed, running, free_slots = [], {}, list(range(args.jobs))
-    while todo or running:
-        while todo and free_slots:  # start runs while there is a free slot
-            i, run, folder, state = todo.pop(0)
-            slot = free_slots.pop(0)
-            cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
-                   args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
-            cmd += ["--resume"] if state == "interrupted" else []
-            cmd += run.opts() + ["OUTPUT_DIR", folder] + extra
-            run_env, log = dict(env), None
-            if args.jobs > 1:
-                devices = slot_gpus(slot, args.num_gpus, gpus)
-                if devices is not None:
-                    run_env["CUDA_VISIBLE_DEVICES"] = devices
-                os.makedirs(folder, exist_ok=True)
-                log = open(os.path.join(folder, "sweep.log"), "a")
-                print(f"[sweep {i}/{len(runs)}] {run.name}: started (GPUs {devices}, log "
-                      f"{os.path.join(folder, 'sweep.log')})", flush=True)
-            proc = subprocess.Popen(cmd, env=run_env, stdout=log, stderr=subprocess.STDOUT if log else None)
-            running[proc] = (i, run, slot, log, time.time())
-        time.sleep(0.2)
-        for proc in [p for p in running if p.poll() is not None]:
-            i, run, slot, log, start = running.pop(proc)
-            free_slots.append(slot)
-            if log:
-                log.close()
-            print(f"[sweep {i}/{len(runs)}] {run.name}: exit {proc.returncode} after "
-                  f"{time.time() - start:.0f} s", flush=True)
-            if proc.returncode != 0:
-                failed.append(run.name)
+    last_status = time.time()
+    try:
+        while todo or running:
+            while todo and free_slots:  # start runs while there is a free slot
+                i, run, folder, state = todo.pop(0)
+                slot = free_slots.pop(0)
+                cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
+                       args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
+                cmd += ["--resume"] if state == "interrupted" else []
+                cmd += run.opts() + ["OUTPUT_DIR", folder] + extra
+                run_env, log = dict(env), None
+                if args.jobs > 1:
+                    devices = slot_gpus(slot, args.num_gpus, gpus)
+                    if devices is not None:
+                        run_env["CUDA_VISIBLE_DEVICES"] = devices
+                    os.makedirs(folder, exist_ok=True)
+                    log = open(os.path.join(folder, "sweep.log"), "a")
+                    print(f"[sweep {i}/{len(runs)}] {run.name}: started (GPUs {devices}, log "
+                          f"{os.path.join(folder, 'sweep.log')})", flush=True)
+                # its own process group, so that stopping the sweep stops all of a run's processes
+                proc = subprocess.Popen(cmd, env=run_env, stdout=log, start_new_session=True,
+                                        stderr=subprocess.STDOUT if log else None)
+                running[proc] = (i, run, slot, log, time.time())
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                i, run, slot, log, start = running.pop(proc)
+                free_slots.append(slot)
+                if log:
+                    log.close()
+                print(f"[sweep {i}/{len(runs)}] {run.name}: exit {proc.returncode} after "
+                      f"{time.time() - start:.0f} s", flush=True)
+                if proc.returncode != 0:
+                    failed.append(run.name)
+            if args.jobs > 1 and args.status_every > 0 and time.time() - last_status >= args.status_every:
+                last_status = time.time()
+                states = [f"{run.name} {last_progress(log.name) or 'starting'}"
+                          for i, run, slot, log, start in running.values()]
+                print(f"[sweep] {len(runs) - len(todo) - len(running)} done or failed, "
+                      f"{len(todo)} waiting; running: {'; '.join(states)}", flush=True)
+    except KeyboardInterrupt:
+        print(f"[sweep] stopping {len(running)} run(s); the same command resumes them", flush=True)
+        stop(running)
+        sys.exit(130)
     if failed:
         sys.exit(f"sweep.py: {len(failed)} run(s) failed: {', '.join(failed)} (rerun to retry them)")
