@@ -11,6 +11,7 @@ import os
 import sys
 import weakref
 
+import d2_focalstar  # noqa: F401  first: it quiets fvcore's import-time warnings
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
@@ -20,8 +21,8 @@ from d2_focalstar import check_datasets, register_coco_json_datasets
 from d2_focalstar.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
 from d2_focalstar.safety import build_safety_evaluator
-from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message,
-                                 enable_cpu_ddp, load_config, write_results)
+from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message, enable_cpu_ddp,
+                                 load_config, setup_project_logger, write_results)
 
 
 def fault_log(cfg):
@@ -64,7 +65,8 @@ def setup(args):
     cfg = load_config(args)  # get_cfg, add_focalstar_config, merge file and opts, all checked
     cfg.freeze()
     register_coco_json_datasets(cfg)
-    default_setup(cfg, args)
+    default_setup(cfg, args)  # detectron2's and fvcore's loggers, the config dump, the seed
+    setup_project_logger(cfg.OUTPUT_DIR, comm.get_rank())  # ours: to the console and log.txt
     return cfg
 
 
@@ -97,6 +99,7 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     try:
         # once, before any process starts: config, weights and datasets
+        setup_project_logger()
         cfg = load_config(args)
         register_coco_json_datasets(cfg)
         check_datasets(cfg, train=not args.eval_only)  # evaluation needs only DATASETS.TEST

@@ -12,6 +12,7 @@ import re
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import defaults
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint import atomic_write
 from .config import ConfigError, add_focalstar_config, check_focalstar_config
@@ -20,7 +21,7 @@ from .losses import gamma_for
 logger = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "TrainingDiverged", "load_config", "fall_back_to_cpu", "enable_cpu_ddp",
-           "divergence_message", "write_results", "RESULTS_FILE"]
+           "divergence_message", "write_results", "setup_project_logger", "RESULTS_FILE"]
 
 #: Where train_net.py leaves the final metrics of a run, for tools/compare.py and tools/sweep.py.
 RESULTS_FILE = "results.json"
@@ -105,11 +106,28 @@ def _check_weights(cfg, args):
         raise ConfigError(f"MODEL.WEIGHTS={weights!r}: no such file")
 
 
+_warned_cpu = []
+
+
 def fall_back_to_cpu(cfg):
-    """Switch a CUDA config to MODEL.DEVICE=cpu, with a warning, on a machine without CUDA."""
+    """Switch a CUDA config to MODEL.DEVICE=cpu, with a warning (once per process), on a machine
+    without CUDA."""
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
+        if not _warned_cpu:
+            logger.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
+            _warned_cpu.append(True)
         cfg.MODEL.DEVICE = "cpu"
+
+
+def setup_project_logger(output_dir=None, rank=0):
+    """Log this package's messages (dataset generation, data faults, safety metrics, results) like
+    detectron2's own: to the console on rank 0, and to OUTPUT_DIR/log.txt when ``output_dir`` is
+    given. Replaces what an earlier call set up, so that no line is printed twice."""
+    project = logging.getLogger("d2_focalstar")
+    for handler in list(project.handlers):
+        project.removeHandler(handler)
+    # detectron2's setup_logger caches its calls; the function under the cache always acts
+    return setup_logger.__wrapped__(output_dir, distributed_rank=rank, name="d2_focalstar")
 
 
 def enable_cpu_ddp():

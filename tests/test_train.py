@@ -58,6 +58,20 @@ def test_results_json_holds_the_final_evaluation(trained):
     assert set(record["results"]["safety"]) >= {"LAMR", "R@0.1FPPI", "LAMR-triangle", "LAMR-cross"}
 
 
+def test_the_projects_own_log_lines_reach_console_and_log_file(trained):
+    """The safety table and where results went are logged like detectron2's lines, on the
+    console and in OUTPUT_DIR/log.txt; the CPU fall-back warns once; fvcore's import-time
+    FutureWarning is not printed."""
+    out, log = trained
+    with open(out / "log.txt") as f:
+        log_file = f.read()
+    for text in (log, log_file):
+        assert re.search(r"d2_focalstar\.safety.*: Safety metrics on 64 images", text)
+        assert f"Final metrics written to {out / 'results.json'}" in text
+    assert log.count("CUDA is not available") <= 1  # once without a GPU, never with one
+    assert "FutureWarning" not in log
+
+
 def test_eval_only_reproduces_the_trained_ap(trained, tmp_path):
     out, log = trained
     again = coco_ap(train_net(*QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
