@@ -150,19 +150,29 @@ def enable_cpu_ddp():
 
 
 def divergence_message(cfg, iteration, error, last_checkpoint):
-    """What to tell the user when the loss or the weights stop being finite."""
-    fs, solver = cfg.MODEL.FOCALSTAR, cfg.SOLVER
-    gamma = (f"MODEL.FOCALSTAR.GAMMA={fs.GAMMA}, MODEL.FOCALSTAR.MAX_FACTOR={fs.MAX_FACTOR} "
-             "(0 = uncapped)" if fs.LOSS_TYPE.upper() == "FLSTAR"
-             else f"MODEL.RETINANET.FOCAL_LOSS_GAMMA={cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA}")
+    """What to tell the user when the loss or the weights stop being finite: the settings that
+    control the growth for this loss type, and what to change."""
+    fs, solver, clip = cfg.MODEL.FOCALSTAR, cfg.SOLVER, cfg.SOLVER.CLIP_GRADIENTS
+    loss_type = fs.LOSS_TYPE.upper()
+    loss_keys = {
+        "FLSTAR": f"MODEL.FOCALSTAR.GAMMA={fs.GAMMA}, MODEL.FOCALSTAR.MAX_FACTOR={fs.MAX_FACTOR} "
+                  "(0 = uncapped), ",
+        "FL": f"MODEL.RETINANET.FOCAL_LOSS_GAMMA={cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA}, ",
+        "FLSTAR_APPENDIX": f"MODEL.FOCALSTAR.APPENDIX_GAMMA={fs.APPENDIX_GAMMA}, ",
+    }.get(loss_type, "")
+    advice = ["lower SOLVER.BASE_LR or lengthen SOLVER.WARMUP_ITERS"]
+    if loss_type == "FLSTAR":
+        advice.append("lower MODEL.FOCALSTAR.MAX_FACTOR or GAMMA (FL*'s factor grows with both)")
+    advice.append("lower SOLVER.CLIP_GRADIENTS.CLIP_VALUE" if clip.ENABLED
+                  else "enable gradient clipping (SOLVER.CLIP_GRADIENTS.ENABLED True)")
     return (
         f"Training diverged at iteration {iteration}: {error}\n"
-        f"  Settings that control the growth: MODEL.FOCALSTAR.LOSS_TYPE={fs.LOSS_TYPE}, {gamma}, "
+        f"  Settings that control the growth: MODEL.FOCALSTAR.LOSS_TYPE={fs.LOSS_TYPE}, {loss_keys}"
         f"SOLVER.BASE_LR={solver.BASE_LR}, SOLVER.WARMUP_ITERS={solver.WARMUP_ITERS}, "
-        f"SOLVER.CLIP_GRADIENTS.ENABLED={solver.CLIP_GRADIENTS.ENABLED} "
-        f"(CLIP_VALUE={solver.CLIP_GRADIENTS.CLIP_VALUE}), SOLVER.AMP.ENABLED={solver.AMP.ENABLED}.\n"
-        f"  Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate, lower "
-        f"MAX_FACTOR or enable gradient clipping, then continue with --resume.")
+        f"SOLVER.CLIP_GRADIENTS.ENABLED={clip.ENABLED} (CLIP_VALUE={clip.CLIP_VALUE}), "
+        f"SOLVER.AMP.ENABLED={solver.AMP.ENABLED}.\n"
+        f"  Last good checkpoint: {last_checkpoint or 'none yet'}. Then: {'; '.join(advice)}; and "
+        f"continue with --resume.")
 
 
 def write_results(cfg, results, iteration):

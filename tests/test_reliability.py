@@ -182,6 +182,21 @@ def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_pa
     state = torch.load(tmp_path / last, weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (tmp_path / "model_final.pth").exists()
+    assert "lower MODEL.FOCALSTAR.MAX_FACTOR" in msg and "enable gradient clipping" in msg
+
+
+@pytest.mark.parametrize("loss_type,named,not_named", [
+    ("FL", "MODEL.RETINANET.FOCAL_LOSS_GAMMA=2.0", "MAX_FACTOR"),
+    ("FLSTAR_APPENDIX", "MODEL.FOCALSTAR.APPENDIX_GAMMA=2.0", "FOCAL_LOSS_GAMMA"),
+    ("CE", "LOSS_TYPE=CE", "GAMMA")])
+def test_divergence_message_names_the_settings_of_its_loss_type(loss_type, named, not_named):
+    from d2_focalstar.engine import divergence_message
+    from test_model import quickstart_cfg
+
+    cfg = quickstart_cfg("MODEL.FOCALSTAR.LOSS_TYPE", loss_type, "SOLVER.CLIP_GRADIENTS.ENABLED", "True")
+    msg = divergence_message(cfg, 7, FloatingPointError("Loss became infinite or NaN"), None)
+    assert named in msg and not_named not in msg
+    assert "lower SOLVER.CLIP_GRADIENTS.CLIP_VALUE" in msg and "enable gradient clipping" not in msg
 
 
 # ---- interruption -----------------------------------------------------------------------------
