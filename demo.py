@@ -52,9 +52,9 @@ def parse_args(argv=None):
                    "MODEL.RETINANET.SCORE_THRESH_TEST too)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (sets MODEL.DEVICE; without CUDA, cuda "
                    "falls back to the CPU with a warning)")
-    p.add_argument("opts", nargs=argparse.REMAINDER,
-                   help="config KEY VALUE pairs, after the options: MODEL.WEIGHTS FILE, ...")
-    args = p.parse_args(argv)
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE",
+                   help="config KEY VALUE pairs: MODEL.WEIGHTS FILE, ... (before or after the options)")
+    args = p.parse_intermixed_args(argv)
     if not 0 <= args.confidence_threshold <= 1:
         p.error(f"--confidence-threshold {args.confidence_threshold}: must be in [0, 1]")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):

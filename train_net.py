@@ -2,10 +2,11 @@
 """
 Train or evaluate RetinaNetFLStar (FL*, FL or CE) with detectron2's DefaultTrainer.
 
-    python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8
-    python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --eval-only \
-        MODEL.WEIGHTS output/retinanet_R50_flstar_1x/model_final.pth
-    python train_net.py --config-file configs/quickstart_flstar.yaml   # CPU, embedded data
+Examples:
+  python train_net.py --config-file configs/quickstart_flstar.yaml   # CPU, embedded data
+  python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8
+  python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8 --resume
+  python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
 """
 import os
 import sys
@@ -94,8 +95,20 @@ def main(args):
     return res
 
 
+def argument_parser():
+    """detectron2's command line, with this project's description and examples."""
+    parser = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1])
+    parser.description = __doc__.strip().splitlines()[0]
+    for action in parser._actions:  # help texts that fit this project
+        if action.dest == "opts":
+            action.help = "config KEY VALUE pairs, last, e.g. MODEL.FOCALSTAR.GAMMA 0.5 OUTPUT_DIR out/g0.5"
+        elif action.dest == "num_gpus":
+            action.help = "GPUs per machine (without CUDA: this many CPU processes)"
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     try:
         # once, before any process starts: config, weights and datasets

@@ -23,6 +23,12 @@ def assert_one_line_error(proc, *needles):
 
 # ---- bad command lines and configs ------------------------------------------------------------
 
+def test_help_describes_this_project():
+    proc = run("train_net.py", "--help", check=True)
+    assert "RetinaNetFLStar" in proc.stdout and "configs/quickstart_flstar.yaml" in proc.stdout
+    assert "LazyConfig" not in proc.stdout  # detectron2's generic text: not accepted here
+
+
 def test_missing_config_file_argument():
     assert_one_line_error(run("train_net.py"), "--config-file is required")
 
