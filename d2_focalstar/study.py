@@ -73,8 +73,10 @@ def plot_fig4(out_prefix, num=2000):
         ax.legend()
     fig.tight_layout()
     paths = [f"{out_prefix}.png", f"{out_prefix}.svg"]
-    for path in paths:
-        fig.savefig(path, dpi=120)
+    # the same figure gives the same files: no date, fixed SVG ids (committed figures diff clean)
+    with matplotlib.rc_context({"svg.hashsalt": "fig4"}):
+        fig.savefig(paths[0], dpi=120, metadata={"Software": None})
+        fig.savefig(paths[1], dpi=120, metadata={"Date": None, "Creator": None})
     plt.close(fig)
     return paths
 
