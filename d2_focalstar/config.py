@@ -23,8 +23,8 @@ def add_focalstar_config(cfg):
     # times CE's. 0 = no cap (the exact, unbounded formula).
     cfg.MODEL.FOCALSTAR.MAX_FACTOR = 100.0
     # Compute the classification loss with the fused Triton kernel (d2_focalstar/fused.py) on
-    # CUDA: same values as the reference functions, no one-hot tensor, ~10x faster and ~10 GiB
-    # less for COCO-sized batches (docs/BENCHMARKS.md). False: the reference functions everywhere.
+    # CUDA: same values as the reference functions, no one-hot tensor, ~15x faster and ~10 GiB
+    # less than stock detectron2 for COCO-sized batches (docs/BENCHMARKS.md, one H100). False: the reference functions everywhere.
     # On the CPU the reference functions are always used.
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = True
     # Gamma of LOSS_TYPE "FLSTAR_APPENDIX": -log(sigmoid(gamma * x_t)) / gamma (> 0).
@@ -47,7 +47,7 @@ def add_focalstar_config(cfg):
 
 
 def check_focalstar_config(cfg):
-    """Raise ConfigError naming the key, the value and what is allowed, for a bad loss setting."""
+    """Raise ConfigError naming the key, the value and what is allowed, for a bad setting of ours."""
     fs, rn = cfg.MODEL.FOCALSTAR, cfg.MODEL.RETINANET
     problems = []
     if str(fs.LOSS_TYPE).upper() not in LOSS_TYPES:
@@ -70,5 +70,12 @@ def check_focalstar_config(cfg):
                 and all(isinstance(s, str) and s for s in entry)):
             problems.append(f"DATASETS.COCO_JSON[{i}]={entry!r}: allowed "
                             "[name, json_file, image_root], three non-empty strings")
+    safety = cfg.TEST.SAFETY
+    if not (isinstance(safety.CLASSES, (list, tuple)) and all(isinstance(c, str) for c in safety.CLASSES)):
+        problems.append(f"TEST.SAFETY.CLASSES={safety.CLASSES!r}: allowed a list of class names")
+    if not (isinstance(safety.FP_PER_IMAGE, (int, float)) and safety.FP_PER_IMAGE > 0):
+        problems.append(f"TEST.SAFETY.FP_PER_IMAGE={safety.FP_PER_IMAGE!r}: allowed a number > 0")
+    if not (isinstance(safety.IOU_THRESHOLD, (int, float)) and 0 < safety.IOU_THRESHOLD <= 1):
+        problems.append(f"TEST.SAFETY.IOU_THRESHOLD={safety.IOU_THRESHOLD!r}: allowed (0, 1]")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))

@@ -62,6 +62,8 @@ def test_config_defaults():
     ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", -0.5, "-1 for no class weighting"),
     ("MODEL.FOCALSTAR.MAX_FACTOR", 0.5, ">= 1"),
     ("MODEL.FOCALSTAR.APPENDIX_GAMMA", 0.0, "> 0"),
+    ("TEST.SAFETY.FP_PER_IMAGE", 0.0, "> 0"),
+    ("TEST.SAFETY.IOU_THRESHOLD", 1.5, "(0, 1]"),
 ])
 def test_bad_config_value_names_key_value_and_allowed(key, value, allowed):
     cfg = quickstart_cfg(key, str(value) if not isinstance(value, str) else value)
