@@ -167,7 +167,8 @@ _NUM_WARPS = 8
 # registers per thread at most: 32 lets an SM hold 2048 threads (8 programs), which keeps enough
 # loads in flight; the kernels fit without spilling, except the appendix FL*'s fp32 forward (a
 # few spill stores, in a pass bound by memory): tools/fused_sass_stats.py shows both
-_MAXNREG = 32
+# (a launch option since Triton 3.0, which torch 2.4 brings; older Tritons launch without it)
+_MAXNREG = 32 if int(triton.__version__.split(".")[0]) >= 3 else None
 _INT32_LIMIT = 2**31  # above it, 64-bit offsets
 
 
@@ -182,10 +183,12 @@ def _launch_args(logits, loss_type, alpha, gamma, max_factor, which="forward"):
         unit = math.log(2) / (gamma if loss == "FLSTAR_APPENDIX" else 1.0)
         w_pos, w_neg = w_pos * unit, w_neg * unit
     iters = _ITERS[which]
-    return dict(N=N, K=K, G=math.gcd(K, 16), w_pos=w_pos, w_neg=w_neg,
+    args = dict(N=N, K=K, G=math.gcd(K, 16), w_pos=w_pos, w_neg=w_neg,
                 gamma=float(gamma), log2_max_factor=log2_cap, LOSS=_LOSS_CODES[loss], BLOCK=_BLOCK,
-                ITERS=iters, WIDE=N + _BLOCK * iters >= _INT32_LIMIT, num_warps=_NUM_WARPS,
-                maxnreg=_MAXNREG)
+                ITERS=iters, WIDE=N + _BLOCK * iters >= _INT32_LIMIT, num_warps=_NUM_WARPS)
+    if _MAXNREG is not None:
+        args["maxnreg"] = _MAXNREG
+    return args
 
 
 def _grid(args):
