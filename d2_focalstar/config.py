@@ -1,3 +1,5 @@
+import math
+
 from detectron2.config import CfgNode as CN
 
 from .losses import LOSS_TYPES
@@ -54,10 +56,10 @@ def check_focalstar_config(cfg):
         problems.append(f"MODEL.FOCALSTAR.LOSS_TYPE={fs.LOSS_TYPE!r}: allowed {', '.join(LOSS_TYPES)}")
     for key, value in (("MODEL.FOCALSTAR.GAMMA", fs.GAMMA),
                        ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", rn.FOCAL_LOSS_GAMMA)):
-        if not (isinstance(value, (int, float)) and value >= 0):
-            problems.append(f"{key}={value!r}: allowed a number >= 0")
-    if not (isinstance(fs.APPENDIX_GAMMA, (int, float)) and fs.APPENDIX_GAMMA > 0):
-        problems.append(f"MODEL.FOCALSTAR.APPENDIX_GAMMA={fs.APPENDIX_GAMMA!r}: allowed a number > 0")
+        if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+            problems.append(f"{key}={value!r}: allowed a finite number >= 0")
+    if not (isinstance(fs.APPENDIX_GAMMA, (int, float)) and 0 < fs.APPENDIX_GAMMA < math.inf):
+        problems.append(f"MODEL.FOCALSTAR.APPENDIX_GAMMA={fs.APPENDIX_GAMMA!r}: allowed a finite number > 0")
     alpha = rn.FOCAL_LOSS_ALPHA
     if not (isinstance(alpha, (int, float)) and (0 <= alpha <= 1 or alpha == -1)):
         problems.append(f"MODEL.RETINANET.FOCAL_LOSS_ALPHA={alpha!r}: allowed [0, 1], "

@@ -102,9 +102,22 @@ def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, G: tl.constexpr,
 
 
 @triton.jit
+def _zero_weight_at_0(x_t, positive, ZERO: tl.constexpr):
+    """With alpha 1 (ZERO 1: the negatives weigh 0) or 0 (ZERO 2: the positives), the terms that
+    weigh 0 are computed at x_t = 0, so that an uncapped factor's overflow there gives 0, not
+    0 * inf = NaN (as the reference does). Compiled in only then: alpha in (0, 1) costs nothing."""
+    if ZERO == 1:
+        x_t = tl.where(positive, x_t, 0.0)
+    elif ZERO == 2:
+        x_t = tl.where(positive, 0.0, x_t)
+    return x_t
+
+
+@triton.jit
 def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
                     log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
-                    BLOCK: tl.constexpr, ITERS: tl.constexpr, WIDE: tl.constexpr):
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr, WIDE: tl.constexpr,
+                    ZERO: tl.constexpr):
     # the loss is computed in bits (log2): w_pos and w_neg are alpha_t times the conversion to
     # the loss's units (ln 2, over gamma for the appendix's FL*)
     # each program sums ITERS consecutive blocks (unrolled), then reduces once: the reduction
@@ -114,6 +127,7 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
     for i in tl.static_range(ITERS):
         x_t, positive, valid, _, _ = _elements(logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i,
                                                N, K, G, BLOCK, WIDE)
+        x_t = _zero_weight_at_0(x_t, positive, ZERO)
         if LOSS == 3:  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
             loss = _neg_log2_sigmoid(x_t * (gamma * _LOG2E))
         else:
@@ -131,7 +145,8 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
 @triton.jit
 def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, w_pos, w_neg,
                      gamma, log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
-                     BLOCK: tl.constexpr, ITERS: tl.constexpr, WIDE: tl.constexpr):
+                     BLOCK: tl.constexpr, ITERS: tl.constexpr, WIDE: tl.constexpr,
+                     ZERO: tl.constexpr):
     # w_pos and w_neg are alpha_t; with d x_t / d x = +1 or -1 and the incoming gradient: two scalars
     g_out = tl.load(grad_out_ptr).to(tl.float32)
     w_pos = w_pos * g_out
@@ -139,6 +154,7 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, w_pos, w
     for i in tl.static_range(ITERS):
         x_t, positive, valid, offsets, in_bounds = _elements(
             logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i, N, K, G, BLOCK, WIDE)
+        x_t = _zero_weight_at_0(x_t, positive, ZERO)
         if LOSS == 3:  # d/dx_t: -sigmoid(-gamma x_t) = -2^(log2 sigmoid(-gamma x_t))
             d = -tl.exp2(-_neg_log2_sigmoid(x_t * (-gamma * _LOG2E)))
         else:
@@ -185,7 +201,8 @@ def _launch_args(logits, loss_type, alpha, gamma, max_factor, which="forward"):
     iters = _ITERS[which]
     args = dict(N=N, K=K, G=math.gcd(K, 16), w_pos=w_pos, w_neg=w_neg,
                 gamma=float(gamma), log2_max_factor=log2_cap, LOSS=_LOSS_CODES[loss], BLOCK=_BLOCK,
-                ITERS=iters, WIDE=N + _BLOCK * iters >= _INT32_LIMIT, num_warps=_NUM_WARPS)
+                ITERS=iters, WIDE=N + _BLOCK * iters >= _INT32_LIMIT, num_warps=_NUM_WARPS,
+                ZERO={1.0: 1, 0.0: 2}.get(float(alpha), 0))
     if _MAXNREG is not None:
         args["maxnreg"] = _MAXNREG
     return args
@@ -234,6 +251,10 @@ def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, ga
         [:, :K], ..., reduction="sum")``.
     """
     check_loss_arguments(loss_type, alpha, gamma, max_factor)
+    if logits.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the fused kernel needs CUDA tensors, not {logits.device.type} (or Triton's "
+                         "interpreter, TRITON_INTERPRET=1); on the CPU use "
+                         "d2_focalstar.losses.sigmoid_classification_loss")
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be (R, K) and labels {tuple(labels.shape)} (R,)")
     return _FusedLoss.apply(logits.contiguous(), labels.contiguous().to(torch.int32),

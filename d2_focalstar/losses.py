@@ -39,8 +39,8 @@ def check_loss_arguments(loss_type: str, alpha: float, gamma: float, max_factor:
     loss_type = loss_type.upper()
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-    if not gamma >= 0:  # also catches NaN
-        raise ValueError(f"gamma={gamma} must be >= 0")
+    if not 0 <= gamma < math.inf:  # also catches NaN
+        raise ValueError(f"gamma={gamma} must be a finite number >= 0")
     if loss_type == "FLSTAR_APPENDIX" and gamma == 0:
         raise ValueError("gamma=0 is not allowed for FLSTAR_APPENDIX (it divides by gamma)")
     if alpha > 1 or alpha != alpha:
@@ -74,15 +74,17 @@ def sigmoid_classification_loss(
             ``sigmoid_focal_loss_star``; gamma must be > 0).
         alpha: weight of positives in [0, 1] (negatives get 1 - alpha); alpha < 0 means no
             weighting, as in fvcore.
-        gamma: exponent of the modulating factor, >= 0. gamma = 0 gives CE for FL and FL*.
+        gamma: exponent of the modulating factor, finite and >= 0. gamma = 0 gives CE for FL
+            and FL*.
         max_factor: FLSTAR only. Cap on the modulating factor ((1-p_t)/p_t)^gamma, which is
             unbounded as p_t -> 0. Where the cap binds (x_t < -ln(max_factor)/gamma) the factor
             is the constant ``max_factor`` and the gradient is ``max_factor`` times CE's,
-            -a_t * max_factor * sigmoid(-x_t), so its magnitude never exceeds
-            a_t * max_factor * (1 + ln(max_factor)). 0 (or inf) means no cap: the exact formula,
+            -a_t * max_factor * sigmoid(-x_t). The gradient's magnitude is largest just before
+            the cap binds and never exceeds a_t * max_factor * (1 + ln(max_factor) + gamma ln 2).
+            0 (or inf) means no cap: the exact formula,
             whose gradient grows like exp(gamma * |x_t|) and overflows fp32 for
             gamma * |x_t| > ~88.
-        reduction: "none" (per element), "mean" or "sum".
+        reduction: "none" (per element), "mean" (NaN for empty inputs, as torch's mean) or "sum".
 
     Returns:
         loss tensor (fp32, or fp64 for fp64 inputs), shape of ``inputs`` for "none", a scalar
@@ -97,6 +99,10 @@ def sigmoid_classification_loss(
     x = inputs.to(torch.promote_types(inputs.dtype, torch.float32))  # fp16/bf16 -> fp32
     pos = targets > 0.5
     x_t = torch.where(pos, x, -x)
+    if alpha in (0, 1):
+        # a term weighted 0 (alpha 1: the negatives; 0: the positives) is computed at x_t = 0, so
+        # that an uncapped factor's overflow there gives 0 * finite, not 0 * inf = NaN
+        x_t = torch.where(pos if alpha == 0 else ~pos, torch.zeros_like(x_t), x_t)
     loss = F.softplus(-x_t)  # -log(p_t), the cross-entropy
     if loss_type == "FLSTAR_APPENDIX":
         loss = F.softplus(-gamma * x_t) / gamma

@@ -93,13 +93,16 @@ def test_fused_flstar_cap_matches_reference(max_factor):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("loss_type,gamma", [("FLSTAR", 0.25), ("FL", 2.0)])
-def test_fused_half_precision_logits(dtype, loss_type, gamma):
-    x, labels = _inputs(scale=10.0)
+@pytest.mark.parametrize("scale", [10.0, 40.0])  # ordinary and extreme logits (|x| up to ~150)
+def test_fused_half_precision_logits(dtype, loss_type, gamma, scale):
+    x, labels = _inputs(scale=scale)
     x = x.to(dtype)
     a, b, ga, gb = _both(x, labels, loss_type, gamma)
     assert a.dtype == torch.float32 and ga.dtype == dtype  # loss accumulated in fp32
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # same half inputs, fp32 maths
-    torch.testing.assert_close(ga.float(), gb.float(), rtol=1e-2, atol=1e-3)
+    # both compute in fp32 and round once: at most one unit in the last place apart
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(ga.float(), gb.float(), rtol=eps, atol=torch.finfo(dtype).tiny)
     assert torch.isfinite(ga).all()
 
 
@@ -182,3 +185,28 @@ def test_retinanet_with_fused_kernel_in_fl_mode_equals_stock():
         got, want = ours(batch), stock(batch)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_terms_weighted_zero_stay_zero_without_cap(alpha):
+    """Uncapped FL*, g = 0.5: exp(0.5 * 200) overflows fp32. The terms alpha weights 0 (hard
+    negatives for alpha = 1, hard positives for alpha = 0) add 0 to the loss and get a 0
+    gradient, as in the reference, not 0 * inf = NaN; the rest is the reference's."""
+    x, labels = _inputs(scale=3.0)
+    K = x.shape[1]
+    rows = (labels >= 0) & (labels < K)
+    positive = torch.zeros_like(x, dtype=torch.bool)
+    positive[rows.nonzero()[:, 0], labels[rows]] = True
+    weighs_zero = (~positive if alpha == 1.0 else positive) & (labels >= 0)[:, None]
+    x[weighs_zero] = torch.where(positive[weighs_zero], -200.0, 200.0)  # each as hard as can be
+    a, b, ga, gb = _both(x, labels, "FLSTAR", 0.5, alpha=alpha, max_factor=0.0)
+    assert torch.isfinite(a) and torch.isfinite(ga).all()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+    assert (ga[weighs_zero] == 0).all()
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(fused, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="needs CUDA tensors, not cpu"):
+        fused.fused_classification_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64))

@@ -73,6 +73,14 @@ def test_bad_config_value_names_key_value_and_allowed(key, value, allowed):
     assert f"{key}={value!r}" in msg and allowed in msg
 
 
+def test_infinite_gamma_is_refused():
+    # YAML can write .inf (the command line cannot: yacs reads "inf" as a string)
+    cfg = quickstart_cfg()
+    cfg.MODEL.FOCALSTAR.GAMMA = float("inf")
+    with pytest.raises(ValueError, match="MODEL.FOCALSTAR.GAMMA=inf: allowed a finite number >= 0"):
+        check_focalstar_config(cfg)
+
+
 def test_no_weighting_alpha_is_accepted():
     check_focalstar_config(quickstart_cfg("MODEL.RETINANET.FOCAL_LOSS_ALPHA", "-1.0"))
 
