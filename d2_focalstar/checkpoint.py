@@ -79,8 +79,10 @@ _UMASK = _umask()
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside ``path``, then rename it to ``path``, which
-    gets the permissions a plain open() would give (mkstemp's are owner-only)."""
+    """Call write(file) on a temporary file beside ``path``, fsync it, rename it to ``path`` and
+    fsync the folder, so that after a crash or power loss ``path`` is the old file or the new
+    one, whole. ``path`` gets the permissions a plain open() would give (mkstemp's are
+    owner-only)."""
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
@@ -94,6 +96,16 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    try:  # the rename itself reaches the disk with the folder's entry
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened for this (some network file systems)
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 class SafeCheckpointer(DetectionCheckpointer):

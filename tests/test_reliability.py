@@ -205,6 +205,26 @@ def test_divergence_message_names_the_settings_of_its_loss_type(loss_type, named
     assert "lower SOLVER.CLIP_GRADIENTS.CLIP_VALUE" in msg and "enable gradient clipping" not in msg
 
 
+def test_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    """The data reaches the disk before the rename, and the rename with the folder's entry."""
+    import stat
+
+    from d2_focalstar.checkpoint import atomic_write
+
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    atomic_write(str(target), lambda f: f.write(b"new"))
+    assert target.read_text() == "new" and synced == ["file", "folder"]
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left
+
+
 # ---- interruption -----------------------------------------------------------------------------
 
 MAX_ITER = 16
@@ -243,9 +263,12 @@ def test_sigkill_during_training_then_resume(tmp_path):
     try:
         _wait_for(lambda: (tmp_path / "last_checkpoint").exists(), proc)
         time.sleep(0.7)  # somewhere in the following iterations
+        assert proc.poll() is None, "training ended before the kill: nothing was tested"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "model_final.pth").exists()  # it was cut off, not finished
     _assert_checkpoints_complete(tmp_path)
     _resume_and_finish(tmp_path)
 
