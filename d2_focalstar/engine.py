@@ -21,10 +21,14 @@ from .losses import gamma_for
 logger = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "TrainingDiverged", "load_config", "fall_back_to_cpu", "enable_cpu_ddp",
-           "divergence_message", "write_results", "setup_project_logger", "RESULTS_FILE"]
+           "divergence_message", "write_results", "setup_project_logger", "RESULTS_FILE",
+           "EVAL_RESULTS_FILE"]
 
 #: Where train_net.py leaves the final metrics of a run, for tools/compare.py and tools/sweep.py.
 RESULTS_FILE = "results.json"
+#: Where --eval-only leaves them in a training's folder, so that results.json stays the training's
+#: (and a sweep does not take an unfinished run for a finished one).
+EVAL_RESULTS_FILE = "results_eval.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -176,7 +180,9 @@ def divergence_message(cfg, iteration, error, last_checkpoint):
 
 
 def write_results(cfg, results, iteration):
-    """Write the final metrics and the settings that identify the run to OUTPUT_DIR/results.json."""
+    """Write the final metrics and the settings that identify the run to OUTPUT_DIR/results.json
+    (``iteration`` None: an evaluation only, which in a training's folder goes to
+    results_eval.json instead)."""
     fs = cfg.MODEL.FOCALSTAR
     record = {
         "loss_type": fs.LOSS_TYPE.upper(),
@@ -192,7 +198,10 @@ def write_results(cfg, results, iteration):
                    "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH},
         "results": {task: dict(metrics) for task, metrics in results.items()},
     }
-    path = os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE)
+    name = RESULTS_FILE
+    if iteration is None and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        name = EVAL_RESULTS_FILE  # --eval-only in a training's folder
+    path = os.path.join(cfg.OUTPUT_DIR, name)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
     logger.info(f"Final metrics written to {path}")

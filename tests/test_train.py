@@ -81,6 +81,20 @@ def test_eval_only_reproduces_the_trained_ap(trained, tmp_path):
             assert again[k] == pytest.approx(v, abs=1e-3), k
 
 
+def test_eval_only_in_the_trainings_folder_leaves_its_results_alone(trained):
+    """--eval-only into a training's OUTPUT_DIR writes results_eval.json: results.json stays the
+    training's (for a sweep it marks the run finished, for the comparison it is the run)."""
+    out, _ = trained
+    before = (out / "results.json").read_bytes()
+    again = coco_ap(train_net(*QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(out / "model_0000099.pth"),
+                              "OUTPUT_DIR", str(out)))
+    assert (out / "results.json").read_bytes() == before
+    with open(out / "results_eval.json") as f:
+        record = json.load(f)
+    assert record["iteration"] is None and record["weights"].endswith("model_0000099.pth")
+    assert record["results"]["bbox"]["AP"] == pytest.approx(again["AP"], abs=1e-3)
+
+
 def test_default_flstar_training_does_not_diverge(trained):
     out, _ = trained
     with open(out / "config.yaml") as f:
