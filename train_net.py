@@ -56,7 +56,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+            if len(cfg.DATASETS.TEST) > 1:  # a folder per test dataset: none overwrites another's
+                output_folder = os.path.join(output_folder, dataset_name)
         evaluators = [COCOEvaluator(dataset_name, output_dir=output_folder),
                       build_safety_evaluator(cfg, dataset_name, output_folder)]
         return DatasetEvaluators([e for e in evaluators if e is not None])

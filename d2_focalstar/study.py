@@ -148,6 +148,10 @@ def load_run(folder):
 
 def _metrics(record):
     res = record["results"]
+    if "bbox" not in res and res and all(isinstance(v, dict) and "bbox" in v for v in res.values()):
+        # several DATASETS.TEST: detectron2 nests the results by dataset; the first one counts
+        first = (record.get("datasets", {}).get("test") or list(res))[0]
+        res = res.get(first, next(iter(res.values())))
     out = OrderedDict((k, res.get("bbox", {}).get(k, math.nan)) for k in COCO_METRICS)
     for k, v in res.get("safety", {}).items():
         if "-" not in k:  # the means; per-class values stay in the run's own files

@@ -224,6 +224,19 @@ def test_a_seed_without_a_value_is_counted_in_the_mean_row(runs):
     assert "| mean | FL g=2 | 2 | 31.00 ± 1.41 (+0.00) |" in md  # all seeds: no count shown
 
 
+def test_several_test_datasets_compare_on_the_first(runs):
+    """With two DATASETS.TEST, detectron2 nests results by dataset: the comparison takes the
+    first test dataset's, not NaN."""
+    _fake_run(runs / "two_s0", "FLSTAR", 0.5, 0, 0.0)
+    path = runs / "two_s0" / "results.json"
+    record = json.loads(path.read_text())
+    record["datasets"] = {"train": ["a_train"], "test": ["a_val", "b_val"]}
+    record["results"] = {"b_val": {"bbox": {"AP": 10.0}}, "a_val": {"bbox": {"AP": 42.0}}}
+    path.write_text(json.dumps(record))
+    rows = comparison_rows([load_run(str(runs / "fl_s0")), load_run(str(runs / "two_s0"))])[1]
+    assert [r["AP"] for r in rows if r["run"] == "two_s0"] == [42.0]
+
+
 def test_runs_that_differ_in_learning_rate_are_not_seeds_of_one_setting(runs):
     # the fixture runs have no solver record and no config.yaml: they count as "unknown"
     _fake_run(runs / "lr_a_s0", "FLSTAR", 0.5, 0, 10.0, lr=0.02)

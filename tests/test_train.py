@@ -95,6 +95,28 @@ def test_eval_only_in_the_trainings_folder_leaves_its_results_alone(trained):
     assert record["results"]["bbox"]["AP"] == pytest.approx(again["AP"], abs=1e-3)
 
 
+def test_several_test_datasets_get_a_folder_each(tmp_path):
+    """With two DATASETS.TEST, each evaluator writes under inference/<dataset>/: the second does
+    not overwrite the first's files (the safety metrics among them)."""
+    import train_net
+    from d2_focalstar.data import ShapesSpec, generate_shapes_dataset, register_coco_json_datasets
+    from test_model import quickstart_cfg
+
+    generate_shapes_dataset(tmp_path / "tiny", ShapesSpec(2, 2, 64, 1, 2, 12, 20, seed=1))
+    json_file, images = str(tmp_path / "tiny" / "val.json"), str(tmp_path / "tiny" / "val")
+    cfg = quickstart_cfg("DATASETS.COCO_JSON", str([[f"tiny_{k}_val", json_file, images] for k in "ab"]),
+                         "DATASETS.TEST", "('tiny_a_val', 'tiny_b_val')", "OUTPUT_DIR", str(tmp_path))
+    register_coco_json_datasets(cfg)
+    folders = []
+    for name in cfg.DATASETS.TEST:
+        evaluators = train_net.Trainer.build_evaluator(cfg, name)._evaluators
+        folders.append({e._output_dir for e in evaluators})
+    assert folders == [{str(tmp_path / "inference" / name)} for name in cfg.DATASETS.TEST]
+    one = quickstart_cfg("DATASETS.TEST", "('tiny_a_val',)", "OUTPUT_DIR", str(tmp_path))
+    assert {e._output_dir for e in train_net.Trainer.build_evaluator(one, "tiny_a_val")._evaluators} \
+        == {str(tmp_path / "inference")}
+
+
 def test_default_flstar_training_does_not_diverge(trained):
     out, _ = trained
     with open(out / "config.yaml") as f:
