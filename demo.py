@@ -159,6 +159,7 @@ def main(args):
     os.makedirs(args.output, exist_ok=True)
 
     detections, skipped = {}, []
+    json_path = os.path.join(args.output, "detections.json")
     for i, (path, out_name) in enumerate(zip(files, output_names(files)), 1):
         name = os.path.basename(path)
         image, why = read_photo(path, resize)
@@ -178,13 +179,15 @@ def main(args):
         drawn = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(inst).get_image()
         jpeg = cv2.imencode(".jpg", drawn[:, :, ::-1])[1].tobytes()
         save(os.path.join(args.output, out_name), jpeg)
+        # rewritten (atomically) after each photo: a run cut off leaves a detections.json that
+        # matches the annotated photos beside it; a run without any usable photo leaves none
+        save(json_path, json.dumps(detections, indent=1).encode())
         logger.info(f"{i}/{len(files)} {name}: {len(inst)} detections, {ms:.0f} ms -> {out_name}")
 
-    json_path = os.path.join(args.output, "detections.json")
-    save(json_path, json.dumps(detections, indent=1).encode())
-    logger.info(f"{len(detections)} photos annotated in {args.output}, detections in {json_path}; "
-                f"{len(skipped)} file(s) skipped" + (f": {', '.join(skipped)}" if skipped else ""))
-    if not detections:
+    if detections:
+        logger.info(f"{len(detections)} photos annotated in {args.output}, detections in {json_path}; "
+                    f"{len(skipped)} file(s) skipped" + (f": {', '.join(skipped)}" if skipped else ""))
+    else:
         raise ConfigError(f"--input {args.input}: none of its {len(files)} file(s) is a usable "
                           "image")
 

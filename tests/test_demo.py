@@ -141,8 +141,12 @@ def test_corrupt_weights_are_a_one_line_error(weights, notes, tmp_path):
 
 
 def test_a_folder_without_any_usable_image_fails(weights, notes, tmp_path):
+    # an earlier run's detections stay as they were: nothing is written over them
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "detections.json").write_text('{"earlier.jpg": []}')
     # options may come after the config opts too
     proc = run("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
                "MODEL.WEIGHTS", weights, "--device", "cpu", timeout=120)
     assert_one_line_error(proc, "none of its 1 file(s) is a usable image")
     assert "skipped notes.txt: not an image" in proc.output
+    assert (tmp_path / "out" / "detections.json").read_text() == '{"earlier.jpg": []}'
