@@ -85,12 +85,6 @@ def test_no_weighting_alpha_is_accepted():
     check_focalstar_config(quickstart_cfg("MODEL.RETINANET.FOCAL_LOSS_ALPHA", "-1.0"))
 
 
-def test_unknown_config_key_is_named():
-    cfg = quickstart_cfg()
-    with pytest.raises((KeyError, AssertionError), match="MODEL.FOCALSTAR.GAMA"):
-        cfg.merge_from_list(["MODEL.FOCALSTAR.GAMA", "0.5"])
-
-
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
 def test_every_config_loads_and_names_known_datasets(name):
     from detectron2.data import DatasetCatalog
