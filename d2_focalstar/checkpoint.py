@@ -9,6 +9,8 @@ A DetectionCheckpointer that never leaves a half-written file and never runs cod
   ``torch.load(weights_only=True)`` (tensors and plain containers only), and detectron2 / Caffe2
   model-zoo ``.pkl`` files through an unpickler that admits only numpy arrays and plain data.
 """
+import json
+import math
 import os
 import pickle
 import tempfile
@@ -18,7 +20,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 __all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "CheckpointReadError",
-           "NonFiniteWeightsError", "atomic_write"]
+           "NonFiniteWeightsError", "atomic_write", "write_json"]
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -106,6 +108,25 @@ def atomic_write(path, write):
         pass
     finally:
         os.close(dir_fd)
+
+
+def _finite_or_null(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
+def write_json(path, record, indent=2):
+    """``atomic_write`` of ``record`` as strict JSON: a value that is not a finite number (COCO's
+    APs for a dataset with no small objects, a miss rate with no ground truth) is written as
+    ``null``, which every JSON reader accepts, instead of Python's bare ``NaN``, which jq,
+    JavaScript and other strict readers refuse."""
+    data = json.dumps(_finite_or_null(record), indent=indent, allow_nan=False).encode()
+    atomic_write(path, lambda f: f.write(data))
 
 
 class SafeCheckpointer(DetectionCheckpointer):

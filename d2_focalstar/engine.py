@@ -4,7 +4,6 @@ command line (bad input becomes a one-line ConfigError), the CPU fall-back, mult
 runs, and an informative stop when training diverges.
 """
 import difflib
-import json
 import logging
 import os
 import re
@@ -14,7 +13,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import defaults
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import atomic_write
+from .checkpoint import write_json
 from .config import ConfigError, add_focalstar_config, check_focalstar_config
 from .losses import gamma_for
 
@@ -203,5 +202,5 @@ def write_results(cfg, results, iteration):
         name = EVAL_RESULTS_FILE  # --eval-only in a training's folder
     path = os.path.join(cfg.OUTPUT_DIR, name)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+    write_json(path, record)
     logger.info(f"Final metrics written to {path}")

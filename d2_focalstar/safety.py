@@ -12,7 +12,6 @@ Both are in percent; LAMR is lower-is-better. The functions are numpy-only; ``Sa
 is a detectron2 ``DatasetEvaluator`` that reports them under the task ``"safety"``.
 """
 import itertools
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -25,7 +24,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from tabulate import tabulate
 
-from .checkpoint import atomic_write
+from .checkpoint import write_json
 
 __all__ = ["match_detections", "miss_rate_fppi_curve", "log_average_miss_rate", "recall_at_fppi",
            "SafetyEvaluator", "build_safety_evaluator"]
@@ -254,8 +253,7 @@ class SafetyEvaluator(DatasetEvaluator):
         os.makedirs(self._output_dir, exist_ok=True)
         record = {"safety": res, "num_gt": num_gts, "num_images": num_images,
                   "iou_threshold": self._iou_threshold, "fp_per_image": self._fp_per_image}
-        atomic_write(os.path.join(self._output_dir, "safety_metrics.json"),
-                     lambda f: f.write(json.dumps(record, indent=2).encode()))
+        write_json(os.path.join(self._output_dir, "safety_metrics.json"), record)
 
 
 def build_safety_evaluator(cfg, dataset_name, output_dir=None):

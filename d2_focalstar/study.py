@@ -152,11 +152,12 @@ def _metrics(record):
         # several DATASETS.TEST: detectron2 nests the results by dataset; the first one counts
         first = (record.get("datasets", {}).get("test") or list(res))[0]
         res = res.get(first, next(iter(res.values())))
-    out = OrderedDict((k, res.get("bbox", {}).get(k, math.nan)) for k in COCO_METRICS)
+    out = OrderedDict((k, res.get("bbox", {}).get(k)) for k in COCO_METRICS)
     for k, v in res.get("safety", {}).items():
         if "-" not in k:  # the means; per-class values stay in the run's own files
             out[k] = v
-    return out
+    # null in results.json (or missing): a metric without a value, NaN in the table's maths
+    return OrderedDict((k, math.nan if v is None else float(v)) for k, v in out.items())
 
 
 def _setting(record):

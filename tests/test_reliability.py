@@ -225,6 +225,25 @@ def test_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left
 
 
+def test_write_json_writes_strict_json_with_null_for_missing_values(tmp_path):
+    """COCO's APl on a dataset without large objects is NaN: results.json says null, which a
+    strict reader (jq, JavaScript) accepts; finite values are kept exactly."""
+    import numpy as np
+
+    from d2_focalstar.checkpoint import write_json
+
+    def no_constants(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    record = {"bbox": {"AP": 37.25, "APl": float("nan"), "APs": np.float64("nan")},
+              "safety": [float("inf"), -float("inf"), 1e-300], "iteration": None, "name": "x"}
+    path = tmp_path / "results.json"
+    write_json(str(path), record)
+    read = json.loads(path.read_text(), parse_constant=no_constants)
+    assert read == {"bbox": {"AP": 37.25, "APl": None, "APs": None},
+                    "safety": [None, None, 1e-300], "iteration": None, "name": "x"}
+
+
 # ---- interruption -----------------------------------------------------------------------------
 
 MAX_ITER = 16

@@ -212,15 +212,25 @@ def test_stopping_a_sweep_stops_its_runs_and_it_reports_their_progress(tmp_path)
 
 
 def test_a_seed_without_a_value_is_counted_in_the_mean_row(runs):
-    # a run with no detections at all has AP NaN: the mean is over the other seeds and says so
+    # a run with no detections at all has AP NaN: the mean is over the other seeds and says so.
+    # train_net.py writes it as null (strict JSON); results.json files written before that hold
+    # a bare NaN: both read as no value.
+    from d2_focalstar.checkpoint import write_json
+
     _fake_run(runs / "collapsed_s0", "FLSTAR", 0.5, 0, float("nan"))
+    path = runs / "collapsed_s0" / "results.json"
+    write_json(str(path), json.loads(path.read_text()))
+    assert '"AP": null' in path.read_text()
     _fake_run(runs / "collapsed_s1", "FLSTAR", 0.5, 1, 0.5)
-    records = [load_run(str(runs / n)) for n in ("fl_s0", "fl_s1", "collapsed_s0", "collapsed_s1")]
+    _fake_run(runs / "collapsed_s2", "FLSTAR", 0.5, 2, float("nan"))
+    assert '"AP": NaN' in (runs / "collapsed_s2" / "results.json").read_text()
+    records = [load_run(str(runs / n)) for n in ("fl_s0", "fl_s1", "collapsed_s0", "collapsed_s1",
+                                                 "collapsed_s2")]
     columns, rows = comparison_rows(records)
     means = {r["setting"]: r for r in rows if r["run"] == "mean"}
     assert means["FLSTAR g=0.5"]["AP"] == 0.5 and means["FLSTAR g=0.5"]["AP n"] == 1
     md = to_markdown(columns, rows)
-    assert "| mean | FLSTAR g=0.5 | 2 | 0.50 (-30.50) [1 of 2 seeds] |" in md
+    assert "| mean | FLSTAR g=0.5 | 3 | 0.50 (-30.50) [1 of 3 seeds] |" in md
     assert "| mean | FL g=2 | 2 | 31.00 ± 1.41 (+0.00) |" in md  # all seeds: no count shown
 
 

@@ -51,8 +51,11 @@ def test_short_cpu_training_learns(trained, tmp_path):
 
 def test_results_json_holds_the_final_evaluation(trained):
     out, log = trained
+    def no_constants(name):  # NaN / Infinity: Python reads them, strict JSON readers do not
+        raise ValueError(f"results.json is not strict JSON: {name}")
+
     with open(out / "results.json") as f:
-        record = json.load(f)
+        record = json.load(f, parse_constant=no_constants)
     assert record["loss_type"] == "FLSTAR" and record["gamma"] == 0.25 and record["iteration"] == ITERS
     assert record["results"]["bbox"]["AP"] == pytest.approx(coco_ap(log)["AP"], abs=1e-3)
     assert set(record["results"]["safety"]) >= {"LAMR", "R@0.1FPPI", "LAMR-triangle", "LAMR-cross"}

@@ -19,7 +19,6 @@ It prints Markdown tables and writes everything to --out as JSON.
 """
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -433,9 +432,9 @@ def main(argv=None):
         report["detector"] = bench_detectors(args, sizes, device, timer)
     print_tables(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    from d2_focalstar.checkpoint import atomic_write
+    from d2_focalstar.checkpoint import write_json
 
-    atomic_write(args.out, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     return report
 
