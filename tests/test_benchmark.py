@@ -29,10 +29,16 @@ def test_every_loss_variant_agrees_with_the_reference(smoke):
     assert len(compared) == 4 * 3  # stock, torchvision, fused FL, fused FL*, in each dtype
     assert all(r["agrees_with_reference"] for r in compared), [r["variant"] for r in compared
                                                                if not r["agrees_with_reference"]]
+    n, a, k = report["meta"]["logits_shape"]  # images x anchors x classes
+    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}
     for r in rows:
         assert r["ms"] > 0
+        # the traffic the issue counts: the logits read in the forward, read again and the
+        # gradient written in the backward, each one tensor of the logits' shape and dtype
+        assert r["loss_shape_bytes"] == n * a * k * itemsize[r["dtype"]]
         assert r["effective_gbs"] == pytest.approx(
-            3 * r["loss_shape_bytes"] / (r["ms"] / 1e3) / 1e9, rel=1e-6)
+            3 * n * a * k * itemsize[r["dtype"]] / (r["ms"] / 1e3) / 1e9, rel=1e-6)
+        assert r["pct_of_copy"] == pytest.approx(100 * r["effective_gbs"] / report["meta"]["copy_gbs"])
 
 
 def test_detectors_are_timed_and_projected(smoke):
