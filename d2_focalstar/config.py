@@ -25,8 +25,9 @@ def add_focalstar_config(cfg):
     # times CE's. 0 = no cap (the exact, unbounded formula).
     cfg.MODEL.FOCALSTAR.MAX_FACTOR = 100.0
     # Compute the classification loss with the fused Triton kernel (d2_focalstar/fused.py) on
-    # CUDA: same values as the reference functions, no one-hot tensor, ~15x faster and ~10 GiB
-    # less than stock detectron2 for COCO-sized batches (docs/BENCHMARKS.md, one H100). False: the reference functions everywhere.
+    # CUDA: same values as the reference functions, no one-hot tensor (its earlier version timed
+    # ~15x faster and ~10 GiB less than stock detectron2 for COCO-sized batches on one H100,
+    # docs/BENCHMARKS.md). False: the reference functions everywhere.
     # On the CPU the reference functions are always used.
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = True
     # Gamma of LOSS_TYPE "FLSTAR_APPENDIX": -log(sigmoid(gamma * x_t)) / gamma (> 0).

@@ -170,11 +170,12 @@ def test_extreme_logits_give_finite_loss_and_gradient(dtype, loss_type, gamma):
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-6, atol=0)
 
 def test_without_cap_fp16_gradient_overflows_which_is_why_the_cap_is_default():
-    x = torch.tensor([-100.0], dtype=torch.float16, requires_grad=True)
-    sigmoid_flstar_loss(x, torch.ones(1, dtype=torch.float16), gamma=0.5, max_factor=0).sum().backward()
-    assert torch.isinf(x.grad).all()
+    # README: uncapped, g = 0.5, a = 0.25, the fp16 gradient overflows from x_t ~ -21 on
+    x = torch.tensor([-20.0, -21.0, -100.0], dtype=torch.float16, requires_grad=True)
+    sigmoid_flstar_loss(x, torch.ones(3, dtype=torch.float16), gamma=0.5, max_factor=0).sum().backward()
+    assert torch.isfinite(x.grad[0]) and torch.isinf(x.grad[1:]).all()
     x.grad = None
-    sigmoid_flstar_loss(x, torch.ones(1, dtype=torch.float16), gamma=0.5).sum().backward()
+    sigmoid_flstar_loss(x, torch.ones(3, dtype=torch.float16), gamma=0.5).sum().backward()
     assert torch.isfinite(x.grad).all()
 
 

@@ -12,7 +12,7 @@
 #   test       the fused kernel's tests on the GPU (tests/test_fused.py), under a minute
 #   bench      tools/benchmark.py, all of it (~2.5 min on an H100)      -> OUTDIR/benchmark.json
 #   bench-loss tools/benchmark.py --sections loss: the loss variants only -> OUTDIR/benchmark_loss.json
-#   blocks     tools/fused_block_sweep.py (~3 min)                      -> OUTDIR/fused_block_sweep.json
+#   blocks     tools/fused_block_sweep.py, fp32 and fp16 (the default first) -> OUTDIR/fused_block_sweep.json
 #   study      the GPU study of docs/RESULTS.md (its two sweeps, 14 runs at once), ~9 min on an H100
 #                                                                       -> OUTDIR/study_gpu.tgz
 #   study-lr   CE, FL* g=0.25 and g=0.5 at lr 0.005 on the same data, seeds 0 1 (6 runs at once)
@@ -81,7 +81,7 @@ run_step() {
     bench-loss)
       timeout -k 10 "$t" "$PY" tools/benchmark.py --sections loss --out "$OUTDIR/benchmark_loss.json" ;;
     blocks)
-      timeout -k 10 "$t" "$PY" tools/fused_block_sweep.py --out "$OUTDIR/fused_block_sweep.json" ;;
+      timeout -k 10 "$t" "$PY" tools/fused_block_sweep.py --dtypes fp32 fp16 --out "$OUTDIR/fused_block_sweep.json" ;;
     study)
       # the two sweeps of docs/RESULTS.md side by side: 12 + 2 runs on the one GPU
       timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $STUDY_CFG --jobs 12 \
