@@ -194,7 +194,7 @@ def write_results(cfg, results, iteration):
         "iteration": iteration,
         "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
         "solver": {"base_lr": cfg.SOLVER.BASE_LR, "max_iter": cfg.SOLVER.MAX_ITER,
-                   "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH},
+                   "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "amp": cfg.SOLVER.AMP.ENABLED},
         "results": {task: dict(metrics) for task, metrics in results.items()},
     }
     name = RESULTS_FILE
