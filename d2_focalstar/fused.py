@@ -19,6 +19,7 @@ in base 2 so that each exp is one exp2 instruction on the GPU and the one log is
 polynomial (``_log2_1p``). The forward kernel is bound by instruction issue, not memory, so this
 matters: ``tools/fused_sass_stats.py`` counts the instructions per element without a GPU.
 """
+import logging
 import math
 import os
 
@@ -28,7 +29,9 @@ import triton.language as tl
 
 from .losses import LOSS_TYPES, check_loss_arguments
 
-__all__ = ["fused_classification_loss", "INTERPRETED"]
+__all__ = ["fused_classification_loss", "agrees_with_reference", "INTERPRETED"]
+
+logger = logging.getLogger(__name__)
 
 #: The kernels below run in Triton's interpreter (on CPU tensors too): TRITON_INTERPRET=1 was set
 #: when this module was imported, which is when triton.jit reads it.
@@ -259,3 +262,66 @@ def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, ga
         raise ValueError(f"logits {tuple(logits.shape)} must be (R, K) and labels {tuple(labels.shape)} (R,)")
     return _FusedLoss.apply(logits.contiguous(), labels.contiguous().to(torch.int32),
                             loss_type, alpha, gamma, max_factor)
+
+
+_verdicts = {}  # (device, dtype, loss arguments) -> None (agrees) or what disagreed
+
+
+def agrees_with_reference(device, dtype, num_classes, loss_type, alpha, gamma, max_factor):
+    """
+    Whether the kernel, compiled for this device and dtype, gives the reference's loss and
+    gradient on a small batch (positive, background and ignored anchors; logits in [-20, 20])
+    there. Checked once per process and setting, before the kernel's first use in training
+    (RetinaNetFLStar): a kernel that a GPU, driver or Triton version gets wrong is not used;
+    it says why, once, and training goes on with the reference functions. The reference is
+    the float64 formula on the CPU, from the same (rounded) logits.
+    """
+    from .losses import sigmoid_classification_loss
+
+    key = (str(device), dtype, num_classes, loss_type, alpha, gamma, max_factor)
+    if key not in _verdicts:
+        g = torch.Generator().manual_seed(0)
+        rows = 64
+        x = (torch.randn(rows, num_classes, generator=g) * 4 - 2).clamp(-20, 20)
+        x[0, :] = 20.0  # saturated, on both sides of the label
+        x[1, :] = -20.0
+        labels = torch.randint(0, num_classes + 1, (rows,), generator=g)
+        labels[::5] = -1
+        x = x.to(dtype)
+        ref = x.double().requires_grad_(True)
+        valid = labels >= 0
+        target = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes + 1)[:, :num_classes]
+        ref_loss = sigmoid_classification_loss(ref[valid], target[valid].double(), loss_type, alpha,
+                                               gamma, max_factor, reduction="sum")
+        ref_loss.backward()
+        # the kernel stores the gradient in the logits' dtype: rounded (to inf past fp16's range)
+        want_loss, want_grad = float(ref_loss.detach()), ref.grad.to(dtype).double()
+        scale = float(want_grad[want_grad.isfinite()].abs().max())
+        try:
+            with torch.enable_grad(), torch.autocast(str(device).split(":")[0], enabled=False):
+                xd = x.to(device, copy=True).requires_grad_(True)
+                loss = fused_classification_loss(xd, labels.to(device), loss_type, alpha, gamma,
+                                                 max_factor)
+                loss.backward()
+            got_loss, got_grad = float(loss.detach()), xd.grad.double().cpu()
+        except Exception as e:  # a compile or launch failure on this device
+            got_loss, got_grad = None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        rtol = 1e-4 if dtype == torch.float32 else 1e-2  # half: the gradient is stored rounded
+        if got_loss is None:
+            verdict = got_grad
+        elif not math.isclose(got_loss, want_loss, rel_tol=rtol):
+            verdict = f"loss {got_loss:.6g} instead of {want_loss:.6g}"
+        elif not torch.allclose(got_grad, want_grad, rtol=rtol, atol=rtol * scale):
+            worst = int(torch.nan_to_num((got_grad - want_grad).abs(), nan=math.inf).argmax())
+            verdict = (f"gradient {float(got_grad.flatten()[worst]):.6g} instead of "
+                       f"{float(want_grad.flatten()[worst]):.6g} at element {worst}")
+        else:
+            verdict = None
+        if verdict is not None:
+            logger.warning(
+                f"The fused loss kernel disagrees with the reference on {device} ({dtype}, "
+                f"{loss_type}): {verdict}. Using the reference functions instead (slower, same "
+                f"values); please report it with your GPU, driver and Triton versions. "
+                f"MODEL.FOCALSTAR.FUSED_KERNEL False skips this check.")
+        _verdicts[key] = verdict
+    return _verdicts[key] is None

@@ -67,6 +67,14 @@ class RetinaNetFLStar(RetinaNet):
         )
         return ret
 
+    def _fused_kernel_agrees(self, logits):
+        # once per process and setting, on this device and dtype: a kernel that this GPU or
+        # Triton version gets wrong is not used (fused.agrees_with_reference warns)
+        from .fused import agrees_with_reference
+
+        return agrees_with_reference(logits.device, logits.dtype, self.num_classes, self.cls_loss_type,
+                                     self.focal_loss_alpha, self.cls_loss_gamma, self.flstar_max_factor)
+
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """Same inputs and outputs as :meth:`RetinaNet.losses`."""
         num_images = len(gt_labels)
@@ -79,7 +87,7 @@ class RetinaNetFLStar(RetinaNet):
         normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
 
         logits = cat(pred_logits, dim=1)
-        if self.fused_kernel and _fused_kernel_runs_on(logits):
+        if self.fused_kernel and _fused_kernel_runs_on(logits) and self._fused_kernel_agrees(logits):
             from .fused import fused_classification_loss  # needs Triton: imported only here
 
             loss_cls = fused_classification_loss(

@@ -210,3 +210,57 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(fused, "INTERPRETED", False)
     with pytest.raises(ValueError, match="needs CUDA tensors, not cpu"):
         fused.fused_classification_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss_type, gamma", SETTINGS)
+def test_self_check_passes_for_the_kernel_as_it_is(monkeypatch, loss_type, gamma, dtype):
+    monkeypatch.setattr(fused, "_verdicts", {})
+    assert fused.agrees_with_reference(DEVICE, dtype, 80, loss_type, 0.25, gamma, 100.0), fused._verdicts
+
+
+def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypatch, caplog):
+    """RetinaNetFLStar checks the kernel against the float64 reference on a small batch, once per
+    device, dtype and setting, before it uses it. A kernel this GPU or Triton gets wrong (here:
+    1% off) is not used: one warning that says why, and the losses are the reference's."""
+    from test_model import quickstart_cfg, synthetic_batch
+
+    from detectron2.modeling import build_model
+
+    monkeypatch.setattr(fused, "_verdicts", {})
+    calls, real = [], fused.fused_classification_loss
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs) * 1.01
+
+    torch.manual_seed(0)
+    model = build_model(quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "True"))
+    reference_model = build_model(quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "False"))
+    reference_model.load_state_dict(model.state_dict())
+    batch = synthetic_batch(num_classes=model.num_classes)
+    def loss_cls(m):  # each call moves the normaliser's EMA: start each from its initial value
+        m.__dict__.pop("loss_normalizer", None)
+        return m(batch)["loss_cls"]
+
+    with EventStorage():
+        want = loss_cls(reference_model)
+        monkeypatch.setattr(fused, "fused_classification_loss", counted)
+        good = loss_cls(model)
+        assert len(calls) == 2  # the check, then the loss itself
+        torch.testing.assert_close(good, want, rtol=1e-5, atol=0)
+
+        monkeypatch.setattr(fused, "_verdicts", {})
+        monkeypatch.setattr(fused, "fused_classification_loss", broken)
+        calls.clear()
+        with caplog.at_level("WARNING", logger="d2_focalstar.fused"):
+            got = [loss_cls(model) for _ in range(2)]
+    assert len(calls) == 1  # the check only
+    for loss in got:
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    warnings = [r.getMessage() for r in caplog.records if "disagrees with the reference" in r.getMessage()]
+    assert len(warnings) == 1 and "FLSTAR" in warnings[0] and "loss" in warnings[0]
