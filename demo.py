@@ -152,8 +152,11 @@ def main(args):
     metadata = dataset_metadata(cfg)
     names = metadata.get("thing_classes", None) or []
     model = build_model(cfg)
-    # a file that is not a checkpoint, or a damaged or unsafe one: a one-line error naming it
-    SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    # a file that is not a checkpoint, a damaged or unsafe one, or one without the detector's
+    # heads (backbone weights): a one-line error naming it
+    checkpointer = SafeCheckpointer(model)
+    checkpointer.load(cfg.MODEL.WEIGHTS)
+    checkpointer.require_all_weights()
     model.eval()
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     os.makedirs(args.output, exist_ok=True)

@@ -22,8 +22,8 @@ from d2_focalstar import check_datasets, register_coco_json_datasets
 from d2_focalstar.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
 from d2_focalstar.safety import build_safety_evaluator
-from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message, enable_cpu_ddp,
-                                 load_config, setup_project_logger, write_results)
+from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message, draw_seed,
+                                 enable_cpu_ddp, load_config, setup_project_logger, write_results)
 
 
 def fault_log(cfg):
@@ -78,9 +78,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer.require_all_weights()  # not ImageNet backbone weights with random heads
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -117,6 +117,7 @@ if __name__ == "__main__":
         # once, before any process starts: config, weights and datasets
         setup_project_logger()
         cfg = load_config(args)
+        draw_seed(args, cfg)  # SEED -1: one seed for all processes, recorded in the run's files
         register_coco_json_datasets(cfg)
         check_datasets(cfg, train=not args.eval_only)  # evaluation needs only DATASETS.TEST
         launch(main, args.num_gpus, num_machines=args.num_machines,

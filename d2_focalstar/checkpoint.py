@@ -20,7 +20,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 __all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "CheckpointReadError",
-           "NonFiniteWeightsError", "atomic_write", "write_json"]
+           "IncompleteCheckpointError", "NonFiniteWeightsError", "atomic_write", "write_json"]
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -41,6 +41,10 @@ def _not_a_checkpoint(filename, e):
     return CheckpointReadError(
         f"{filename} cannot be read as a checkpoint: it is not a PyTorch (.pth) or model-zoo "
         f"(.pkl) file, or it is damaged or truncated ({_first_line(e)}).")
+
+
+class IncompleteCheckpointError(CheckpointReadError):
+    """A checkpoint that lacks some of the model's weights, where all are needed (evaluation)."""
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -130,6 +134,33 @@ def write_json(path, record, indent=2):
 
 
 class SafeCheckpointer(DetectionCheckpointer):
+    loaded_path = None  # the last file load() read, and the model weights it did not have
+    missing_keys = ()
+
+    def load(self, path, *args, **kwargs):
+        self.loaded_path, self.missing_keys = path, ()
+        return super().load(path, *args, **kwargs)
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        # weights the file lacks, and those of another shape (left out of the load, so missing)
+        self.missing_keys = tuple(incompatible.missing_keys) if incompatible is not None else ()
+        return incompatible
+
+    def require_all_weights(self):
+        """Raise IncompleteCheckpointError unless the last load() set every weight of the model:
+        evaluating ImageNet backbone weights (the 1x configs' MODEL.WEIGHTS) or a checkpoint for
+        other classes would give a meaningless AP, not an error."""
+        if not self.loaded_path:
+            raise IncompleteCheckpointError("no checkpoint was loaded: the model has random weights")
+        if self.missing_keys:
+            total = len(self.model.state_dict())
+            raise IncompleteCheckpointError(
+                f"{self.loaded_path} is not a trained detector for this config: {len(self.missing_keys)} "
+                f"of the model's {total} weight tensors are missing from it or have another shape "
+                f"(e.g. {', '.join(self.missing_keys[:3])}). Evaluate a checkpoint of this model "
+                f"(a training's model_final.pth, or a model-zoo RetinaNet with the same classes).")
+
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
             return

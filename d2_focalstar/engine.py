@@ -20,14 +20,11 @@ from .losses import gamma_for
 logger = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "TrainingDiverged", "load_config", "fall_back_to_cpu", "enable_cpu_ddp",
-           "divergence_message", "write_results", "setup_project_logger", "RESULTS_FILE",
-           "EVAL_RESULTS_FILE"]
+           "divergence_message", "write_results", "setup_project_logger", "draw_seed",
+           "RESULTS_FILE"]
 
 #: Where train_net.py leaves the final metrics of a run, for tools/compare.py and tools/sweep.py.
 RESULTS_FILE = "results.json"
-#: Where --eval-only leaves them in a training's folder, so that results.json stays the training's
-#: (and a sweep does not take an unfinished run for a finished one).
-EVAL_RESULTS_FILE = "results_eval.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,17 +93,67 @@ def load_config(args):
     fall_back_to_cpu(cfg)
     check_focalstar_config(cfg)
     _check_weights(cfg, args)
+    if args.eval_only:
+        _separate_evaluation_folder(cfg, args)
     return cfg
+
+
+def _last_checkpoint(output_dir):
+    """The checkpoint OUTPUT_DIR/last_checkpoint names, as a path; None without that file."""
+    tag = os.path.join(output_dir, "last_checkpoint")
+    if not os.path.isfile(tag):
+        return None
+    with open(tag) as f:
+        return os.path.join(output_dir, f.read().strip())
 
 
 def _check_weights(cfg, args):
     weights = cfg.MODEL.WEIGHTS
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-    if args.eval_only and not weights and not resuming:
+    last = _last_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
+    if last is not None and not os.path.isfile(last):
+        others = sorted(f for f in os.listdir(cfg.OUTPUT_DIR) if f.endswith(".pth"))
+        raise ConfigError(
+            f"--resume: {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')} names "
+            f"{os.path.basename(last)}, which is not in {cfg.OUTPUT_DIR} (checkpoints there: "
+            f"{', '.join(others) or 'none'}); write the name of one of them into last_checkpoint, "
+            f"or run without --resume to start again")
+    if args.eval_only and not weights and last is None:
         raise ConfigError("--eval-only needs weights to evaluate: add MODEL.WEIGHTS "
                           "path/to/model_final.pth (or --resume with an OUTPUT_DIR that has one)")
-    if weights and "://" not in weights and not resuming and not os.path.isfile(weights):
+    if weights and "://" not in weights and last is None and not os.path.isfile(weights):
         raise ConfigError(f"MODEL.WEIGHTS={weights!r}: no such file")
+
+
+_told_eval_folder = set()
+
+
+def _separate_evaluation_folder(cfg, args):
+    """--eval-only into the folder of a training writes into OUTPUT_DIR/eval_<checkpoint>/, so
+    that the training's config.yaml, results.json, inference/ and safety metrics stay its own
+    (and a sweep does not take an unfinished run for a finished one). With --resume the
+    checkpoint is the training's last one."""
+    last = _last_checkpoint(cfg.OUTPUT_DIR)
+    if last is None:
+        return
+    if args.resume:  # named before OUTPUT_DIR moves: the evaluation folder has no last_checkpoint
+        cfg.MODEL.WEIGHTS = last
+    stem = os.path.splitext(os.path.basename(cfg.MODEL.WEIGHTS))[0]
+    folder = os.path.join(cfg.OUTPUT_DIR, f"eval_{stem}")
+    if folder not in _told_eval_folder:  # once per process (the config is loaded twice)
+        logger.info(f"--eval-only in the folder of a training: writing to {folder}")
+        _told_eval_folder.add(folder)
+    cfg.OUTPUT_DIR = folder
+
+
+def draw_seed(args, cfg):
+    """With SEED < 0 (detectron2's "a different seed each run"), draw the seed here, once, and put
+    it on ``args.opts`` for every process, so that config.yaml and results.json record the seed
+    the run used instead of -1."""
+    if cfg.SEED < 0:
+        seed = int.from_bytes(os.urandom(4), "little") % 2**31
+        args.opts = list(args.opts) + ["SEED", str(seed)]
+        cfg.defrost()
+        cfg.SEED = seed
 
 
 _warned_cpu = []
@@ -180,8 +227,7 @@ def divergence_message(cfg, iteration, error, last_checkpoint):
 
 def write_results(cfg, results, iteration):
     """Write the final metrics and the settings that identify the run to OUTPUT_DIR/results.json
-    (``iteration`` None: an evaluation only, which in a training's folder goes to
-    results_eval.json instead)."""
+    (``iteration`` None: an evaluation only)."""
     fs = cfg.MODEL.FOCALSTAR
     record = {
         "loss_type": fs.LOSS_TYPE.upper(),
@@ -197,10 +243,7 @@ def write_results(cfg, results, iteration):
                    "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "amp": cfg.SOLVER.AMP.ENABLED},
         "results": {task: dict(metrics) for task, metrics in results.items()},
     }
-    name = RESULTS_FILE
-    if iteration is None and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
-        name = EVAL_RESULTS_FILE  # --eval-only in a training's folder
-    path = os.path.join(cfg.OUTPUT_DIR, name)
+    path = os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     write_json(path, record)
     logger.info(f"Final metrics written to {path}")

@@ -80,6 +80,59 @@ def test_weights_path_that_does_not_exist():
                           "MODEL.WEIGHTS='nope/model.pth': no such file")
 
 
+def test_resume_with_a_last_checkpoint_that_is_gone_names_it_and_what_is_there(tmp_path):
+    # before any process starts, not an assertion from fvcore once they run
+    (tmp_path / "model_0000004.pth").write_bytes(b"")
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    proc = run("train_net.py", *QUICKSTART, "--resume", "OUTPUT_DIR", str(tmp_path))
+    assert_one_line_error(proc, "names model_0000009.pth, which is not in", "model_0000004.pth")
+
+
+def _backbone_only_checkpoint(path):
+    from detectron2.modeling import build_model
+    from test_model import quickstart_cfg
+
+    state = build_model(quickstart_cfg()).state_dict()
+    torch.save({"model": {k: v for k, v in state.items() if k.startswith("backbone.")}}, path)
+
+
+def test_eval_only_refuses_weights_without_the_detectors_heads(tmp_path):
+    """The 1x configs' MODEL.WEIGHTS is an ImageNet backbone: evaluating it (MODEL.WEIGHTS
+    forgotten, or --resume with a mistyped OUTPUT_DIR) would write a meaningless AP as if it
+    were a finished run. The demo refuses it too."""
+    weights = tmp_path / "backbone.pth"
+    _backbone_only_checkpoint(weights)
+    proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(weights),
+               "OUTPUT_DIR", str(tmp_path / "out"))
+    assert_one_line_error(proc, f"{weights} is not a trained detector for this config",
+                          "head.cls_subnet.0.weight")
+    assert not (tmp_path / "out" / "results.json").exists()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    import cv2
+
+    cv2.imwrite(str(photos / "a.png"), np.full((64, 64, 3), 128, np.uint8))
+    proc = run("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(tmp_path / "demo"),
+               "MODEL.WEIGHTS", str(weights))
+    helpers.assert_one_line_error(proc, "demo.py", f"{weights} is not a trained detector")
+
+
+def test_seed_minus_one_is_drawn_once_for_all_processes_and_recorded(monkeypatch):
+    from detectron2.engine import default_argument_parser
+    from d2_focalstar.engine import draw_seed, load_config
+    monkeypatch.chdir(REPO)
+    parse = default_argument_parser().parse_args
+    args = parse([*QUICKSTART, "SEED", "-1"])
+    cfg = load_config(args)
+    draw_seed(args, cfg)
+    assert cfg.SEED >= 0
+    assert load_config(args).SEED == cfg.SEED  # what each process loads from the same args
+    args = parse([*QUICKSTART, "SEED", "7"])
+    cfg = load_config(args)
+    draw_seed(args, cfg)
+    assert cfg.SEED == 7 and args.opts == ["SEED", "7"]
+
+
 def test_unregistered_dataset_name():
     assert_one_line_error(run("train_net.py", *QUICKSTART, "DATASETS.TRAIN", "('shapes_trian',)"),
                           "DATASETS.TRAIN", "'shapes_trian' is not registered")
