@@ -168,26 +168,70 @@ def _setting(record):
     return f"{record['loss_type']}{gamma}{cap}"
 
 
-# settings besides the loss that make runs not comparable as seeds of one setting
-_KNOBS = (("lr", lambda r: r.get("solver", {}).get("base_lr")),
-          ("iters", lambda r: r.get("solver", {}).get("max_iter")),
-          ("batch", lambda r: r.get("solver", {}).get("ims_per_batch")),
-          ("alpha", lambda r: r.get("alpha")))
+def _solver(key):
+    return lambda r: (r.get("solver") or {}).get(key)
 
 
-def setting_names(records):
-    """The setting of each record: loss type, gamma and cap (see ``_setting``), plus 'lr=..',
-    'iters=..', 'batch=..' or 'alpha=..' where a run's value differs from the one most of
-    ``records`` have, so that runs differing in more than the seed are never averaged."""
-    names = [_setting(r) for r in records]
-    for knob, get in _KNOBS:
+def _datasets(split):
+    def get(record):
+        names = (record.get("datasets") or {}).get(split)
+        return None if names is None else tuple(names)  # results.json's list, made hashable
+    return get
+
+
+def _show(value):
+    """A knob's value in a setting name: 0.005, 'on'/'off', 'a_train+b_train', a string as it is."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "+".join(map(str, value))
+    return str(value)
+
+
+def _show_weights(path):
+    # the file's name is enough to tell initialisations apart, a URL's too; '' is no weights at all
+    return (os.path.basename(path.rstrip("/")) or path) if path else "none"
+
+
+# settings besides the loss that make runs not comparable as seeds of one setting:
+# (name, value in a record or None where it does not say, how the value reads in a setting name)
+_KNOBS = (("lr", _solver("base_lr"), _show),
+          ("iters", _solver("max_iter"), _show),
+          ("batch", _solver("ims_per_batch"), _show),
+          ("amp", _solver("amp"), _show),  # results.json written before it was recorded: None
+          ("alpha", lambda r: r.get("alpha"), _show),
+          ("weights", lambda r: r.get("weights"), _show_weights),
+          ("train", _datasets("train"), _show),
+          ("test", _datasets("test"), _show))
+
+
+def _knob_suffixes(records):
+    """Per record, ' lr=0.005 amp=on'-like: each knob whose value differs from the one most of
+    ``records`` have (None, unknown, never differs)."""
+    suffixes = [""] * len(records)
+    for knob, get, show in _KNOBS:
         values = [get(r) for r in records]
         known = [v for v in values if v is not None]
         if len(set(known)) < 2:
             continue
         usual = max(set(known), key=lambda v: (known.count(v), -known.index(v)))
-        names = [n if v is None or v == usual else f"{n} {knob}={v:g}" for n, v in zip(names, values)]
-    return names
+        labels = {v: show(v) for v in set(known)}
+        if len(set(labels.values())) < len(labels):  # weights files of one name: show them whole
+            labels = {v: _show(v) for v in labels}
+        suffixes = [s if v is None or v == usual else f"{s} {knob}={labels[v]}"
+                    for s, v in zip(suffixes, values)]
+    return suffixes
+
+
+def setting_names(records):
+    """The setting of each record: loss type, gamma and cap (see ``_setting``), plus 'lr=..',
+    'iters=..', 'batch=..', 'amp=on/off', 'alpha=..', 'weights=<file name>', 'train=..' or
+    'test=..' (datasets joined with '+') where a run's value differs from the one most of
+    ``records`` have, so that runs differing in more than the seed are never averaged. A record
+    that does not say (an older results.json) takes the usual value."""
+    return [_setting(r) + s for r, s in zip(records, _knob_suffixes(records))]
 
 
 def _nanmean(values):
@@ -195,19 +239,37 @@ def _nanmean(values):
     return float(np.mean(values)) if values else math.nan
 
 
+def _fl_baselines(groups, suffixes):
+    """{knob suffix: the FL setting of that suffix}: FL g=2 where there is one, else the first FL
+    setting in name order."""
+    baselines = {}
+    for name, rs in groups.items():  # in name order
+        if rs[0]["loss_type"] != "FL":
+            continue
+        current = baselines.get(suffixes[name])
+        if current is None or (rs[0]["gamma"] == 2 and groups[current][0]["gamma"] != 2):
+            baselines[suffixes[name]] = name
+    return baselines
+
+
 def comparison_rows(records):
     """
     Table 2: one row per run, then one row per setting (loss type + gamma) over its seeds with
     mean and sample standard deviation, each with the difference of the mean to FL's.
+    The FL baseline of a setting is the FL setting with the same knobs (' lr=0.005' and the like,
+    see ``setting_names``), FL g=2 if there are several, else the first by name; a setting
+    without one has NaN differences, so that runs at different knobs are never compared.
     Returns (columns, rows) where rows are dicts of column -> value (numbers or strings).
     """
     metric_names = list(OrderedDict.fromkeys(k for r in records for k in _metrics(r)))
-    groups = OrderedDict()
-    for name, r in sorted(zip(setting_names(records), records), key=lambda nr: (nr[0], nr[1].get("seed", 0))):
+    groups, suffixes = OrderedDict(), {}
+    named = zip(setting_names(records), _knob_suffixes(records), records)
+    for name, suffix, r in sorted(named, key=lambda nsr: (nsr[0], nsr[2].get("seed", 0))):
         groups.setdefault(name, []).append(r)
+        suffixes[name] = suffix
     means = {s: {m: _nanmean([_metrics(r).get(m, math.nan) for r in rs]) for m in metric_names}
              for s, rs in groups.items()}
-    baseline = next((s for s in means if s.startswith("FL ") or s == "FL"), None)
+    baselines = _fl_baselines(groups, suffixes)
 
     rows = []
     for setting, rs in groups.items():
@@ -223,6 +285,7 @@ def comparison_rows(records):
             row[m] = means[setting][m]
             row[f"{m} sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
             row[f"{m} n"] = len(values)  # seeds with a value (NaN: e.g. no detections at all)
+            baseline = baselines.get(suffixes[setting])
             row[f"{m} vs FL"] = (means[setting][m] - means[baseline][m]) if baseline else math.nan
         rows.append(row)
     columns = ["run", "setting", "seeds"] + metric_names
@@ -235,8 +298,9 @@ def _fmt(v):
 
 
 def to_markdown(columns, rows):
-    """Per-run rows as they are; per-setting rows as 'mean ± sd (+diff vs FL)', with
-    '[n of N seeds]' where some seeds have no value for that metric."""
+    """Per-run rows as they are; per-setting rows as 'mean ± sd (+diff vs FL)' (no difference
+    where it is NaN: no FL baseline), with '[n of N seeds]' where some seeds have no value for
+    that metric."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []

@@ -59,7 +59,10 @@ def test_sweep_plan():
     assert SweepRun("FL", 2.0, 0).opts()[-2:] == ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "2.0"]
 
 
-def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None, max_factor=100.0, lr=None):
+def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None, max_factor=100.0, lr=None, weights=None,
+              datasets=None, amp=None):
+    """A finished run's folder; weights, datasets ((train, test) lists) and amp are left out of
+    results.json where None, as in files written before they were recorded."""
     os.makedirs(folder)
     if lr is not None:  # the solver settings as detectron2's config.yaml of the run has them
         with open(os.path.join(folder, "config.yaml"), "w") as f:
@@ -68,9 +71,16 @@ def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None, max_factor=100.0, l
                         "APl": float("nan")}}
     if lamr is not None:
         results["safety"] = {"LAMR": lamr, "R@0.1FPPI": 100 - lamr, "LAMR-person": lamr}
+    record = {"loss_type": loss_type, "gamma": gamma, "seed": seed, "max_factor": max_factor,
+              "results": results}
+    if weights is not None:
+        record["weights"] = weights
+    if datasets is not None:
+        record["datasets"] = {"train": datasets[0], "test": datasets[1]}
+    if amp is not None:  # a solver record in results.json: load_run no longer reads config.yaml
+        record["solver"] = {"amp": amp, **({"base_lr": lr} if lr is not None else {})}
     with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump({"loss_type": loss_type, "gamma": gamma, "seed": seed, "max_factor": max_factor,
-                   "results": results}, f)
+        json.dump(record, f)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         for it in range(0, 40, 10):
             f.write(json.dumps({"iteration": it, "loss_cls": 1.0 / (it + 1), "loss_box_reg": 0.5,
@@ -266,4 +276,153 @@ def test_results_json_records_the_solver_settings(tmp_path):
     cfg.OUTPUT_DIR, cfg.SOLVER.BASE_LR = str(tmp_path), 0.005
     write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
     assert load_run(str(tmp_path))["solver"] == {"base_lr": 0.005, "max_iter": cfg.SOLVER.MAX_ITER,
-                                                 "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH}
+                                                 "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "amp": False}
+    cfg.SOLVER.AMP.ENABLED = True
+    write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
+    assert load_run(str(tmp_path))["solver"]["amp"] is True
+
+
+def _means(records):
+    return {r["setting"]: r for r in comparison_rows(records)[1] if r["run"] == "mean"}
+
+
+def test_runs_that_differ_in_weights_are_not_seeds_of_one_setting(runs):
+    # most start from scratch (''), two from ImageNet, one from a run's own final model
+    for seed in (2, 3):
+        _fake_run(runs / f"scratch_s{seed}", "FLSTAR", 0.25, seed, 30.0, weights="")
+    for seed in (0, 1):
+        _fake_run(runs / f"imagenet_s{seed}", "FLSTAR", 0.25, seed, 50.0,
+                  weights="detectron2://ImageNetPretrained/MSRA/R-50.pkl")
+    _fake_run(runs / "finetune_s0", "FLSTAR", 0.25, 0, 60.0, weights="output/coco/model_final.pth")
+    names = ("flstar_s0", "scratch_s2", "scratch_s3", "imagenet_s0", "imagenet_s1", "finetune_s0")
+    records = [load_run(str(runs / n)) for n in names]
+    assert setting_names(records) == ["FLSTAR g=0.25"] * 3 + ["FLSTAR g=0.25 weights=R-50.pkl"] * 2 + [
+        "FLSTAR g=0.25 weights=model_final.pth"]  # flstar_s0 does not say: no setting of its own
+    means = _means(records)
+    assert means["FLSTAR g=0.25 weights=R-50.pkl"]["AP"] == 50.0
+    assert means["FLSTAR g=0.25"]["seeds"] == "3"
+
+    # two files of one name are two initialisations: their names tell them apart
+    _fake_run(runs / "other_s0", "FLSTAR", 0.25, 0, 70.0, weights="output/voc/model_final.pth")
+    names = setting_names(records + [load_run(str(runs / "other_s0"))])
+    assert names[-2:] == ["FLSTAR g=0.25 weights=output/coco/model_final.pth",
+                          "FLSTAR g=0.25 weights=output/voc/model_final.pth"]
+
+
+def test_runs_that_differ_in_datasets_are_not_seeds_of_one_setting(runs):
+    usual = (["a_train"], ["a_val"])
+    _fake_run(runs / "a_s0", "FL", 2.0, 0, 30.0, datasets=usual)
+    _fake_run(runs / "a_s1", "FL", 2.0, 1, 32.0, datasets=usual)
+    _fake_run(runs / "ab_s0", "FL", 2.0, 0, 40.0, datasets=(["a_train", "b_train"], ["a_val"]))
+    _fake_run(runs / "b_s0", "FL", 2.0, 0, 50.0, datasets=(["a_train"], ["b_val"]))
+    records = [load_run(str(runs / n)) for n in ("a_s0", "a_s1", "ab_s0", "b_s0", "fl_s1")]
+    assert setting_names(records) == ["FL g=2", "FL g=2", "FL g=2 train=a_train+b_train",
+                                      "FL g=2 test=b_val", "FL g=2"]
+    means = _means(records)
+    assert means["FL g=2"]["AP"] == pytest.approx((30 + 32 + 32) / 3)  # fl_s1 does not say: usual
+    assert means["FL g=2 train=a_train+b_train"]["AP"] == 40.0 and means["FL g=2 test=b_val"]["AP"] == 50.0
+
+
+def test_mixed_precision_runs_are_not_seeds_of_one_setting(runs):
+    # fl_s0, fl_s1: written before results.json recorded amp; unknown never makes a setting
+    _fake_run(runs / "fp32_s2", "FL", 2.0, 2, 34.0, amp=False)
+    _fake_run(runs / "amp_s0", "FL", 2.0, 0, 20.0, amp=True)
+    records = [load_run(str(runs / n)) for n in ("fl_s0", "fl_s1", "fp32_s2", "amp_s0")]
+    assert setting_names(records) == ["FL g=2", "FL g=2", "FL g=2", "FL g=2 amp=on"]
+    means = _means(records)
+    assert means["FL g=2"]["seeds"] == "3" and means["FL g=2"]["AP"] == 32.0
+    assert means["FL g=2 amp=on"]["AP"] == 20.0
+    # most runs in mixed precision: the full-precision one is the odd one
+    _fake_run(runs / "amp_s1", "FL", 2.0, 1, 22.0, amp=True)
+    records = [load_run(str(runs / n)) for n in ("fl_s0", "fp32_s2", "amp_s0", "amp_s1")]
+    assert setting_names(records) == ["FL g=2", "FL g=2 amp=off", "FL g=2", "FL g=2"]
+
+
+def test_each_setting_is_compared_with_fl_at_its_own_knobs(tmp_path):
+    for name, loss, gamma, seed, ap, lr in (
+            ("fl_s0", "FL", 2.0, 0, 30.0, 0.02), ("fl_g1_s0", "FL", 1.0, 0, 50.0, 0.02),
+            ("ce_s0", "CE", 0.0, 0, 40.0, 0.02), ("ce_s1", "CE", 0.0, 1, 42.0, 0.02),
+            ("fl_lo_s0", "FL", 2.0, 0, 10.0, 0.005), ("ce_lo_s0", "CE", 0.0, 0, 25.0, 0.005),
+            ("flstar_x_s0", "FLSTAR", 0.25, 0, 33.0, 0.001)):
+        _fake_run(tmp_path / name, loss, gamma, seed, ap, lamr=60.0, lr=lr)
+    records = [load_run(str(p)) for p in sorted(tmp_path.iterdir())]
+    columns, rows = comparison_rows(records)
+    means = {r["setting"]: r for r in rows if r["run"] == "mean"}
+    assert means["CE"]["AP vs FL"] == 11.0  # 41 vs FL g=2 (not FL g=1, first by name)
+    assert means["FL g=1"]["AP vs FL"] == 20.0
+    assert means["CE lr=0.005"]["AP vs FL"] == 15.0  # 25 vs FL at lr 0.005 (10), not at 0.02
+    assert means["FL g=2 lr=0.005"]["AP vs FL"] == 0.0
+    # no FL at lr 0.001: no difference, rather than one to FL at another learning rate
+    x = means["FLSTAR g=0.25 lr=0.001"]
+    assert all(math.isnan(x[f"{m} vs FL"]) for m in columns[3:])
+    md = to_markdown(columns, rows)
+    assert "| mean | FLSTAR g=0.25 lr=0.001 | 1 | 33.00 | 53.00 | 28.00 |" in md
+    assert "| mean | CE lr=0.005 | 1 | 25.00 (+15.00) |" in md
+    table = list(csv.DictReader(io.StringIO(to_csv(columns, rows))))
+    assert [r["AP vs FL"] for r in table if r["setting"] == "FLSTAR g=0.25 lr=0.001"] == ["", ""]
+
+
+def test_without_fl_g2_the_baseline_is_the_first_fl_by_name(tmp_path):
+    _fake_run(tmp_path / "fl_g3", "FL", 3.0, 0, 20.0)
+    _fake_run(tmp_path / "fl_g1", "FL", 1.0, 0, 10.0)
+    _fake_run(tmp_path / "flstar", "FLSTAR", 0.25, 0, 30.0)
+    records = [load_run(str(tmp_path / n)) for n in ("fl_g3", "fl_g1", "flstar")]
+    for order in (records, records[::-1]):
+        assert _means(order)["FLSTAR g=0.25"]["AP vs FL"] == 20.0  # vs FL g=1
+
+
+def _sweep_module():
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("sweep", os.path.join(REPO, "tools", "sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_warns_when_its_runs_will_share_gpus():
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    warning = _sweep_module().gpu_sharing_warning
+    assert warning(2, 1, ["0", "1"]) is None and warning(1, 4, ["0", "1", "2", "3"]) is None
+    line = warning(2, 2, ["0", "1", "2"])
+    assert "--jobs 2 x --num-gpus 2 = 4 GPUs wanted, 3 visible" in line and "share GPUs" in line
+    assert warning(12, 1, []) is None  # CPU runs: nothing to share
+
+    def dry_run(visible):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible)
+        return subprocess.run([sys.executable, "tools/sweep.py", *QUICKSTART, "--jobs", "3", "--dry-run",
+                               "--out", "unused"], cwd=REPO, env=env, capture_output=True, text=True,
+                              check=True).stdout
+
+    assert dry_run("0,1").count("3 GPUs wanted, 2 visible: runs will share GPUs") == 1
+    assert "warning" not in dry_run("")
+
+
+def test_last_line_of_a_log(tmp_path):
+    last_line = _sweep_module().last_line
+    log = tmp_path / "sweep.log"
+    log.write_text("x" * 100000 + "\nTraceback ...\ntrain_net.py: error: bad\n\n  \n")
+    assert last_line(str(log)) == "train_net.py: error: bad"
+    assert last_line(str(tmp_path / "absent.log")) is None
+    log.write_text("")
+    assert last_line(str(log)) is None
+
+
+def test_a_failed_run_shows_its_reason_and_log(tmp_path):
+    """With --jobs > 1 a run's output is in its log: a failure prints the log's last line (the
+    reason) and its path, and the final message lists every failed run with its log."""
+    out = tmp_path / "sweep"
+    proc = run("tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--jobs", "2", "--out", str(out),
+               "--", *FAST, "MODEL.FOCALSTAR.GAMMA", "-1", check=False)
+    logs = [out / "ce_s0" / "sweep.log", out / "fl_g2_s0" / "sweep.log"]
+    for name, log in zip(("ce_s0", "fl_g2_s0"), logs):
+        assert (f"{name}: failed, {log} ends: train_net.py: error: invalid config: "
+                "MODEL.FOCALSTAR.GAMMA=-1.0") in proc.stdout, proc.output[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"sweep.py: 2 run(s) failed: ce_s0 (log {logs[0]}), fl_g2_s0 (log {logs[1]}) (rerun to retry them)")

@@ -4,8 +4,9 @@
     python tools/compare.py output/sweep/*  --out output/compare
 
 prints the table (AP, AP50, AP75, APs, APm, APl and the safety metrics per run, then per setting
-the mean ± sd over seeds and the difference to FL) and writes <out>.md, <out>.csv and
-<out>_curves.png (loss_cls, loss_box_reg, total_loss and AP vs iteration).
+the mean ± sd over seeds and the difference to FL at the same learning rate and other settings,
+none where there is no such FL) and writes <out>.md, <out>.csv and <out>_curves.png (loss_cls,
+loss_box_reg, total_loss and AP vs iteration).
 """
 import argparse
 import os

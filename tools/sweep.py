@@ -42,16 +42,36 @@ def visible_gpus():
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def last_progress(log_path, tail=8192):
-    """'iter N, eta H:MM:SS' from the last progress line detectron2 wrote to a run's log, or None."""
+def _tail(path, size=8192):
+    """The last ``size`` bytes of a file as text (a run's log can be large), or None."""
     try:
-        with open(log_path, "rb") as f:
-            f.seek(max(0, os.path.getsize(log_path) - tail))
-            text = f.read().decode(errors="replace")
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - size))
+            return f.read().decode(errors="replace")
     except OSError:
         return None
-    found = re.findall(r"eta: (\S+)\s+iter: (\d+)", text)
+
+
+def last_progress(log_path, tail=8192):
+    """'iter N, eta H:MM:SS' from the last progress line detectron2 wrote to a run's log, or None."""
+    found = re.findall(r"eta: (\S+)\s+iter: (\d+)", _tail(log_path, tail) or "")
     return f"iter {found[-1][1]}, eta {found[-1][0]}" if found else None
+
+
+def last_line(log_path, tail=4096):
+    """The last non-empty line of a run's log (a failed run's reason, e.g. 'train_net.py: error:
+    ...'), or None."""
+    lines = [line.strip() for line in (_tail(log_path, tail) or "").splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def gpu_sharing_warning(jobs, num_gpus, gpus):
+    """The line to print when --jobs x --num-gpus asks for more GPUs than ``gpus`` (the visible
+    ones) holds, so that runs share GPUs; None when they do not, or without GPUs (CPU runs)."""
+    if not gpus or jobs * num_gpus <= len(gpus):
+        return None
+    return (f"[sweep] warning: --jobs {jobs} x --num-gpus {num_gpus} = {jobs * num_gpus} GPUs "
+            f"wanted, {len(gpus)} visible: runs will share GPUs")
 
 
 def interrupt(signum, frame):
@@ -105,6 +125,9 @@ if __name__ == "__main__":
 
     runs = plan_sweep(args.loss_types, args.gammas, args.seeds, fl_gamma=args.fl_gamma)
     gpus = visible_gpus() if args.jobs > 1 else []
+    warning = gpu_sharing_warning(args.jobs, args.num_gpus, gpus)
+    if warning:
+        print(warning, flush=True)
     env = dict(os.environ)
     if args.jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
@@ -151,7 +174,10 @@ if __name__ == "__main__":
                 print(f"[sweep {i}/{len(runs)}] {run.name}: exit {proc.returncode} after "
                       f"{time.time() - start:.0f} s", flush=True)
                 if proc.returncode != 0:
-                    failed.append(run.name)
+                    failed.append((run.name, log.name if log else None))
+                    if log:  # its reason is in the log, not on the screen
+                        print(f"[sweep {i}/{len(runs)}] {run.name}: failed, {log.name} ends: "
+                              f"{last_line(log.name) or '(empty)'}", flush=True)
             if args.jobs > 1 and args.status_every > 0 and time.time() - last_status >= args.status_every:
                 last_status = time.time()
                 states = [f"{run.name} {last_progress(log.name) or 'starting'}"
@@ -163,4 +189,5 @@ if __name__ == "__main__":
         stop(running)
         sys.exit(130)
     if failed:
-        sys.exit(f"sweep.py: {len(failed)} run(s) failed: {', '.join(failed)} (rerun to retry them)")
+        listed = ", ".join(f"{name} (log {path})" if path else name for name, path in failed)
+        sys.exit(f"sweep.py: {len(failed)} run(s) failed: {listed} (rerun to retry them)")
