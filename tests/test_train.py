@@ -84,18 +84,27 @@ def test_eval_only_reproduces_the_trained_ap(trained, tmp_path):
             assert again[k] == pytest.approx(v, abs=1e-3), k
 
 
-def test_eval_only_in_the_trainings_folder_leaves_its_results_alone(trained):
-    """--eval-only into a training's OUTPUT_DIR writes results_eval.json: results.json stays the
-    training's (for a sweep it marks the run finished, for the comparison it is the run)."""
+def test_eval_only_in_the_trainings_folder_leaves_its_files_alone(trained):
+    """--eval-only into a training's OUTPUT_DIR writes into OUTPUT_DIR/eval_<checkpoint>/: the
+    training's results.json (for a sweep it marks the run finished, for the comparison it is the
+    run), config.yaml and inference/ files stay its own. With --resume the checkpoint is the
+    training's last."""
     out, _ = trained
-    before = (out / "results.json").read_bytes()
+    kept = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".pth")]
+    assert {"results.json", "config.yaml", "coco_instances_results.json"} <= {p.name for p in kept}
+    before = {p: p.read_bytes() for p in kept}
     again = coco_ap(train_net(*QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(out / "model_0000099.pth"),
                               "OUTPUT_DIR", str(out)))
-    assert (out / "results.json").read_bytes() == before
-    with open(out / "results_eval.json") as f:
+    assert {p: p.read_bytes() for p in kept} == before
+    with open(out / "eval_model_0000099" / "results.json") as f:
         record = json.load(f)
     assert record["iteration"] is None and record["weights"].endswith("model_0000099.pth")
     assert record["results"]["bbox"]["AP"] == pytest.approx(again["AP"], abs=1e-3)
+    last = (out / "last_checkpoint").read_text().strip()
+    train_net(*QUICKSTART, "--eval-only", "--resume", "OUTPUT_DIR", str(out))
+    with open(out / f"eval_{os.path.splitext(last)[0]}" / "results.json") as f:
+        assert json.load(f)["weights"] == str(out / last)
+    assert {p: p.read_bytes() for p in kept} == before
 
 
 def test_several_test_datasets_get_a_folder_each(tmp_path):
