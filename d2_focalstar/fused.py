@@ -291,9 +291,10 @@ def agrees_with_reference(device, dtype, num_classes, loss_type, alpha, gamma, m
         ref = x.double().requires_grad_(True)
         valid = labels >= 0
         target = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes + 1)[:, :num_classes]
-        ref_loss = sigmoid_classification_loss(ref[valid], target[valid].double(), loss_type, alpha,
-                                               gamma, max_factor, reduction="sum")
-        ref_loss.backward()
+        with torch.enable_grad():  # the losses may be computed under no_grad (a validation loss)
+            ref_loss = sigmoid_classification_loss(ref[valid], target[valid].double(), loss_type,
+                                                   alpha, gamma, max_factor, reduction="sum")
+            ref_loss.backward()
         # the kernel stores the gradient in the logits' dtype: rounded (to inf past fp16's range)
         want_loss, want_grad = float(ref_loss.detach()), ref.grad.to(dtype).double()
         scale = float(want_grad[want_grad.isfinite()].abs().max())

@@ -44,7 +44,8 @@ def test_every_loss_variant_agrees_with_the_reference(smoke):
 def test_detectors_are_timed_and_projected(smoke):
     report, stdout = smoke
     rows = {r["system"]: r for r in report["detector"]}
-    assert len(rows) == 5 and "torchvision RetinaNet" in rows
+    assert len(rows) == 7 and "torchvision RetinaNet" in rows
+    assert {"RetinaNetFLStar (FL*, + cudnn.benchmark)", "RetinaNetFLStar (FL*, + channels_last)"} <= set(rows)
     for r in rows.values():
         assert r["train_img_s"] == pytest.approx(report["meta"]["sizes"]["train_batch"] / r["train_s_per_iter"])
         assert r["coco_1x_hours"] == pytest.approx(90000 * 16 / r["train_img_s"] / 3600)

@@ -312,12 +312,23 @@ def bench_detectors(args, sizes, device, timer):
                                            loss_type="FL")),
         "RetinaNetFLStar (FL*, FUSED_KERNEL off)": (  # how much of the difference the kernel makes
             "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=False)),
+        # the rest of the step, one change at a time, each on top of the project's defaults:
+        # cuDNN's autotuner (detectron2's CUDNN_BENCHMARK; the batch is one fixed size here) and
+        # channels_last weights (convolutions in NHWC, the layout tensor cores prefer)
+        "RetinaNetFLStar (FL*, + cudnn.benchmark)": (
+            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda),
+            dict(cudnn_benchmark=True)),
+        "RetinaNetFLStar (FL*, + channels_last)": (
+            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes,
+                                           fused=cuda).to(memory_format=torch.channels_last)),
         "detectron2 RetinaNet (stock)": (
             "d2", lambda: detectron2_model(args.config_file, "RetinaNet", device, sizes, fused=False)),
         "torchvision RetinaNet": ("tv", lambda: torchvision_model(device, sizes)),
     }
-    rows = []
-    for name, (kind, build) in systems.items():
+    rows, cudnn_benchmark = [], torch.backends.cudnn.benchmark
+    for name, (kind, build, *options) in systems.items():
+        options = options[0] if options else {}
+        torch.backends.cudnn.benchmark = options.get("cudnn_benchmark", cudnn_benchmark)
         torch.manual_seed(0)
         model = build()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -348,6 +359,7 @@ def bench_detectors(args, sizes, device, timer):
                          train_peak_bytes=train_peak, infer_img_s=sizes["infer_batch"] / infer_s,
                          coco_1x_hours=COCO_1X_IMAGES / train_ips / 3600))
         del model, opt
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         if cuda:
             torch.cuda.empty_cache()
     stock = next(r for r in rows if "stock" in r["system"])
