@@ -416,7 +416,8 @@ def test_last_line_of_a_log(tmp_path):
 
 def test_a_failed_run_shows_its_reason_and_log(tmp_path):
     """With --jobs > 1 a run's output is in its log: a failure prints the log's last line (the
-    reason) and its path, and the final message lists every failed run with its log."""
+    reason) and its path, and the final message lists every failed run with its log, in the
+    sweep's order (not the order they happened to end in)."""
     out = tmp_path / "sweep"
     proc = run("tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--jobs", "2", "--out", str(out),
                "--", *FAST, "MODEL.FOCALSTAR.GAMMA", "-1", check=False)

@@ -174,7 +174,7 @@ if __name__ == "__main__":
                 print(f"[sweep {i}/{len(runs)}] {run.name}: exit {proc.returncode} after "
                       f"{time.time() - start:.0f} s", flush=True)
                 if proc.returncode != 0:
-                    failed.append((run.name, log.name if log else None))
+                    failed.append((i, run.name, log.name if log else None))
                     if log:  # its reason is in the log, not on the screen
                         print(f"[sweep {i}/{len(runs)}] {run.name}: failed, {log.name} ends: "
                               f"{last_line(log.name) or '(empty)'}", flush=True)
@@ -189,5 +189,6 @@ if __name__ == "__main__":
         stop(running)
         sys.exit(130)
     if failed:
-        listed = ", ".join(f"{name} (log {path})" if path else name for name, path in failed)
+        # in the sweep's order, whichever of the runs at once ended first
+        listed = ", ".join(f"{name} (log {path})" if path else name for _, name, path in sorted(failed))
         sys.exit(f"sweep.py: {len(failed)} run(s) failed: {listed} (rerun to retry them)")
