@@ -22,8 +22,9 @@ from d2_focalstar import check_datasets, register_coco_json_datasets
 from d2_focalstar.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
 from d2_focalstar.safety import build_safety_evaluator
-from d2_focalstar.engine import (ConfigError, TrainingDiverged, divergence_message, draw_seed,
-                                 enable_cpu_ddp, load_config, setup_project_logger, write_results)
+from d2_focalstar.engine import (ConfigError, TrainingDiverged, check_weights_file, divergence_message,
+                                 draw_seed, enable_cpu_ddp, load_config, setup_project_logger,
+                                 write_results)
 
 
 def fault_log(cfg):
@@ -120,6 +121,7 @@ if __name__ == "__main__":
         draw_seed(args, cfg)  # SEED -1: one seed for all processes, recorded in the run's files
         register_coco_json_datasets(cfg)
         check_datasets(cfg, train=not args.eval_only)  # evaluation needs only DATASETS.TEST
+        check_weights_file(cfg, args)  # several processes: a bad file is one line, not N tracebacks
         launch(main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
     except (ConfigError, TrainingDiverged, UnsafeCheckpointError, CheckpointReadError) as e:

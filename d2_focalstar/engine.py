@@ -13,7 +13,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import defaults
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import write_json
+from .checkpoint import SafeCheckpointer, write_json
 from .config import ConfigError, add_focalstar_config, check_focalstar_config
 from .losses import gamma_for
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "TrainingDiverged", "load_config", "fall_back_to_cpu", "enable_cpu_ddp",
            "divergence_message", "write_results", "setup_project_logger", "draw_seed",
-           "RESULTS_FILE"]
+           "check_weights_file", "RESULTS_FILE"]
 
 #: Where train_net.py leaves the final metrics of a run, for tools/compare.py and tools/sweep.py.
 RESULTS_FILE = "results.json"
@@ -122,6 +122,20 @@ def _check_weights(cfg, args):
                           "path/to/model_final.pth (or --resume with an OUTPUT_DIR that has one)")
     if weights and "://" not in weights and last is None and not os.path.isfile(weights):
         raise ConfigError(f"MODEL.WEIGHTS={weights!r}: no such file")
+
+
+def check_weights_file(cfg, args):
+    """With several processes, read the weights the run will load (the last checkpoint with
+    --resume, else MODEL.WEIGHTS) once in the launching process, through the same safe loaders:
+    an unsafe, damaged or non-checkpoint file is then one line before any process starts, not a
+    traceback from each. (One process reports it in one line anyway.) URLs are left to
+    detectron2's download in the run."""
+    if args.num_gpus * args.num_machines <= 1:
+        return
+    last = _last_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
+    path = last or cfg.MODEL.WEIGHTS
+    if path and "://" not in path:
+        SafeCheckpointer(torch.nn.Module())._load_file(path)
 
 
 _told_eval_folder = set()

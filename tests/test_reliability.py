@@ -205,6 +205,12 @@ def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
     proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(notes),
                "OUTPUT_DIR", str(tmp_path / "out"))
     assert_one_line_error(proc, f"{notes} cannot be read as a checkpoint")
+    # several processes: the launching process reads the file first, so still one line
+    for path, message in ((pkl, f"Refusing to load {pkl}"), (notes, f"{notes} cannot be read")):
+        proc = run("train_net.py", *QUICKSTART, "--num-gpus", "2", *FAST, "MODEL.WEIGHTS", str(path),
+                   "OUTPUT_DIR", str(tmp_path / "two"))
+        assert_one_line_error(proc, message)
+    assert not os.path.exists(marker)
 
 
 def test_model_zoo_style_pkl_of_numpy_arrays_still_loads(tmp_path):
