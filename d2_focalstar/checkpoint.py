@@ -20,7 +20,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 __all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "CheckpointReadError",
-           "IncompleteCheckpointError", "NonFiniteWeightsError", "atomic_write", "write_json"]
+           "IncompleteCheckpointError", "NonFiniteWeightsError", "atomic_write", "write_json",
+           "check_checkpoint_file"]
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -227,3 +228,13 @@ class SafeCheckpointer(DetectionCheckpointer):
                 f"Nothing in it was run.") from None
         except Exception as e:  # a truncated zip, an empty file, bytes that are not a pickle
             raise _not_a_checkpoint(f, e) from None
+
+
+def check_checkpoint_file(path):
+    """Read ``path`` as SafeCheckpointer.load() would, without a model: raise
+    UnsafeCheckpointError or CheckpointReadError for a file that load() would refuse."""
+    checkpointer = SafeCheckpointer(torch.nn.Module())
+    if path.endswith((".pkl", ".pyth")):
+        checkpointer._load_file(path)
+    else:  # what DetectionCheckpointer._load_file does for a .pth, outside load()
+        checkpointer._torch_load(path)

@@ -13,7 +13,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import defaults
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import SafeCheckpointer, write_json
+from .checkpoint import SafeCheckpointer, check_checkpoint_file, write_json
 from .config import ConfigError, add_focalstar_config, check_focalstar_config
 from .losses import gamma_for
 
@@ -91,6 +91,10 @@ def load_config(args):
     except (ValueError, AssertionError) as e:  # yacs: a value of the wrong type
         raise ConfigError(f"command line: {e}") from None
     fall_back_to_cpu(cfg)
+    if cfg.MODEL.DEVICE.startswith("cuda") and args.num_gpus > torch.cuda.device_count():
+        raise ConfigError(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} "
+                          f"GPU(s) visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     check_focalstar_config(cfg)
     _check_weights(cfg, args)
     if args.eval_only:
@@ -113,10 +117,10 @@ def _check_weights(cfg, args):
     if last is not None and not os.path.isfile(last):
         others = sorted(f for f in os.listdir(cfg.OUTPUT_DIR) if f.endswith(".pth"))
         raise ConfigError(
-            f"--resume: {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')} names "
-            f"{os.path.basename(last)}, which is not in {cfg.OUTPUT_DIR} (checkpoints there: "
-            f"{', '.join(others) or 'none'}); write the name of one of them into last_checkpoint, "
-            f"or run without --resume to start again")
+            f"--resume: {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')} names {last}, which "
+            f"does not exist (checkpoints in {cfg.OUTPUT_DIR}: {', '.join(others) or 'none'}); "
+            f"write the name of one of them into last_checkpoint, or run without --resume to "
+            f"start again")
     if args.eval_only and not weights and last is None:
         raise ConfigError("--eval-only needs weights to evaluate: add MODEL.WEIGHTS "
                           "path/to/model_final.pth (or --resume with an OUTPUT_DIR that has one)")
@@ -125,17 +129,33 @@ def _check_weights(cfg, args):
 
 
 def check_weights_file(cfg, args):
-    """With several processes, read the weights the run will load (the last checkpoint with
-    --resume, else MODEL.WEIGHTS) once in the launching process, through the same safe loaders:
-    an unsafe, damaged or non-checkpoint file is then one line before any process starts, not a
-    traceback from each. (One process reports it in one line anyway.) URLs are left to
+    """Before any process starts, read the weights the run will load (the last checkpoint with
+    --resume, else MODEL.WEIGHTS) through the same safe loaders; for --eval-only also load them
+    into the model (on the CPU) and require all of its weights. A bad file is then one line with
+    nothing written, however many processes. Training in one process skips it (it reports a bad
+    file in one line anyway, and need not read a large file twice). URLs are left to
     detectron2's download in the run."""
-    if args.num_gpus * args.num_machines <= 1:
-        return
     last = _last_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
     path = last or cfg.MODEL.WEIGHTS
-    if path and "://" not in path:
-        SafeCheckpointer(torch.nn.Module())._load_file(path)
+    if not path or "://" in path:
+        return
+    if args.eval_only:
+        from detectron2.modeling import build_model
+
+        cpu = cfg.clone()
+        cpu.defrost()
+        cpu.MODEL.DEVICE = "cpu"
+        checkpointer = SafeCheckpointer(build_model(cpu))
+        checkpointer.logger = _quiet  # the run itself logs what it loads
+        checkpointer.load(path)
+        checkpointer.require_all_weights()
+    elif args.num_gpus * args.num_machines > 1:
+        check_checkpoint_file(path)
+
+
+_quiet = logging.getLogger(__name__ + ".precheck")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
 
 
 _told_eval_folder = set()
@@ -162,8 +182,9 @@ def _separate_evaluation_folder(cfg, args):
 def draw_seed(args, cfg):
     """With SEED < 0 (detectron2's "a different seed each run"), draw the seed here, once, and put
     it on ``args.opts`` for every process, so that config.yaml and results.json record the seed
-    the run used instead of -1."""
-    if cfg.SEED < 0:
+    the run used instead of -1. Not on several machines: each would draw its own, and the one
+    recorded would not repeat the run; there SEED stays -1 (detectron2's own draw)."""
+    if cfg.SEED < 0 and args.num_machines == 1:
         seed = int.from_bytes(os.urandom(4), "little") % 2**31
         args.opts = list(args.opts) + ["SEED", str(seed)]
         cfg.defrost()

@@ -267,57 +267,28 @@ def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, ga
 _verdicts = {}  # (device, dtype, loss arguments) -> None (agrees) or what disagreed
 
 
+# tolerances of the self-check per dtype, element by element: a few ulps of the stored gradient
+# (the relative error of the kernel's maths is ~1e-6), and below that an absolute floor at the
+# bottom of the dtype's range (fp32/bf16 subnormals may be flushed to 0 on a GPU)
+_CHECK_RTOL = {torch.float32: 1e-4, torch.float16: 2**-9, torch.bfloat16: 2**-6}
+_CHECK_ATOL = {torch.float32: 1.2e-38, torch.float16: 2**-23, torch.bfloat16: 1.2e-38}
+
+
 def agrees_with_reference(device, dtype, num_classes, loss_type, alpha, gamma, max_factor):
     """
     Whether the kernel, compiled for this device and dtype, gives the reference's loss and
     gradient on a small batch (positive, background and ignored anchors; logits in [-20, 20])
-    there. Checked once per process and setting, before the kernel's first use in training
-    (RetinaNetFLStar): a kernel that a GPU, driver or Triton version gets wrong is not used;
-    it says why, once, and training goes on with the reference functions. The reference is
-    the float64 formula on the CPU, from the same (rounded) logits.
+    there, every element of the gradient within a few ulps. Checked once per process and
+    setting, before the kernel's first use in training (RetinaNetFLStar): a kernel that a GPU,
+    driver or Triton version gets wrong is not used; it says why, once, and training goes on
+    with the reference functions. The reference is the float64 formula on the CPU, from the
+    same (rounded) logits.
     """
-    from .losses import sigmoid_classification_loss
-
     key = (str(device), dtype, num_classes, loss_type, alpha, gamma, max_factor)
     if key not in _verdicts:
-        g = torch.Generator().manual_seed(0)
-        rows = 64
-        x = (torch.randn(rows, num_classes, generator=g) * 4 - 2).clamp(-20, 20)
-        x[0, :] = 20.0  # saturated, on both sides of the label
-        x[1, :] = -20.0
-        labels = torch.randint(0, num_classes + 1, (rows,), generator=g)
-        labels[::5] = -1
-        x = x.to(dtype)
-        ref = x.double().requires_grad_(True)
-        valid = labels >= 0
-        target = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes + 1)[:, :num_classes]
-        with torch.enable_grad():  # the losses may be computed under no_grad (a validation loss)
-            ref_loss = sigmoid_classification_loss(ref[valid], target[valid].double(), loss_type,
-                                                   alpha, gamma, max_factor, reduction="sum")
-            ref_loss.backward()
-        # the kernel stores the gradient in the logits' dtype: rounded (to inf past fp16's range)
-        want_loss, want_grad = float(ref_loss.detach()), ref.grad.to(dtype).double()
-        scale = float(want_grad[want_grad.isfinite()].abs().max())
-        try:
-            with torch.enable_grad(), torch.autocast(str(device).split(":")[0], enabled=False):
-                xd = x.to(device, copy=True).requires_grad_(True)
-                loss = fused_classification_loss(xd, labels.to(device), loss_type, alpha, gamma,
-                                                 max_factor)
-                loss.backward()
-            got_loss, got_grad = float(loss.detach()), xd.grad.double().cpu()
-        except Exception as e:  # a compile or launch failure on this device
-            got_loss, got_grad = None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-        rtol = 1e-4 if dtype == torch.float32 else 1e-2  # half: the gradient is stored rounded
-        if got_loss is None:
-            verdict = got_grad
-        elif not math.isclose(got_loss, want_loss, rel_tol=rtol):
-            verdict = f"loss {got_loss:.6g} instead of {want_loss:.6g}"
-        elif not torch.allclose(got_grad, want_grad, rtol=rtol, atol=rtol * scale):
-            worst = int(torch.nan_to_num((got_grad - want_grad).abs(), nan=math.inf).argmax())
-            verdict = (f"gradient {float(got_grad.flatten()[worst]):.6g} instead of "
-                       f"{float(want_grad.flatten()[worst]):.6g} at element {worst}")
-        else:
-            verdict = None
+        # the losses may be computed under no_grad (a validation loss) or inference_mode
+        with torch.inference_mode(False), torch.enable_grad():
+            verdict = _self_check(device, dtype, num_classes, loss_type, alpha, gamma, max_factor)
         if verdict is not None:
             logger.warning(
                 f"The fused loss kernel disagrees with the reference on {device} ({dtype}, "
@@ -326,3 +297,41 @@ def agrees_with_reference(device, dtype, num_classes, loss_type, alpha, gamma, m
                 f"MODEL.FOCALSTAR.FUSED_KERNEL False skips this check.")
         _verdicts[key] = verdict
     return _verdicts[key] is None
+
+
+def _self_check(device, dtype, num_classes, loss_type, alpha, gamma, max_factor):
+    """None if the kernel agrees with the reference, else what differed."""
+    from .losses import sigmoid_classification_loss
+
+    g = torch.Generator().manual_seed(0)
+    rows = 64
+    x = (torch.randn(rows, num_classes, generator=g) * 4 - 2).clamp(-20, 20)
+    x[0, :] = 20.0  # saturated, on both sides of the label
+    x[1, :] = -20.0
+    labels = torch.randint(0, num_classes + 1, (rows,), generator=g)
+    labels[::5] = -1
+    x = x.to(dtype)
+    ref = x.double().requires_grad_(True)
+    valid = labels >= 0
+    target = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes + 1)[:, :num_classes]
+    ref_loss = sigmoid_classification_loss(ref[valid], target[valid].double(), loss_type, alpha,
+                                           gamma, max_factor, reduction="sum")
+    ref_loss.backward()
+    # the kernel stores the gradient in the logits' dtype: rounded (to inf past fp16's range)
+    want_loss, want_grad = float(ref_loss.detach()), ref.grad.to(dtype).double().flatten()
+    try:
+        with torch.autocast(str(device).split(":")[0], enabled=False):
+            xd = x.to(device, copy=True).requires_grad_(True)
+            loss = fused_classification_loss(xd, labels.to(device), loss_type, alpha, gamma, max_factor)
+            loss.backward()
+        got_loss, got_grad = float(loss.detach()), xd.grad.double().cpu().flatten()
+    except Exception as e:  # a compile or launch failure on this device
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    if not math.isclose(got_loss, want_loss, rel_tol=1e-4):  # summed in fp32 from the same logits
+        return f"loss {got_loss:.6g} instead of {want_loss:.6g}"
+    bad = ~torch.isclose(got_grad, want_grad, rtol=_CHECK_RTOL[dtype], atol=_CHECK_ATOL[dtype])
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        return (f"gradient {float(got_grad[i]):.6g} instead of {float(want_grad[i]):.6g} at element "
+                f"{i} (and {int(bad.sum()) - 1} more)")
+    return None

@@ -195,6 +195,11 @@ def _show_weights(path):
     return (os.path.basename(path.rstrip("/")) or path) if path else "none"
 
 
+def _initial_weights(record):
+    # an evaluation's weights are the checkpoint it evaluated, one per run: not a setting
+    return None if "iteration" in record and record["iteration"] is None else record.get("weights")
+
+
 # settings besides the loss that make runs not comparable as seeds of one setting:
 # (name, value in a record or None where it does not say, how the value reads in a setting name)
 _KNOBS = (("lr", _solver("base_lr"), _show),
@@ -202,7 +207,7 @@ _KNOBS = (("lr", _solver("base_lr"), _show),
           ("batch", _solver("ims_per_batch"), _show),
           ("amp", _solver("amp"), _show),  # results.json written before it was recorded: None
           ("alpha", lambda r: r.get("alpha"), _show),
-          ("weights", lambda r: r.get("weights"), _show_weights),
+          ("weights", lambda r: _initial_weights(r), _show_weights),
           ("train", _datasets("train"), _show),
           ("test", _datasets("test"), _show))
 

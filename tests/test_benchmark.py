@@ -60,6 +60,9 @@ def test_fl_mode_with_the_fused_kernel_equals_stock_detectron2(smoke):
     assert set(check["rel_diff"]) == {"loss_cls", "loss_box_reg"}
     assert check["losses_ours"]["loss_cls"] > 0
     assert max(check["rel_diff"].values()) < 1e-5, check
+    # the kernel passed its self-check before that model used it (the JSON says so)
+    assert report["fused_self_check"] and all(c["disagreement"] is None for c in report["fused_self_check"])
+    assert "failed its self-check" not in stdout
     assert "FL mode vs stock detectron2 RetinaNet" in stdout
 
 

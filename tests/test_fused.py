@@ -220,6 +220,24 @@ def test_self_check_passes_for_the_kernel_as_it_is(monkeypatch, loss_type, gamma
         assert fused.agrees_with_reference(DEVICE, dtype, 80, loss_type, 0.25, gamma, 100.0), fused._verdicts
 
 
+def test_self_check_sees_wrong_small_gradients_and_runs_under_inference_mode(monkeypatch):
+    """The easy negatives' gradients are small next to the hard examples' but dominate training:
+    a kernel that got only those wrong (here: their sign) must not pass."""
+    real = fused.fused_classification_loss
+
+    def small_gradients_flipped(x, *args, **kwargs):
+        x.register_hook(lambda g: torch.where(g.abs() < 3e-3, -g, g))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "_verdicts", {})
+    with torch.inference_mode():
+        assert fused.agrees_with_reference(DEVICE, torch.float32, 80, "FLSTAR", 0.25, 0.25, 100.0)
+    monkeypatch.setattr(fused, "_verdicts", {})
+    monkeypatch.setattr(fused, "fused_classification_loss", small_gradients_flipped)
+    assert not fused.agrees_with_reference(DEVICE, torch.float32, 80, "FLSTAR", 0.25, 0.25, 100.0)
+    assert fused._verdicts[(DEVICE, torch.float32, 80, "FLSTAR", 0.25, 0.25, 100.0)].startswith("gradient")
+
+
 def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypatch, caplog):
     """RetinaNetFLStar checks the kernel against the float64 reference on a small batch, once per
     device, dtype and setting, before it uses it. A kernel this GPU or Triton gets wrong (here:

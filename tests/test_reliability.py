@@ -85,7 +85,8 @@ def test_resume_with_a_last_checkpoint_that_is_gone_names_it_and_what_is_there(t
     (tmp_path / "model_0000004.pth").write_bytes(b"")
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
     proc = run("train_net.py", *QUICKSTART, "--resume", "OUTPUT_DIR", str(tmp_path))
-    assert_one_line_error(proc, "names model_0000009.pth, which is not in", "model_0000004.pth")
+    assert_one_line_error(proc, f"names {tmp_path / 'model_0000009.pth'}, which does not exist",
+                          "model_0000004.pth")
 
 
 def _backbone_only_checkpoint(path):
@@ -102,11 +103,12 @@ def test_eval_only_refuses_weights_without_the_detectors_heads(tmp_path):
     were a finished run. The demo refuses it too."""
     weights = tmp_path / "backbone.pth"
     _backbone_only_checkpoint(weights)
-    proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(weights),
-               "OUTPUT_DIR", str(tmp_path / "out"))
-    assert_one_line_error(proc, f"{weights} is not a trained detector for this config",
-                          "head.cls_subnet.0.weight")
-    assert not (tmp_path / "out" / "results.json").exists()
+    for processes in ("1", "2"):  # checked before any process starts: one line, nothing written
+        proc = run("train_net.py", *QUICKSTART, "--eval-only", "--num-gpus", processes,
+                   "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out"))
+        assert_one_line_error(proc, f"{weights} is not a trained detector for this config",
+                              "head.cls_subnet.0.weight")
+        assert not (tmp_path / "out").exists()
     photos = tmp_path / "photos"
     photos.mkdir()
     import cv2
@@ -115,6 +117,19 @@ def test_eval_only_refuses_weights_without_the_detectors_heads(tmp_path):
     proc = run("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(tmp_path / "demo"),
                "MODEL.WEIGHTS", str(weights))
     helpers.assert_one_line_error(proc, "demo.py", f"{weights} is not a trained detector")
+
+
+def test_more_processes_than_gpus_is_refused_before_launch(monkeypatch):
+    # detectron2's launch would assert in every process
+    from detectron2.engine import default_argument_parser
+    from d2_focalstar.engine import ConfigError, load_config
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    parse = default_argument_parser().parse_args
+    assert load_config(parse([*QUICKSTART, "--num-gpus", "2", "MODEL.DEVICE", "cuda"])).MODEL.DEVICE == "cuda"
+    with pytest.raises(ConfigError, match="--num-gpus 4: this machine has 2 GPU"):
+        load_config(parse([*QUICKSTART, "--num-gpus", "4", "MODEL.DEVICE", "cuda"]))
 
 
 def test_seed_minus_one_is_drawn_once_for_all_processes_and_recorded(monkeypatch):
@@ -131,6 +146,11 @@ def test_seed_minus_one_is_drawn_once_for_all_processes_and_recorded(monkeypatch
     cfg = load_config(args)
     draw_seed(args, cfg)
     assert cfg.SEED == 7 and args.opts == ["SEED", "7"]
+    # several machines would each draw their own: detectron2's per-process draw stays
+    args = parse([*QUICKSTART, "--num-machines", "2", "SEED", "-1"])
+    cfg = load_config(args)
+    draw_seed(args, cfg)
+    assert cfg.SEED == -1 and args.opts == ["SEED", "-1"]
 
 
 def test_unregistered_dataset_name():

@@ -402,6 +402,11 @@ def test_sweep_warns_when_its_runs_will_share_gpus():
 
     assert dry_run("0,1").count("3 GPUs wanted, 2 visible: runs will share GPUs") == 1
     assert "warning" not in dry_run("")
+    # more GPUs per run than there are: every run would fail, so the sweep does not start
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1")
+    proc = subprocess.run([sys.executable, "tools/sweep.py", *QUICKSTART, "--num-gpus", "4", "--dry-run",
+                           "--out", "unused"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--num-gpus 4: only 2 GPUs visible (0,1)" in proc.stderr
 
 
 def test_last_line_of_a_log(tmp_path):
@@ -427,3 +432,19 @@ def test_a_failed_run_shows_its_reason_and_log(tmp_path):
                 "MODEL.FOCALSTAR.GAMMA=-1.0") in proc.stdout, proc.output[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"sweep.py: 2 run(s) failed: ce_s0 (log {logs[0]}), fl_g2_s0 (log {logs[1]}) (rerun to retry them)")
+
+
+def test_evaluations_of_each_runs_own_checkpoint_stay_seeds_of_one_setting(tmp_path):
+    """--eval-only records the checkpoint it evaluated as its weights, a different file for each
+    run: that is not a setting, so the seeds are still averaged and compared with FL."""
+    for loss, gamma, seed in (("FL", 2.0, 0), ("FL", 2.0, 1), ("FLSTAR", 0.25, 0), ("FLSTAR", 0.25, 1)):
+        folder = tmp_path / f"{loss}_s{seed}"
+        _fake_run(folder, loss, gamma, seed, 30.0 + seed)
+        path = folder / "results.json"
+        record = json.loads(path.read_text())
+        record.update(iteration=None, weights=f"output/sweep/{loss}_s{seed}/model_final.pth")
+        path.write_text(json.dumps(record))
+    records = [load_run(str(p)) for p in sorted(tmp_path.iterdir())]
+    means = {r["setting"]: r for r in comparison_rows(records)[1] if r["run"] == "mean"}
+    assert set(means) == {"FL g=2", "FLSTAR g=0.25"}
+    assert means["FLSTAR g=0.25"]["seeds"] == "2" and means["FLSTAR g=0.25"]["AP vs FL"] == 0.0

@@ -154,3 +154,12 @@ def test_two_process_cpu_run_through_launch(tmp_path):
     # evaluation was sharded over both processes and gathered: every val image was scored
     assert "Start inference on 32 batches" in log or "on 2 devices" in log
     assert not math.isnan(coco_ap(log)["AP"])
+    # with weights to load (read first by the launching process): resume, and evaluate
+    train_net(*QUICKSTART, "--num-gpus", "2", "--dist-url", "auto", "--resume",
+              "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "8", "SOLVER.WARMUP_ITERS", "2",
+              "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path))
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["iteration"] == 8
+    log = train_net(*QUICKSTART, "--num-gpus", "2", "--dist-url", "auto", "--eval-only",
+                    "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval"))
+    assert not math.isnan(coco_ap(log)["AP"])

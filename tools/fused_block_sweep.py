@@ -41,6 +41,7 @@ if __name__ == "__main__":
     import d2_focalstar.fused as fz
     from d2_focalstar.checkpoint import write_json  # a kill leaves the previous JSON whole
 
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     default = (fz._BLOCK, fz._NUM_WARPS, fz._ITERS["forward"], fz._MAXNREG)
     labels = make_labels(FULL, torch.device("cuda"))
     rows = []

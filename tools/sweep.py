@@ -124,7 +124,10 @@ if __name__ == "__main__":
         parser.error(f"--jobs ({args.jobs}) and --num-gpus ({args.num_gpus}) must be at least 1")
 
     runs = plan_sweep(args.loss_types, args.gammas, args.seeds, fl_gamma=args.fl_gamma)
-    gpus = visible_gpus() if args.jobs > 1 else []
+    gpus = visible_gpus()
+    if gpus and args.num_gpus > len(gpus):  # every run would fail in detectron2's launch
+        parser.error(f"--num-gpus {args.num_gpus}: only {len(gpus)} GPUs visible ({','.join(gpus)})")
+    gpus = gpus if args.jobs > 1 else []  # one run at a time: it gets all of them
     warning = gpu_sharing_warning(args.jobs, args.num_gpus, gpus)
     if warning:
         print(warning, flush=True)
