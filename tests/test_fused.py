@@ -258,8 +258,10 @@ def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypat
         return real(*args, **kwargs) * 1.01
 
     torch.manual_seed(0)
-    model = build_model(quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "True"))
-    reference_model = build_model(quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "False"))
+    # on DEVICE: a CPU model uses the kernel only under the interpreter, as without a GPU
+    model = build_model(quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "True", "MODEL.DEVICE", DEVICE))
+    reference_model = build_model(quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "False",
+                                                 "MODEL.DEVICE", DEVICE))
     reference_model.load_state_dict(model.state_dict())
     batch = synthetic_batch(num_classes=model.num_classes)
     def loss_cls(m):  # each call moves the normaliser's EMA: start each from its initial value
