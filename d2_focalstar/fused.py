@@ -22,6 +22,7 @@ matters: ``tools/fused_sass_stats.py`` counts the instructions per element witho
 import logging
 import math
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -177,17 +178,23 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, w_pos, w
         tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
 
-_BLOCK = 2048  # elements per block
-# blocks per program, one after another: the forward's reduction is then paid once per ITERS
-# blocks (tools/fused_sass_stats.py: 31.6 -> 27.6 instructions per fp16 logit at 2); the
-# backward has no reduction and gains nothing from it
-_ITERS = {"forward": 2, "backward": 1}
-_NUM_WARPS = 8
-# registers per thread at most: 32 lets an SM hold 2048 threads (8 programs), which keeps enough
-# loads in flight; the kernels fit without spilling, except the appendix FL*'s fp32 forward (a
-# few spill stores, in a pass bound by memory): tools/fused_sass_stats.py shows both
-# (a launch option since Triton 3.0, which torch 2.4 brings; older Tritons launch without it)
-_MAXNREG = 32 if int(triton.__version__.split(".")[0]) >= 3 else None
+class Launch(NamedTuple):
+    """How the kernels are launched for logits of one element size."""
+    block: int           # elements per block
+    num_warps: int
+    forward_iters: int   # blocks per forward program, one after another: its reduction is then
+    backward_iters: int  # paid once per that many blocks; the backward has no reduction
+    maxnreg: Optional[int]  # registers per thread at most (None: the compiler's choice)
+
+
+# Chosen per element size by tools/fused_block_sweep.py on an H100 (docs/BENCHMARKS.md). fp32: a
+# cap of 32 registers lets an SM hold 2048 threads (8 programs), enough loads in flight; the
+# kernels fit without spilling, except the appendix FL*'s fp32 forward (a few spill stores, in a
+# pass bound by memory; tools/fused_sass_stats.py shows both). fp16/bf16: 4 warps, 4 blocks per
+# forward program and no cap were 3% faster than the fp32 setting.
+_LAUNCH = {4: Launch(2048, 8, 2, 1, 32), 2: Launch(2048, 4, 4, 1, None)}
+# maxnreg is a launch option since Triton 3.0 (which torch 2.4 brings); older Tritons go without
+_HAS_MAXNREG = int(triton.__version__.split(".")[0]) >= 3
 _INT32_LIMIT = 2**31  # above it, 64-bit offsets
 
 
@@ -201,14 +208,20 @@ def _launch_args(logits, loss_type, alpha, gamma, max_factor, which="forward"):
     if which == "forward":  # the forward computes in bits: the conversion goes into the weights
         unit = math.log(2) / (gamma if loss == "FLSTAR_APPENDIX" else 1.0)
         w_pos, w_neg = w_pos * unit, w_neg * unit
-    iters = _ITERS[which]
+    launch = launch_setting(logits.dtype)
+    iters = launch.forward_iters if which == "forward" else launch.backward_iters
     args = dict(N=N, K=K, G=math.gcd(K, 16), w_pos=w_pos, w_neg=w_neg,
-                gamma=float(gamma), log2_max_factor=log2_cap, LOSS=_LOSS_CODES[loss], BLOCK=_BLOCK,
-                ITERS=iters, WIDE=N + _BLOCK * iters >= _INT32_LIMIT, num_warps=_NUM_WARPS,
+                gamma=float(gamma), log2_max_factor=log2_cap, LOSS=_LOSS_CODES[loss], BLOCK=launch.block,
+                ITERS=iters, WIDE=N + launch.block * iters >= _INT32_LIMIT, num_warps=launch.num_warps,
                 ZERO={1.0: 1, 0.0: 2}.get(float(alpha), 0))
-    if _MAXNREG is not None:
-        args["maxnreg"] = _MAXNREG
+    if _HAS_MAXNREG and launch.maxnreg is not None:
+        args["maxnreg"] = launch.maxnreg
     return args
+
+
+def launch_setting(dtype):
+    """The :class:`Launch` used for logits of this dtype."""
+    return _LAUNCH[torch.finfo(dtype).bits // 8]
 
 
 def _grid(args):

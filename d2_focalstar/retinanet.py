@@ -34,7 +34,7 @@ class RetinaNetFLStar(RetinaNet):
 
     @configurable
     def __init__(self, *, cls_loss_type="FLSTAR", flstar_gamma=0.25, flstar_max_factor=100.0,
-                 appendix_gamma=2.0, fused_kernel=True, **kwargs):
+                 appendix_gamma=2.0, fused_kernel=True, channels_last=False, **kwargs):
         """
         Args:
             cls_loss_type: "FLSTAR", "FL", "CE" or "FLSTAR_APPENDIX".
@@ -44,6 +44,9 @@ class RetinaNetFLStar(RetinaNet):
             fused_kernel: compute the classification loss with the fused Triton kernel on
                 CUDA tensors (and on CPU ones where d2_focalstar.fused was imported with
                 TRITON_INTERPRET=1, as the tests do); elsewhere the reference functions.
+            channels_last: put the convolution weights in the channels_last memory layout
+                (from_config: MODEL.FOCALSTAR.CHANNELS_LAST on a CUDA MODEL.DEVICE); moving
+                the model to another device keeps the layout.
             kwargs: as for :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -53,6 +56,8 @@ class RetinaNetFLStar(RetinaNet):
         self.fused_kernel = fused_kernel
         self.cls_loss_gamma = gamma_for(self.cls_loss_type, flstar_gamma, self.focal_loss_gamma,
                                         appendix_gamma)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -64,6 +69,7 @@ class RetinaNetFLStar(RetinaNet):
             flstar_max_factor=cfg.MODEL.FOCALSTAR.MAX_FACTOR,
             appendix_gamma=cfg.MODEL.FOCALSTAR.APPENDIX_GAMMA,
             fused_kernel=cfg.MODEL.FOCALSTAR.FUSED_KERNEL,
+            channels_last=cfg.MODEL.FOCALSTAR.CHANNELS_LAST and str(cfg.MODEL.DEVICE).startswith("cuda"),
         )
         return ret
 

@@ -75,8 +75,8 @@ def test_fused_programs_over_several_blocks(block, iters, monkeypatch):
     """Each program runs over ITERS blocks one after another (the forward sums them before its one
     reduction): small blocks, so that the 203 x 80 logits take many programs, the last one partly
     past the end."""
-    monkeypatch.setattr(fused, "_BLOCK", block)
-    monkeypatch.setattr(fused, "_ITERS", iters)
+    launch = fused.Launch(block, 4, iters["forward"], iters["backward"], None)
+    monkeypatch.setattr(fused, "_LAUNCH", {4: launch, 2: launch})
     x, labels = _inputs(scale=6.0)
     a, b, ga, gb = _both(x, labels, "FLSTAR", 0.25)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -161,18 +161,19 @@ def test_empty_input():
 
 
 def test_bad_arguments():
+    x = torch.zeros(2, 3, device=DEVICE)  # on the test's device: CPU tensors on a GPU fail earlier
     with pytest.raises(ValueError, match="loss_type='FOCAL'"):
-        fused.fused_classification_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), "FOCAL")
+        fused.fused_classification_loss(x, torch.zeros(2, dtype=torch.int64, device=DEVICE), "FOCAL")
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(3,\)"):
-        fused.fused_classification_loss(torch.zeros(2, 3), torch.zeros(3, dtype=torch.int64))
+        fused.fused_classification_loss(x, torch.zeros(3, dtype=torch.int64, device=DEVICE))
     # the reference's checks, not a kernel that would divide by 0 or weight outside [0, 1]
-    labels = torch.zeros(2, dtype=torch.int64)
+    labels = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="gamma=0 is not allowed for FLSTAR_APPENDIX"):
-        fused.fused_classification_loss(torch.zeros(2, 3), labels, "FLSTAR_APPENDIX", gamma=0.0)
+        fused.fused_classification_loss(x, labels, "FLSTAR_APPENDIX", gamma=0.0)
     with pytest.raises(ValueError, match="alpha=2"):
-        fused.fused_classification_loss(torch.zeros(2, 3), labels, alpha=2.0)
+        fused.fused_classification_loss(x, labels, alpha=2.0)
     with pytest.raises(ValueError, match="max_factor=0.5"):
-        fused.fused_classification_loss(torch.zeros(2, 3), labels, max_factor=0.5)
+        fused.fused_classification_loss(x, labels, max_factor=0.5)
 
 
 def test_retinanet_with_fused_kernel_in_fl_mode_equals_stock():

@@ -201,3 +201,31 @@ def test_all_background_batch_has_finite_cls_loss_and_zero_box_loss():
         out = model.losses(*_tiny_losses_inputs(gt))
     assert torch.isfinite(out["loss_cls"]) and out["loss_cls"] > 0
     assert out["loss_box_reg"] == 0
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_channels_last_layout_gives_the_same_losses(device):
+    """MODEL.FOCALSTAR.CHANNELS_LAST puts the convolution weights in NHWC on a CUDA MODEL.DEVICE
+    only; in that layout (forced here on the CPU too) the model computes the same losses."""
+    from detectron2.layers import Conv2d  # noqa: F401 (detectron2's convs are nn.Conv2d)
+
+    torch.manual_seed(0)
+    nchw = build_model(quickstart_cfg("MODEL.FOCALSTAR.CHANNELS_LAST", "False", "MODEL.DEVICE", device))
+    default = build_model(quickstart_cfg("MODEL.DEVICE", device))
+    args = RetinaNetFLStar.from_config(quickstart_cfg("MODEL.DEVICE", device))
+    args["channels_last"] = True
+    nhwc = RetinaNetFLStar(**args).to(device)
+    nhwc.load_state_dict(nchw.state_dict())  # copies into the params: their layout stays
+
+    def layouts(model):
+        return {p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1)}
+    assert layouts(nhwc) == {True} and layouts(nchw) == {False}
+    assert layouts(default) == ({True} if device == "cuda" else {False})  # the key's default: on, CUDA only
+    batch = synthetic_batch()
+    for d in batch:
+        d["image"], d["instances"] = d["image"].to(device), d["instances"].to(device)
+    with EventStorage():
+        got, want = nhwc(batch), nchw(batch)
+    for k in want:  # other convolution kernels: rounding may differ, nothing more
+        torch.testing.assert_close(got[k], want[k], rtol=2e-4, atol=1e-6)

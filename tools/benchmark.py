@@ -5,9 +5,12 @@ Speed, side by side in one process, on whatever device it finds:
 1. the classification loss, forward + backward, on RetinaNet-sized logits (16 x 201,600 x 80):
    stock detectron2's path (fvcore ``sigmoid_focal_loss_jit`` on one-hot targets), torchvision's
    ``sigmoid_focal_loss``, this project's reference functions, ``torch.compile`` of a
-   labels-direct FL* (GPU only) and the fused Triton kernel; ms, effective GB/s (the 3-pass floor:
-   read the logits twice, write the gradient once), % of the measured copy bandwidth, extra peak
-   memory as a multiple of the gradient's size, and agreement with the reference;
+   labels-direct FL* (GPU only) and the fused Triton kernel; GPU ms (CUDA events over calls run
+   back to back, triton.testing.do_bench) and wall ms (one synchronised call, the host's launch
+   latency included), the speed-up over torch.compile, effective GB/s (the 3-pass floor: read
+   the logits twice, write the gradient once; from the GPU ms), % of the measured copy
+   bandwidth, extra peak memory as a multiple of the gradient's size, and agreement with the
+   reference;
 2. a train step (batch 16, 800x1333, AMP on CUDA) and inference (batch 8) of RetinaNetFLStar,
    stock detectron2 RetinaNet and torchvision RetinaNet, with random weights on one synthetic
    batch: img/s, peak memory, ratios, and the hours a COCO 1x schedule (90k x 16 images) projects.
@@ -77,6 +80,17 @@ class Timer:
         return statistics.median(times)
 
 
+def gpu_seconds(device, fn):
+    """Median GPU time of fn() run back to back (CUDA events, triton.testing.do_bench, L2 flushed
+    between calls); None off CUDA. Unlike Timer it leaves out the host's launch latency, which a
+    training step hides behind the GPU work queued before the loss."""
+    if device.type != "cuda":
+        return None
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+
+
 def peak_extra_bytes(device, fn):
     """Peak memory fn() allocates beyond what was allocated before it (CUDA only; else None)."""
     if device.type != "cuda":
@@ -93,7 +107,7 @@ def peak_extra_bytes(device, fn):
 def copy_bandwidth(device, nbytes, timer):
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = timer(lambda: dst.copy_(src), iters=10)
+    seconds = gpu_seconds(device, lambda: dst.copy_(src)) or timer(lambda: dst.copy_(src), iters=10)
     return 2 * nbytes / seconds / 1e9  # read + write
 
 
@@ -202,19 +216,25 @@ def bench_losses(args, sizes, device, timer, copy_gbs):
                               and torch.allclose(grad, ref_grad, rtol=rtol, atol=rtol * ref_grad.abs().max()))
             try:
                 seconds = timer(step, iters=sizes["loss_iters"])
+                gpu_s = gpu_seconds(device, step)
             except Exception as e:  # e.g. a variant that does not support the dtype
                 rows.append(dict(variant=name, dtype=dtype_name, error=f"{type(e).__name__}: {e}"))
                 continue
             logits.grad = None  # the gradient counts in the extra memory
             extra = peak_extra_bytes(device, step)
-            effective = 3 * grad_bytes / seconds / 1e9
+            effective = 3 * grad_bytes / (gpu_s or seconds) / 1e9
             rows.append(dict(
                 variant=name, dtype=dtype_name, loss_type=loss_type, ms=seconds * 1e3,
-                loss_shape_bytes=grad_bytes,
+                gpu_ms=None if gpu_s is None else gpu_s * 1e3, loss_shape_bytes=grad_bytes,
                 effective_gbs=effective, pct_of_copy=100 * effective / copy_gbs,
                 extra_peak_bytes=extra, extra_peak_vs_grad=None if extra is None else extra / grad_bytes,
                 loss=float(loss.detach()), agrees_with_reference=agrees))
         del logits
+    for r in rows:  # how many times faster than torch.compile, by GPU time (else wall time)
+        ref = next((c for c in rows if c["variant"].startswith("torch.compile") and c["dtype"] == r["dtype"]
+                    and "error" not in c), None)
+        if ref is not None and "error" not in r:
+            r["vs_compile"] = (ref["gpu_ms"] or ref["ms"]) / (r["gpu_ms"] or r["ms"])
     return rows
 
 
@@ -238,7 +258,7 @@ def synthetic_batch(sizes, n, device, seed=0):
     return batch
 
 
-def detectron2_model(config_file, meta_arch, device, sizes, fused, loss_type="FLSTAR"):
+def detectron2_model(config_file, meta_arch, device, sizes, fused, loss_type="FLSTAR", channels_last=True):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
@@ -253,6 +273,7 @@ def detectron2_model(config_file, meta_arch, device, sizes, fused, loss_type="FL
     cfg.MODEL.DEVICE = str(device)
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = fused
     cfg.MODEL.FOCALSTAR.LOSS_TYPE = loss_type
+    cfg.MODEL.FOCALSTAR.CHANNELS_LAST = channels_last  # RetinaNetFLStar's key (CUDA only)
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = sizes["train_size"][0], sizes["train_size"][1]
     return build_model(cfg)
 
@@ -313,16 +334,20 @@ def bench_detectors(args, sizes, device, timer):
         "RetinaNetFLStar (FL*, FUSED_KERNEL off)": (  # how much of the difference the kernel makes
             "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=False)),
         # the rest of the step, one change at a time, each on top of the project's defaults:
-        # cuDNN's autotuner (detectron2's CUDNN_BENCHMARK; the batch is one fixed size here) and
-        # channels_last weights (convolutions in NHWC, the layout tensor cores prefer)
+        # channels_last weights (MODEL.FOCALSTAR.CHANNELS_LAST, on by default on CUDA) and
+        # cuDNN's autotuner (detectron2's CUDNN_BENCHMARK; the batch is one fixed size here)
+        "RetinaNetFLStar (FL*, CHANNELS_LAST off)": (
+            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda,
+                                           channels_last=False)),
         "RetinaNetFLStar (FL*, + cudnn.benchmark)": (
             "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda),
             dict(cudnn_benchmark=True)),
-        "RetinaNetFLStar (FL*, + channels_last)": (
-            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes,
-                                           fused=cuda).to(memory_format=torch.channels_last)),
         "detectron2 RetinaNet (stock)": (
             "d2", lambda: detectron2_model(args.config_file, "RetinaNet", device, sizes, fused=False)),
+        # how much of the gain is the layout alone, which stock RetinaNet could have too
+        "detectron2 RetinaNet (stock, + channels_last)": (
+            "d2", lambda: detectron2_model(args.config_file, "RetinaNet", device, sizes, fused=False
+                                           ).to(memory_format=torch.channels_last)),
         "torchvision RetinaNet": ("tv", lambda: torchvision_model(device, sizes)),
     }
     rows, cudnn_benchmark = [], torch.backends.cudnn.benchmark
@@ -362,7 +387,7 @@ def bench_detectors(args, sizes, device, timer):
         torch.backends.cudnn.benchmark = cudnn_benchmark
         if cuda:
             torch.cuda.empty_cache()
-    stock = next(r for r in rows if "stock" in r["system"])
+    stock = next(r for r in rows if r["system"] == "detectron2 RetinaNet (stock)")
     for r in rows:
         r["train_vs_stock"] = r["train_img_s"] / stock["train_img_s"]
         r["infer_vs_stock"] = r["infer_img_s"] / stock["infer_img_s"]
@@ -385,14 +410,17 @@ def print_tables(report):
     print(f"\n{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}")
     print(f"copy bandwidth: {meta['copy_gbs']:.0f} GB/s | logits {meta['logits_shape']}\n")
     if report.get("loss"):
-        print("| variant | dtype | ms | effective GB/s | % of copy | extra peak GiB | x grad size | agrees |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| variant | dtype | GPU ms | wall ms | vs torch.compile | effective GB/s | % of copy | "
+              "extra peak GiB | x grad size | agrees |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in report["loss"]:
             if "error" in r:
-                print(f"| {r['variant']} | {r['dtype']} | {r['error']} | | | | | |")
+                print(f"| {r['variant']} | {r['dtype']} | {r['error']} | | | | | | | |")
                 continue
             agrees = {None: "(reference)", True: "yes", False: "NO"}[r["agrees_with_reference"]]
-            print(f"| {r['variant']} | {r['dtype']} | {r['ms']:.3f} | {r['effective_gbs']:.0f} | "
+            vs = r.get("vs_compile")
+            print(f"| {r['variant']} | {r['dtype']} | {fmt(r['gpu_ms'], '.3f')} | {r['ms']:.3f} | "
+                  f"{'n/a' if vs is None else f'{vs:.2f}x'} | {r['effective_gbs']:.0f} | "
                   f"{r['pct_of_copy']:.0f}% | {fmt(gib(r['extra_peak_bytes']), '.2f')} | "
                   f"{fmt(r['extra_peak_vs_grad'], '.2f')} | {agrees} |")
         print()
@@ -426,15 +454,14 @@ def main(argv=None):
         if not torch.cuda.is_available():
             sys.exit("tools/benchmark.py: error: no CUDA device; use --cpu-smoke for the CPU smoke run")
         device = torch.device("cuda")
-        sizes = FULL
-        torch.backends.cudnn.benchmark = True
+        sizes = FULL  # cudnn.benchmark stays off (detectron2's CUDNN_BENCHMARK default) but in its own row
     timer = Timer(device, sizes["warmup"])
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    copy_gbs = copy_bandwidth(device, sizes["copy_bytes"], timer)
+    copy_gbs = copy_bandwidth(device, sizes["copy_bytes"], timer)  # what the GPU ms are held against
     report = {"meta": dict(
         command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         date=datetime.datetime.now().isoformat(timespec="seconds"),

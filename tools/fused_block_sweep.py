@@ -4,7 +4,7 @@ Time the fused Triton loss kernel (FL*, forward + backward, and forward alone) o
 logits for several block sizes, warp counts, blocks per forward program and register caps, with
 triton.testing.do_bench (median). Needs a GPU; each of the 24 settings per dtype compiles its
 kernels and times them for about a quarter of a second (not yet timed as a whole). The defaults in
-d2_focalstar/fused.py (_BLOCK, _NUM_WARPS, _ITERS, _MAXNREG) are chosen from its output
+d2_focalstar/fused.py (_LAUNCH, per element size) are chosen from its output
 (docs/BENCHMARKS.md) and are timed first; it ends with the fastest setting per dtype. The JSON is
 rewritten after every setting, so a run cut off keeps what it measured.
 
@@ -42,15 +42,16 @@ if __name__ == "__main__":
     from d2_focalstar.checkpoint import write_json  # a kill leaves the previous JSON whole
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    default = (fz._BLOCK, fz._NUM_WARPS, fz._ITERS["forward"], fz._MAXNREG)
     labels = make_labels(FULL, torch.device("cuda"))
     rows = []
     for name in args.dtypes:
         dtype = DTYPES[name]
         x = (torch.randn(labels.numel(), FULL["classes"], device="cuda") * 4 - 4).to(dtype).requires_grad_(True)
+        size = torch.finfo(dtype).bits // 8
+        shipped = fz._LAUNCH[size]
+        default = (shipped.block, shipped.num_warps, shipped.forward_iters, shipped.maxnreg)
         for block, warps, iters, maxnreg in settings(default):
-            fz._BLOCK, fz._NUM_WARPS, fz._MAXNREG = block, warps, maxnreg
-            fz._ITERS = {"forward": iters, "backward": 1}
+            fz._LAUNCH = {**fz._LAUNCH, size: fz.Launch(block, warps, iters, 1, maxnreg)}
 
             def fwd():
                 return fz.fused_classification_loss(x, labels, "FLSTAR", 0.25, 0.25, 100.0)
@@ -69,6 +70,7 @@ if __name__ == "__main__":
                   flush=True)
             write_json(args.out, rows, indent=1)
         del x
+        fz._LAUNCH = {**fz._LAUNCH, size: shipped}
     for dtype in sorted({r["dtype"] for r in rows}):
         best = min((r for r in rows if r["dtype"] == dtype), key=lambda r: r["ms"])
         print(f"fastest for {dtype}: BLOCK={best['block']} num_warps={best['num_warps']} "

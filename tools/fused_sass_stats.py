@@ -119,12 +119,13 @@ def count_instructions(cubin):
 
 
 def stats(which, loss_type, dtype, arch=90):
-    iters = fused._ITERS[which]
+    launch = fused.launch_setting(getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]))
+    iters = launch.forward_iters if which == "forward" else launch.backward_iters
     cubin = compile_kernel(which, loss_type, dtype, arch)
     ops = count_instructions(cubin)
     regs = registers(cubin)
     # elements each thread handles: ITERS blocks, each spread over the program's threads
-    per_thread = iters * fused._BLOCK / (fused._NUM_WARPS * 32)
+    per_thread = iters * launch.block / (launch.num_warps * 32)
     total = sum(ops.values())
     per_element = total / per_thread
     warp_instructions = per_element * ELEMENTS / 32
@@ -149,8 +150,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     rows = [stats(which, loss, dtype, args.arch) for loss in args.loss_types for dtype in args.dtypes
             for which in ("forward", "backward")]
-    print(f"Fused kernel, SASS for sm_{args.arch}, BLOCK {fused._BLOCK}, {fused._NUM_WARPS} warps, "
-          f"blocks per program {fused._ITERS}, "
+    print(f"Fused kernel, SASS for sm_{args.arch}, launch settings by bytes per logit "
+          f"{ {size: tuple(launch) for size, launch in fused._LAUNCH.items()} } "
+          f"(block, warps, forward / backward blocks per program, register cap), "
           f"K = 80 (compiled offline; the ms columns are a model for one H100, not a timing)\n")
     print("| kernel | loss | dtype | instr / element | MUFU / element | loads / element "
           "| registers | spill stores | issue-bound ms | memory floor ms |")

@@ -9,10 +9,10 @@
 #
 # Steps:
 #   env        GPU, driver, torch / Triton / detectron2 versions
-#   test       the fused kernel's tests on the GPU (tests/test_fused.py), under a minute
+#   test       the fused kernel's tests and the channels_last test on the GPU, under a minute
 #   bench      tools/benchmark.py, all of it (~2.5 min on an H100)      -> OUTDIR/benchmark.json
 #   bench-loss tools/benchmark.py --sections loss: the loss variants only -> OUTDIR/benchmark_loss.json
-#   blocks     tools/fused_block_sweep.py, fp32 and fp16 (the default first) -> OUTDIR/fused_block_sweep.json
+#   blocks     tools/fused_block_sweep.py, fp32, fp16, bf16 (the default first) -> OUTDIR/fused_block_sweep.json
 #   study      the GPU study of docs/RESULTS.md (its two sweeps, 14 runs at once), ~9 min on an H100
 #                                                                       -> OUTDIR/study_gpu.tgz
 #   study-lr   CE, FL* g=0.25 and g=0.5 at lr 0.005 on the same data, seeds 0 1 (6 runs at once)
@@ -75,13 +75,14 @@ run_step() {
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
       "$PY" -c "import torch, triton, detectron2, fvcore, pycocotools, d2_focalstar; print('torch', torch.__version__, '| triton', triton.__version__, '| detectron2', detectron2.__version__, '| cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" ;;
     test)
-      timeout -k 10 "$t" "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py ;;
+      timeout -k 10 "$t" "$PY" -m pytest -q -p no:cacheprovider tests/test_fused.py \
+        tests/test_model.py::test_channels_last_layout_gives_the_same_losses ;;
     bench)
       timeout -k 10 "$t" "$PY" tools/benchmark.py --out "$OUTDIR/benchmark.json" ;;
     bench-loss)
       timeout -k 10 "$t" "$PY" tools/benchmark.py --sections loss --out "$OUTDIR/benchmark_loss.json" ;;
     blocks)
-      timeout -k 10 "$t" "$PY" tools/fused_block_sweep.py --dtypes fp32 fp16 --out "$OUTDIR/fused_block_sweep.json" ;;
+      timeout -k 10 "$t" "$PY" tools/fused_block_sweep.py --dtypes fp32 fp16 bf16 --out "$OUTDIR/fused_block_sweep.json" ;;
     study)
       # the two sweeps of docs/RESULTS.md side by side: 12 + 2 runs on the one GPU
       timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $STUDY_CFG --jobs 12 \
