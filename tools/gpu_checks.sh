@@ -13,7 +13,7 @@
 #   bench      tools/benchmark.py, all of it (~2.5 min on an H100)      -> OUTDIR/benchmark.json
 #   bench-loss tools/benchmark.py --sections loss: the loss variants only -> OUTDIR/benchmark_loss.json
 #   blocks     tools/fused_block_sweep.py, fp32, fp16, bf16 (the default first) -> OUTDIR/fused_block_sweep.json
-#   study      the GPU study of docs/RESULTS.md (its two sweeps, 14 runs at once), ~9 min on an H100
+#   study      the GPU study of docs/RESULTS.md (12 runs at once), ~8 min on an H100
 #                                                                       -> OUTDIR/study_gpu.tgz
 #   study-lr   CE, FL* g=0.25 and g=0.5 at lr 0.005 on the same data, seeds 0 1 (6 runs at once)
 #                                                                       -> OUTDIR/study_gpu_lr005.tgz
@@ -84,18 +84,11 @@ run_step() {
     blocks)
       timeout -k 10 "$t" "$PY" tools/fused_block_sweep.py --dtypes fp32 fp16 bf16 --out "$OUTDIR/fused_block_sweep.json" ;;
     study)
-      # the two sweeps of docs/RESULTS.md side by side: 12 + 2 runs on the one GPU
+      # the study of docs/RESULTS.md: 12 runs (two seeds of six settings) at once on the one GPU
       timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $STUDY_CFG --jobs 12 \
         --loss-types CE FL FLSTAR FLSTAR_APPENDIX --gammas 0.125 0.25 0.5 --seeds 0 1 \
-        --out output/study_gpu >"$OUTDIR/sweep_a.log" 2>&1 &
-      local a=$!
-      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $STUDY_CFG --jobs 2 \
-        --loss-types CE FLSTAR --gammas 0.25 --seeds 2 --out output/study_gpu >"$OUTDIR/sweep_b.log" 2>&1 &
-      local b=$! rc=0
-      wait $a || rc=$?
-      wait $b || rc=$?
-      cat "$OUTDIR/sweep_a.log" "$OUTDIR/sweep_b.log"; rm -f "$OUTDIR/sweep_a.log" "$OUTDIR/sweep_b.log"
-      pack_study study_gpu; return $rc ;;
+        --out output/study_gpu
+      local rc=$?; pack_study study_gpu; return $rc ;;
     study-lr)
       timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $STUDY_CFG --jobs 6 \
         --loss-types CE FLSTAR --gammas 0.25 0.5 --seeds 0 1 --out output/study_gpu_lr005 \
