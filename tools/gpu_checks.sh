@@ -17,8 +17,8 @@
 #                                                                       -> OUTDIR/study_gpu.tgz
 #   study-lr   CE, FL* g=0.25 and g=0.5 at lr 0.005 on the same data, seeds 0 1 (6 runs at once)
 #                                                                       -> OUTDIR/study_gpu_lr005.tgz
-# A study's .tgz holds, per run, results.json, metrics.json, config.yaml and log.txt (the files
-# docs/results/ keeps), and the comparison of all its runs (tools/compare.py). Unpack it with
+# A study's .tgz holds, per run, results.json, metrics.json, config.yaml (the files docs/results/
+# keeps) and log.txt, and the comparison of all its runs (tools/compare.py). Unpack it with
 #   tar xzf study_gpu.tgz -C docs/results/
 # Everything the steps print also goes to OUTDIR/gpu_checks.log.
 #
