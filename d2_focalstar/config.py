@@ -25,16 +25,16 @@ def add_focalstar_config(cfg):
     # times CE's. 0 = no cap (the exact, unbounded formula).
     cfg.MODEL.FOCALSTAR.MAX_FACTOR = 100.0
     # Compute the classification loss with the fused Triton kernel (d2_focalstar/fused.py) on
-    # CUDA: same values as the reference functions, no one-hot tensor (its earlier version timed
-    # ~15x faster and ~10 GiB less than stock detectron2 for COCO-sized batches on one H100,
-    # docs/BENCHMARKS.md). False: the reference functions everywhere.
+    # CUDA: same values as the reference functions, no one-hot tensor (~20x faster and ~10 GiB
+    # less than stock detectron2's loss for COCO-sized batches on one H100, docs/BENCHMARKS.md).
+    # False: the reference functions everywhere.
     # On the CPU the reference functions are always used.
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = True
     # On CUDA (MODEL.DEVICE "cuda..."), keep RetinaNetFLStar's convolution weights in the
     # channels_last (NHWC) layout that tensor cores prefer: the activations follow, and the head's
     # outputs reach the loss without a copy. Same maths, different cuDNN kernels (rounding may
-    # differ). Measured 1.26x the train throughput of the NCHW default on one H100
-    # (docs/BENCHMARKS.md). Ignored on the CPU.
+    # differ). Measured 1.13x (cudnn.benchmark off) and 1.28x (on) the train throughput of
+    # the NCHW layout on one H100 (docs/BENCHMARKS.md). Ignored on the CPU.
     cfg.MODEL.FOCALSTAR.CHANNELS_LAST = True
     # Gamma of LOSS_TYPE "FLSTAR_APPENDIX": -log(sigmoid(gamma * x_t)) / gamma (> 0).
     cfg.MODEL.FOCALSTAR.APPENDIX_GAMMA = 2.0
