@@ -448,3 +448,16 @@ def test_evaluations_of_each_runs_own_checkpoint_stay_seeds_of_one_setting(tmp_p
     means = {r["setting"]: r for r in comparison_rows(records)[1] if r["run"] == "mean"}
     assert set(means) == {"FL g=2", "FLSTAR g=0.25"}
     assert means["FLSTAR g=0.25"]["seeds"] == "2" and means["FLSTAR g=0.25"]["AP vs FL"] == 0.0
+
+
+@pytest.mark.parametrize("study", ["cpu", "gpu"])
+def test_committed_study_tables_rebuild_from_their_result_files(study):
+    """docs/RESULTS.md's tables come from docs/results/compare_<study>.md, which the comparison
+    code must rebuild, unchanged, from the committed per-run files (as tools/compare.py does)."""
+    docs = os.path.join(os.path.dirname(__file__), "..", "docs", "results")
+    folder = os.path.join(docs, f"study_{study}")
+    runs = sorted(os.path.join(folder, d) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    assert len(runs) >= 12
+    columns, rows = comparison_rows([load_run(r) for r in runs])
+    with open(os.path.join(docs, f"compare_{study}.md")) as f:
+        assert to_markdown(columns, rows) == f.read()
