@@ -5,11 +5,18 @@ one detections.json.
 
     python demo.py --config-file configs/quickstart_flstar.yaml --input photos/ --output out/ \
         MODEL.WEIGHTS output/quickstart_flstar/model_final.pth
+    python demo.py --config-file configs/quickstart_flstar.yaml --input photos/ --output out/ \
+        --compare-weights output/fl/model_final.pth output/flstar/model_final.pth
+
+With --compare-weights A B (the proposal's Fig. 7: e.g. FL vs FL*), each photo is written as two
+labelled panels side by side, A left, and detections.json holds both lists per photo.
 
 Photos of any size, EXIF orientation applied, grayscale/palette/RGBA read as RGB. A file that is
 no usable image is skipped with a warning saying why. Writes <output>/<stem>.jpg per photo and
 <output>/detections.json: {file: [{"bbox": [x0, y0, x1, y1] (photo pixels), "score",
-"category_id" (the model's 0-based class), "category"}]}; each through a temp file and a rename.
+"category_id" (the model's 0-based class), "category"}]} (with --compare-weights: {file:
+{label A: [...], label B: [...]}}); each through a temp file and a rename. The model runs through
+detectron2's DefaultPredictor (d2_focalstar.predictor) on MODEL.DEVICE, CUDA where there is one.
 """
 import argparse
 import json
@@ -19,18 +26,17 @@ import sys
 import time
 
 import cv2
-import torch
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from d2_focalstar import register_coco_json_datasets  # first: it quiets fvcore's import warnings
-from d2_focalstar.checkpoint import (CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError,
-                                     atomic_write)
-from d2_focalstar.engine import ConfigError, load_config
+from d2_focalstar.checkpoint import CheckpointReadError, UnsafeCheckpointError
+from d2_focalstar.config import ConfigError, load_config, loss_config_node
+from d2_focalstar.fileio import atomic_write
 from d2_focalstar.mapper import SIXTEEN_BIT_MODES  # detectron2 would clip them to white
-import detectron2.data.transforms as T
+from d2_focalstar.predictor import SafePredictor
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
@@ -49,9 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="folder for annotated photos, detections.json")
     p.add_argument("--confidence-threshold", type=float, default=0.5, metavar="S",
                    help="minimum score of a detection, default 0.5 (sets the model's "
-                   "MODEL.RETINANET.SCORE_THRESH_TEST too)")
+                   "SCORE_THRESH_TEST too, e.g. MODEL.RETINANET.SCORE_THRESH_TEST)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (sets MODEL.DEVICE; without CUDA, cuda "
                    "falls back to the CPU with a warning)")
+    p.add_argument("--compare-weights", nargs=2, metavar=("A", "B"),
+                   help="two checkpoints of the config's model (e.g. FL and FL*): each photo as two "
+                   "labelled panels side by side, both detection lists in detections.json")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE",
                    help="config KEY VALUE pairs: MODEL.WEIGHTS FILE, ... (before or after the options)")
     args = p.parse_intermixed_args(argv)
@@ -63,17 +72,31 @@ def parse_args(argv=None):
 
 
 def setup(args):
-    """The checked config: train_net.py's load_config; KEY VALUE opts override the demo's flags."""
-    opts = ["MODEL.RETINANET.SCORE_THRESH_TEST", str(args.confidence_threshold)]
-    opts += ["MODEL.DEVICE", args.device] if args.device else []
-    opts += args.opts
-    cfg = load_config(argparse.Namespace(config_file=args.config_file, opts=opts,
-                                         eval_only=False, resume=False))
-    if not cfg.MODEL.WEIGHTS:
+    """The checked config (train_net.py's load_config) on the device --device names, MODEL.DEVICE
+    otherwise (CUDA where there is one, the CPU with a warning where not); the detector's
+    SCORE_THRESH_TEST is --confidence-threshold unless the opts set it."""
+    opts = (["MODEL.DEVICE", args.device] if args.device else []) + list(args.opts)
+    cfg = load_config(args.config_file, opts, num_gpus=1)
+    head = loss_config_node(cfg)
+    if head and f"{head}.SCORE_THRESH_TEST" not in opts[0::2]:
+        cfg.merge_from_list([f"{head}.SCORE_THRESH_TEST", args.confidence_threshold])
+    if args.compare_weights:
+        for path in args.compare_weights:
+            if not os.path.isfile(path):
+                raise ConfigError(f"--compare-weights {path}: no such file")
+    elif not cfg.MODEL.WEIGHTS:
         raise ConfigError("no weights to run: add MODEL.WEIGHTS path/to/model_final.pth")
     if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
         raise ConfigError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r}: the demo supports RGB and BGR")
+    cfg.freeze()
     return cfg
+
+
+def weight_labels(paths):
+    """Panel labels for two checkpoints: their last two path parts ('fl/model_final.pth'), or
+    A and B where those are the same."""
+    labels = [os.path.join(*os.path.normpath(p).split(os.sep)[-2:]) for p in paths]
+    return labels if len(set(labels)) == len(labels) else ["A", "B"]
 
 
 def list_inputs(src, dst):
@@ -112,7 +135,8 @@ def dataset_metadata(cfg):
 
 
 def read_photo(path, resize):
-    """(BGR uint8 array, None), or (None, why it cannot be used)."""
+    """``resize``: the predictor's ResizeShortestEdge."""
+    # (BGR uint8 array, None), or (None, why it cannot be used)
     try:
         with Image.open(path) as im:
             if im.mode in SIXTEEN_BIT_MODES:
@@ -133,15 +157,21 @@ def save(path, data):
     atomic_write(path, lambda f: f.write(data))
 
 
-def predict(model, resize, cfg, image):
-    """Instances of one BGR image, in its own pixels: detectron2's DefaultPredictor.__call__."""
-    if cfg.INPUT.FORMAT == "RGB":
-        image = image[:, :, ::-1]
-    h, w = image.shape[:2]
-    x = resize.get_transform(image).apply_image(image)
-    x = torch.as_tensor(x.astype("float32").transpose(2, 0, 1))
-    with torch.no_grad():
-        return model([{"image": x, "height": h, "width": w}])[0]["instances"].to("cpu")
+def detection_list(inst, names):
+    return [{"bbox": [round(v, 2) for v in box], "score": round(score, 4), "category_id": k,
+             "category": names[k] if k < len(names) else str(k)}
+            for box, score, k in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
+                                     inst.pred_classes.tolist())]
+
+
+def labelled_panel(drawn_rgb, label):
+    """The drawn photo (RGB) under a white strip with ``label``."""
+    h, w = drawn_rgb.shape[:2]
+    scale = max(0.5, w / 900)
+    strip = np.full((int(34 * scale), w, 3), 255, np.uint8)
+    cv2.putText(strip, label, (int(8 * scale), int(24 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale,
+                (0, 0, 0), max(1, int(2 * scale)), cv2.LINE_AA)
+    return np.vstack([strip, drawn_rgb])
 
 
 def main(args):
@@ -151,41 +181,39 @@ def main(args):
     files = list_inputs(args.input, args.output)
     metadata = dataset_metadata(cfg)
     names = metadata.get("thing_classes", None) or []
-    model = build_model(cfg)
     # a file that is not a checkpoint, a damaged or unsafe one, or one without the detector's
     # heads (backbone weights): a one-line error naming it
-    checkpointer = SafeCheckpointer(model)
-    checkpointer.load(cfg.MODEL.WEIGHTS)
-    checkpointer.require_all_weights()
-    model.eval()
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    weights = args.compare_weights or [cfg.MODEL.WEIGHTS]
+    predictors = [SafePredictor(cfg, w) for w in weights]
+    labels = weight_labels(weights) if args.compare_weights else [None]
     os.makedirs(args.output, exist_ok=True)
 
     detections, skipped = {}, []
     json_path = os.path.join(args.output, "detections.json")
     for i, (path, out_name) in enumerate(zip(files, output_names(files)), 1):
         name = os.path.basename(path)
-        image, why = read_photo(path, resize)
+        image, why = read_photo(path, predictors[0].aug)
         if image is None:
             logger.warning(f"{i}/{len(files)} skipped {name}: {why}")
             skipped.append(name)
             continue
-        start = time.perf_counter()
-        inst = predict(model, resize, cfg, image)
+        panels, found, counts, start = [], {}, [], time.perf_counter()
+        for predictor, label in zip(predictors, labels):
+            inst = predictor(image)["instances"].to("cpu")
+            inst = inst[inst.scores >= args.confidence_threshold]
+            found[label] = detection_list(inst, names)
+            counts.append(len(inst))
+            drawn = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(inst).get_image()
+            panels.append(labelled_panel(drawn, label) if label else drawn)
         ms = 1000 * (time.perf_counter() - start)
-        inst = inst[inst.scores >= args.confidence_threshold]
-        detections[name] = [
-            {"bbox": [round(v, 2) for v in box], "score": round(score, 4), "category_id": k,
-             "category": names[k] if k < len(names) else str(k)}
-            for box, score, k in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
-                                     inst.pred_classes.tolist())]
-        drawn = Visualizer(image[:, :, ::-1], metadata).draw_instance_predictions(inst).get_image()
-        jpeg = cv2.imencode(".jpg", drawn[:, :, ::-1])[1].tobytes()
+        detections[name] = found if args.compare_weights else found[None]
+        jpeg = cv2.imencode(".jpg", np.hstack(panels)[:, :, ::-1])[1].tobytes()
         save(os.path.join(args.output, out_name), jpeg)
         # rewritten (atomically) after each photo: a run cut off leaves a detections.json that
         # matches the annotated photos beside it; a run without any usable photo leaves none
         save(json_path, json.dumps(detections, indent=1).encode())
-        logger.info(f"{i}/{len(files)} {name}: {len(inst)} detections, {ms:.0f} ms -> {out_name}")
+        logger.info(f"{i}/{len(files)} {name}: {' vs '.join(map(str, counts))} detections, "
+                    f"{ms:.0f} ms -> {out_name}")
 
     if detections:
         logger.info(f"{len(detections)} photos annotated in {args.output}, detections in {json_path}; "

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """
-Train or evaluate RetinaNetFLStar (FL*, FL or CE) with detectron2's DefaultTrainer.
+Train or evaluate RetinaNetFLStar or FCOSFLStar (FL*, FL, CE, ...) with detectron2's DefaultTrainer.
 
 Examples:
   python train_net.py --config-file configs/quickstart_flstar.yaml   # CPU, embedded data
@@ -20,11 +20,12 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_resul
 
 from d2_focalstar import check_datasets, register_coco_json_datasets
 from d2_focalstar.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
+from d2_focalstar.config import ConfigError, load_config
+from d2_focalstar.engine import (TrainingDiverged, check_weights_file, divergence_message, draw_seed,
+                                 enable_cpu_ddp, setup_project_logger)
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
+from d2_focalstar.results import write_results
 from d2_focalstar.safety import build_safety_evaluator
-from d2_focalstar.engine import (ConfigError, TrainingDiverged, check_weights_file, divergence_message,
-                                 draw_seed, enable_cpu_ddp, load_config, setup_project_logger,
-                                 write_results)
 
 
 def fault_log(cfg):
@@ -66,8 +67,14 @@ class Trainer(DefaultTrainer):
         return DatasetEvaluators([e for e in evaluators if e is not None])
 
 
+def config_of(args):
+    # get_cfg, add_focalstar_config, merge file and opts, all checked
+    return load_config(args.config_file, args.opts, num_gpus=args.num_gpus, eval_only=args.eval_only,
+                       resume=args.resume)
+
+
 def setup(args):
-    cfg = load_config(args)  # get_cfg, add_focalstar_config, merge file and opts, all checked
+    cfg = config_of(args)
     cfg.freeze()
     register_coco_json_datasets(cfg)
     default_setup(cfg, args)  # detectron2's and fvcore's loggers, the config dump, the seed
@@ -117,11 +124,12 @@ if __name__ == "__main__":
     try:
         # once, before any process starts: config, weights and datasets
         setup_project_logger()
-        cfg = load_config(args)
+        cfg = config_of(args)
         draw_seed(args, cfg)  # SEED -1: one seed for all processes, recorded in the run's files
         register_coco_json_datasets(cfg)
         check_datasets(cfg, train=not args.eval_only)  # evaluation needs only DATASETS.TEST
-        check_weights_file(cfg, args)  # several processes: a bad file is one line, not N tracebacks
+        # several processes: a bad weights file is one line, not N tracebacks
+        check_weights_file(cfg, args.eval_only, args.resume, args.num_gpus * args.num_machines)
         launch(main, args.num_gpus, num_machines=args.num_machines,
                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
     except (ConfigError, TrainingDiverged, UnsafeCheckpointError, CheckpointReadError) as e:

@@ -9,19 +9,19 @@ A DetectionCheckpointer that never leaves a half-written file and never runs cod
   ``torch.load(weights_only=True)`` (tensors and plain containers only), and detectron2 / Caffe2
   model-zoo ``.pkl`` files through an unpickler that admits only numpy arrays and plain data.
 """
-import json
-import math
 import os
 import pickle
-import tempfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
+from fvcore.common.checkpoint import Checkpointer
+
+from .fileio import atomic_write
 
 __all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "CheckpointReadError",
-           "IncompleteCheckpointError", "NonFiniteWeightsError", "atomic_write", "write_json",
-           "check_checkpoint_file"]
+           "IncompleteCheckpointError", "NonFiniteWeightsError", "check_checkpoint_file",
+           "last_checkpoint"]
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -74,64 +74,6 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) in _PKL_ALLOWED:
             return super().find_class(module, name)
         raise _Forbidden(f"global '{module}.{name}' is not allowed")
-
-
-def _umask():
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside ``path``, fsync it, rename it to ``path`` and
-    fsync the folder, so that after a crash or power loss ``path`` is the old file or the new
-    one, whole. ``path`` gets the permissions a plain open() would give (mkstemp's are
-    owner-only)."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # the rename itself reaches the disk with the folder's entry
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened for this (some network file systems)
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def _finite_or_null(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    return obj
-
-
-def write_json(path, record, indent=2):
-    """``atomic_write`` of ``record`` as strict JSON: a value that is not a finite number (COCO's
-    APs for a dataset with no small objects, a miss rate with no ground truth) is written as
-    ``null``, which every JSON reader accepts, instead of Python's bare ``NaN``, which jq,
-    JavaScript and other strict readers refuse."""
-    data = json.dumps(_finite_or_null(record), indent=indent, allow_nan=False).encode()
-    atomic_write(path, lambda f: f.write(data))
 
 
 class SafeCheckpointer(DetectionCheckpointer):
@@ -238,3 +180,10 @@ def check_checkpoint_file(path):
         checkpointer._load_file(path)
     else:  # what DetectionCheckpointer._load_file does for a .pth, outside load()
         checkpointer._torch_load(path)
+
+
+def last_checkpoint(folder):
+    """The path of the checkpoint that ``folder``/last_checkpoint names (fvcore's checkpointer
+    reads it), whether or not that file exists; None without a last_checkpoint."""
+    checkpointer = Checkpointer(torch.nn.Module(), save_dir=folder)
+    return checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else None

@@ -1,8 +1,22 @@
-import math
+"""
+The config of d2-focalstar: every key it adds (``add_focalstar_config``), their checks, and
+loading a config from a command line (``load_config``), bad input becoming one ConfigError line.
+"""
+import difflib
+import logging
+import os
+import re
 
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
-from .losses import LOSS_TYPES
+from .losses import ALPHA, FL_GAMMA, LOSS_TYPES, loss_type
+
+__all__ = ["ConfigError", "add_focalstar_config", "check_focalstar_config", "config_value",
+           "load_config", "fall_back_to_cpu", "loss_config_node"]
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -11,33 +25,44 @@ class ConfigError(ValueError):
 
 def add_focalstar_config(cfg):
     """
-    Add every config key of d2-focalstar, with its default. Alpha is detectron2's
-    MODEL.RETINANET.FOCAL_LOSS_ALPHA and FL's gamma MODEL.RETINANET.FOCAL_LOSS_GAMMA.
+    Add every config key of d2-focalstar, with its default. The loss parameters' keys and
+    defaults come from the table of loss types (d2_focalstar/losses.py, LOSS_TYPES); alpha and
+    FL's gamma are the detector's own keys (MODEL.RETINANET.FOCAL_LOSS_ALPHA / _GAMMA,
+    detectron2's; MODEL.FCOS.*, added here).
     """
     cfg.MODEL.FOCALSTAR = CN()
-    # Classification loss of RetinaNetFLStar: "FLSTAR" (modified focal loss), "FL" (focal loss,
-    # gamma = MODEL.RETINANET.FOCAL_LOSS_GAMMA), "CE" (alpha-balanced cross-entropy) or
-    # "FLSTAR_APPENDIX" (the RetinaNet paper appendix's FL*, fvcore's sigmoid_focal_loss_star).
+    # Classification loss of RetinaNetFLStar and FCOSFLStar, a name of the loss table (FLSTAR,
+    # FL, CE, FLSTAR_APPENDIX, ...; docs/CONFIG.md lists them with their formulas).
     cfg.MODEL.FOCALSTAR.LOSS_TYPE = "FLSTAR"
-    # FL*'s gamma: the factor is ((1 - p_t) / p_t) ** GAMMA. The proposal's values: 0.125, 0.25, 0.5.
-    cfg.MODEL.FOCALSTAR.GAMMA = 0.25
-    # Cap on FL*'s factor for very hard examples (p_t -> 0); past it the gradient is MAX_FACTOR
-    # times CE's. 0 = no cap (the exact, unbounded formula).
-    cfg.MODEL.FOCALSTAR.MAX_FACTOR = 100.0
+    # The loss types' own parameters (GAMMA, MAX_FACTOR, APPENDIX_GAMMA, ...), from the table.
+    for entry in LOSS_TYPES.values():
+        for param in entry.params:
+            if param.key.startswith("MODEL.FOCALSTAR."):
+                cfg.MODEL.FOCALSTAR[param.key.rsplit(".", 1)[1]] = float(param.default)
     # Compute the classification loss with the fused Triton kernel (d2_focalstar/fused.py) on
-    # CUDA: same values as the reference functions, no one-hot tensor (~20x faster and ~10 GiB
-    # less than stock detectron2's loss for COCO-sized batches on one H100, docs/BENCHMARKS.md).
-    # False: the reference functions everywhere.
-    # On the CPU the reference functions are always used.
+    # CUDA, for loss types that have a kernel branch: same values as the reference functions, no
+    # one-hot tensor (speed and memory: docs/BENCHMARKS.md). False: the reference functions
+    # everywhere. On the CPU the reference functions are always used.
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = True
-    # On CUDA (MODEL.DEVICE "cuda..."), keep RetinaNetFLStar's convolution weights in the
-    # channels_last (NHWC) layout that tensor cores prefer: the activations follow, and the head's
-    # outputs reach the loss without a copy. Same maths, different cuDNN kernels (rounding may
-    # differ). Measured 1.13x (cudnn.benchmark off) and 1.28x (on) the train throughput of
-    # the NCHW layout on one H100 (docs/BENCHMARKS.md). Ignored on the CPU.
+    # On CUDA (MODEL.DEVICE "cuda..."), keep the detector's convolution weights in the
+    # channels_last (NHWC) layout that tensor cores prefer: same maths, other cuDNN kernels
+    # (rounding may differ), faster train steps (docs/BENCHMARKS.md). Ignored on the CPU.
     cfg.MODEL.FOCALSTAR.CHANNELS_LAST = True
-    # Gamma of LOSS_TYPE "FLSTAR_APPENDIX": -log(sigmoid(gamma * x_t)) / gamma (> 0).
-    cfg.MODEL.FOCALSTAR.APPENDIX_GAMMA = 2.0
+
+    # FCOSFLStar (d2_focalstar/fcos.py): detectron2's FCOS, whose keys its yacs config lacks.
+    # Defaults are those of detectron2's COCO-Detection/fcos_R_50_FPN_1x.py.
+    cfg.MODEL.FCOS = CN()
+    cfg.MODEL.FCOS.NUM_CLASSES = 80
+    cfg.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    cfg.MODEL.FCOS.NUM_CONVS = 4  # convolutions in each of the head's two towers
+    cfg.MODEL.FCOS.HEAD_NORM = "GN"  # norm of the head's convolutions ("", "GN", "BN", ...)
+    cfg.MODEL.FCOS.PRIOR_PROB = 0.01  # initial foreground probability of the class logits
+    cfg.MODEL.FCOS.FOCAL_LOSS_ALPHA = ALPHA.default  # a in a_t, every loss type
+    cfg.MODEL.FCOS.FOCAL_LOSS_GAMMA = FL_GAMMA.default  # FL's g
+    cfg.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5  # in strides: anchor points this near a centre
+    cfg.MODEL.FCOS.SCORE_THRESH_TEST = 0.2  # on sqrt(class score x centerness)
+    cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 
     # Safety metrics, computed beside COCO AP by d2_focalstar.safety.SafetyEvaluator: for these
     # class names (those the dataset lacks are skipped), the log-average miss rate over false
@@ -55,29 +80,62 @@ def add_focalstar_config(cfg):
     cfg.DATASETS.COCO_JSON = []
 
 
+def config_value(cfg, key):
+    """cfg's value at a dotted key ('MODEL.FOCALSTAR.GAMMA'); KeyError if it has none."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def loss_config_node(cfg):
+    """The config node of the detector whose loss the config sets ('MODEL.RETINANET' for
+    RetinaNetFLStar): the meta-architecture's ``loss_config_node``; None for another one."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    try:
+        arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    except KeyError:
+        return None
+    return getattr(arch, "loss_config_node", None)
+
+
+def _loss_params(head):
+    """Every (config key, LossParam) of the table for a detector's node, each key once."""
+    found = {ALPHA.config_key(head): ALPHA} if head else {}
+    for entry in LOSS_TYPES.values():
+        for param in entry.params:
+            if head or "{head}" not in param.key:
+                found.setdefault(param.config_key(head), param)
+    return found
+
+
 def check_focalstar_config(cfg):
-    """Raise ConfigError naming the key, the value and what is allowed, for a bad setting of ours."""
-    fs, rn = cfg.MODEL.FOCALSTAR, cfg.MODEL.RETINANET
-    problems = []
-    if str(fs.LOSS_TYPE).upper() not in LOSS_TYPES:
+    """Raise ConfigError naming the key, the value and what is allowed, for a bad setting of ours.
+    Returns the warnings to show once: a parameter that the loss type does not use, set away
+    from its default."""
+    problems, warnings = [], []
+    fs = cfg.MODEL.FOCALSTAR
+    head = loss_config_node(cfg)
+    try:
+        entry = loss_type(fs.LOSS_TYPE)
+    except ValueError:
+        entry = None
         problems.append(f"MODEL.FOCALSTAR.LOSS_TYPE={fs.LOSS_TYPE!r}: allowed {', '.join(LOSS_TYPES)}")
-    for key, value in (("MODEL.FOCALSTAR.GAMMA", fs.GAMMA),
-                       ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", rn.FOCAL_LOSS_GAMMA)):
-        if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
-            problems.append(f"{key}={value!r}: allowed a finite number >= 0")
-    if not (isinstance(fs.APPENDIX_GAMMA, (int, float)) and 0 < fs.APPENDIX_GAMMA < math.inf):
-        problems.append(f"MODEL.FOCALSTAR.APPENDIX_GAMMA={fs.APPENDIX_GAMMA!r}: allowed a finite number > 0")
-    alpha = rn.FOCAL_LOSS_ALPHA
-    if not (isinstance(alpha, (int, float)) and (0 <= alpha <= 1 or alpha == -1)):
-        problems.append(f"MODEL.RETINANET.FOCAL_LOSS_ALPHA={alpha!r}: allowed [0, 1], "
-                        "or -1 for no class weighting")
-    cap = fs.MAX_FACTOR
-    if not (isinstance(cap, (int, float)) and (cap == 0 or cap >= 1)):
-        problems.append(f"MODEL.FOCALSTAR.MAX_FACTOR={cap!r}: allowed 0 (no cap) or a number >= 1")
-    for i, entry in enumerate(cfg.DATASETS.COCO_JSON):
-        if not (isinstance(entry, (list, tuple)) and len(entry) == 3
-                and all(isinstance(s, str) and s for s in entry)):
-            problems.append(f"DATASETS.COCO_JSON[{i}]={entry!r}: allowed "
+    for key, param in _loss_params(head).items():
+        value = config_value(cfg, key)
+        why = param.validate(value)
+        if why:
+            problems.append(f"{key}={value!r}: allowed {param.allowed}")
+        elif (entry is not None and param is not ALPHA and param not in entry.params
+              and value != param.default):
+            used = ", ".join(p.config_key(head) for p in entry.params) or "none of them"
+            warnings.append(f"{key}={value!r} is set but LOSS_TYPE {entry.name} does not use it "
+                            f"(it uses {used})")
+    for i, item in enumerate(cfg.DATASETS.COCO_JSON):
+        if not (isinstance(item, (list, tuple)) and len(item) == 3
+                and all(isinstance(s, str) and s for s in item)):
+            problems.append(f"DATASETS.COCO_JSON[{i}]={item!r}: allowed "
                             "[name, json_file, image_root], three non-empty strings")
     safety = cfg.TEST.SAFETY
     if not (isinstance(safety.CLASSES, (list, tuple)) and all(isinstance(c, str) for c in safety.CLASSES)):
@@ -88,3 +146,143 @@ def check_focalstar_config(cfg):
         problems.append(f"TEST.SAFETY.IOU_THRESHOLD={safety.IOU_THRESHOLD!r}: allowed (0, 1]")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+    return warnings
+
+
+# ---- loading from a command line ---------------------------------------------------------------
+
+def _all_keys(node, prefix=""):
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _all_keys(v, full + ".")
+        else:
+            yield full
+
+
+def _unknown_key_message(key, cfg, where):
+    keys = list(_all_keys(cfg))
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{where}: unknown config key {key!r}{hint}"
+
+
+def _check_opts_keys(cfg, opts):
+    if len(opts) % 2:
+        raise ConfigError(f"command-line opts must be KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key in opts[0::2]:
+        try:
+            config_value(cfg, key)
+        except (KeyError, TypeError):
+            raise ConfigError(_unknown_key_message(key, cfg, "command line")) from None
+
+
+def _coerce_opts(cfg, opts):
+    """Opts with a whole number for a float key written as a float: yacs refuses
+    'MODEL.FOCALSTAR.MAX_FACTOR 10' (int vs float); it means 10.0."""
+    opts = list(opts)
+    for i in range(0, len(opts) - 1, 2):
+        value = opts[i + 1]
+        if (isinstance(config_value(cfg, opts[i]), float) and isinstance(value, str)
+                and re.fullmatch(r"\s*[+-]?\d+\s*", value)):
+            opts[i + 1] = value.strip() + ".0"
+    return opts
+
+
+_warned = set()
+
+
+def _warn_once(message):
+    if message not in _warned:  # the config is loaded in the launcher and in each process
+        _warned.add(message)
+        logger.warning(message)
+
+
+def fall_back_to_cpu(cfg):
+    """Switch a CUDA config to MODEL.DEVICE=cpu, with a warning (once per process), on a machine
+    without CUDA."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        _warn_once(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
+        cfg.MODEL.DEVICE = "cpu"
+
+
+def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False):
+    """
+    The config of a run, checked; a ConfigError (one line) for bad input.
+
+    Args:
+        config_file: YAML file (detectron2's format, ``_BASE_`` allowed).
+        opts: KEY VALUE pairs that override it.
+        num_gpus: processes per machine (GPUs; CPU processes without CUDA).
+        eval_only: the run only evaluates MODEL.WEIGHTS (or, with ``resume``, the last checkpoint
+            of OUTPUT_DIR); its files go to OUTPUT_DIR/eval_<checkpoint>/ when OUTPUT_DIR holds a
+            training.
+        resume: the run continues from OUTPUT_DIR's last checkpoint.
+    """
+    from .checkpoint import last_checkpoint  # the checkpointer reads last_checkpoint
+
+    if not config_file:
+        raise ConfigError("--config-file is required, e.g. --config-file configs/quickstart_flstar.yaml")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"--config-file {config_file}: no such file")
+    opts = list(opts)
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:  # yacs: "Non-existent config key: A.B"
+        key = str(e.args[0]).rsplit(" ", 1)[-1]
+        raise ConfigError(_unknown_key_message(key, cfg, config_file)) from None
+    _check_opts_keys(cfg, opts)
+    try:
+        cfg.merge_from_list(_coerce_opts(cfg, opts))
+    except (ValueError, AssertionError) as e:  # yacs: a value of the wrong type
+        raise ConfigError(f"command line: {e}") from None
+    fall_back_to_cpu(cfg)
+    if cfg.MODEL.DEVICE.startswith("cuda") and num_gpus > torch.cuda.device_count():
+        raise ConfigError(f"--num-gpus {num_gpus}: this machine has {torch.cuda.device_count()} "
+                          f"GPU(s) visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    for warning in check_focalstar_config(cfg):
+        _warn_once(warning)
+    last = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
+    _check_weights(cfg, eval_only, resume, last)
+    if eval_only:
+        _separate_evaluation_folder(cfg, resume)
+    return cfg
+
+
+def _check_weights(cfg, eval_only, resume, last):
+    if last is not None and not os.path.isfile(last):
+        others = sorted(f for f in os.listdir(cfg.OUTPUT_DIR) if f.endswith(".pth"))
+        raise ConfigError(
+            f"--resume: {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')} names {last}, which "
+            f"does not exist (checkpoints in {cfg.OUTPUT_DIR}: {', '.join(others) or 'none'}); "
+            f"write the name of one of them into last_checkpoint, or run without --resume to "
+            f"start again")
+    weights = cfg.MODEL.WEIGHTS
+    if eval_only and not weights and last is None:
+        raise ConfigError("--eval-only needs weights to evaluate: add MODEL.WEIGHTS "
+                          "path/to/model_final.pth (or --resume with an OUTPUT_DIR that has one)")
+    if weights and "://" not in weights and last is None and not os.path.isfile(weights):
+        raise ConfigError(f"MODEL.WEIGHTS={weights!r}: no such file")
+
+
+def _separate_evaluation_folder(cfg, resume):
+    """--eval-only into the folder of a training writes into OUTPUT_DIR/eval_<checkpoint>/, so
+    that the training's config.yaml, results.json, inference/ and safety metrics stay its own
+    (and a sweep does not take an unfinished run for a finished one). With --resume the
+    checkpoint is the training's last one."""
+    from .checkpoint import last_checkpoint
+
+    last = last_checkpoint(cfg.OUTPUT_DIR)
+    if last is None:
+        return
+    if resume:  # named before OUTPUT_DIR moves: the evaluation folder has no last_checkpoint
+        cfg.MODEL.WEIGHTS = last
+    stem = os.path.splitext(os.path.basename(cfg.MODEL.WEIGHTS))[0]
+    folder = os.path.join(cfg.OUTPUT_DIR, f"eval_{stem}")
+    if folder not in _warned:  # once per process (the config is loaded twice)
+        _warned.add(folder)
+        logger.info(f"--eval-only in the folder of a training: writing to {folder}")
+    cfg.OUTPUT_DIR = folder

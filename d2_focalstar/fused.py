@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .losses import LOSS_TYPES, check_loss_arguments
+from .losses import KernelCode, check_loss_arguments
 
 __all__ = ["fused_classification_loss", "agrees_with_reference", "INTERPRETED"]
 
@@ -38,8 +38,10 @@ logger = logging.getLogger(__name__)
 #: when this module was imported, which is when triton.jit reads it.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_LOSS_CODES = {name: i for i, name in enumerate(LOSS_TYPES)}  # FLSTAR 0, FL 1, CE 2, APPENDIX 3
-
+# The kernel's branches, named after the loss table's kernel codes (d2_focalstar/losses.py)
+_FLSTAR = tl.constexpr(int(KernelCode.FLSTAR))
+_FL = tl.constexpr(int(KernelCode.FL))
+_APPENDIX = tl.constexpr(int(KernelCode.FLSTAR_APPENDIX))  # CE: none of these, the plain -log(p_t)
 
 # Constants the kernels use; the kernels work in base 2 (exp2 is one GPU instruction, exp three).
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -132,14 +134,14 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
         x_t, positive, valid, _, _ = _elements(logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i,
                                                N, K, G, BLOCK, WIDE)
         x_t = _zero_weight_at_0(x_t, positive, ZERO)
-        if LOSS == 3:  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
+        if LOSS == _APPENDIX:  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
             loss = _neg_log2_sigmoid(x_t * (gamma * _LOG2E))
         else:
             y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
             loss = nl2_pt  # CE = -log(p_t) = softplus(-x_t)
-            if LOSS == 0:  # FL*: factor ((1 - p_t) / p_t)^gamma = exp(-gamma x_t), capped
+            if LOSS == _FLSTAR:  # FL*: factor ((1 - p_t) / p_t)^gamma = exp(-gamma x_t), capped
                 loss = loss * tl.exp2(tl.minimum(-gamma * y_t, log2_max_factor))
-            elif LOSS == 1:  # FL: factor (1 - p_t)^gamma
+            elif LOSS == _FL:  # FL: factor (1 - p_t)^gamma
                 loss = loss * tl.exp2(-gamma * nl2_qt)
         # 0 for an ignored anchor (its logits were not loaded: the loss is finite, whatever they hold)
         acc += loss * tl.where(positive, tl.where(valid, w_pos, 0.0), tl.where(valid, w_neg, 0.0))
@@ -159,17 +161,17 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, w_pos, w
         x_t, positive, valid, offsets, in_bounds = _elements(
             logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i, N, K, G, BLOCK, WIDE)
         x_t = _zero_weight_at_0(x_t, positive, ZERO)
-        if LOSS == 3:  # d/dx_t: -sigmoid(-gamma x_t) = -2^(log2 sigmoid(-gamma x_t))
+        if LOSS == _APPENDIX:  # d/dx_t: -sigmoid(-gamma x_t) = -2^(log2 sigmoid(-gamma x_t))
             d = -tl.exp2(-_neg_log2_sigmoid(x_t * (-gamma * _LOG2E)))
         else:
             y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
             d = -tl.exp2(-nl2_qt)  # d CE / d x_t = -(1 - p_t)
-            if LOSS == 0:  # FL* = factor * CE with d factor / d x_t = -gamma factor (0 past the cap)
+            if LOSS == _FLSTAR:  # FL* = factor * CE with d factor / d x_t = -gamma factor (0 past the cap)
                 log2_factor = -gamma * y_t
                 capped = log2_factor > log2_max_factor
                 factor = tl.exp2(tl.minimum(log2_factor, log2_max_factor))
                 d = factor * (d - tl.where(capped, 0.0, gamma * _LN2) * nl2_pt)
-            elif LOSS == 1:  # FL = factor * CE with d factor / d x_t = -gamma p_t factor
+            elif LOSS == _FL:  # FL = factor * CE with d factor / d x_t = -gamma p_t factor
                 factor = tl.exp2(-gamma * nl2_qt)
                 d = factor * (d - (gamma * _LN2) * tl.exp2(-nl2_pt) * nl2_pt)
         # an ignored anchor gets an explicit 0 (its x was not loaded, so d is finite): the
@@ -198,20 +200,30 @@ _HAS_MAXNREG = int(triton.__version__.split(".")[0]) >= 3
 _INT32_LIMIT = 2**31  # above it, 64-bit offsets
 
 
-def _launch_args(logits, loss_type, alpha, gamma, max_factor, which="forward"):
+def _kernel_arguments(loss_type, alpha, params):
+    """(LossType, gamma, max_factor) for the kernel: the table entry's checks, and a ValueError
+    for a type without a kernel branch."""
+    entry, values = check_loss_arguments(loss_type, alpha, params)
+    if entry.kernel is None:
+        raise ValueError(f"{entry.name} has no fused-kernel branch: use "
+                         "d2_focalstar.losses.sigmoid_classification_loss")
+    return entry, values.get("gamma", 0.0), values.get("max_factor", 0.0) if entry.capped else 0.0
+
+
+def _launch_args(logits, loss_type, alpha, params, which="forward"):
     """The keyword arguments of the forward or backward kernel's launch, grid excluded."""
-    loss = check_loss_arguments(loss_type, alpha, gamma, max_factor)
-    log2_cap = math.log2(max_factor) if (loss == "FLSTAR" and 0 < max_factor < math.inf) else 1e30
+    entry, gamma, max_factor = _kernel_arguments(loss_type, alpha, params)
+    log2_cap = math.log2(max_factor) if 0 < max_factor < math.inf else 1e30
     N = logits.numel()
     K = logits.shape[1]
     w_pos, w_neg = (float(alpha), 1.0 - float(alpha)) if alpha >= 0 else (1.0, 1.0)  # alpha_t
     if which == "forward":  # the forward computes in bits: the conversion goes into the weights
-        unit = math.log(2) / (gamma if loss == "FLSTAR_APPENDIX" else 1.0)
+        unit = math.log(2) / (gamma if entry.kernel == KernelCode.FLSTAR_APPENDIX else 1.0)
         w_pos, w_neg = w_pos * unit, w_neg * unit
     launch = launch_setting(logits.dtype)
     iters = launch.forward_iters if which == "forward" else launch.backward_iters
     args = dict(N=N, K=K, G=math.gcd(K, 16), w_pos=w_pos, w_neg=w_neg,
-                gamma=float(gamma), log2_max_factor=log2_cap, LOSS=_LOSS_CODES[loss], BLOCK=launch.block,
+                gamma=float(gamma), log2_max_factor=log2_cap, LOSS=int(entry.kernel), BLOCK=launch.block,
                 ITERS=iters, WIDE=N + launch.block * iters >= _INT32_LIMIT, num_warps=launch.num_warps,
                 ZERO={1.0: 1, 0.0: 2}.get(float(alpha), 0))
     if _HAS_MAXNREG and launch.maxnreg is not None:
@@ -230,14 +242,14 @@ def _grid(args):
 
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, loss_type, alpha, gamma, max_factor):
-        args = _launch_args(logits, loss_type, alpha, gamma, max_factor, "forward")
+    def forward(ctx, logits, labels, loss_type, alpha, params):
+        args = _launch_args(logits, loss_type, alpha, params, "forward")
         grid = _grid(args)
         partial = torch.empty(grid[0], dtype=torch.float32, device=logits.device)
         if grid[0] > 0:
             _forward_kernel[grid](logits, labels, partial, **args)
         ctx.save_for_backward(logits, labels)
-        ctx.loss_args = (loss_type, alpha, gamma, max_factor)
+        ctx.loss_args = (loss_type, alpha, params)
         return partial.sum()
 
     @staticmethod
@@ -247,11 +259,10 @@ class _FusedLoss(torch.autograd.Function):
         grad = torch.empty_like(logits)
         if args["N"] > 0:
             _backward_kernel[_grid(args)](logits, labels, grad, grad_out.float().contiguous(), **args)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None
 
 
-def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, gamma=0.5,
-                              max_factor=100.0):
+def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, **params):
     """
     Sum over anchors and classes of the classification loss, from integer labels.
 
@@ -259,14 +270,14 @@ def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, ga
         logits: (R, K) logits, fp32/fp16/bf16, on CUDA (or any device under TRITON_INTERPRET=1).
         labels: (R,) integer labels: 0..K-1 a class, K background (all columns negative),
             -1 ignored (no loss, zero gradient).
-        loss_type, alpha, gamma, max_factor: as in
-            :func:`d2_focalstar.losses.sigmoid_classification_loss`.
+        loss_type, alpha, params: as in :func:`d2_focalstar.losses.sigmoid_classification_loss`;
+            a type whose table entry has a kernel code (ValueError otherwise).
 
     Returns:
         fp32 scalar, equal to ``sigmoid_classification_loss(logits[valid], one_hot(labels[valid])
         [:, :K], ..., reduction="sum")``.
     """
-    check_loss_arguments(loss_type, alpha, gamma, max_factor)
+    _kernel_arguments(loss_type, alpha, params)
     if logits.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the fused kernel needs CUDA tensors, not {logits.device.type} (or Triton's "
                          "interpreter, TRITON_INTERPRET=1); on the CPU use "
@@ -274,7 +285,7 @@ def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, ga
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be (R, K) and labels {tuple(labels.shape)} (R,)")
     return _FusedLoss.apply(logits.contiguous(), labels.contiguous().to(torch.int32),
-                            loss_type, alpha, gamma, max_factor)
+                            loss_type, alpha, params)
 
 
 _verdicts = {}  # (device, dtype, loss arguments) -> None (agrees) or what disagreed
@@ -287,7 +298,7 @@ _CHECK_RTOL = {torch.float32: 1e-4, torch.float16: 2**-9, torch.bfloat16: 2**-6}
 _CHECK_ATOL = {torch.float32: 1.2e-38, torch.float16: 2**-23, torch.bfloat16: 1.2e-38}
 
 
-def agrees_with_reference(device, dtype, num_classes, loss_type, alpha, gamma, max_factor):
+def agrees_with_reference(device, dtype, num_classes, loss_type, alpha, params):
     """
     Whether the kernel, compiled for this device and dtype, gives the reference's loss and
     gradient on a small batch (positive, background and ignored anchors; logits in [-20, 20])
@@ -297,11 +308,11 @@ def agrees_with_reference(device, dtype, num_classes, loss_type, alpha, gamma, m
     with the reference functions. The reference is the float64 formula on the CPU, from the
     same (rounded) logits.
     """
-    key = (str(device), dtype, num_classes, loss_type, alpha, gamma, max_factor)
+    key = (str(device), dtype, num_classes, loss_type, alpha, tuple(sorted(params.items())))
     if key not in _verdicts:
         # the losses may be computed under no_grad (a validation loss) or inference_mode
         with torch.inference_mode(False), torch.enable_grad():
-            verdict = _self_check(device, dtype, num_classes, loss_type, alpha, gamma, max_factor)
+            verdict = _self_check(device, dtype, num_classes, loss_type, alpha, params)
         if verdict is not None:
             logger.warning(
                 f"The fused loss kernel disagrees with the reference on {device} ({dtype}, "
@@ -312,7 +323,7 @@ def agrees_with_reference(device, dtype, num_classes, loss_type, alpha, gamma, m
     return _verdicts[key] is None
 
 
-def _self_check(device, dtype, num_classes, loss_type, alpha, gamma, max_factor):
+def _self_check(device, dtype, num_classes, loss_type, alpha, params):
     """None if the kernel agrees with the reference, else what differed."""
     from .losses import sigmoid_classification_loss
 
@@ -328,14 +339,14 @@ def _self_check(device, dtype, num_classes, loss_type, alpha, gamma, max_factor)
     valid = labels >= 0
     target = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes + 1)[:, :num_classes]
     ref_loss = sigmoid_classification_loss(ref[valid], target[valid].double(), loss_type, alpha,
-                                           gamma, max_factor, reduction="sum")
+                                           "sum", **params)
     ref_loss.backward()
     # the kernel stores the gradient in the logits' dtype: rounded (to inf past fp16's range)
     want_loss, want_grad = float(ref_loss.detach()), ref.grad.to(dtype).double().flatten()
     try:
         with torch.autocast(str(device).split(":")[0], enabled=False):
             xd = x.to(device, copy=True).requires_grad_(True)
-            loss = fused_classification_loss(xd, labels.to(device), loss_type, alpha, gamma, max_factor)
+            loss = fused_classification_loss(xd, labels.to(device), loss_type, alpha, **params)
             loss.backward()
         got_loss, got_grad = float(loss.detach()), xd.grad.double().cpu().flatten()
     except Exception as e:  # a compile or launch failure on this device

@@ -1,5 +1,5 @@
 """
-Sigmoid classification losses for one-stage detectors: FL*, FL and CE on one code path.
+Sigmoid classification losses for one-stage detectors, and the one table of loss types.
 
 FL* here is the *modified focal loss* of the d2-focalstar proposal,
 
@@ -7,90 +7,209 @@ FL* here is the *modified focal loss* of the d2-focalstar proposal,
 
 whose modulating factor is 1 at p_t = 0.5, below 1 for easy examples and above 1 (without bound)
 for hard ones. It is NOT ``fvcore.nn.sigmoid_focal_loss_star``, which is the different "FL*" of the
-RetinaNet paper's appendix (Lin et al., ICCV 2017): -log(sigmoid(gamma * x_t)) / gamma.
+RetinaNet paper's appendix (Lin et al., ICCV 2017): -log(sigmoid(gamma * x_t)) / gamma, here
+``FLSTAR_APPENDIX``.
 
-All three losses are computed in logit space. With x the logit and x_t = x for a positive target
-and -x for a negative one (so p_t = sigmoid(x_t)):
+Every loss is computed in logit space. With x the logit and x_t = x for a positive target and -x
+for a negative one (so p_t = sigmoid(x_t)):
 
-    -log(p_t)                 = softplus(-x_t)
-    FL  factor (1 - p_t)^g    = exp(-g * softplus(x_t))
-    FL* factor ((1-p_t)/p_t)^g = exp(-g * x_t)
+    -log(p_t)                  = softplus(-x_t)
+    (1 - p_t)^g                = exp(-g * softplus(x_t))
+    ((1 - p_t) / p_t)^g        = exp(-g * x_t)
 
 so nothing takes log(0) or a negative power of 0, whatever the logit.
+
+:data:`LOSS_TYPES` is the table: each entry gives a type's name, its formula, its per-element
+function in logit space, the parameters it takes (each with its config key and default), whether
+FL*'s cap applies, and its fused-kernel code. The config keys and their checks, the kernel's
+dispatch, the divergence message, sweep plans and the comparison's setting names all read it;
+``docs/ADDING_A_LOSS.md`` says how to add a type.
 """
+import enum
 import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSS_TYPES", "sigmoid_flstar_loss", "sigmoid_focal_loss", "sigmoid_ce_loss",
-           "sigmoid_classification_loss", "check_loss_arguments", "gamma_for"]
+__all__ = ["LossParam", "LossType", "KernelCode", "LOSS_TYPES", "ALPHA", "loss_type",
+           "check_loss_arguments", "sigmoid_classification_loss", "sigmoid_flstar_loss",
+           "sigmoid_focal_loss", "sigmoid_ce_loss", "config_table"]
 
-#: Loss types accepted by :func:`sigmoid_classification_loss` (and MODEL.FOCALSTAR.LOSS_TYPE).
-#: "FLSTAR_APPENDIX" is the other FL*, of the RetinaNet paper's appendix (fvcore's
-#: ``sigmoid_focal_loss_star``), so that a study can put both side by side.
-LOSS_TYPES = ("FLSTAR", "FL", "CE", "FLSTAR_APPENDIX")
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def check_loss_arguments(loss_type: str, alpha: float, gamma: float, max_factor: float) -> str:
-    """The loss type, upper-cased; a ValueError naming the argument and what is allowed if one of
-    them is bad. Shared by this module and the fused kernel (d2_focalstar/fused.py)."""
-    loss_type = loss_type.upper()
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-    if not 0 <= gamma < math.inf:  # also catches NaN
-        raise ValueError(f"gamma={gamma} must be a finite number >= 0")
-    if loss_type == "FLSTAR_APPENDIX" and gamma == 0:
-        raise ValueError("gamma=0 is not allowed for FLSTAR_APPENDIX (it divides by gamma)")
-    if alpha > 1 or alpha != alpha:
-        raise ValueError(f"alpha={alpha} must be in [0, 1], or < 0 for no weighting")
-    if not (max_factor == 0 or max_factor >= 1):
-        raise ValueError(f"max_factor={max_factor} must be 0 (no cap) or >= 1")
-    return loss_type
+@dataclass(frozen=True)
+class LossParam:
+    """A parameter of a loss type. ``key`` is its config key; ``{head}`` in it stands for the
+    config node of the detector that owns the loss (MODEL.RETINANET, MODEL.FCOS)."""
+    name: str                          # keyword argument of the loss functions
+    key: str
+    default: float                     # the one default: config and functions
+    allowed: str                       # what is allowed, in words, for error messages
+    check: Callable[[float], bool]     # whether a value is allowed (NaN never is)
+    short: str                         # in run and setting names: "g" -> flstar_g0.25
+    help: str                          # one line, for the config and the docs
+
+    def config_key(self, head):
+        return self.key.format(head=head)
+
+    def validate(self, value):
+        """None if ``value`` is allowed, else 'name=value must be ...'."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        return None if ok and self.check(value) else f"{self.name}={value!r} must be {self.allowed}"
+
+
+class KernelCode(enum.IntEnum):
+    """The branches of the fused kernel (d2_focalstar/fused.py), by name."""
+    FLSTAR = 0
+    FL = 1
+    CE = 2
+    FLSTAR_APPENDIX = 3
+
+
+@dataclass(frozen=True)
+class LossType:
+    name: str                          # MODEL.FOCALSTAR.LOSS_TYPE
+    formula: str                       # in p_t, as papers write it
+    per_element: Callable              # (x_t, **params) -> loss before a_t, in logit space
+    params: Tuple[LossParam, ...] = ()
+    unweighted: Optional[Callable] = None  # (x_t, **params) -> a term added after a_t
+    capped: bool = False               # MODEL.FOCALSTAR.MAX_FACTOR caps the factor (one of params)
+    kernel: Optional[KernelCode] = None  # None: the reference functions on the GPU too
+    sweep: Dict[str, Tuple[float, ...]] = field(default_factory=dict)  # values a sweep tries
+    reference: str = ""                # the paper
+
+    def param(self, name):
+        return next(p for p in self.params if p.name == name)
+
+    def defaults(self):
+        return {p.name: p.default for p in self.params}
+
+
+def _finite_at_least(low, strict=False):
+    return lambda v: (v > low if strict else v >= low) and v < math.inf
+
+
+#: alpha: the positives' weight a in a_t (negatives 1 - a), for every type; detectron2's key.
+ALPHA = LossParam("alpha", "{head}.FOCAL_LOSS_ALPHA", 0.25, "in [0, 1], or -1 for no weighting",
+                  lambda v: 0 <= v <= 1 or v == -1, "a",
+                  "a in a_t for every loss type (negatives get 1 - a); -1 = no weighting")
+
+FLSTAR_GAMMA = LossParam("gamma", "MODEL.FOCALSTAR.GAMMA", 0.25, "a finite number >= 0",
+                         _finite_at_least(0), "g", "FL*'s g: the factor is ((1 - p_t) / p_t)^g")
+MAX_FACTOR = LossParam("max_factor", "MODEL.FOCALSTAR.MAX_FACTOR", 100.0,
+                       "0 (no cap) or a number >= 1", lambda v: v == 0 or v >= 1, "cap",
+                       "cap on FL*'s factor for very hard examples; past it the gradient is "
+                       "MAX_FACTOR x CE's; 0 = none")
+FL_GAMMA = LossParam("gamma", "{head}.FOCAL_LOSS_GAMMA", 2.0, "a finite number >= 0",
+                     _finite_at_least(0), "g", "FL's g (detectron2's key): the factor is (1 - p_t)^g")
+APPENDIX_GAMMA = LossParam("gamma", "MODEL.FOCALSTAR.APPENDIX_GAMMA", 2.0, "a finite number > 0",
+                           _finite_at_least(0, strict=True), "g",
+                           "g of FLSTAR_APPENDIX, -log(sigmoid(g x_t)) / g")
+
+
+
+# ---- the per-element formulas, in logit space, before a_t -------------------------------------
+
+def _ce(x_t):
+    return F.softplus(-x_t)  # -log(p_t)
+
+
+def _fl(x_t, gamma):
+    return F.softplus(-x_t) * torch.exp(-gamma * F.softplus(x_t)) if gamma > 0 else _ce(x_t)
+
+
+def _flstar(x_t, gamma, max_factor):
+    log_factor = -gamma * x_t  # log ((1 - p_t) / p_t)^gamma
+    if 0 < max_factor < math.inf:
+        log_factor = log_factor.clamp(max=math.log(max_factor))
+    return F.softplus(-x_t) * torch.exp(log_factor) if gamma > 0 else _ce(x_t)
+
+
+def _flstar_appendix(x_t, gamma):
+    return F.softplus(-gamma * x_t) / gamma
+
+
+#: The table of loss types, by name (MODEL.FOCALSTAR.LOSS_TYPE).
+LOSS_TYPES: Dict[str, LossType] = {t.name: t for t in [
+    LossType("FLSTAR", "-a_t ((1 - p_t) / p_t)^g log(p_t)", _flstar, (FLSTAR_GAMMA, MAX_FACTOR),
+             capped=True, kernel=KernelCode.FLSTAR, sweep={"gamma": (0.125, 0.25, 0.5)},
+             reference="the d2-focalstar proposal (modified focal loss)"),
+    LossType("FL", "-a_t (1 - p_t)^g log(p_t)", _fl, (FL_GAMMA,), kernel=KernelCode.FL,
+             reference="Lin et al., ICCV 2017 (RetinaNet)"),
+    LossType("CE", "-a_t log(p_t)", _ce, (), kernel=KernelCode.CE,
+             reference="alpha-balanced cross-entropy"),
+    LossType("FLSTAR_APPENDIX", "-a_t log(sigmoid(g x_t)) / g", _flstar_appendix, (APPENDIX_GAMMA,),
+             kernel=KernelCode.FLSTAR_APPENDIX,
+             reference="Lin et al., ICCV 2017, appendix (fvcore's sigmoid_focal_loss_star)"),
+]}
+
+
+def loss_type(name):
+    """The :class:`LossType` of ``name`` (any case); a ValueError listing the table's names."""
+    entry = LOSS_TYPES.get(str(name).upper())
+    if entry is None:
+        raise ValueError(f"loss_type={name!r} is not one of {', '.join(LOSS_TYPES)}")
+    return entry
+
+
+def check_loss_arguments(name, alpha, params):
+    """(LossType, every parameter of the type with defaults filled in); a ValueError naming the
+    argument and what is allowed if one is bad or is not the type's. Shared by the reference
+    functions and the fused kernel (d2_focalstar/fused.py)."""
+    entry = loss_type(name)
+    unknown = sorted(set(params) - {p.name for p in entry.params})
+    if unknown:
+        takes = ", ".join(p.name for p in entry.params) or "no parameter but alpha"
+        raise ValueError(f"{entry.name} takes {takes}; not {', '.join(unknown)}")
+    values = {**entry.defaults(), **{k: v for k, v in params.items() if v is not None}}
+    # alpha: the functions also take any negative number for "no weighting", as fvcore does
+    problems = [p.validate(values[p.name]) for p in entry.params]
+    if not (isinstance(alpha, (int, float)) and alpha == alpha and alpha <= 1):
+        problems.append(f"alpha={alpha!r} must be in [0, 1], or < 0 for no weighting")
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"{entry.name}: " + "; ".join(problems))
+    return entry, values
 
 
 def sigmoid_classification_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     loss_type: str = "FLSTAR",
-    alpha: float = 0.25,
-    gamma: float = 0.5,
-    max_factor: float = 100.0,
+    alpha: float = ALPHA.default,
     reduction: str = "none",
+    **params,
 ) -> torch.Tensor:
     """
-    The one implementation behind :func:`sigmoid_flstar_loss`, :func:`sigmoid_focal_loss` and
-    :func:`sigmoid_ce_loss`, so that runs comparing them differ only in the loss.
+    The one implementation of every type in :data:`LOSS_TYPES`, so that runs comparing them
+    differ only in the loss.
 
     Args:
         inputs: logits of any shape, fp32, fp16 or bf16 (or fp64). Half-precision logits are
             computed on, and the loss returned, in fp32: FL*'s factor overflows fp16.
         targets: same shape as ``inputs``, binary (0 or 1) classification labels. Soft labels
             are not supported: x_t needs a sign.
-        loss_type: "FLSTAR" (modified focal loss), "FL" (focal loss), "CE"
-            (alpha-balanced cross-entropy; gamma is ignored) or "FLSTAR_APPENDIX" (the RetinaNet
-            appendix's FL*, -log(sigmoid(gamma * x_t)) / gamma, as fvcore's
-            ``sigmoid_focal_loss_star``; gamma must be > 0).
+        loss_type: a name of :data:`LOSS_TYPES`: "FLSTAR" (modified focal loss), "FL" (focal
+            loss), "CE" (alpha-balanced cross-entropy), "FLSTAR_APPENDIX" (the RetinaNet
+            appendix's FL*, fvcore's ``sigmoid_focal_loss_star``), "POLY1_FL" (Poly-1 focal loss).
         alpha: weight of positives in [0, 1] (negatives get 1 - alpha); alpha < 0 means no
             weighting, as in fvcore.
-        gamma: exponent of the modulating factor, finite and >= 0. gamma = 0 gives CE for FL
-            and FL*.
-        max_factor: FLSTAR only. Cap on the modulating factor ((1-p_t)/p_t)^gamma, which is
-            unbounded as p_t -> 0. Where the cap binds (x_t < -ln(max_factor)/gamma) the factor
-            is the constant ``max_factor`` and the gradient is ``max_factor`` times CE's,
-            -a_t * max_factor * sigmoid(-x_t). The gradient's magnitude is largest just before
-            the cap binds and never exceeds a_t * max_factor * (1 + ln(max_factor) + gamma ln 2).
-            0 (or inf) means no cap: the exact formula,
-            whose gradient grows like exp(gamma * |x_t|) and overflows fp32 for
-            gamma * |x_t| > ~88.
         reduction: "none" (per element), "mean" (NaN for empty inputs, as torch's mean) or "sum".
+        params: the type's parameters (its table entry; defaults from there), e.g. ``gamma``,
+            ``max_factor`` (FLSTAR: cap on the factor ((1-p_t)/p_t)^gamma, which is unbounded as
+            p_t -> 0. Where the cap binds (x_t < -ln(max_factor)/gamma) the factor is constant
+            and the gradient is ``max_factor`` times CE's; its magnitude never exceeds
+            a_t * max_factor * (1 + ln(max_factor) + gamma ln 2). 0 means no cap: the exact
+            formula, whose gradient overflows fp32 for gamma * |x_t| > ~88), ``eps`` (POLY1_FL).
 
     Returns:
         loss tensor (fp32, or fp64 for fp64 inputs), shape of ``inputs`` for "none", a scalar
         otherwise.
     """
-    loss_type = check_loss_arguments(loss_type, alpha, gamma, max_factor)
+    entry, values = check_loss_arguments(loss_type, alpha, params)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {_REDUCTIONS}")
     if inputs.shape != targets.shape:
@@ -98,23 +217,16 @@ def sigmoid_classification_loss(
 
     x = inputs.to(torch.promote_types(inputs.dtype, torch.float32))  # fp16/bf16 -> fp32
     pos = targets > 0.5
-    x_t = torch.where(pos, x, -x)
+    x_t = raw_x_t = torch.where(pos, x, -x)
     if alpha in (0, 1):
         # a term weighted 0 (alpha 1: the negatives; 0: the positives) is computed at x_t = 0, so
         # that an uncapped factor's overflow there gives 0 * finite, not 0 * inf = NaN
         x_t = torch.where(pos if alpha == 0 else ~pos, torch.zeros_like(x_t), x_t)
-    loss = F.softplus(-x_t)  # -log(p_t), the cross-entropy
-    if loss_type == "FLSTAR_APPENDIX":
-        loss = F.softplus(-gamma * x_t) / gamma
-    elif loss_type == "FL" and gamma > 0:
-        loss = loss * torch.exp(-gamma * F.softplus(x_t))
-    elif loss_type == "FLSTAR" and gamma > 0:
-        log_factor = -gamma * x_t
-        if 0 < max_factor < math.inf:
-            log_factor = log_factor.clamp(max=math.log(max_factor))
-        loss = loss * torch.exp(log_factor)
+    loss = entry.per_element(x_t, **values)
     if alpha >= 0:
         loss = loss * torch.where(pos, alpha, 1.0 - alpha)
+    if entry.unweighted is not None:
+        loss = loss + entry.unweighted(raw_x_t, **values)
 
     if reduction == "mean":
         return loss.mean()
@@ -123,7 +235,8 @@ def sigmoid_classification_loss(
     return loss
 
 
-def sigmoid_flstar_loss(inputs, targets, alpha=0.25, gamma=0.5, reduction="none", max_factor=100.0):
+def sigmoid_flstar_loss(inputs, targets, alpha=ALPHA.default, gamma=FLSTAR_GAMMA.default,
+                        reduction="none", max_factor=MAX_FACTOR.default):
     """
     Modified focal loss of the d2-focalstar proposal (not fvcore's ``sigmoid_focal_loss_star``):
 
@@ -133,27 +246,44 @@ def sigmoid_flstar_loss(inputs, targets, alpha=0.25, gamma=0.5, reduction="none"
     ``max_factor`` caps it (see :func:`sigmoid_classification_loss` for its effect on the
     gradient). Arguments and return value as in :func:`sigmoid_classification_loss`.
     """
-    return sigmoid_classification_loss(inputs, targets, "FLSTAR", alpha, gamma, max_factor, reduction)
+    return sigmoid_classification_loss(inputs, targets, "FLSTAR", alpha, reduction, gamma=gamma,
+                                       max_factor=max_factor)
 
 
-def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+def sigmoid_focal_loss(inputs, targets, alpha=ALPHA.default, gamma=FL_GAMMA.default, reduction="none"):
     """
     Focal loss of RetinaNet (Lin et al., ICCV 2017), FL(p_t) = -a_t (1 - p_t)^gamma log(p_t),
     in logit space; equal to ``fvcore.nn.sigmoid_focal_loss`` up to rounding.
     Arguments and return value as in :func:`sigmoid_classification_loss`.
     """
-    return sigmoid_classification_loss(inputs, targets, "FL", alpha, gamma, 0.0, reduction)
+    return sigmoid_classification_loss(inputs, targets, "FL", alpha, reduction, gamma=gamma)
 
 
-def sigmoid_ce_loss(inputs, targets, alpha=0.25, reduction="none"):
+def sigmoid_ce_loss(inputs, targets, alpha=ALPHA.default, reduction="none"):
     """
     Alpha-balanced sigmoid cross-entropy, CE(p_t) = -a_t log(p_t).
     Arguments and return value as in :func:`sigmoid_classification_loss`.
     """
-    return sigmoid_classification_loss(inputs, targets, "CE", alpha, 0.0, 0.0, reduction)
+    return sigmoid_classification_loss(inputs, targets, "CE", alpha, reduction)
 
 
-def gamma_for(loss_type, flstar_gamma, focal_gamma, appendix_gamma):
-    """The gamma that ``loss_type`` uses, out of the config's three (CE ignores it)."""
-    return {"FLSTAR": flstar_gamma, "FL": focal_gamma, "CE": 0.0,
-            "FLSTAR_APPENDIX": appendix_gamma}[loss_type.upper()]
+def config_table(head="MODEL.RETINANET"):
+    """The Markdown rows of docs' key table for the loss types and their parameters (a test
+    checks that docs/CONFIG.md holds them as printed by ``python -m d2_focalstar.losses``)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |",
+            f"| `MODEL.FOCALSTAR.LOSS_TYPE` | `\"FLSTAR\"` | one of "
+            + ", ".join(f"`{t.name}` ({t.formula})" for t in LOSS_TYPES.values()) + " |"]
+    seen = set()
+    for param in [ALPHA] + [p for t in LOSS_TYPES.values() for p in t.params]:
+        key = param.config_key(head)
+        if key in seen:
+            continue
+        seen.add(key)
+        users = [t.name for t in LOSS_TYPES.values() if param in t.params] if param is not ALPHA else ["all"]
+        rows.append(f"| `{key}` | `{param.default!r}` | {param.help} (used by {', '.join(users)}; "
+                    f"allowed: {param.allowed}) |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_table(), end="")

@@ -14,13 +14,14 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 import yaml
 import torch
 
-from .engine import RESULTS_FILE
-from .losses import sigmoid_classification_loss
+from .losses import ALPHA, LOSS_TYPES, sigmoid_classification_loss
+from .results import load_run, run_state  # noqa: F401  (part of this module's interface)
 
 __all__ = ["setting_names", "FIG4_CURVES", "loss_curves", "plot_fig4", "SweepRun", "plan_sweep", "run_state",
            "load_run", "comparison_rows", "to_markdown", "to_csv", "plot_training_curves"]
@@ -43,7 +44,9 @@ def loss_curves(p_t, curves=FIG4_CURVES, alpha=1.0, max_factor=0.0):
     out = OrderedDict()
     for label, loss_type, gamma in curves:
         xg = x.clone().requires_grad_()
-        loss = sigmoid_classification_loss(xg, torch.ones_like(xg), loss_type, alpha, gamma, max_factor)
+        params = {"gamma": gamma, "max_factor": max_factor} if LOSS_TYPES[loss_type].capped else (
+            {"gamma": gamma} if gamma else {})
+        loss = sigmoid_classification_loss(xg, torch.ones_like(xg), loss_type, alpha, **params)
         loss.sum().backward()
         out[label] = (loss.detach().numpy(), xg.grad.abs().numpy())
     return out
@@ -86,64 +89,61 @@ def plot_fig4(out_prefix, num=2000):
 @dataclass(frozen=True)
 class SweepRun:
     loss_type: str
-    gamma: float
+    params: Tuple[Tuple[str, float], ...]  # (name, value) of the loss parameters it sets
     seed: int
+    alpha: Optional[float] = None  # None: the config's
 
     @property
     def name(self):
-        gamma = "" if self.loss_type == "CE" else f"_g{self.gamma:g}"
-        return f"{self.loss_type.lower()}{gamma}_s{self.seed}"
+        """'flstar_g0.25_s0', 'ce_a0.75_s1': the type, the parameters it sets, alpha, seed."""
+        entry = LOSS_TYPES[self.loss_type]
+        parts = [self.loss_type.lower()] + [f"{entry.param(n).short}{v:g}" for n, v in self.params]
+        parts += [f"a{self.alpha:g}"] if self.alpha is not None else []
+        return "_".join(parts + [f"s{self.seed}"])
 
-    def opts(self):
-        """train_net.py opts that select this run's loss, gamma and seed."""
-        gamma_key = {"FL": "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "FLSTAR": "MODEL.FOCALSTAR.GAMMA",
-                     "FLSTAR_APPENDIX": "MODEL.FOCALSTAR.APPENDIX_GAMMA"}.get(self.loss_type)
+    def opts(self, head="MODEL.RETINANET"):
+        """train_net.py opts that select this run's loss, parameters, alpha and seed; ``head`` is
+        the config node of the config's detector (config.loss_config_node)."""
+        entry = LOSS_TYPES[self.loss_type]
         opts = ["MODEL.FOCALSTAR.LOSS_TYPE", self.loss_type, "SEED", str(self.seed)]
-        return opts + ([gamma_key, str(self.gamma)] if gamma_key else [])
+        for name, value in self.params:
+            opts += [entry.param(name).config_key(head), str(float(value))]
+        if self.alpha is not None:
+            opts += [ALPHA.config_key(head), str(float(self.alpha))]
+        return opts
 
 
-def plan_sweep(loss_types, flstar_gammas, seeds, fl_gamma=2.0, appendix_gamma=2.0):
-    """Every run of loss type x gamma x seed: FL* takes each of ``flstar_gammas``; FL, CE and the
-    appendix FL* are run once per seed (their gamma fixed)."""
+def plan_sweep(loss_types, seeds, values=None, alphas=None):
+    """
+    Every run of loss type x parameter values x alpha x seed.
+
+    Args:
+        loss_types: names of the loss table.
+        seeds: the seeds of every setting.
+        values: {(loss type, parameter name): values} to try. Without it, a type tries its
+            table entry's ``sweep`` values (FL*: the proposal's gammas), else its first
+            parameter's default (FL: g = 2); its other parameters keep the config's value.
+        alphas: alphas to try for every type (None: the config's alpha).
+    """
+    values = {(t.upper(), n): v for (t, n), v in (values or {}).items()}
     runs = []
     for loss_type in (t.upper() for t in loss_types):
-        gammas = {"FLSTAR": flstar_gammas, "FL": [fl_gamma], "CE": [0.0],
-                  "FLSTAR_APPENDIX": [appendix_gamma]}[loss_type]
-        runs += [SweepRun(loss_type, float(g), int(s)) for g in gammas for s in seeds]
+        entry = LOSS_TYPES[loss_type]
+        grid = [()]
+        for i, param in enumerate(entry.params):
+            tried = values.get((loss_type, param.name))
+            if tried is None and i == 0:
+                tried = entry.sweep.get(param.name, (param.default,))
+            if tried is not None:
+                grid = [g + ((param.name, float(v)),) for g in grid for v in tried]
+        runs += [SweepRun(loss_type, g, int(s), None if a is None else float(a))
+                 for a in (alphas or [None]) for g in grid for s in seeds]
     return runs
-
-
-def run_state(folder):
-    """'done' (results.json written), 'interrupted' (a checkpoint to resume from) or 'new'."""
-    if os.path.isfile(os.path.join(folder, RESULTS_FILE)):
-        return "done"
-    if os.path.isfile(os.path.join(folder, "last_checkpoint")):
-        return "interrupted"
-    return "new"
 
 
 # ---- comparison -----------------------------------------------------------------------------------
 
 COCO_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-
-
-def load_run(folder):
-    """The record train_net.py wrote to <folder>/results.json, with 'folder' added."""
-    path = os.path.join(folder, RESULTS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: no {RESULTS_FILE} (an unfinished run, or not a "
-                                "train_net.py output folder)")
-    with open(path) as f:
-        record = json.load(f)
-    record["folder"] = folder
-    if "solver" not in record:  # written before results.json had it: the run's config.yaml
-        config = os.path.join(folder, "config.yaml")
-        if os.path.isfile(config):
-            with open(config) as f:
-                solver = (yaml.safe_load(f) or {}).get("SOLVER", {})
-            record["solver"] = {k.lower(): solver[k] for k in ("BASE_LR", "MAX_ITER", "IMS_PER_BATCH")
-                                if k in solver}
-    return record
 
 
 def _metrics(record):
@@ -161,11 +161,16 @@ def _metrics(record):
 
 
 def _setting(record):
-    """'FLSTAR g=0.25'; with ' cap=10' where FL*'s MAX_FACTOR is not the default 100."""
-    gamma = "" if record["loss_type"] == "CE" else f" g={record['gamma']:g}"
-    cap = record.get("max_factor", 100.0)
-    cap = f" cap={cap:g}" if record["loss_type"] == "FLSTAR" and cap != 100.0 else ""
-    return f"{record['loss_type']}{gamma}{cap}"
+    """'FLSTAR g=0.25': the loss type, its first parameter, and its others where they are not the
+    table's default ('FLSTAR g=0.5 cap=10')."""
+    entry = LOSS_TYPES.get(record["loss_type"])
+    params = record.get("params") or {}
+    parts = [record["loss_type"]]
+    for i, param in enumerate(entry.params if entry else ()):
+        value = params.get(param.name)
+        if value is not None and (i == 0 or value != param.default):
+            parts.append(f"{param.short}={value:g}")
+    return " ".join(parts)
 
 
 def _solver(key):

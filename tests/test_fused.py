@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from detectron2.utils.events import EventStorage
 
-from d2_focalstar.losses import sigmoid_classification_loss
+from d2_focalstar.losses import LOSS_TYPES
+from test_losses import classification_loss
 
 fused = pytest.importorskip("d2_focalstar.fused")  # needs triton, which torch's wheel brings
 import triton  # noqa: E402
@@ -31,12 +32,18 @@ def _inputs(R=203, K=80, scale=6.0, seed=0):
 def _reference(x, labels, loss_type, gamma, max_factor=100.0, alpha=0.25):
     valid = labels >= 0
     targets = F.one_hot(labels[valid], x.shape[1] + 1)[:, :-1]
-    return sigmoid_classification_loss(x[valid], targets, loss_type, alpha, gamma, max_factor, "sum")
+    return classification_loss(x[valid], targets, loss_type, alpha, gamma, max_factor, "sum")
 
 
-def _both(x, labels, loss_type, gamma, grad_scale=0.5, **kw):
+def _params(loss_type, gamma, max_factor=100.0):
+    takes = {p.name for p in LOSS_TYPES[loss_type].params}
+    return {k: v for k, v in (("gamma", gamma), ("max_factor", max_factor)) if k in takes}
+
+
+def _both(x, labels, loss_type, gamma, grad_scale=0.5, alpha=0.25, max_factor=100.0):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    a = fused.fused_classification_loss(xa, labels, loss_type, gamma=gamma, **kw)
+    kw = dict(alpha=alpha, max_factor=max_factor)
+    a = fused.fused_classification_loss(xa, labels, loss_type, alpha, **_params(loss_type, gamma, max_factor))
     (a * grad_scale).backward()
     b = _reference(xb, labels, loss_type, gamma, **kw)
     (b * grad_scale).backward()
@@ -168,7 +175,7 @@ def test_bad_arguments():
         fused.fused_classification_loss(x, torch.zeros(3, dtype=torch.int64, device=DEVICE))
     # the reference's checks, not a kernel that would divide by 0 or weight outside [0, 1]
     labels = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    with pytest.raises(ValueError, match="gamma=0 is not allowed for FLSTAR_APPENDIX"):
+    with pytest.raises(ValueError, match="FLSTAR_APPENDIX: gamma=0.0 must be a finite number > 0"):
         fused.fused_classification_loss(x, labels, "FLSTAR_APPENDIX", gamma=0.0)
     with pytest.raises(ValueError, match="alpha=2"):
         fused.fused_classification_loss(x, labels, alpha=2.0)
@@ -180,7 +187,7 @@ def test_retinanet_with_fused_kernel_in_fl_mode_equals_stock():
     from test_model import _pair, synthetic_batch
 
     ours, stock = _pair("MODEL.FOCALSTAR.LOSS_TYPE", "FL", "MODEL.FOCALSTAR.FUSED_KERNEL", "True")
-    assert ours.fused_kernel
+    assert ours.cls_loss.fused_kernel
     batch = synthetic_batch()
     with EventStorage():
         got, want = ours(batch), stock(batch)
@@ -218,7 +225,10 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
 def test_self_check_passes_for_the_kernel_as_it_is(monkeypatch, loss_type, gamma, dtype):
     monkeypatch.setattr(fused, "_verdicts", {})
     with torch.no_grad():  # as when losses are computed for a validation loss
-        assert fused.agrees_with_reference(DEVICE, dtype, 80, loss_type, 0.25, gamma, 100.0), fused._verdicts
+        assert fused.agrees_with_reference(DEVICE, dtype, 80, loss_type, 0.25, _params(loss_type, gamma)), fused._verdicts
+
+
+PARAMS = {"gamma": 0.25, "max_factor": 100.0}
 
 
 def test_self_check_sees_wrong_small_gradients_and_runs_under_inference_mode(monkeypatch):
@@ -232,11 +242,12 @@ def test_self_check_sees_wrong_small_gradients_and_runs_under_inference_mode(mon
 
     monkeypatch.setattr(fused, "_verdicts", {})
     with torch.inference_mode():
-        assert fused.agrees_with_reference(DEVICE, torch.float32, 80, "FLSTAR", 0.25, 0.25, 100.0)
+        assert fused.agrees_with_reference(DEVICE, torch.float32, 80, "FLSTAR", 0.25, PARAMS)
     monkeypatch.setattr(fused, "_verdicts", {})
     monkeypatch.setattr(fused, "fused_classification_loss", small_gradients_flipped)
-    assert not fused.agrees_with_reference(DEVICE, torch.float32, 80, "FLSTAR", 0.25, 0.25, 100.0)
-    assert fused._verdicts[(DEVICE, torch.float32, 80, "FLSTAR", 0.25, 0.25, 100.0)].startswith("gradient")
+    assert not fused.agrees_with_reference(DEVICE, torch.float32, 80, "FLSTAR", 0.25, PARAMS)
+    key = (DEVICE, torch.float32, 80, "FLSTAR", 0.25, tuple(sorted(PARAMS.items())))
+    assert fused._verdicts[key].startswith("gradient")
 
 
 def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypatch, caplog):

@@ -6,11 +6,19 @@ import torch
 from fvcore.nn import sigmoid_focal_loss as fvcore_focal_loss
 
 from d2_focalstar.losses import (
+    LOSS_TYPES,
     sigmoid_ce_loss,
     sigmoid_classification_loss,
     sigmoid_flstar_loss,
     sigmoid_focal_loss,
 )
+
+
+def classification_loss(x, t, loss_type, alpha, gamma=None, max_factor=None, reduction="none"):
+    """sigmoid_classification_loss with those of gamma and max_factor that the type takes."""
+    takes = {p.name for p in LOSS_TYPES[loss_type].params}
+    given = {k: v for k, v in (("gamma", gamma), ("max_factor", max_factor)) if k in takes and v is not None}
+    return sigmoid_classification_loss(x, t, loss_type, alpha, reduction, **given)
 
 
 def reference(x, t, loss_type, alpha, gamma, max_factor=0.0):
@@ -46,7 +54,7 @@ SETTINGS = [("CE", a, 0.0) for a in (1.0, 0.25, -1)] + [
 @pytest.mark.parametrize("loss_type,alpha,gamma", SETTINGS)
 def test_values_match_float64_reference(loss_type, alpha, gamma):
     x, t = grid()
-    ours = sigmoid_classification_loss(x, t, loss_type, alpha, gamma, max_factor=0)
+    ours = classification_loss(x, t, loss_type, alpha, gamma, max_factor=0)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), reference(x, t, loss_type, alpha, gamma),
                                rtol=1e-5, atol=1e-8)
@@ -56,7 +64,7 @@ def test_values_match_float64_reference(loss_type, alpha, gamma):
 def test_gradients_match_float64_reference(loss_type, alpha, gamma):
     x, t = grid(lo=-10, hi=10)
     x_ours = x.clone().requires_grad_()
-    sigmoid_classification_loss(x_ours, t, loss_type, alpha, gamma, max_factor=0).sum().backward()
+    classification_loss(x_ours, t, loss_type, alpha, gamma, max_factor=0).sum().backward()
     x_ref = x.double().requires_grad_()
     reference(x_ref, t, loss_type, alpha, gamma).sum().backward()
     torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-7)
@@ -68,7 +76,7 @@ def test_gradcheck_float64(loss_type, gamma):
     t = (torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.7).double()
     x.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda v: sigmoid_classification_loss(v, t, loss_type, 0.25, gamma, reduction="sum"), (x,))
+        lambda v: classification_loss(v, t, loss_type, 0.25, gamma, reduction="sum"), (x,))
 
 
 @pytest.mark.parametrize("gamma", [0.125, 0.25, 0.5, 2.0])
@@ -94,9 +102,9 @@ def test_gamma_zero_is_alpha_balanced_ce(loss_type):
     # against the literal formula -a_t log(p_t) in float64, and near 0 the factor tends to 1
     x, t = grid()
     ce = reference(x, t, "CE", 0.25, 0.0)
-    torch.testing.assert_close(sigmoid_classification_loss(x, t, loss_type, 0.25, 0.0).double(), ce,
+    torch.testing.assert_close(classification_loss(x, t, loss_type, 0.25, 0.0).double(), ce,
                                rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(sigmoid_classification_loss(x, t, loss_type, 0.25, 1e-6).double(), ce,
+    torch.testing.assert_close(classification_loss(x, t, loss_type, 0.25, 1e-6).double(), ce,
                                rtol=2e-5, atol=1e-8)
 
 
@@ -146,7 +154,7 @@ def test_extreme_logits_give_finite_loss_and_gradient(dtype, loss_type, gamma):
     x = torch.linspace(-100, 100, 2001).to(dtype)
     x = torch.cat([x, x]).requires_grad_()
     t = torch.cat([torch.ones(2001), torch.zeros(2001)]).to(dtype)
-    loss = sigmoid_classification_loss(x, t, loss_type, 0.25, gamma, reduction="none")
+    loss = classification_loss(x, t, loss_type, 0.25, gamma, reduction="none")
     assert loss.dtype == torch.float32  # accumulated in fp32 whatever the logits
     assert torch.isfinite(loss).all()
     loss.sum().backward()
@@ -166,7 +174,7 @@ def test_extreme_logits_give_finite_loss_and_gradient(dtype, loss_type, gamma):
         if loss_type in ("FLSTAR", "CE"):
             assert abs(grad.float().item()) == pytest.approx(a_t * factor, rel=1e-2)
     # half-precision logits give what the fp32 function gives on the same (rounded) values
-    ref = sigmoid_classification_loss(x.detach().float(), t.float(), loss_type, 0.25, gamma)
+    ref = classification_loss(x.detach().float(), t.float(), loss_type, 0.25, gamma)
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-6, atol=0)
 
 def test_without_cap_fp16_gradient_overflows_which_is_why_the_cap_is_default():
@@ -213,7 +221,7 @@ def test_appendix_flstar_equals_fvcore_sigmoid_focal_loss_star(alpha, gamma):
     x = torch.randn(64, 80, generator=torch.Generator().manual_seed(2)) * 5
     t = (torch.rand(64, 80, generator=torch.Generator().manual_seed(3)) > 0.95).float()
     for reduction in ("none", "sum"):
-        ours = sigmoid_classification_loss(x, t, "FLSTAR_APPENDIX", alpha, gamma, reduction=reduction)
+        ours = classification_loss(x, t, "FLSTAR_APPENDIX", alpha, gamma, reduction=reduction)
         torch.testing.assert_close(ours, sigmoid_focal_loss_star(x, t, alpha, gamma, reduction),
                                    rtol=1e-5, atol=1e-6)
 
@@ -221,14 +229,14 @@ def test_appendix_flstar_equals_fvcore_sigmoid_focal_loss_star(alpha, gamma):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_appendix_flstar_extreme_logits_finite(dtype):
     x = torch.linspace(-100, 100, 2001).to(dtype).requires_grad_()
-    loss = sigmoid_classification_loss(x, torch.ones(2001, dtype=dtype), "FLSTAR_APPENDIX", 0.25, 2.0)
+    loss = classification_loss(x, torch.ones(2001, dtype=dtype), "FLSTAR_APPENDIX", 0.25, 2.0)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
 
 
 def test_appendix_flstar_rejects_gamma_zero():
-    with pytest.raises(ValueError, match="gamma=0 is not allowed for FLSTAR_APPENDIX"):
-        sigmoid_classification_loss(torch.zeros(2), torch.zeros(2), "FLSTAR_APPENDIX", 0.25, 0.0)
+    with pytest.raises(ValueError, match="FLSTAR_APPENDIX: gamma=0.0 must be a finite number > 0"):
+        classification_loss(torch.zeros(2), torch.zeros(2), "FLSTAR_APPENDIX", 0.25, 0.0)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])

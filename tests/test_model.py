@@ -40,8 +40,9 @@ def test_meta_arch_is_registered_and_built_from_config():
     model = build_model(quickstart_cfg("MODEL.FOCALSTAR.GAMMA", "0.125",
                                        "MODEL.FOCALSTAR.MAX_FACTOR", "50.0"))
     assert type(model) is RetinaNetFLStar and isinstance(model, RetinaNet)
-    assert (model.cls_loss_type, model.flstar_gamma, model.flstar_max_factor) == ("FLSTAR", 0.125, 50.0)
-    assert model.focal_loss_alpha == 0.25 and model.num_classes == 4
+    assert model.cls_loss.entry.name == "FLSTAR"
+    assert model.cls_loss.params == {"gamma": 0.125, "max_factor": 50.0}
+    assert model.cls_loss.alpha == 0.25 and model.num_classes == 4
 
 
 def test_config_defaults():
@@ -55,11 +56,11 @@ def test_config_defaults():
 
 
 @pytest.mark.parametrize("key,value,allowed", [
-    ("MODEL.FOCALSTAR.LOSS_TYPE", "FOCAL", "FLSTAR, FL, CE"),
+    ("MODEL.FOCALSTAR.LOSS_TYPE", "FOCAL", "FLSTAR, FL, CE, FLSTAR_APPENDIX"),
     ("MODEL.FOCALSTAR.GAMMA", -0.25, ">= 0"),
     ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", -2.0, ">= 0"),
     ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", 1.5, "[0, 1]"),
-    ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", -0.5, "-1 for no class weighting"),
+    ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", -0.5, "-1 for no weighting"),
     ("MODEL.FOCALSTAR.MAX_FACTOR", 0.5, ">= 1"),
     ("MODEL.FOCALSTAR.APPENDIX_GAMMA", 0.0, "> 0"),
     ("TEST.SAFETY.FP_PER_IMAGE", 0.0, "> 0"),

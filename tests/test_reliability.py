@@ -57,17 +57,15 @@ def test_bad_loss_setting_names_key_value_and_allowed():
 
 def test_whole_number_for_a_float_key_means_that_float(monkeypatch):
     # yacs alone refuses "MODEL.FOCALSTAR.MAX_FACTOR 10" (int for a float key)
-    from detectron2.engine import default_argument_parser
-    from d2_focalstar.engine import ConfigError, load_config
+    from d2_focalstar.config import ConfigError, load_config
     monkeypatch.chdir(REPO)
-    parse = default_argument_parser().parse_args
-    cfg = load_config(parse([*QUICKSTART, "MODEL.FOCALSTAR.MAX_FACTOR", "10", "SOLVER.BASE_LR", "1",
-                             "SOLVER.MAX_ITER", "7"]))
+    cfg = load_config(QUICKSTART[1], ["MODEL.FOCALSTAR.MAX_FACTOR", "10", "SOLVER.BASE_LR", "1",
+                                      "SOLVER.MAX_ITER", "7"])
     assert cfg.MODEL.FOCALSTAR.MAX_FACTOR == 10.0 and isinstance(cfg.MODEL.FOCALSTAR.MAX_FACTOR, float)
     assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
     assert cfg.SOLVER.MAX_ITER == 7 and isinstance(cfg.SOLVER.MAX_ITER, int)
     with pytest.raises(ConfigError, match="command line"):  # a fraction for an int key stays an error
-        load_config(parse([*QUICKSTART, "SOLVER.MAX_ITER", "10.5"]))
+        load_config(QUICKSTART[1], ["SOLVER.MAX_ITER", "10.5"])
 
 
 def test_eval_only_without_weights():
@@ -121,22 +119,24 @@ def test_eval_only_refuses_weights_without_the_detectors_heads(tmp_path):
 
 def test_more_processes_than_gpus_is_refused_before_launch(monkeypatch):
     # detectron2's launch would assert in every process
-    from detectron2.engine import default_argument_parser
-    from d2_focalstar.engine import ConfigError, load_config
+    from d2_focalstar.config import ConfigError, load_config
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    parse = default_argument_parser().parse_args
-    assert load_config(parse([*QUICKSTART, "--num-gpus", "2", "MODEL.DEVICE", "cuda"])).MODEL.DEVICE == "cuda"
+    assert load_config(QUICKSTART[1], ["MODEL.DEVICE", "cuda"], num_gpus=2).MODEL.DEVICE == "cuda"
     with pytest.raises(ConfigError, match="--num-gpus 4: this machine has 2 GPU"):
-        load_config(parse([*QUICKSTART, "--num-gpus", "4", "MODEL.DEVICE", "cuda"]))
+        load_config(QUICKSTART[1], ["MODEL.DEVICE", "cuda"], num_gpus=4)
 
 
 def test_seed_minus_one_is_drawn_once_for_all_processes_and_recorded(monkeypatch):
     from detectron2.engine import default_argument_parser
-    from d2_focalstar.engine import draw_seed, load_config
+    from d2_focalstar.config import load_config as load
+    from d2_focalstar.engine import draw_seed
     monkeypatch.chdir(REPO)
     parse = default_argument_parser().parse_args
+
+    def load_config(args):
+        return load(args.config_file, args.opts)
     args = parse([*QUICKSTART, "SEED", "-1"])
     cfg = load_config(args)
     draw_seed(args, cfg)
@@ -288,7 +288,7 @@ def test_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
     """The data reaches the disk before the rename, and the rename with the folder's entry."""
     import stat
 
-    from d2_focalstar.checkpoint import atomic_write
+    from d2_focalstar.fileio import atomic_write
 
     synced, real_fsync = [], os.fsync
 
@@ -309,7 +309,7 @@ def test_write_json_writes_strict_json_with_null_for_missing_values(tmp_path):
     strict reader (jq, JavaScript) accepts; finite values are kept exactly."""
     import numpy as np
 
-    from d2_focalstar.checkpoint import write_json
+    from d2_focalstar.fileio import write_json
 
     def no_constants(name):
         raise ValueError(f"not strict JSON: {name}")

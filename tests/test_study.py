@@ -51,12 +51,29 @@ def test_fig4_plot_writes_png_and_svg(tmp_path):
 
 
 def test_sweep_plan():
-    runs = plan_sweep(["CE", "FL", "FLSTAR"], [0.125, 0.5], [0, 1])
+    runs = plan_sweep(["CE", "FL", "FLSTAR"], [0, 1], {("FLSTAR", "gamma"): [0.125, 0.5]})
     assert [r.name for r in runs] == ["ce_s0", "ce_s1", "fl_g2_s0", "fl_g2_s1", "flstar_g0.125_s0",
                                       "flstar_g0.125_s1", "flstar_g0.5_s0", "flstar_g0.5_s1"]
-    assert SweepRun("FLSTAR", 0.5, 1).opts() == [
+    # without values: the table's (FL*: the proposal's gammas; FL: its default gamma)
+    assert [r.name for r in plan_sweep(["FLSTAR", "FL"], [0])] == [
+        "flstar_g0.125_s0", "flstar_g0.25_s0", "flstar_g0.5_s0", "fl_g2_s0"]
+    assert SweepRun("FLSTAR", (("gamma", 0.5),), 1).opts() == [
         "MODEL.FOCALSTAR.LOSS_TYPE", "FLSTAR", "SEED", "1", "MODEL.FOCALSTAR.GAMMA", "0.5"]
-    assert SweepRun("FL", 2.0, 0).opts()[-2:] == ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "2.0"]
+    assert SweepRun("FL", (("gamma", 2.0),), 0).opts()[-2:] == ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "2.0"]
+    # another detector's keys: its own node
+    assert SweepRun("FL", (("gamma", 1.0),), 0, alpha=0.75).opts("MODEL.FCOS")[-4:] == [
+        "MODEL.FCOS.FOCAL_LOSS_GAMMA", "1.0", "MODEL.FCOS.FOCAL_LOSS_ALPHA", "0.75"]
+
+
+def test_sweep_plan_of_table_1_alphas_and_any_parameter():
+    """RetinaNet's Table 1: CE at three alphas, FL at four gammas; names say what differs."""
+    runs = plan_sweep(["CE", "FL"], [0], {("FL", "gamma"): [0.5, 5]}, alphas=[0.25, 0.75])
+    assert [r.name for r in runs] == ["ce_a0.25_s0", "ce_a0.75_s0", "fl_g0.5_a0.25_s0",
+                                      "fl_g5_a0.25_s0", "fl_g0.5_a0.75_s0", "fl_g5_a0.75_s0"]
+    assert runs[1].opts()[-2:] == ["MODEL.RETINANET.FOCAL_LOSS_ALPHA", "0.75"]
+    capped = plan_sweep(["FLSTAR"], [0], {("FLSTAR", "max_factor"): [10]})
+    assert [r.name for r in capped] == ["flstar_g0.125_cap10_s0", "flstar_g0.25_cap10_s0",
+                                        "flstar_g0.5_cap10_s0"]
 
 
 def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None, max_factor=100.0, lr=None, weights=None,
@@ -225,7 +242,7 @@ def test_a_seed_without_a_value_is_counted_in_the_mean_row(runs):
     # a run with no detections at all has AP NaN: the mean is over the other seeds and says so.
     # train_net.py writes it as null (strict JSON); results.json files written before that hold
     # a bare NaN: both read as no value.
-    from d2_focalstar.checkpoint import write_json
+    from d2_focalstar.fileio import write_json
 
     _fake_run(runs / "collapsed_s0", "FLSTAR", 0.5, 0, float("nan"))
     path = runs / "collapsed_s0" / "results.json"
@@ -270,7 +287,7 @@ def test_runs_that_differ_in_learning_rate_are_not_seeds_of_one_setting(runs):
 
 
 def test_results_json_records_the_solver_settings(tmp_path):
-    from d2_focalstar.engine import write_results
+    from d2_focalstar.results import write_results
     cfg = get_cfg()
     add_focalstar_config(cfg)
     cfg.OUTPUT_DIR, cfg.SOLVER.BASE_LR = str(tmp_path), 0.005

@@ -478,7 +478,7 @@ def main(argv=None):
                                           for key, verdict in sys.modules["d2_focalstar.fused"]._verdicts.items()]
     print_tables(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    from d2_focalstar.checkpoint import write_json
+    from d2_focalstar.fileio import write_json
 
     write_json(args.out, report)
     print(f"wrote {args.out}")

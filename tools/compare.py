@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from d2_focalstar.checkpoint import atomic_write
+from d2_focalstar.fileio import atomic_write
 from d2_focalstar.study import (comparison_rows, load_run, plot_training_curves, setting_names, to_csv,
                                 to_markdown)
 

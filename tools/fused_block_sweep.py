@@ -39,7 +39,7 @@ if __name__ == "__main__":
     import triton
 
     import d2_focalstar.fused as fz
-    from d2_focalstar.checkpoint import write_json  # a kill leaves the previous JSON whole
+    from d2_focalstar.fileio import write_json  # a kill leaves the previous JSON whole
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     labels = make_labels(FULL, torch.device("cuda"))

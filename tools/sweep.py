@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a list of trainings, loss type x gamma x seed, each in its own folder: one after another,
+"""Run a list of trainings, loss type x parameters x seed, each in its own folder: one after another,
 or --jobs at a time sharing the GPUs. Finished runs (results.json present) are skipped;
 interrupted ones resume from their checkpoint.
 
@@ -7,7 +7,14 @@ interrupted ones resume from their checkpoint.
         --loss-types CE FL FLSTAR --gammas 0.125 0.25 0.5 --seeds 0 1 --out output/sweep
     python tools/sweep.py --config-file configs/study_shapes_gpu.yaml --jobs 12 \\
         --loss-types CE FL FLSTAR FLSTAR_APPENDIX --seeds 0 1 --out output/study_gpu
+    python tools/sweep.py --config-file configs/quickstart_flstar.yaml --loss-types CE FL \
+        --param FL.gamma=0.5,1,2,5 --alphas 0.25 0.75 --seeds 0 1 2 --out output/table1
     python tools/compare.py output/sweep/*
+
+The loss types, their parameters and the values a sweep tries by default come from the loss
+table (d2_focalstar/losses.py): FL* tries the proposal's gammas, FL g = 2; --param TYPE.NAME=V,V
+sets the values of any parameter (--gammas and --fl-gamma are short for FLSTAR.gamma and
+FL.gamma). Any detector's config works (RetinaNet, FCOS): the keys are the config's own.
 
 With --jobs N, N runs go at once: run slot j gets --num-gpus GPUs starting at GPU j * num_gpus,
 wrapping around (small models share a GPU well), each run's output goes to <folder>/sweep.log,
@@ -26,6 +33,7 @@ import subprocess
 import sys
 import time
 
+from d2_focalstar.config import add_focalstar_config, loss_config_node
 from d2_focalstar.losses import LOSS_TYPES
 from d2_focalstar.study import plan_sweep, run_state
 
@@ -74,6 +82,32 @@ def gpu_sharing_warning(jobs, num_gpus, gpus):
             f"wanted, {len(gpus)} visible: runs will share GPUs")
 
 
+def parse_param(text):
+    """'FL.gamma=0.5,1,2' -> (('FL', 'gamma'), [0.5, 1.0, 2.0]); argparse's error otherwise."""
+    try:
+        target, values = text.split("=", 1)
+        loss, name = target.split(".", 1)
+        entry = LOSS_TYPES[loss.upper()]
+        entry.param(name)
+        return (entry.name, name), [float(v) for v in values.split(",")]
+    except (ValueError, KeyError, StopIteration):
+        known = "; ".join(f"{t.name}: {', '.join(p.name for p in t.params) or '-'}"
+                          for t in LOSS_TYPES.values())
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected TYPE.NAME=V[,V...] with a loss type and one of its parameters "
+            f"({known})") from None
+
+
+def config_head(config_file):
+    """The config node of the config's detector ('MODEL.RETINANET', 'MODEL.FCOS')."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    cfg.merge_from_file(config_file)
+    return loss_config_node(cfg) or "MODEL.RETINANET"
+
+
 def interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -108,10 +142,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--loss-types", nargs="+", default=["CE", "FL", "FLSTAR"], type=str.upper,
-                        choices=LOSS_TYPES, metavar="LOSS", help=f"of {', '.join(LOSS_TYPES)}")
-    parser.add_argument("--gammas", nargs="+", type=float, default=[0.125, 0.25, 0.5],
-                        help="FL*'s gammas (FL uses --fl-gamma)")
-    parser.add_argument("--fl-gamma", type=float, default=2.0)
+                        choices=list(LOSS_TYPES), metavar="LOSS", help=f"of {', '.join(LOSS_TYPES)}")
+    parser.add_argument("--param", nargs="+", type=parse_param, default=[], metavar="TYPE.NAME=V,V",
+                        help="values of a loss parameter to try, e.g. FL.gamma=0.5,1,2,5 POLY1_FL.eps=1,2")
+    parser.add_argument("--gammas", nargs="+", type=float,
+                        help="FL*'s gammas (default: the table's, 0.125 0.25 0.5); = --param FLSTAR.gamma=...")
+    parser.add_argument("--fl-gamma", type=float, nargs="+", help="FL's gamma(s); = --param FL.gamma=...")
+    parser.add_argument("--alphas", nargs="+", type=float,
+                        help="alphas to try for every loss type (default: the config's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs (or CPU processes) per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default: one after another)")
@@ -123,7 +161,15 @@ if __name__ == "__main__":
     if args.jobs < 1 or args.num_gpus < 1:
         parser.error(f"--jobs ({args.jobs}) and --num-gpus ({args.num_gpus}) must be at least 1")
 
-    runs = plan_sweep(args.loss_types, args.gammas, args.seeds, fl_gamma=args.fl_gamma)
+    values = dict(args.param)
+    if args.gammas:
+        values[("FLSTAR", "gamma")] = args.gammas
+    if args.fl_gamma:
+        values[("FL", "gamma")] = args.fl_gamma
+    if not os.path.isfile(args.config_file):
+        parser.error(f"--config-file {args.config_file}: no such file")
+    head = config_head(args.config_file)
+    runs = plan_sweep(args.loss_types, args.seeds, values, args.alphas)
     gpus = visible_gpus()
     if gpus and args.num_gpus > len(gpus):  # every run would fail in detectron2's launch
         parser.error(f"--num-gpus {args.num_gpus}: only {len(gpus)} GPUs visible ({','.join(gpus)})")
@@ -154,7 +200,7 @@ if __name__ == "__main__":
                 cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
                        args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
                 cmd += ["--resume"] if state == "interrupted" else []
-                cmd += run.opts() + ["OUTPUT_DIR", folder] + extra
+                cmd += run.opts(head) + ["OUTPUT_DIR", folder] + extra
                 run_env, log = dict(env), None
                 if args.jobs > 1:
                     devices = slot_gpus(slot, args.num_gpus, gpus)
