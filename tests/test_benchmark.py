@@ -118,3 +118,19 @@ def test_gpu_checks_script_refuses_unknown_steps_and_logs_the_ones_it_runs(tmp_p
     assert ok.returncode == 0, ok.stdout + ok.stderr
     log = (tmp_path / "ok" / "gpu_checks.log").read_text()
     assert "torch" in log and "detectron2" in log and "[gpu_checks] all steps passed" in log
+
+
+def test_benchmark_takes_an_fcos_config_unchanged(tmp_path):
+    """The detector rows of an FCOS config: FCOSFLStar against stock detectron2 FCOS (no
+    torchvision row), and its FL mode equal to stock FCOS's losses."""
+    out = tmp_path / "fcos.json"
+    run("tools/benchmark.py", "--cpu-smoke", "--sections", "detector", "--config-file",
+        "configs/fcos_R50_flstar_1x.yaml", "--out", str(out), check=True)
+    report = json.loads(out.read_text())
+    rows = {r["system"]: r for r in report["detector"]}
+    assert {"FCOSFLStar (FL*, this project)", "FCOSFLStar (FL, this project)",
+            "detectron2 FCOS (stock)"} <= set(rows) and "torchvision RetinaNet" not in rows
+    assert rows["detectron2 FCOS (stock)"]["train_vs_stock"] == 1.0
+    check = report["fl_mode_check"]
+    assert set(check["rel_diff"]) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
+    assert max(check["rel_diff"].values()) < 1e-5

@@ -150,3 +150,54 @@ def test_a_folder_without_any_usable_image_fails(weights, notes, tmp_path):
     assert_one_line_error(proc, "none of its 1 file(s) is a usable image")
     assert "skipped notes.txt: not an image" in proc.output
     assert (tmp_path / "out" / "detections.json").read_text() == '{"earlier.jpg": []}'
+
+
+def test_setup_with_cuda_reported_present_picks_the_gpu(monkeypatch, weights, notes, tmp_path):
+    """On a machine with CUDA the demo runs on it (it once crashed there before doing anything,
+    which CPU-only tests could not see): its setup, with CUDA reported present."""
+    import demo
+
+    monkeypatch.chdir(helpers.REPO)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = [*QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"), "MODEL.WEIGHTS", weights]
+    cfg = demo.setup(demo.parse_args(argv))
+    assert cfg.MODEL.DEVICE == "cuda" and cfg.MODEL.WEIGHTS == weights
+    assert cfg.MODEL.RETINANET.SCORE_THRESH_TEST == 0.5  # --confidence-threshold's default
+    assert demo.setup(demo.parse_args(argv + ["--device", "cuda:0"])).MODEL.DEVICE == "cuda:0"
+    # and without CUDA, the same command falls back to the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert demo.setup(demo.parse_args(argv)).MODEL.DEVICE == "cpu"
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("other") / "flstar"
+    torch.manual_seed(1)
+    SafeCheckpointer(build_model(quickstart_cfg()), save_dir=str(folder)).save("model")
+    return str(folder / "model.pth")
+
+
+def test_compare_weights_writes_two_labelled_panels_and_both_lists(weights, other_weights, photos,
+                                                                   tmp_path):
+    """The proposal's Fig. 7: two checkpoints on the same photos, side by side."""
+    out = tmp_path / "cmp"
+    proc = run("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(out), *ANY_SCORE,
+               "--compare-weights", weights, other_weights, timeout=180)
+    assert proc.returncode == 0, proc.output[-5000:]
+    labels = [os.path.join(*p.split(os.sep)[-2:]) for p in (weights, other_weights)]
+    detections = json.loads((out / "detections.json").read_text())
+    assert sorted(detections) == sorted(GOOD)
+    for name, (w, h) in GOOD.items():
+        assert sorted(detections[name]) == sorted(labels)
+        for label in labels:
+            assert 1 <= len(detections[name][label]) <= 3
+        with Image.open(out / (os.path.splitext(name)[0] + ".jpg")) as im:
+            assert im.size[0] == 2 * w and im.size[1] > h  # two panels under a label strip
+            panel = np.asarray(im)
+        strip = panel[: panel.shape[0] - h]
+        assert (strip > 200).mean() > 0.9 and (strip < 100).any()  # white, with black text
+    # the two untrained models differ, so the lists do
+    name = next(iter(GOOD))
+    assert detections[name][labels[0]] != detections[name][labels[1]]

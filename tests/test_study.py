@@ -478,3 +478,12 @@ def test_committed_study_tables_rebuild_from_their_result_files(study):
     columns, rows = comparison_rows([load_run(r) for r in runs])
     with open(os.path.join(docs, f"compare_{study}.md")) as f:
         assert to_markdown(columns, rows) == f.read()
+
+
+def test_sweep_takes_an_fcos_config_unchanged():
+    """The same sweep command on an FCOS config sets the FCOS node's keys."""
+    proc = run("tools/sweep.py", "--config-file", "configs/quickstart_fcos_flstar.yaml", "--loss-types",
+               "FL", "CE", "--fl-gamma", "1", "--alphas", "0.5", "--dry-run", check=True)
+    assert "fl_g1_a0.5_s0: new (MODEL.FOCALSTAR.LOSS_TYPE FL SEED 0 MODEL.FCOS.FOCAL_LOSS_GAMMA 1.0 " \
+           "MODEL.FCOS.FOCAL_LOSS_ALPHA 0.5)" in proc.stdout
+    assert "ce_a0.5_s0: new" in proc.stdout and "RETINANET" not in proc.stdout

@@ -11,9 +11,11 @@ Speed, side by side in one process, on whatever device it finds:
    the logits twice, write the gradient once; from the GPU ms), % of the measured copy
    bandwidth, extra peak memory as a multiple of the gradient's size, and agreement with the
    reference;
-2. a train step (batch 16, 800x1333, AMP on CUDA) and inference (batch 8) of RetinaNetFLStar,
-   stock detectron2 RetinaNet and torchvision RetinaNet, with random weights on one synthetic
-   batch: img/s, peak memory, ratios, and the hours a COCO 1x schedule (90k x 16 images) projects.
+2. a train step (batch 16, 800x1333, AMP on CUDA) and inference (batch 8) of the config's
+   detector (RetinaNetFLStar, or FCOSFLStar with an FCOS config), the stock detectron2 detector
+   it extends (and torchvision's RetinaNet beside RetinaNet), with random weights on one
+   synthetic batch: img/s, peak memory, ratios, and the hours a COCO 1x schedule (90k x 16
+   images) projects.
 
     python tools/benchmark.py --out output/benchmark.json          # full sizes (a GPU)
     python tools/benchmark.py --cpu-smoke --out output/bench.json  # tiny sizes, CPU, what CI runs
@@ -50,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--no-amp", action="store_true", help="fp32 train step on CUDA")
     p.add_argument("--config-file", default="configs/retinanet_R50_flstar_1x.yaml",
-                   help="the RetinaNetFLStar config; stock RetinaNet gets the same one with the stock "
-                        "meta-architecture (weights are random either way)")
+                   help="the detector's config (RetinaNetFLStar or FCOSFLStar); the stock detectron2 "
+                        "class it extends is built from the same one (weights are random either way)")
     p.add_argument("--out", default="output/benchmark.json")
     return p.parse_args(argv)
 
@@ -149,17 +151,17 @@ def loss_variants(device, fused_ok, compile_ok):
         x, t = one_hot(logits, labels)
         return tv_focal(x, t, alpha=alpha, gamma=fl_gamma, reduction="sum")
 
-    def reference(loss_type, gamma):
+    def reference(loss_type, **params):
         def fn(logits, labels):
             x, t = one_hot(logits, labels)
-            return sigmoid_classification_loss(x, t, loss_type, alpha, gamma, cap, reduction="sum")
+            return sigmoid_classification_loss(x, t, loss_type, alpha, "sum", **params)
         return fn
 
     variants = {
         "detectron2 stock FL (fvcore jit, one-hot)": ("FL", stock),
         "torchvision FL (one-hot)": ("FL", torchvision_fl),
-        "reference FL (d2_focalstar.losses)": ("FL", reference("FL", fl_gamma)),
-        "reference FL* (d2_focalstar.losses)": ("FLSTAR", reference("FLSTAR", flstar_gamma)),
+        "reference FL (d2_focalstar.losses)": ("FL", reference("FL", gamma=fl_gamma)),
+        "reference FL* (d2_focalstar.losses)": ("FLSTAR", reference("FLSTAR", gamma=flstar_gamma, max_factor=cap)),
     }
     if compile_ok:
         def labels_direct(logits, labels):  # no one-hot tensor, ignored anchors masked
@@ -176,9 +178,10 @@ def loss_variants(device, fused_ok, compile_ok):
         from d2_focalstar.fused import fused_classification_loss
 
         variants["fused FL (Triton)"] = (
-            "FL", lambda x, y: fused_classification_loss(x, y, "FL", alpha, fl_gamma, cap))
+            "FL", lambda x, y: fused_classification_loss(x, y, "FL", alpha, gamma=fl_gamma))
         variants["fused FL* (Triton)"] = (
-            "FLSTAR", lambda x, y: fused_classification_loss(x, y, "FLSTAR", alpha, flstar_gamma, cap))
+            "FLSTAR", lambda x, y: fused_classification_loss(x, y, "FLSTAR", alpha, gamma=flstar_gamma,
+                                                             max_factor=cap))
     return variants
 
 
@@ -258,24 +261,45 @@ def synthetic_batch(sizes, n, device, seed=0):
     return batch
 
 
-def detectron2_model(config_file, meta_arch, device, sizes, fused, loss_type="FLSTAR", channels_last=True):
+def detector_class(config_file):
+    """The config's meta-architecture (RetinaNetFLStar, FCOSFLStar)."""
     from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
+    from detectron2.modeling import META_ARCH_REGISTRY
 
-    import d2_focalstar  # noqa: F401 (registers RetinaNetFLStar)
+    import d2_focalstar  # noqa: F401 (registers the meta-architectures)
     from d2_focalstar.config import add_focalstar_config
 
     cfg = get_cfg()
     add_focalstar_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.MODEL.META_ARCHITECTURE = meta_arch
+    return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+
+
+def detectron2_model(config_file, device, sizes, fused, loss_type="FLSTAR", channels_last=True,
+                     stock=False):
+    """The config's detector; with ``stock``, the detectron2 class it extends (RetinaNet, FCOS)
+    built from the same config, with detectron2's own loss."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from d2_focalstar.config import add_focalstar_config
+
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    cfg.merge_from_file(config_file)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = str(device)
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = fused
     cfg.MODEL.FOCALSTAR.LOSS_TYPE = loss_type
     cfg.MODEL.FOCALSTAR.CHANNELS_LAST = channels_last  # RetinaNetFLStar's key (CUDA only)
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = sizes["train_size"][0], sizes["train_size"][1]
-    return build_model(cfg)
+    if not stock:
+        return build_model(cfg)
+    ours = detector_class(config_file)
+    args = ours.from_config(cfg)
+    for key in ("cls_loss", "channels_last"):  # this project's arguments
+        args.pop(key)
+    return ours.__bases__[0](**args).to(device)
 
 
 def torchvision_model(device, sizes):
@@ -306,8 +330,8 @@ def fl_mode_check(args, sizes, device, batch):
 
     fused = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     torch.manual_seed(0)
-    ours = detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=fused, loss_type="FL")
-    stock = detectron2_model(args.config_file, "RetinaNet", device, sizes, fused=False)
+    ours = detectron2_model(args.config_file, device, sizes, fused=fused, loss_type="FL")
+    stock = detectron2_model(args.config_file, device, sizes, fused=False, stock=True)
     stock.load_state_dict(ours.state_dict())
     with EventStorage(0), torch.no_grad():
         got, want = ours(batch), stock(batch)
@@ -325,31 +349,34 @@ def bench_detectors(args, sizes, device, timer):
     batch = synthetic_batch(sizes, sizes["train_batch"], device)
     tv_images, tv_targets = torchvision_inputs(batch)
     infer_batch = [{k: v for k, v in d.items() if k != "instances"} for d in batch[: sizes["infer_batch"]]]
+    ours = detector_class(args.config_file).__name__
+    base = detector_class(args.config_file).__bases__[0].__name__
+    stock_name = f"detectron2 {base} (stock)"
     systems = {
-        "RetinaNetFLStar (FL*, this project)": (
-            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda)),
-        "RetinaNetFLStar (FL, this project)": (  # the same loss as stock: the code path alone differs
-            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda,
-                                           loss_type="FL")),
-        "RetinaNetFLStar (FL*, FUSED_KERNEL off)": (  # how much of the difference the kernel makes
-            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=False)),
+        f"{ours} (FL*, this project)": (
+            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=cuda)),
+        f"{ours} (FL, this project)": (  # the same loss as stock: the code path alone differs
+            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=cuda, loss_type="FL")),
+        f"{ours} (FL*, FUSED_KERNEL off)": (  # how much of the difference the kernel makes
+            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=False)),
         # the rest of the step, one change at a time, each on top of the project's defaults:
         # channels_last weights (MODEL.FOCALSTAR.CHANNELS_LAST, on by default on CUDA) and
         # cuDNN's autotuner (detectron2's CUDNN_BENCHMARK; the batch is one fixed size here)
-        "RetinaNetFLStar (FL*, CHANNELS_LAST off)": (
-            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda,
+        f"{ours} (FL*, CHANNELS_LAST off)": (
+            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=cuda,
                                            channels_last=False)),
-        "RetinaNetFLStar (FL*, + cudnn.benchmark)": (
-            "d2", lambda: detectron2_model(args.config_file, "RetinaNetFLStar", device, sizes, fused=cuda),
+        f"{ours} (FL*, + cudnn.benchmark)": (
+            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=cuda),
             dict(cudnn_benchmark=True)),
-        "detectron2 RetinaNet (stock)": (
-            "d2", lambda: detectron2_model(args.config_file, "RetinaNet", device, sizes, fused=False)),
-        # how much of the gain is the layout alone, which stock RetinaNet could have too
-        "detectron2 RetinaNet (stock, + channels_last)": (
-            "d2", lambda: detectron2_model(args.config_file, "RetinaNet", device, sizes, fused=False
+        stock_name: (
+            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=False, stock=True)),
+        # how much of the gain is the layout alone, which the stock detector could have too
+        f"{stock_name[:-1]}, + channels_last)": (
+            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=False, stock=True
                                            ).to(memory_format=torch.channels_last)),
-        "torchvision RetinaNet": ("tv", lambda: torchvision_model(device, sizes)),
     }
+    if base == "RetinaNet":
+        systems["torchvision RetinaNet"] = ("tv", lambda: torchvision_model(device, sizes))
     rows, cudnn_benchmark = [], torch.backends.cudnn.benchmark
     for name, (kind, build, *options) in systems.items():
         options = options[0] if options else {}
@@ -387,7 +414,7 @@ def bench_detectors(args, sizes, device, timer):
         torch.backends.cudnn.benchmark = cudnn_benchmark
         if cuda:
             torch.cuda.empty_cache()
-    stock = next(r for r in rows if r["system"] == "detectron2 RetinaNet (stock)")
+    stock = next(r for r in rows if r["system"] == stock_name)
     for r in rows:
         r["train_vs_stock"] = r["train_img_s"] / stock["train_img_s"]
         r["infer_vs_stock"] = r["infer_img_s"] / stock["infer_img_s"]

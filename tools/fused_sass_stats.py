@@ -49,7 +49,10 @@ def compile_kernel(which, loss_type, dtype, arch=90, num_classes=80):
     # the launch arguments the module itself would pass for RetinaNet-sized logits
     logits = torch.empty((ELEMENTS // num_classes, num_classes), device="meta",
                          dtype=getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]))
-    launch = fused._launch_args(logits, loss_type, alpha=0.25, gamma=0.5, max_factor=100.0, which=which)
+    entry = LOSS_TYPES[loss_type]
+    params = {"gamma": 0.5, "max_factor": 100.0} if entry.capped else (
+        {"gamma": 0.5} if entry.params else {})
+    launch = fused._launch_args(logits, loss_type, 0.25, params, which=which)
     constexprs = {fn.arg_names[i]: launch[fn.arg_names[i]] for i in fn.constexprs}
     pointer_types = {"logits_ptr": "*" + DTYPES[dtype][0], "grad_ptr": "*" + DTYPES[dtype][0],
                      "labels_ptr": "*i32"}  # other pointers: fp32 (partial sums, grad_out)
@@ -143,7 +146,8 @@ def stats(which, loss_type, dtype, arch=90):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--loss-types", nargs="+", default=list(LOSS_TYPES), choices=list(LOSS_TYPES))
+    kernel_types = [t.name for t in LOSS_TYPES.values() if t.kernel is not None]
+    p.add_argument("--loss-types", nargs="+", default=kernel_types, choices=kernel_types)
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100)")
     p.add_argument("--out", default=None, help="also write the rows (with opcode counts) as JSON")

@@ -184,7 +184,8 @@ if __name__ == "__main__":
     for i, run in enumerate(runs, 1):
         folder = os.path.join(args.out, run.name)
         state = run_state(folder)
-        print(f"[sweep {i}/{len(runs)}] {run.name}: {state}", flush=True)
+        print(f"[sweep {i}/{len(runs)}] {run.name}: {state}"
+              + (f" ({' '.join(run.opts(head))})" if args.dry_run else ""), flush=True)
         if state != "done" and not args.dry_run:
             todo.append((i, run, folder, state))
 
