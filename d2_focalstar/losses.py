@@ -267,21 +267,22 @@ def sigmoid_ce_loss(inputs, targets, alpha=ALPHA.default, reduction="none"):
     return sigmoid_classification_loss(inputs, targets, "CE", alpha, reduction)
 
 
-def config_table(head="MODEL.RETINANET"):
-    """The Markdown rows of docs' key table for the loss types and their parameters (a test
-    checks that docs/CONFIG.md holds them as printed by ``python -m d2_focalstar.losses``)."""
+def config_table(heads=("MODEL.RETINANET", "MODEL.FCOS")):
+    """The Markdown key table of the loss types and their parameters, for docs/CONFIG.md (a test
+    checks that it holds this table as ``python -m d2_focalstar.losses`` prints it). ``heads``:
+    the detectors' config nodes, where a key is the detector's own ('{head}' in the table)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |",
-            f"| `MODEL.FOCALSTAR.LOSS_TYPE` | `\"FLSTAR\"` | one of "
+            "| `MODEL.FOCALSTAR.LOSS_TYPE` | `\"FLSTAR\"` | one of "
             + ", ".join(f"`{t.name}` ({t.formula})" for t in LOSS_TYPES.values()) + " |"]
     seen = set()
     for param in [ALPHA] + [p for t in LOSS_TYPES.values() for p in t.params]:
-        key = param.config_key(head)
-        if key in seen:
+        if param.key in seen:
             continue
-        seen.add(key)
-        users = [t.name for t in LOSS_TYPES.values() if param in t.params] if param is not ALPHA else ["all"]
-        rows.append(f"| `{key}` | `{param.default!r}` | {param.help} (used by {', '.join(users)}; "
-                    f"allowed: {param.allowed}) |")
+        seen.add(param.key)
+        keys = [param.config_key(h) for h in heads] if "{head}" in param.key else [param.key]
+        users = "all" if param is ALPHA else ", ".join(t.name for t in LOSS_TYPES.values() if param in t.params)
+        rows.append(f"| {' / '.join(f'`{k}`' for k in keys)} | `{param.default!r}` | {param.help} "
+                    f"(used by {users}; allowed: {param.allowed}) |")
     return "\n".join(rows) + "\n"
 
 

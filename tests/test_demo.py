@@ -174,6 +174,7 @@ def test_setup_with_cuda_reported_present_picks_the_gpu(monkeypatch, weights, no
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("other") / "flstar"
+    folder.mkdir()
     torch.manual_seed(1)
     SafeCheckpointer(build_model(quickstart_cfg()), save_dir=str(folder)).save("model")
     return str(folder / "model.pth")

@@ -256,3 +256,16 @@ def test_a_term_weighted_zero_stays_zero_without_cap(alpha):
 def test_gamma_must_be_finite():
     with pytest.raises(ValueError, match="gamma=inf must be a finite number >= 0"):
         sigmoid_flstar_loss(torch.zeros(1), torch.ones(1), gamma=math.inf)
+
+
+def test_docs_key_table_is_the_loss_tables():
+    """docs/CONFIG.md holds the key table as the loss table prints it: a type or parameter added
+    to the table shows up there, and nothing is described that the table does not have."""
+    import os
+
+    from d2_focalstar.losses import config_table
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONFIG.md")) as f:
+        doc = f.read()
+    block = doc.split("<!-- loss table: python -m d2_focalstar.losses -->\n")[1].split("<!-- end of loss table -->")[0]
+    assert block == config_table()
