@@ -269,7 +269,7 @@ def sigmoid_ce_loss(inputs, targets, alpha=ALPHA.default, reduction="none"):
 
 def config_table(heads=("MODEL.RETINANET", "MODEL.FCOS")):
     """The Markdown key table of the loss types and their parameters, for docs/CONFIG.md (a test
-    checks that it holds this table as ``python -m d2_focalstar.losses`` prints it). ``heads``:
+    checks that it holds this table; ``tools/loss_table.py --write`` puts it there). ``heads``:
     the detectors' config nodes, where a key is the detector's own ('{head}' in the table)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |",
             "| `MODEL.FOCALSTAR.LOSS_TYPE` | `\"FLSTAR\"` | one of "
@@ -284,7 +284,3 @@ def config_table(heads=("MODEL.RETINANET", "MODEL.FCOS")):
         rows.append(f"| {' / '.join(f'`{k}`' for k in keys)} | `{param.default!r}` | {param.help} "
                     f"(used by {users}; allowed: {param.allowed}) |")
     return "\n".join(rows) + "\n"
-
-
-if __name__ == "__main__":
-    print(config_table(), end="")

@@ -267,5 +267,5 @@ def test_docs_key_table_is_the_loss_tables():
 
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONFIG.md")) as f:
         doc = f.read()
-    block = doc.split("<!-- loss table: python -m d2_focalstar.losses -->\n")[1].split("<!-- end of loss table -->")[0]
+    block = doc.split("<!-- loss table: python tools/loss_table.py -->\n")[1].split("<!-- end of loss table -->")[0]
     assert block == config_table()
