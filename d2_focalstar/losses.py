@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 __all__ = ["LossParam", "LossType", "KernelCode", "LOSS_TYPES", "ALPHA", "loss_type",
            "check_loss_arguments", "sigmoid_classification_loss", "sigmoid_flstar_loss",
-           "sigmoid_focal_loss", "sigmoid_ce_loss", "config_table"]
+           "sigmoid_focal_loss", "sigmoid_ce_loss", "sigmoid_poly1_focal_loss", "config_table"]
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -108,7 +108,9 @@ FL_GAMMA = LossParam("gamma", "{head}.FOCAL_LOSS_GAMMA", 2.0, "a finite number >
 APPENDIX_GAMMA = LossParam("gamma", "MODEL.FOCALSTAR.APPENDIX_GAMMA", 2.0, "a finite number > 0",
                            _finite_at_least(0, strict=True), "g",
                            "g of FLSTAR_APPENDIX, -log(sigmoid(g x_t)) / g")
-
+POLY1_EPS = LossParam("eps", "MODEL.FOCALSTAR.POLY1_EPS", 1.0,
+                      "a finite number >= -1 (Leng et al.'s range)",
+                      _finite_at_least(-1), "eps", "Poly-1's eps: FL + eps (1 - p_t)^(g+1)")
 
 
 # ---- the per-element formulas, in logit space, before a_t -------------------------------------
@@ -132,6 +134,16 @@ def _flstar_appendix(x_t, gamma):
     return F.softplus(-gamma * x_t) / gamma
 
 
+def _fl_of_poly1(x_t, gamma, eps):
+    return _fl(x_t, gamma)  # the a_t-weighted part; eps enters through _poly1_term
+
+
+def _poly1_term(x_t, gamma, eps):
+    # (1 - p_t)^(g + 1) = exp(-(g + 1) softplus(x_t)): finite and in [0, 1] for any logit.
+    # Not weighted by a_t: Leng et al. add it to the alpha-balanced FL.
+    return eps * torch.exp(-(gamma + 1) * F.softplus(x_t))
+
+
 #: The table of loss types, by name (MODEL.FOCALSTAR.LOSS_TYPE).
 LOSS_TYPES: Dict[str, LossType] = {t.name: t for t in [
     LossType("FLSTAR", "-a_t ((1 - p_t) / p_t)^g log(p_t)", _flstar, (FLSTAR_GAMMA, MAX_FACTOR),
@@ -144,6 +156,9 @@ LOSS_TYPES: Dict[str, LossType] = {t.name: t for t in [
     LossType("FLSTAR_APPENDIX", "-a_t log(sigmoid(g x_t)) / g", _flstar_appendix, (APPENDIX_GAMMA,),
              kernel=KernelCode.FLSTAR_APPENDIX,
              reference="Lin et al., ICCV 2017, appendix (fvcore's sigmoid_focal_loss_star)"),
+    LossType("POLY1_FL", "-a_t (1 - p_t)^g log(p_t) + eps (1 - p_t)^(g+1)", _fl_of_poly1,
+             (FL_GAMMA, POLY1_EPS), unweighted=_poly1_term,
+             reference="Leng et al., ICLR 2022 (PolyLoss, Poly-1 focal loss)"),
 ]}
 
 
@@ -265,6 +280,17 @@ def sigmoid_ce_loss(inputs, targets, alpha=ALPHA.default, reduction="none"):
     Arguments and return value as in :func:`sigmoid_classification_loss`.
     """
     return sigmoid_classification_loss(inputs, targets, "CE", alpha, reduction)
+
+
+def sigmoid_poly1_focal_loss(inputs, targets, alpha=ALPHA.default, gamma=FL_GAMMA.default,
+                             eps=POLY1_EPS.default, reduction="none"):
+    """
+    Poly-1 focal loss (Leng et al., "PolyLoss", ICLR 2022): FL(p_t) + eps (1 - p_t)^(gamma + 1),
+    where FL is alpha-balanced and the eps term is not, as in the paper's code.
+    Arguments and return value as in :func:`sigmoid_classification_loss`.
+    """
+    return sigmoid_classification_loss(inputs, targets, "POLY1_FL", alpha, reduction, gamma=gamma,
+                                       eps=eps)
 
 
 def config_table(heads=("MODEL.RETINANET", "MODEL.FCOS")):

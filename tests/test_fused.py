@@ -297,3 +297,24 @@ def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypat
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
     warnings = [r.getMessage() for r in caplog.records if "disagrees with the reference" in r.getMessage()]
     assert len(warnings) == 1 and "FLSTAR" in warnings[0] and "loss" in warnings[0]
+
+
+def test_a_type_without_a_kernel_branch_uses_the_reference_with_one_info_line(caplog):
+    """POLY1_FL has no branch in the kernel: where the kernel would run (here its interpreter),
+    the reference functions compute it, said once at INFO, not as a warning; the kernel itself
+    refuses it."""
+    from d2_focalstar.classification import ClassificationLoss
+
+    x, labels = _inputs()
+    loss = ClassificationLoss(80, "POLY1_FL", 0.25, {"gamma": 2.0, "eps": 1.0}, fused_kernel=True)
+    with caplog.at_level("INFO", logger="d2_focalstar.classification"):
+        got = [loss(x, labels) for _ in range(2)]
+    valid = labels >= 0
+    want = classification_loss(x[valid], F.one_hot(labels[valid], 81)[:, :-1], "POLY1_FL", 0.25, 2.0,
+                               eps=1.0, reduction="sum")
+    for g in got:
+        torch.testing.assert_close(g, want)
+    said = [r for r in caplog.records if "no fused-kernel branch" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"
+    with pytest.raises(ValueError, match="POLY1_FL has no fused-kernel branch"):
+        fused.fused_classification_loss(x, labels, "POLY1_FL")

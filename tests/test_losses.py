@@ -14,15 +14,16 @@ from d2_focalstar.losses import (
 )
 
 
-def classification_loss(x, t, loss_type, alpha, gamma=None, max_factor=None, reduction="none"):
-    """sigmoid_classification_loss with those of gamma and max_factor that the type takes."""
+def classification_loss(x, t, loss_type, alpha, gamma=None, max_factor=None, reduction="none", eps=None):
+    """sigmoid_classification_loss with those of gamma, max_factor and eps that the type takes."""
     takes = {p.name for p in LOSS_TYPES[loss_type].params}
-    given = {k: v for k, v in (("gamma", gamma), ("max_factor", max_factor)) if k in takes and v is not None}
+    given = {k: v for k, v in (("gamma", gamma), ("max_factor", max_factor), ("eps", eps))
+             if k in takes and v is not None}
     return sigmoid_classification_loss(x, t, loss_type, alpha, reduction, **given)
 
 
-def reference(x, t, loss_type, alpha, gamma, max_factor=0.0):
-    """The formulas of the proposal, literally, in float64 (p, p_t, a_t, pow, log)."""
+def reference(x, t, loss_type, alpha, gamma, max_factor=0.0, eps=1.0):
+    """The formulas as their papers write them, literally, in float64 (p, p_t, a_t, pow, log)."""
     x, t = x.double(), t.double()
     p = torch.sigmoid(x)
     p_t = p * t + (1 - p) * (1 - t)
@@ -35,6 +36,8 @@ def reference(x, t, loss_type, alpha, gamma, max_factor=0.0):
         factor = (1 - p_t) ** gamma
     else:
         factor = torch.ones_like(x)
+    if loss_type == "POLY1_FL":  # Leng et al.: the alpha-balanced FL plus an unweighted eps term
+        return -a_t * (1 - p_t) ** gamma * torch.log(p_t) + eps * (1 - p_t) ** (gamma + 1)
     return -a_t * factor * torch.log(p_t)
 
 
@@ -48,7 +51,8 @@ def grid(n=4001, lo=-12.0, hi=12.0):
 # The seed's Fig. 4 settings (alpha = 1 there) and the study's alpha = 0.25, plus no weighting.
 SETTINGS = [("CE", a, 0.0) for a in (1.0, 0.25, -1)] + [
     ("FL", a, 2.0) for a in (1.0, 0.25, -1)] + [
-    ("FLSTAR", a, g) for a in (1.0, 0.25, -1) for g in (0.125, 0.25, 0.5, 1.0)]
+    ("FLSTAR", a, g) for a in (1.0, 0.25, -1) for g in (0.125, 0.25, 0.5, 1.0)] + [
+    ("POLY1_FL", a, g) for a in (1.0, 0.25, -1) for g in (2.0, 1.0)]
 
 
 @pytest.mark.parametrize("loss_type,alpha,gamma", SETTINGS)
@@ -70,7 +74,7 @@ def test_gradients_match_float64_reference(loss_type, alpha, gamma):
     torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss_type,gamma", [("FLSTAR", 0.25), ("FL", 2.0), ("CE", 0.0)])
+@pytest.mark.parametrize("loss_type,gamma", [("FLSTAR", 0.25), ("FL", 2.0), ("CE", 0.0), ("POLY1_FL", 2.0)])
 def test_gradcheck_float64(loss_type, gamma):
     x = (torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4)
     t = (torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.7).double()
@@ -145,7 +149,8 @@ def test_capped_gradient_is_bounded_as_documented(gamma):
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-EXTREME_SETTINGS = [("FLSTAR", g) for g in (0.125, 0.25, 0.5, 1.0)] + [("FL", 2.0), ("CE", 0.0)]
+EXTREME_SETTINGS = [("FLSTAR", g) for g in (0.125, 0.25, 0.5, 1.0)] + [("FL", 2.0), ("CE", 0.0),
+                                                                       ("POLY1_FL", 2.0)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -167,9 +172,11 @@ def test_extreme_logits_give_finite_loss_and_gradient(dtype, loss_type, gamma):
     assert negatives[-1] == negatives.max() > negatives[-101]
     # and the values there are the formula's: -log p_t = 100 (to 4e-44) times a_t and the factor,
     # for FL* min(exp(100 g), 100) (the default cap), for FL (1 - p_t)^g = 1
+    # (Poly-1 adds eps (1 - p_t)^(g+1) = 1 there)
     factor = min(math.exp(100 * gamma), 100.0) if loss_type == "FLSTAR" else 1.0
+    poly = 1.0 if loss_type == "POLY1_FL" else 0.0
     for value, grad, a_t in ((positives[0], x.grad[0], 0.25), (negatives[-1], x.grad[-1], 0.75)):
-        assert value.item() == pytest.approx(a_t * factor * 100.0, rel=1e-6)
+        assert value.item() == pytest.approx(a_t * factor * 100.0 + poly, rel=1e-6)
         # past the cap (or for CE) the gradient is a_t * factor * sigmoid(-x_t) ~ a_t * factor
         if loss_type in ("FLSTAR", "CE"):
             assert abs(grad.float().item()) == pytest.approx(a_t * factor, rel=1e-2)
@@ -201,6 +208,8 @@ def test_empty_input():
     (dict(gamma=float("nan")), "gamma=nan"),
     (dict(alpha=1.5), "alpha=1.5"),
     (dict(max_factor=0.5), "max_factor=0.5"),
+    (dict(loss_type="POLY1_FL", eps=-2.0), "eps=-2.0 must be a finite number >= -1"),
+    (dict(loss_type="CE", gamma=2.0), "CE takes no parameter but alpha; not gamma"),
     (dict(reduction="avg"), "reduction='avg'"),
 ])
 def test_bad_arguments_are_named(kwargs, needle):
@@ -269,3 +278,21 @@ def test_docs_key_table_is_the_loss_tables():
         doc = f.read()
     block = doc.split("<!-- loss table: python tools/loss_table.py -->\n")[1].split("<!-- end of loss table -->")[0]
     assert block == config_table()
+
+
+@pytest.mark.parametrize("eps", [-1.0, 0.0, 1.0, 3.0])
+def test_poly1_is_focal_loss_plus_an_unweighted_eps_term(eps):
+    """Poly-1 FL (Leng et al. 2022): eps = 0 is FL exactly; the eps term is eps (1 - p_t)^(g+1),
+    not weighted by a_t (the same for positives and negatives), as in the paper's code."""
+    from d2_focalstar.losses import sigmoid_poly1_focal_loss
+
+    x, t = grid()
+    poly = sigmoid_poly1_focal_loss(x, t, alpha=0.25, gamma=2.0, eps=eps)
+    fl = sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0)
+    p_t = torch.where(t > 0, torch.sigmoid(x.double()), torch.sigmoid(-x.double()))
+    torch.testing.assert_close(poly.double() - fl.double(), eps * (1 - p_t) ** 3, rtol=1e-5, atol=1e-6)
+    if eps == 0:
+        assert torch.equal(poly, fl)
+    # eps >= -1 keeps the loss non-negative only with a_t = 1 (the paper's bound is for CE)
+    unweighted = sigmoid_poly1_focal_loss(x, t, alpha=-1, gamma=2.0, eps=eps)
+    assert (unweighted >= -1e-6).all()
