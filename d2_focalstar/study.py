@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
-import yaml
 import torch
 
 from .losses import ALPHA, LOSS_TYPES, sigmoid_classification_loss
