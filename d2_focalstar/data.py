@@ -50,6 +50,11 @@ EMBEDDED_DATASETS = {
     "focalstar_shapes_medium": ShapesSpec(num_train=2000, num_val=250, image_size=320,
                                           min_objects=6, max_objects=20, min_size=10, max_size=48,
                                           seed=0),
+    # the calibrated proxy (configs/proxy_*.yaml, docs/RESULTS.md): the quickstart's scenes with
+    # 1-3 objects instead of 4-12, so that foreground anchors are as rare as in COCO
+    "focalstar_shapes_sparse": ShapesSpec(num_train=1200, num_val=200, image_size=192,
+                                          min_objects=1, max_objects=3, min_size=12, max_size=36,
+                                          seed=1),
     "focalstar_shapes_large": ShapesSpec(num_train=8000, num_val=500, image_size=512,
                                          min_objects=8, max_objects=30, min_size=10, max_size=64,
                                          seed=0),
