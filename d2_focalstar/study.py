@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
+import yaml
 
 from .losses import ALPHA, LOSS_TYPES, sigmoid_classification_loss
 from .results import load_run, run_state  # noqa: F401  (part of this module's interface)
@@ -339,6 +340,138 @@ def to_csv(columns, rows):
     for row in rows:
         writer.writerow({k: _fmt(row.get(k)) for k in fields})
     return buf.getvalue()
+
+
+# ---- intervals: paired bootstrap over images -------------------------------------------------------
+
+def _ground_truth(record):
+    """The COCO ground-truth dict of a run's (first) test dataset: an embedded dataset (made
+    again from its seed if absent), a detectron2 builtin, or one of the run's DATASETS.COCO_JSON
+    (its config.yaml). BootstrapError naming the run if none can be found."""
+    from detectron2.data import MetadataCatalog
+
+    from .bootstrap import BootstrapError
+    from .data import EMBEDDED_DATASETS, ensure_shapes_dataset
+
+    name = ((record.get("datasets") or {}).get("test") or [None])[0]
+    if name is None:
+        raise BootstrapError(f"{record['folder']}: results.json does not name its test dataset")
+    base = name.rsplit("_", 1)[0]
+    if base in EMBEDDED_DATASETS:
+        ensure_shapes_dataset(base)
+    json_file = MetadataCatalog.get(name).get("json_file") if name in MetadataCatalog.list() else None
+    if json_file is None:
+        config = os.path.join(record["folder"], "config.yaml")
+        if os.path.isfile(config):
+            with open(config) as f:
+                entries = ((yaml.safe_load(f) or {}).get("DATASETS") or {}).get("COCO_JSON") or []
+            json_file = next((e[1] for e in entries if e and e[0] == name), None)
+    if not json_file or not os.path.isfile(json_file):
+        raise BootstrapError(f"{record['folder']}: the ground truth of its test dataset {name!r} is "
+                             f"not here ({json_file or 'not registered'}): put the dataset where it "
+                             "was (DETECTRON2_DATASETS) to compute intervals")
+    with open(json_file) as f:
+        return name, json.load(f)
+
+
+def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
+    """
+    The difference of each setting to a reference setting in AP, AP50, APs and LAMR, with a 95%
+    interval from a paired bootstrap over the test images (d2_focalstar/bootstrap.py), computed
+    from each run's saved detections (OUTPUT_DIR/inference/coco_instances_results.json[.gz]).
+
+    Args:
+        records: load_run() records.
+        versus: the reference setting's name (as in the table, e.g. 'CE alpha=0.75'); None: each
+            setting's FL baseline, as the table's "vs FL".
+        warn: called with a line for each run left out (no saved detections).
+    Returns:
+        rows (dicts: setting, versus, runs, images, resamples and per metric its diff, low, high),
+        in the table's setting order. BootstrapError (one line) for runs of other datasets or
+        image sets, and for an unknown ``versus``.
+    """
+    from .bootstrap import (BOOTSTRAP_METRICS, BootstrapError, RunEvaluation, detections_file, load_detections,
+                            paired_bootstrap)
+
+    warn = warn or (lambda line: None)
+    names, suffixes = setting_names(records), _knob_suffixes(records)
+    groups, suffix_of = OrderedDict(), {}
+    for name, suffix, r in sorted(zip(names, suffixes, records), key=lambda nsr: (nsr[0], nsr[2].get("seed", 0))):
+        groups.setdefault(name, []).append(r)
+        suffix_of[name] = suffix
+    if versus is not None and versus not in groups:
+        raise BootstrapError(f"--versus {versus!r} is not one of the settings: {', '.join(groups)}")
+    baselines = _fl_baselines(groups, suffix_of)
+    gts, evaluations = {}, {}
+
+    def evaluation(record):
+        folder = record["folder"]
+        if folder not in evaluations:
+            test = tuple((record.get("datasets") or {}).get("test") or ())
+            if test not in gts:
+                gts[test] = _ground_truth(record)
+            dataset, gt = gts[test]
+            path = detections_file(folder, dataset if len(record["datasets"]["test"]) > 1 else None)
+            if path is None:
+                warn(f"{folder}: no saved detections (inference/coco_instances_results.json): left "
+                     "out of the intervals")
+                evaluations[folder] = None
+            else:
+                config = _run_config(folder)
+                safety = config.get("TEST", {}).get("SAFETY", {})
+                classes = safety.get("CLASSES", []) if safety.get("ENABLED", True) else []
+                evaluations[folder] = (dataset, RunEvaluation(gt, load_detections(path), classes,
+                                                              safety.get("IOU_THRESHOLD", 0.5), name=folder))
+        return evaluations[folder]
+
+    rows = []
+    for name, rs in groups.items():
+        reference = versus or baselines.get(suffix_of[name])
+        if reference is None or reference == name:
+            continue
+        a = [e for e in map(evaluation, rs) if e is not None]
+        b = [e for e in map(evaluation, groups[reference]) if e is not None]
+        if not a or not b:
+            continue
+        datasets = {d for d, _ in a + b}
+        if len(datasets) > 1:
+            raise BootstrapError(f"{name} and {reference} were evaluated on different datasets "
+                                 f"({', '.join(sorted(datasets))}): their difference has no interval")
+        res = paired_bootstrap([e for _, e in a], [e for _, e in b], num_resamples=num_resamples, seed=seed,
+                               metrics=BOOTSTRAP_METRICS)
+        row = OrderedDict(setting=name, versus=reference, runs=f"{len(a)} vs {len(b)}",
+                          images=len(a[0][1].image_ids), resamples=num_resamples)
+        for m, v in res.items():
+            row.update({f"{m} diff": v["diff"], f"{m} low": v["low"], f"{m} high": v["high"]})
+        rows.append(row)
+    return rows
+
+
+def _run_config(folder):
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def intervals_to_markdown(rows):
+    """'| setting | vs | runs | ΔAP [95% interval] | ... |', differences signed, lower LAMR better."""
+    from .bootstrap import BOOTSTRAP_METRICS
+
+    head = "| setting | vs | runs | " + " | ".join(f"Δ{m} [95% interval]" for m in BOOTSTRAP_METRICS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(BOOTSTRAP_METRICS))]
+    for r in rows:
+        cells = [r["setting"], r["versus"], r["runs"]]
+        for m in BOOTSTRAP_METRICS:
+            d, lo, hi = r[f"{m} diff"], r[f"{m} low"], r[f"{m} high"]
+            cells.append("" if math.isnan(d) else f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    images = {r["images"] for r in rows}
+    note = (f"\nPaired bootstrap over the {', '.join(map(str, sorted(images)))} test images, "
+            f"{rows[0]['resamples']} resamples; an interval that excludes 0 is a difference the "
+            "test images support (seed-to-seed spread: the table's ± sd).\n") if rows else ""
+    return "\n".join(lines) + "\n" + note
 
 
 def _read_metrics(folder):

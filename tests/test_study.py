@@ -23,7 +23,7 @@ from d2_focalstar.study import (
     to_csv,
     to_markdown,
 )
-from helpers import FAST, QUICKSTART, run
+from helpers import FAST, QUICKSTART, assert_one_line_error, run
 
 
 def test_fig4_curves_come_from_the_loss_functions():
@@ -487,3 +487,73 @@ def test_sweep_takes_an_fcos_config_unchanged():
     assert "fl_g1_a0.5_s0: new (MODEL.FOCALSTAR.LOSS_TYPE FL SEED 0 MODEL.FCOS.FOCAL_LOSS_GAMMA 1.0 " \
            "MODEL.FCOS.FOCAL_LOSS_ALPHA 0.5)" in proc.stdout
     assert "ce_a0.5_s0: new" in proc.stdout and "RETINANET" not in proc.stdout
+
+
+def _run_with_detections(folder, loss_type, gamma, seed, gt_file, detections, test="synth_val", gz=False):
+    """A finished run whose config registers its test set from ``gt_file`` (DATASETS.COCO_JSON)
+    and whose COCOEvaluator saved ``detections`` (None: saved nothing)."""
+    import gzip
+
+    os.makedirs(folder / "inference")
+    params = {"gamma": gamma} if loss_type != "CE" else {}
+    record = {"loss_type": loss_type, "params": params, "gamma": gamma, "seed": seed, "alpha": 0.25,
+              "datasets": {"train": ["synth_train"], "test": [test]},
+              "results": {"bbox": {"AP": 10.0 + seed, "AP50": 20.0, "AP75": 5.0, "APs": 1.0, "APm": 2.0, "APl": 3.0}}}
+    (folder / "results.json").write_text(json.dumps(record))
+    (folder / "config.yaml").write_text(
+        f"DATASETS:\n  COCO_JSON: [[{test}, {gt_file}, {os.path.dirname(gt_file)}]]\n"
+        "TEST:\n  SAFETY:\n    ENABLED: true\n    CLASSES: [class1]\n    IOU_THRESHOLD: 0.5\n")
+    if detections is not None:
+        path = folder / "inference" / ("coco_instances_results.json" + (".gz" if gz else ""))
+        data = json.dumps(detections).encode()
+        path.write_bytes(gzip.compress(data) if gz else data)
+
+
+@pytest.fixture(scope="module")
+def runs_with_detections(tmp_path_factory):
+    from d2_focalstar.synthetic import synthetic_coco
+
+    root = tmp_path_factory.mktemp("boot")
+    gt, dets = synthetic_coco(num_images=80, num_categories=4, seed=2)
+    (root / "gt.json").write_text(json.dumps(gt))
+    rng = np.random.default_rng(0)
+    worse = [d for d in dets if not (d["score"] > 0.5 and rng.random() < 0.5)]
+    other = {**gt, "images": gt["images"][:40]}
+    (root / "other.json").write_text(json.dumps(other))
+    _run_with_detections(root / "flstar_s0", "FLSTAR", 0.25, 0, str(root / "gt.json"), dets)
+    _run_with_detections(root / "flstar_s1", "FLSTAR", 0.25, 1, str(root / "gt.json"), dets, gz=True)
+    _run_with_detections(root / "fl_s0", "FL", 2.0, 0, str(root / "gt.json"), worse)
+    _run_with_detections(root / "fl_s1", "FL", 2.0, 1, str(root / "gt.json"), worse)
+    _run_with_detections(root / "ce_s0", "CE", 0.0, 0, str(root / "gt.json"), None)  # saved nothing
+    _run_with_detections(root / "elsewhere_s0", "CE", 0.0, 0, str(root / "other.json"),
+                         [d for d in dets if d["image_id"] <= 40], test="other_val")
+    return root
+
+
+def test_compare_adds_paired_bootstrap_intervals_from_saved_detections(runs_with_detections, tmp_path):
+    root = runs_with_detections
+    proc = run("tools/compare.py", *[str(root / n) for n in ("flstar_s0", "flstar_s1", "fl_s0", "fl_s1", "ce_s0")],
+               "--resamples", "100", "--out", str(tmp_path / "cmp"), check=True)
+    text = (tmp_path / "cmp_intervals.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| FLSTAR g=0.25 | FL g=2 | 2 vs 2 |"))
+    diff, interval = row.split(" | ")[3].split(" ", 1)
+    low, high = (float(v) for v in interval.strip("[]").split(", "))
+    assert float(diff) > 0 and 0 < low <= float(diff) <= high  # the better detections, by a margin
+    assert "Paired bootstrap over the 80 test images, 100 resamples" in text
+    # the run that saved no detections is named and left out; CE has no FL to compare with here
+    assert "ce_s0: no saved detections" in proc.stderr and "| CE |" not in text
+    assert list(csv.DictReader(open(tmp_path / "cmp_intervals.csv")))[0]["AP low"] == f"{low:.2f}"
+
+
+def test_intervals_against_a_chosen_setting_and_refusals(runs_with_detections, tmp_path):
+    root = runs_with_detections
+    folders = [str(root / n) for n in ("flstar_s0", "fl_s0", "fl_s1")]
+    proc = run("tools/compare.py", *folders, "--versus", "FLSTAR g=0.25", "--resamples", "20",
+               "--out", str(tmp_path / "v"), check=True)
+    assert "| FL g=2 | FLSTAR g=0.25 | 2 vs 1 | -" in (tmp_path / "v_intervals.md").read_text()
+    assert_one_line_error(run("tools/compare.py", *folders, "--versus", "CE alpha=0.75", "--out",
+                              str(tmp_path / "x")), "compare.py", "--versus 'CE alpha=0.75' is not one of the settings")
+    # runs on another dataset: their difference gets no interval, said in one line naming both
+    proc = run("tools/compare.py", str(root / "flstar_s0"), str(root / "elsewhere_s0"), "--versus",
+               "FLSTAR g=0.25", "--out", str(tmp_path / "y"))
+    assert_one_line_error(proc, "compare.py", "evaluated on different datasets", "other_val", "synth_val")

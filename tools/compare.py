@@ -7,20 +7,35 @@ prints the table (AP, AP50, AP75, APs, APm, APl and the safety metrics per run, 
 the mean ± sd over seeds and the difference to FL at the same learning rate and other settings,
 none where there is no such FL) and writes <out>.md, <out>.csv and <out>_curves.png (loss_cls,
 loss_box_reg, total_loss and AP vs iteration).
+
+Where the runs saved their detections (detectron2's inference/coco_instances_results.json, or
+.json.gz), each setting's difference to FL (or to --versus SETTING) in AP, AP50, APs and LAMR
+gets a 95% interval from a paired bootstrap over the test images (--resamples, 0 for none):
+<out>_intervals.md and .csv. Runs without saved detections are named and left out of them.
+
+    python tools/compare.py output/table1/* --versus "CE alpha=0.75" --out output/table1_compare
 """
 import argparse
 import os
 import sys
 
 from d2_focalstar.fileio import atomic_write
-from d2_focalstar.study import (comparison_rows, load_run, plot_training_curves, setting_names, to_csv,
-                                to_markdown)
+from d2_focalstar.bootstrap import BootstrapError
+from d2_focalstar.study import (comparison_rows, interval_rows, intervals_to_markdown, load_run,
+                                plot_training_curves, setting_names, to_csv, to_markdown)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("folders", nargs="+", help="train_net.py OUTPUT_DIRs")
     parser.add_argument("--out", default="output/compare", help="path prefix of the .md/.csv/.png")
+    parser.add_argument("--versus", metavar="SETTING",
+                        help="the setting every other is compared with in the intervals, as the table "
+                             "names it (default: each setting's FL at the same knobs)")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
     args = parser.parse_args()
+    if args.resamples < 0:
+        parser.error(f"--resamples {args.resamples}: must be 0 (no intervals) or more")
 
     records, skipped = [], []
     for folder in args.folders:
@@ -39,6 +54,19 @@ if __name__ == "__main__":
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     atomic_write(args.out + ".md", lambda f: f.write(markdown.encode()))
     atomic_write(args.out + ".csv", lambda f: f.write(to_csv(columns, rows).encode()))
+    intervals = []
+    if args.resamples:
+        try:
+            intervals = interval_rows(records, args.versus, args.resamples, args.bootstrap_seed,
+                                      warn=lambda line: print(f"intervals: {line}", file=sys.stderr))
+        except BootstrapError as e:
+            sys.exit(f"compare.py: error: {e}")
+    if intervals:
+        text = intervals_to_markdown(intervals)
+        print(text)
+        atomic_write(args.out + "_intervals.md", lambda f: f.write(text.encode()))
+        atomic_write(args.out + "_intervals.csv", lambda f: f.write(to_csv(list(intervals[0]), intervals).encode()))
     curves = plot_training_curves([r["folder"] for r in records], args.out + "_curves.png",
                                   groups=setting_names(records))
-    print(f"wrote {args.out}.md, {args.out}.csv, {curves}")
+    print(f"wrote {args.out}.md, {args.out}.csv, {curves}"
+          + (f", {args.out}_intervals.md, {args.out}_intervals.csv" if intervals else ""))
