@@ -143,3 +143,17 @@ def test_no_detections_at_all_is_zero_ap_not_an_error(data):
     gt, _ = data
     m = RunEvaluation(gt, [], ["class1"]).metrics()
     assert m["AP"] == 0 and m["LAMR"] == 100 and not math.isnan(m["APs"])
+
+
+def test_benchmark_command_prints_its_row(tmp_path):
+    """tools/benchmark_eval.py at a tiny size: it runs and reports (the timing itself is a
+    benchmark for docs/BENCHMARKS.md, not a test)."""
+    import json
+
+    from helpers import run
+
+    out = tmp_path / "b.json"
+    proc = run("tools/benchmark_eval.py", "--images", "40", "--resamples", "3", "--out", str(out), check=True)
+    assert "| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | 40 |" in proc.stdout
+    row = json.loads(out.read_text())["bootstrap"]
+    assert row["resamples"] == 3 and row["bootstrap_s"] > 0 and row["images"] == 40
