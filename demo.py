@@ -19,6 +19,7 @@ no usable image is skipped with a warning saying why. Writes <output>/<stem>.jpg
 detectron2's DefaultPredictor (d2_focalstar.predictor) on MODEL.DEVICE, CUDA where there is one.
 """
 import argparse
+import itertools
 import json
 import os
 import re
@@ -116,10 +117,19 @@ def list_inputs(src, dst):
 
 
 def output_names(files):
-    """<stem>.jpg for each file, or <name>.jpg where two files share a stem (a.jpg and a.png)."""
+    """A different output name for each file: <stem>.jpg, or <name>.jpg where two files share a
+    stem (a.jpg and a.png), or <name>_2.jpg, _3, ... where that is taken too (a.jpg.jpg beside
+    a.jpg). Names that differ only in case count as taken (case-insensitive file systems)."""
     stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
-    return [(s if stems.count(s) == 1 else os.path.basename(f)) + ".jpg"
-            for s, f in zip(stems, files)]
+    taken, names = set(), []
+    for stem, path in zip(stems, files):
+        name = os.path.basename(path)
+        candidates = itertools.chain([stem + ".jpg"] if stems.count(stem) == 1 else [],
+                                     [name + ".jpg"], (f"{name}_{k}.jpg" for k in itertools.count(2)))
+        out = next(c for c in candidates if c.casefold() not in taken)
+        taken.add(out.casefold())
+        names.append(out)
+    return names
 
 
 def dataset_metadata(cfg):

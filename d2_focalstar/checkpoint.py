@@ -8,20 +8,25 @@ A DetectionCheckpointer that never leaves a half-written file and never runs cod
 - Loading never unpickles arbitrary objects: ``.pth`` files go through
   ``torch.load(weights_only=True)`` (tensors and plain containers only), and detectron2 / Caffe2
   model-zoo ``.pkl`` files through an unpickler that admits only numpy arrays and plain data.
+- A folder whose ``last_checkpoint`` was never written (a kill right after the first checkpoint)
+  resumes from its newest complete checkpoint.
 """
+import logging
 import os
 import pickle
+import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
-from fvcore.common.checkpoint import Checkpointer
 
 from .fileio import atomic_write
 
 __all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "CheckpointReadError",
-           "IncompleteCheckpointError", "NonFiniteWeightsError", "check_checkpoint_file",
-           "last_checkpoint"]
+           "IncompleteCheckpointError", "NonFiniteCheckpointError", "NonFiniteWeightsError",
+           "check_checkpoint_file", "last_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -48,21 +53,54 @@ class IncompleteCheckpointError(CheckpointReadError):
     """A checkpoint that lacks some of the model's weights, where all are needed (evaluation)."""
 
 
+class NonFiniteCheckpointError(CheckpointReadError):
+    """A checkpoint whose weights hold NaN or inf: evaluating it would detect nothing."""
+
+
 class NonFiniteWeightsError(FloatingPointError):
     """The model's weights are NaN or infinite, so they are not saved."""
 
 
-# What a model-zoo .pkl (a dict of numpy arrays, pickled by Python 2 or 3) may contain.
+def _non_finite(state_dict):
+    """The names of the floating-point tensors of ``state_dict`` that hold NaN or inf."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+# What a model-zoo .pkl (a dict of numpy arrays, pickled by Python 2 or 3, numpy 1 or 2, any
+# pickle protocol) may contain: the functions that rebuild an array or a scalar from its bytes,
+# dtype and shape, and plain containers. Nothing here runs code or imports a module by name;
+# numpy 2's dtype classes (numpy.dtypes.*) and object arrays are not needed for weights.
 _PKL_ALLOWED = {
     ("collections", "OrderedDict"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"),  # numpy 1, protocols 0-4
     ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+    ("numpy._core.multiarray", "_reconstruct"),  # numpy 2
     ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),  # how protocol-2 pickles store bytes
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how protocols 0-2 store bytes
 }
+
+
+def _empty_bytes():
+    return b""
+
+
+# ... and empty bytes (an array of size 0): bytes() without arguments, all a pickle needs of it
+_PKL_STAND_INS = {("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
+
+# torch.load(weights_only=True)'s messages for a file that names a Python global or object it
+# will not build: its "Unsupported global: GLOBAL m.f was not an allowed global", and "Trying to
+# load unsupported GLOBAL posix.system whose module posix is blocked" for os, subprocess, ...
+_TORCH_REFUSALS = ("Unsupported global", "unsupported GLOBAL", "Trying to call reduce",
+                   "Can only create new object", "Can only build")
+
+#: The checkpoints a training writes (detectron2's PeriodicCheckpointer names).
+_CHECKPOINT_NAME = re.compile(r"model_(\d{7}|final)\.pth")
+_warned = set()
 
 
 class _Forbidden(pickle.UnpicklingError):
@@ -73,6 +111,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _PKL_ALLOWED:
             return super().find_class(module, name)
+        if (module, name) in _PKL_STAND_INS:
+            return _PKL_STAND_INS[module, name]
         raise _Forbidden(f"global '{module}.{name}' is not allowed")
 
 
@@ -89,6 +129,18 @@ class SafeCheckpointer(DetectionCheckpointer):
         # weights the file lacks, and those of another shape (left out of the load, so missing)
         self.missing_keys = tuple(incompatible.missing_keys) if incompatible is not None else ()
         return incompatible
+
+    def require_finite_weights(self):
+        """Raise NonFiniteCheckpointError if the weights the last load() gave the model hold NaN or
+        inf (a checkpoint from after a divergence, written by other code): every score would be
+        NaN, every AP empty."""
+        bad = _non_finite(self.model.state_dict())
+        if bad:
+            raise NonFiniteCheckpointError(
+                f"{self.loaded_path or 'the model'} holds weights that are not finite: {len(bad)} of "
+                f"the model's weight tensors have NaN/inf values (first: {bad[0]}), so it would "
+                f"detect nothing. Use a checkpoint from before the training diverged (this "
+                f"project's training never saves such weights).")
 
     def require_all_weights(self):
         """Raise IncompleteCheckpointError unless the last load() set every weight of the model:
@@ -107,8 +159,7 @@ class SafeCheckpointer(DetectionCheckpointer):
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
             return
-        bad = [k for k, v in self.model.state_dict().items()
-               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = _non_finite(self.model.state_dict())
         if bad:
             last = self.get_checkpoint_file() if self.has_checkpoint() else None
             raise NonFiniteWeightsError(
@@ -122,6 +173,31 @@ class SafeCheckpointer(DetectionCheckpointer):
         self.logger.info(f"Saving checkpoint to {path}")
         atomic_write(path, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(os.path.basename(path))
+
+    def _newest_checkpoint(self):
+        """The newest of save_dir's model_*.pth (each is written whole, then renamed into place),
+        or None."""
+        try:
+            names = [n for n in os.listdir(self.save_dir) if _CHECKPOINT_NAME.fullmatch(n)]
+        except (OSError, TypeError):  # no folder (yet), or no save_dir
+            return None
+        paths = [os.path.join(self.save_dir, n) for n in names]
+        return max(paths, key=lambda p: (os.path.getmtime(p), p)) if paths else None
+
+    def has_checkpoint(self):
+        # a kill between the first checkpoint's rename and the first last_checkpoint write
+        # leaves a folder without last_checkpoint: resume from its newest complete checkpoint
+        return super().has_checkpoint() or (bool(self.save_dir) and self._newest_checkpoint() is not None)
+
+    def get_checkpoint_file(self):
+        if super().has_checkpoint() or not self.save_dir:
+            return super().get_checkpoint_file()
+        newest = self._newest_checkpoint()
+        if newest and newest not in _warned:  # once per process
+            _warned.add(newest)
+            logger.warning(f"{self.save_dir} has no last_checkpoint (the run was stopped before "
+                           f"writing it): using its newest complete checkpoint, {newest}")
+        return newest or ""
 
     def tag_last_checkpoint(self, last_filename_basename):
         path = os.path.join(self.save_dir, "last_checkpoint")
@@ -160,13 +236,16 @@ class SafeCheckpointer(DetectionCheckpointer):
             return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:
             # torch's message explains how to turn the check off; we name only what it found
-            found = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+            found = [line.strip() for line in str(e).splitlines()
+                     if any(refusal in line for refusal in _TORCH_REFUSALS)]
             if not found:  # not a pickle of anything: an image, a text file renamed .pth
                 raise _not_a_checkpoint(f, e) from None
+            name = re.search(r"GLOBAL (\S+?)\.?(?:\s|$)", found[0])
+            what = (f"Unsupported global {name.group(1)}" + (", from a blocked module" if "blocked" in found[0] else "")
+                    if name else found[0].replace("WeightsUnpickler error: ", "")[:160])
             raise UnsafeCheckpointError(
                 f"Refusing to load {f}: it holds Python objects beyond tensors and plain "
-                f"containers, which loading would construct or call "
-                f"({found[0].replace('WeightsUnpickler error: ', '').split(' was not')[0]}). "
+                f"containers, which loading would construct or call ({what}). "
                 f"Nothing in it was run.") from None
         except Exception as e:  # a truncated zip, an empty file, bytes that are not a pickle
             raise _not_a_checkpoint(f, e) from None
@@ -184,6 +263,7 @@ def check_checkpoint_file(path):
 
 def last_checkpoint(folder):
     """The path of the checkpoint that ``folder``/last_checkpoint names (fvcore's checkpointer
-    reads it), whether or not that file exists; None without a last_checkpoint."""
-    checkpointer = Checkpointer(torch.nn.Module(), save_dir=folder)
+    reads it), whether or not that file exists; without a last_checkpoint, the folder's newest
+    complete checkpoint; None without either."""
+    checkpointer = SafeCheckpointer(torch.nn.Module(), save_dir=folder)
     return checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else None

@@ -6,15 +6,17 @@ import difflib
 import logging
 import os
 import re
+import tempfile
 
 import torch
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from .losses import ALPHA, FL_GAMMA, LOSS_TYPES, loss_type
 
 __all__ = ["ConfigError", "add_focalstar_config", "check_focalstar_config", "config_value",
-           "load_config", "fall_back_to_cpu", "loss_config_node"]
+           "load_config", "fall_back_to_cpu", "loss_config_node", "check_output_dir", "cpu_cores"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +227,8 @@ def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False)
         raise ConfigError("--config-file is required, e.g. --config-file configs/quickstart_flstar.yaml")
     if not os.path.isfile(config_file):
         raise ConfigError(f"--config-file {config_file}: no such file")
+    _check_num_processes(num_gpus)  # before anything starts: a process each is memory each
+    _check_config_files(config_file)
     opts = list(opts)
     cfg = get_cfg()
     add_focalstar_config(cfg)
@@ -233,23 +237,148 @@ def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False)
     except KeyError as e:  # yacs: "Non-existent config key: A.B"
         key = str(e.args[0]).rsplit(" ", 1)[-1]
         raise ConfigError(_unknown_key_message(key, cfg, config_file)) from None
+    except (ValueError, TypeError, AttributeError, AssertionError, yaml.YAMLError) as e:
+        raise ConfigError(f"{config_file}: {_yacs_message(e)}") from None
     _check_opts_keys(cfg, opts)
     try:
         cfg.merge_from_list(_coerce_opts(cfg, opts))
     except (ValueError, AssertionError) as e:  # yacs: a value of the wrong type
-        raise ConfigError(f"command line: {e}") from None
+        raise ConfigError(f"command line: {_yacs_message(e)}") from None
     fall_back_to_cpu(cfg)
-    if cfg.MODEL.DEVICE.startswith("cuda") and num_gpus > torch.cuda.device_count():
-        raise ConfigError(f"--num-gpus {num_gpus}: this machine has {torch.cuda.device_count()} "
-                          f"GPU(s) visible (CUDA_VISIBLE_DEVICES="
-                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     for warning in check_focalstar_config(cfg):
         _warn_once(warning)
+    _check_detectron2_values(cfg, num_gpus, eval_only)
     last = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
     _check_weights(cfg, eval_only, resume, last)
     if eval_only:
-        _separate_evaluation_folder(cfg, resume)
+        _separate_evaluation_folder(cfg, resume, "MODEL.WEIGHTS" in opts[0::2])
     return cfg
+
+
+def cpu_cores():
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check_num_processes(num_gpus):
+    """--num-gpus is processes per machine: GPUs with CUDA (detectron2's launch then requires as
+    many visible GPUs, whatever MODEL.DEVICE says), CPU processes without. More CPU processes than
+    cores only share the cores, each holding a model and a data loader in memory."""
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if not 1 <= num_gpus <= gpus:
+            raise ConfigError(f"--num-gpus {num_gpus}: this machine has {gpus} GPU(s) visible "
+                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                              f"allowed 1 to {gpus}")
+    elif not 1 <= num_gpus <= cpu_cores():
+        raise ConfigError(f"--num-gpus {num_gpus}: without CUDA each is a CPU process, and this "
+                          f"machine has {cpu_cores()} CPU core(s): allowed 1 to {cpu_cores()}")
+
+
+def _base_files(config_file, data):
+    """The files that ``data`` (the YAML of ``config_file``) names in _BASE_, resolved as
+    fvcore's load_yaml_with_base resolves them; URLs are left out."""
+    bases = data.get("_BASE_", [])
+    for base in bases if isinstance(bases, list) else [bases]:
+        if not isinstance(base, str):
+            raise ConfigError(f"{config_file}: _BASE_ {base!r}: allowed a file name or a list of them")
+        base = os.path.expanduser(base) if base.startswith("~") else base
+        if base.startswith(("https://", "http://")):
+            continue
+        yield base if base.startswith("/") else os.path.join(os.path.dirname(config_file), base)
+
+
+def _check_config_files(config_file, chain=()):
+    """Each file of the _BASE_ chain is a YAML mapping of config keys and the chain has no loop;
+    a ConfigError naming the file otherwise (fvcore would raise a TypeError, or recurse until
+    Python's limit)."""
+    chain = chain + (os.path.realpath(config_file),)
+    where = config_file if len(chain) == 1 else f"{config_file} (a _BASE_ of {chain[0]})"
+    try:
+        with open(config_file, "rb") as f:
+            text = f.read().decode("utf-8")
+        data = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not a YAML config (not UTF-8 text)") from None
+    except yaml.constructor.ConstructorError:
+        return  # Python tags: detectron2 loads it with a warning (docs/RELIABILITY.md)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: "
+                          f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot be read: {e.strerror or e}") from None
+    if data is None:
+        raise ConfigError(f"{where}: empty; a config sets keys or a _BASE_, e.g. "
+                          "_BASE_: \"quickstart_flstar.yaml\"")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a YAML {type(data).__name__}, where a mapping of config keys "
+                          "(KEY: value) is expected")
+    for base in _base_files(config_file, data):
+        if os.path.realpath(base) in chain:
+            loop = " -> ".join(list(chain[chain.index(os.path.realpath(base)):]) + [os.path.realpath(base)])
+            raise ConfigError(f"{chain[0]}: its _BASE_ chain loops ({loop})")
+        _check_config_files(base, chain)
+
+
+def _yacs_message(e):
+    """yacs's message for a value of the wrong type, without its dump of a whole config node."""
+    found = re.match(r"Type mismatch \((.*?) vs\. (.*?)\) with values .* for config key: (\S+)$",
+                     str(e), re.S)
+    if not found:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    want, got, key = (re.sub(r"<class '(?:.*\.)?(\w+)'>", r"\1", t) for t in found.groups())
+    want = "a section of keys" if want == "CfgNode" else f"a {want}"
+    return f"{key} has type {got}, where {want} is expected"
+
+
+# detectron2's own keys that it uses without a check: a bad value is an error deep in training
+_DETECTRON2_RANGES = (("SOLVER.MAX_ITER", 1, "a whole number >= 1"),
+                      ("SOLVER.IMS_PER_BATCH", 1, "a whole number >= 1"),
+                      ("SOLVER.CHECKPOINT_PERIOD", 1, "a whole number >= 1"),
+                      ("DATALOADER.NUM_WORKERS", 0, "a whole number >= 0"))
+
+
+def _check_detectron2_values(cfg, num_gpus, eval_only):
+    keys = [k for k in _DETECTRON2_RANGES if not (eval_only and k[0].startswith("SOLVER."))]
+    head = loss_config_node(cfg)
+    if head:  # the detector's class count: RetinaNet's or FCOS's node
+        keys.append((f"{head}.NUM_CLASSES", 1, "a whole number >= 1"))
+    problems = [f"{key}={config_value(cfg, key)!r}: allowed {allowed}" for key, least, allowed in keys
+                if not (isinstance(config_value(cfg, key), int) and config_value(cfg, key) >= least)]
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    if not problems and not eval_only and batch % num_gpus:
+        problems.append(f"SOLVER.IMS_PER_BATCH={batch!r}: allowed a multiple of the {num_gpus} "
+                        "processes (--num-gpus), each takes an equal share")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def check_output_dir(cfg):
+    """OUTPUT_DIR can hold the run's files: it is a folder, or can be made one, and a file can be
+    created there. Checked before any process starts, without creating it (a run that is
+    refused later leaves nothing behind)."""
+    out = cfg.OUTPUT_DIR
+    if not out:
+        raise ConfigError("OUTPUT_DIR='': allowed a folder for the run's files")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"OUTPUT_DIR={out!r} is a file, not a folder: choose another OUTPUT_DIR")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"OUTPUT_DIR={out!r} cannot be created: {existing} is a file, not a folder")
+    try:  # os.access says yes to root on a read-only folder; creating something is the test
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR={out!r}: cannot write into {existing} "
+                          f"({e.strerror or e}): choose a folder you can write to") from None
 
 
 def _check_weights(cfg, eval_only, resume, last):
@@ -268,17 +397,22 @@ def _check_weights(cfg, eval_only, resume, last):
         raise ConfigError(f"MODEL.WEIGHTS={weights!r}: no such file")
 
 
-def _separate_evaluation_folder(cfg, resume):
+def _separate_evaluation_folder(cfg, resume, weights_given=False):
     """--eval-only into the folder of a training writes into OUTPUT_DIR/eval_<checkpoint>/, so
     that the training's config.yaml, results.json, inference/ and safety metrics stay its own
     (and a sweep does not take an unfinished run for a finished one). With --resume the
-    checkpoint is the training's last one."""
+    checkpoint is the training's last one (``weights_given``: MODEL.WEIGHTS on the command line,
+    which it replaces: said in a warning)."""
     from .checkpoint import last_checkpoint
 
     last = last_checkpoint(cfg.OUTPUT_DIR)
     if last is None:
         return
     if resume:  # named before OUTPUT_DIR moves: the evaluation folder has no last_checkpoint
+        if weights_given and os.path.abspath(cfg.MODEL.WEIGHTS) != os.path.abspath(last):
+            _warn_once(f"--eval-only --resume evaluates {last}, the last checkpoint of "
+                       f"{cfg.OUTPUT_DIR}, not MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: to evaluate "
+                       "that file, leave out --resume")
         cfg.MODEL.WEIGHTS = last
     stem = os.path.splitext(os.path.basename(cfg.MODEL.WEIGHTS))[0]
     folder = os.path.join(cfg.OUTPUT_DIR, f"eval_{stem}")

@@ -19,7 +19,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 
-from .config import ConfigError
+from .config import ConfigError, config_value, loss_config_node
+from .fileio import usual_mode
 
 __all__ = ["SHAPE_CLASSES", "EMBEDDED_DATASETS", "ShapesSpec", "generate_shapes_dataset",
            "ensure_shapes_dataset", "register_embedded_datasets", "register_coco_json_datasets",
@@ -180,6 +181,7 @@ def ensure_shapes_dataset(name, root=None):
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
     try:
         generate_shapes_dataset(tmp, spec)
+        os.chmod(tmp, usual_mode(directory=True))  # mkdtemp's folder is the owner's alone
         os.rename(tmp, out_dir)
     except OSError:
         if not os.path.isdir(out_dir):  # not a lost race with another process: a real failure
@@ -228,9 +230,17 @@ def register_coco_json_datasets(cfg):
         register_coco_instances(name, {}, json_file, image_root)
 
 
-def check_coco_json(json_file, dataset_name):
-    """Raise ConfigError, naming the file, for JSON that is malformed or not COCO detection,
-    or that uses a category id it does not declare."""
+def _first(items, count_what):
+    return f"{len(items)} {count_what} (first: {items[0]})"
+
+
+def check_coco_json(json_file, dataset_name, num_classes=None, training=False):
+    """Raise ConfigError, naming the file, for JSON that is malformed or not COCO detection, that
+    uses a category id it does not declare, whose images lack an id, file_name, width or height
+    or share an id (annotations would go to the wrong image), whose annotations lack an id or a
+    bbox or share an id; with ``num_classes`` (("MODEL.RETINANET.NUM_CLASSES", its value)), that
+    declares more categories than the detector has classes; with ``training``, that has no
+    images or no annotations (DATALOADER.FILTER_EMPTY_ANNOTATIONS would remove every image)."""
     where = f"{json_file} (dataset {dataset_name!r})"
     try:
         with open(json_file, "rb") as f:
@@ -246,7 +256,8 @@ def check_coco_json(json_file, dataset_name):
         raise ConfigError(f"{where}: not a COCO detection file: it needs the lists 'images', "
                           "'categories' and 'annotations'")
     declared = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
-    undeclared = [a for a in data.get("annotations", [])
+    annotations = data.get("annotations", [])
+    undeclared = [a for a in annotations
                   if not isinstance(a, dict) or a.get("category_id") not in declared]
     if undeclared:
         first = undeclared[0] if isinstance(undeclared[0], dict) else {}
@@ -254,6 +265,65 @@ def check_coco_json(json_file, dataset_name):
             f"{where}: {len(undeclared)} annotations use a category_id that 'categories' does "
             f"not declare (first: annotation id {first.get('id')} with category_id "
             f"{first.get('category_id')!r}; declared: {sorted(declared, key=str)[:20]})")
+    _check_images(where, data["images"])
+    _check_annotations(where, annotations)
+    if num_classes is not None:
+        key, classes = num_classes
+        if len(declared) > classes:
+            raise ConfigError(
+                f"{where}: {len(declared)} categories, but {key} is {classes}: the detector would "
+                f"train {len(declared) - classes} of them as background (or fail); set {key} "
+                f"{len(declared)}")
+    if training and not data["images"]:
+        raise ConfigError(f"{where}: no images: nothing to train on")
+    if training:
+        ids = {im["id"] for im in data["images"]}
+        if not any(a["image_id"] in ids and not a.get("iscrowd", 0) for a in annotations):
+            raise ConfigError(
+                f"{where}: none of its {len(ids)} images has an annotation (a box that is not "
+                f"iscrowd): DATALOADER.FILTER_EMPTY_ANNOTATIONS would remove them all, and "
+                f"without it there is nothing to learn")
+
+
+def _check_images(where, images):
+    bad = [im if not isinstance(im, dict) else
+           f"image id {im.get('id')!r} ({im.get('file_name', 'no file_name')}) lacks "
+           f"{', '.join(k for k in ('id', 'file_name', 'width', 'height') if k not in im)}"
+           for im in images if not isinstance(im, dict)
+           or not all(k in im for k in ("id", "file_name", "width", "height"))]
+    if bad:
+        raise ConfigError(f"{where}: {_first(bad, 'image entries lack a key detectron2 reads')}; "
+                          "each needs id, file_name, width and height")
+    sizes = [f"image id {im['id']!r} ({im['file_name']}) has width {im['width']!r}, height "
+             f"{im['height']!r}" for im in images
+             if not all(isinstance(im[k], int) and im[k] > 0 for k in ("width", "height"))]
+    if sizes:
+        raise ConfigError(f"{where}: {_first(sizes, 'images have no valid size')}; allowed whole "
+                          "numbers of pixels > 0")
+    files = {}
+    for im in images:
+        files.setdefault(im["id"], []).append(im["file_name"])
+    shared = [f"id {i!r}: {', '.join(f[:3])}" for i, f in files.items() if len(f) > 1]
+    if shared:
+        raise ConfigError(f"{where}: {_first(shared, 'image ids are used by several images')}; "
+                          "annotations find their image by id, so each image needs its own")
+
+
+def _check_annotations(where, annotations):
+    bad = [f"annotation id {a.get('id')!r} of image id {a.get('image_id')!r}" for a in annotations
+           if not ("id" in a and "image_id" in a and isinstance(a.get("bbox"), list)
+                   and len(a["bbox"]) == 4
+                   and all(isinstance(v, (int, float)) for v in a["bbox"]))]
+    if bad:
+        raise ConfigError(f"{where}: {_first(bad, 'annotations lack an id, an image_id or a bbox of 4 numbers')}")
+    seen, shared = set(), []
+    for a in annotations:
+        if a["id"] in seen:
+            shared.append(a["id"])
+        seen.add(a["id"])
+    if shared:
+        raise ConfigError(f"{where}: {_first(shared, 'annotation ids are used more than once')}; "
+                          "detectron2 requires each annotation to have its own id")
 
 
 def check_datasets(cfg, train=True):
@@ -265,6 +335,8 @@ def check_datasets(cfg, train=True):
     every worker.
     """
     keys = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN)] if train else []
+    head = loss_config_node(cfg)
+    num_classes = (f"{head}.NUM_CLASSES", config_value(cfg, f"{head}.NUM_CLASSES")) if head else None
     for key, names in keys + [("DATASETS.TEST", cfg.DATASETS.TEST)]:
         for name in names:
             if name not in DatasetCatalog.list():
@@ -276,6 +348,9 @@ def check_datasets(cfg, train=True):
             base = name.rsplit("_", 1)[0]
             if base in EMBEDDED_DATASETS:
                 ensure_shapes_dataset(base)
+                if num_classes and len(SHAPE_CLASSES) > num_classes[1]:
+                    raise ConfigError(f"{key}: dataset {name!r} has {len(SHAPE_CLASSES)} classes, but "
+                                      f"{num_classes[0]} is {num_classes[1]}: set it to {len(SHAPE_CLASSES)}")
                 continue
             meta = MetadataCatalog.get(name)
             json_file, image_root = meta.get("json_file"), meta.get("image_root")
@@ -287,4 +362,4 @@ def check_datasets(cfg, train=True):
                                   "datasets/README.md)")
             if image_root and not os.path.isdir(image_root):
                 raise ConfigError(f"{key}: dataset {name!r}: image folder {image_root} does not exist")
-            check_coco_json(json_file, name)
+            check_coco_json(json_file, name, num_classes, training=key == "DATASETS.TRAIN")

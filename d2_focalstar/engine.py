@@ -1,13 +1,20 @@
 """
 What train_net.py needs around detectron2's engine: the pre-launch weights check, the seed drawn
-once for every process, multi-process CPU runs, the project's log lines, and an informative stop
-when training diverges.
+once for every process, launching processes that cannot outlive the launcher and whose one-line
+errors stay one line, multi-process CPU runs, the project's log lines, and informative stops
+when training diverges, is interrupted, or cannot evaluate.
 """
+import ctypes
 import logging
+import multiprocessing
 import os
+import signal
+import sys
+import tempfile
 
-from detectron2.engine import defaults
+from detectron2.engine import defaults, launch
 from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
 from .checkpoint import SafeCheckpointer, check_checkpoint_file, last_checkpoint
 from .config import config_value, loss_config_node
@@ -15,12 +22,121 @@ from .losses import loss_type
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingDiverged", "enable_cpu_ddp", "divergence_message", "setup_project_logger",
-           "draw_seed", "check_weights_file"]
+__all__ = ["TrainingDiverged", "EvaluationFailed", "ProcessFailed", "enable_cpu_ddp",
+           "divergence_message", "setup_project_logger", "draw_seed", "check_weights_file",
+           "launch_processes", "die_with_launcher", "quiet_reported_errors", "interrupted_message"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN/inf; the message says where and what to change."""
+
+
+class EvaluationFailed(RuntimeError):
+    """The evaluation at the end of a training failed; the message says what was kept."""
+
+
+class ProcessFailed(RuntimeError):
+    """A process that launch_processes started ended with an error; the message is its line."""
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+_LAUNCHER_PID = "D2_FOCALSTAR_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher():
+    """Call it first in a process that launch_processes started (train_net.py imported as
+    __mp_main__): the kernel kills it when the launching process dies, however that dies
+    (SIGKILL, the OOM killer), and if the launcher died before this ran, it exits now. torch's
+    spawn later sets SIGINT as that signal, which a process blocked in C++ (a rendezvous, a
+    collective) would never act on, so SIGINT ends these processes at once too: Ctrl-C stops
+    every process without a traceback from each. Linux only; elsewhere nothing changes."""
+    launcher = os.environ.get(_LAUNCHER_PID)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if os.getppid() != int(launcher):  # orphaned already: the launcher is gone
+        os._exit(1)
+    os.environ[_LAUNCHER_PID] = str(os.getpid())  # for the processes this one spawns in turn
+
+
+class _ProcessMain:
+    """main(*args) in a process of launch(): an error of ``one_line`` is written to
+    <folder>/<local rank> for the launcher to report, and the process exits 1 without a
+    traceback."""
+
+    def __init__(self, main, folder, one_line):
+        self.main, self.folder, self.one_line = main, folder, one_line
+
+    def __call__(self, *args):
+        import detectron2.utils.comm as comm
+
+        try:
+            return self.main(*args)
+        except self.one_line as e:
+            with open(os.path.join(self.folder, str(comm.get_local_rank())), "w") as f:
+                f.write(str(e))
+            sys.exit(1)
+
+
+def launch_processes(main, args, one_line=()):
+    """detectron2's ``launch(main, args.num_gpus, ...)`` for train_net.py's ``args``, with the
+    launcher's pid in the environment for die_with_launcher. With several processes, an error of
+    the types ``one_line`` in one of them becomes a ProcessFailed with its message here, and a
+    process killed by a signal a ProcessFailed naming it; Ctrl-C here ends them all."""
+    if args.num_gpus * args.num_machines == 1:  # main runs in this process
+        return launch(main, 1, args=(args,))
+    os.environ[_LAUNCHER_PID] = str(os.getpid())
+    with tempfile.TemporaryDirectory(prefix="d2_focalstar-errors-") as folder:
+        try:
+            launch(_ProcessMain(main, folder, tuple(one_line)), args.num_gpus,
+                   num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(args,))
+        except ProcessExitedException as e:
+            if e.signal_name == "SIGINT":  # Ctrl-C reached them before it reached this process
+                raise KeyboardInterrupt from None
+            reported = os.path.join(folder, str(e.error_index))
+            if os.path.isfile(reported):
+                with open(reported) as f:
+                    raise ProcessFailed(f.read()) from None
+            how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with status {e.exit_code}"
+            raise ProcessFailed(f"process {e.error_index} (pid {e.error_pid}) {how}"
+                                + (" (out of memory?)" if e.signal_name == "SIGKILL" else "")
+                                + "; the others were stopped") from None
+        except KeyboardInterrupt:
+            for child in multiprocessing.active_children():  # those still running, if any
+                child.kill()
+            raise
+
+
+def interrupted_message(cfg, eval_only):
+    """The line for Ctrl-C: where the run stands and how to go on."""
+    if eval_only:
+        return "interrupted (Ctrl-C): nothing was evaluated or written"
+    last = last_checkpoint(cfg.OUTPUT_DIR)
+    return (f"interrupted (Ctrl-C); the last checkpoint is {last}: continue with --resume" if last
+            else f"interrupted (Ctrl-C) before the first checkpoint in {cfg.OUTPUT_DIR}: "
+                 "run the command again to start over")
+
+
+class _ReportedElsewhere(logging.Filter):
+    def __init__(self, errors):
+        super().__init__()
+        self.errors = errors
+
+    def filter(self, record):
+        return not (record.exc_info and isinstance(record.exc_info[1], self.errors))
+
+
+def quiet_reported_errors(*errors):
+    """Leave out detectron2's tracebacks ("Exception during training:", "Exception in writing
+    metrics:") of the errors that train_net.py reports in a line of its own."""
+    train_loop = logging.getLogger("detectron2.engine.train_loop")
+    if not any(isinstance(f, _ReportedElsewhere) for f in train_loop.filters):
+        train_loop.addFilter(_ReportedElsewhere(tuple(errors)))
 
 
 def check_weights_file(cfg, eval_only, resume, num_processes):
@@ -44,6 +160,7 @@ def check_weights_file(cfg, eval_only, resume, num_processes):
         checkpointer.logger = _quiet  # the run itself logs what it loads
         checkpointer.load(path)
         checkpointer.require_all_weights()
+        checkpointer.require_finite_weights()
     elif num_processes > 1:
         check_checkpoint_file(path)
 

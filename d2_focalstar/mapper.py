@@ -12,6 +12,9 @@ A training DatasetMapper that survives bad images and boxes, the way detectron2 
 
 Each kind is warned about once per process; every occurrence is appended to a JSON-lines fault
 log (one line per image and kind), which :func:`summarize_data_faults` counts at the end.
+
+For evaluation (``is_train=False``) an image that training would skip raises
+:class:`EvaluationImageError` naming it instead: evaluating without it would change the AP.
 """
 import json
 import logging
@@ -21,11 +24,22 @@ from detectron2.data import DatasetMapper
 from detectron2.structures import BoxMode
 from PIL import Image
 
-__all__ = ["CheckedDatasetMapper", "summarize_data_faults"]
+__all__ = ["CheckedDatasetMapper", "EvaluationImageError", "summarize_data_faults"]
 
 logger = logging.getLogger(__name__)
 
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+class EvaluationImageError(RuntimeError):
+    """A test image that cannot be evaluated; the message names it."""
+
+    def __init__(self, message):
+        # raised in a DataLoader worker, torch re-raises it with the worker's traceback as the
+        # message: keep its last line, ours
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
 
 
 def _check_boxes(dataset_dict):
@@ -65,6 +79,16 @@ class CheckedDatasetMapper(DatasetMapper):
             finally:
                 os.close(fd)
 
+    def _skip(self, kind, file_name, detail):
+        """None (the loader takes another image) in training; an EvaluationImageError in
+        evaluation."""
+        if not self.is_train:
+            kind = kind.replace(" (skipped)", "").replace("skipped; ", "")
+            raise EvaluationImageError(
+                f"test image {file_name}: {kind} ({detail}); evaluating without it would change "
+                f"the AP: repair or replace the file, or remove its entry from the dataset's JSON")
+        return self._report(kind, file_name, detail)
+
     def __call__(self, dataset_dict):
         """The mapped dict, or None for a skipped image (detectron2's MapDataset then takes
         another one)."""
@@ -73,11 +97,11 @@ class CheckedDatasetMapper(DatasetMapper):
             with Image.open(file_name) as im:  # reads the header only
                 mode = im.mode
         except FileNotFoundError:
-            return self._report("image missing (skipped)", file_name, "no such file")
+            return self._skip("image missing (skipped)", file_name, "no such file")
         except OSError as e:
-            return self._report("image unreadable (skipped)", file_name, str(e))
+            return self._skip("image unreadable (skipped)", file_name, str(e))
         if mode in SIXTEEN_BIT_MODES:
-            return self._report("16-bit image (skipped; convert it to 8 bits)", file_name,
+            return self._skip("16-bit image (skipped; convert it to 8 bits)", file_name,
                                 f"PIL mode {mode}")
         if mode in ("L", "LA", "P", "RGBA", "CMYK"):
             self._report("grayscale, palette, RGBA or CMYK image (read as RGB)", file_name,
@@ -90,9 +114,9 @@ class CheckedDatasetMapper(DatasetMapper):
         try:
             return super().__call__(dataset_dict)
         except OSError as e:  # PIL: "image file is truncated", a decoder error
-            return self._report("image truncated or corrupt (skipped)", file_name, str(e))
+            return self._skip("image truncated or corrupt (skipped)", file_name, str(e))
         except ValueError as e:  # detectron2's SizeMismatchError and friends
-            return self._report("image does not match its annotations (skipped)", file_name, str(e))
+            return self._skip("image does not match its annotations (skipped)", file_name, str(e))
 
 
 def summarize_data_faults(fault_log):

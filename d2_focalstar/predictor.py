@@ -14,9 +14,9 @@ __all__ = ["SafePredictor"]
 class SafePredictor(DefaultPredictor):
     """
     ``DefaultPredictor(cfg)``, but the weights (``weights``, else cfg.MODEL.WEIGHTS) are loaded by
-    :class:`SafeCheckpointer`: a file that would run code is refused, one that is no checkpoint
-    or lacks part of the detector (backbone weights, other classes) is a one-line error, never a
-    model with random heads.
+    :class:`SafeCheckpointer`: a file that would run code is refused, one that is no checkpoint,
+    lacks part of the detector (backbone weights, other classes) or holds NaN/inf weights is a
+    one-line error, never a model with random heads or one that detects nothing.
     """
 
     def __init__(self, cfg, weights=None):
@@ -35,3 +35,4 @@ class SafePredictor(DefaultPredictor):
         checkpointer = SafeCheckpointer(self.model)
         checkpointer.load(weights)
         checkpointer.require_all_weights()
+        checkpointer.require_finite_weights()

@@ -1,6 +1,7 @@
 """
 results.json: the record of a finished run (final metrics and the settings that identify it),
-written by train_net.py and read by the sweep (is a run finished?) and the comparison.
+written by train_net.py and read by the sweep (is a run finished?) and the comparison; and
+detectron2's metrics.json of a run, read back one record per iteration.
 """
 import json
 import logging
@@ -8,11 +9,13 @@ import os
 
 import yaml
 
+from .checkpoint import last_checkpoint
 from .config import config_value, loss_config_node
 from .fileio import write_json
 from .losses import ALPHA, LOSS_TYPES
 
-__all__ = ["RESULTS_FILE", "write_results", "load_run", "run_state", "loss_params"]
+__all__ = ["RESULTS_FILE", "RunRecordError", "write_results", "load_run", "run_state", "loss_params",
+           "read_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +31,10 @@ def loss_params(cfg):
     return entry.name, config_value(cfg, ALPHA.config_key(head)), params
 
 
-def write_results(cfg, results, iteration):
+def write_results(cfg, results, iteration, evaluation_error=None):
     """Write the final metrics and the settings that identify the run to OUTPUT_DIR/results.json
-    (``iteration`` None: an evaluation only)."""
+    (``iteration`` None: an evaluation only; ``evaluation_error``: why a finished training has no
+    metrics)."""
     name, alpha, params = loss_params(cfg)
     record = {
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
@@ -48,26 +52,48 @@ def write_results(cfg, results, iteration):
                    "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "amp": cfg.SOLVER.AMP.ENABLED},
         "results": {task: dict(metrics) for task, metrics in results.items()},
     }
+    if evaluation_error is not None:
+        record["evaluation_error"] = evaluation_error
     path = os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     write_json(path, record)
     logger.info(f"Final metrics written to {path}")
 
 
+class RunRecordError(ValueError):
+    """A results.json that is not a record train_net.py wrote: cut short, edited, another file."""
+
+
 def load_run(folder):
     """The record train_net.py wrote to <folder>/results.json, with 'folder' added, and 'params'
-    filled in for records written before it was (from 'gamma' and 'max_factor')."""
+    filled in for records written before it was (from 'gamma' and 'max_factor').
+    FileNotFoundError without results.json; RunRecordError, naming the file, for one that is
+    not valid JSON or lacks what a comparison reads."""
     path = os.path.join(folder, RESULTS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder}: no {RESULTS_FILE} (an unfinished run, or not a "
                                 "train_net.py output folder)")
-    with open(path) as f:
-        record = json.load(f)
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunRecordError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}): "
+                             "written only in part, or damaged") from None
+    if not isinstance(record, dict):
+        raise RunRecordError(f"{path}: a JSON {type(record).__name__}, not a run's record")
+    problems = [f"{key!r} ({what})" for key, what, ok in (
+        ("loss_type", "a loss type's name", lambda v: isinstance(v, str)),
+        ("results", "{task: {metric: value}}",
+         lambda v: isinstance(v, dict) and all(isinstance(m, dict) for m in v.values())),
+    ) if not ok(record.get(key))]
+    if problems:
+        raise RunRecordError(f"{path}: lacks {' and '.join(problems)}: not a record train_net.py wrote")
     record["folder"] = folder
     if "params" not in record:
         entry = LOSS_TYPES.get(record["loss_type"])
         names = [p.name for p in entry.params] if entry else []
         record["params"] = {n: record[n] for n in names if n in record}
+    record.setdefault("gamma", record["params"].get("gamma"))
     if "solver" not in record:  # written before results.json had it: the run's config.yaml
         config = os.path.join(folder, "config.yaml")
         if os.path.isfile(config):
@@ -82,6 +108,33 @@ def run_state(folder):
     """'done' (results.json written), 'interrupted' (a checkpoint to resume from) or 'new'."""
     if os.path.isfile(os.path.join(folder, RESULTS_FILE)):
         return "done"
-    if os.path.isfile(os.path.join(folder, "last_checkpoint")):
+    if last_checkpoint(folder) is not None:  # last_checkpoint, else the newest checkpoint
         return "interrupted"
     return "new"
+
+
+def read_metrics(folder):
+    """The records of <folder>/metrics.json (detectron2's JSONWriter), one per iteration, in
+    iteration order. After a resume the file repeats the iterations between the checkpoint and
+    the kill, out of order: the last record of each iteration (the resumed run's) is the one
+    kept. A line cut by a kill is left out; one that is valid JSON but no record of an iteration
+    (null, a list) too, with a warning naming the file."""
+    path = os.path.join(folder, "metrics.json")
+    by_iteration, strange = {}, 0
+    if not os.path.isfile(path):
+        return []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            iteration = record.get("iteration") if isinstance(record, dict) else None
+            if not isinstance(iteration, int) or isinstance(iteration, bool):
+                strange += 1
+                continue
+            by_iteration[iteration] = record  # a later record replaces an earlier one
+    if strange:
+        logger.warning(f"{path}: {strange} line(s) that are not the record of an iteration "
+                       "(e.g. null) left out")
+    return [by_iteration[i] for i in sorted(by_iteration)]

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from .losses import ALPHA, LOSS_TYPES, sigmoid_classification_loss
-from .results import load_run, run_state  # noqa: F401  (part of this module's interface)
+from .results import load_run, read_metrics, run_state  # noqa: F401  (part of this module's interface)
 
 __all__ = ["setting_names", "FIG4_CURVES", "loss_curves", "plot_fig4", "SweepRun", "plan_sweep", "run_state",
            "load_run", "comparison_rows", "to_markdown", "to_csv", "plot_training_curves"]
@@ -475,16 +475,8 @@ def intervals_to_markdown(rows):
 
 
 def _read_metrics(folder):
-    path = os.path.join(folder, "metrics.json")
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill
-                    pass
-    return rows
+    # one record per iteration, the last written (resumed runs repeat iterations)
+    return read_metrics(folder)
 
 
 def plot_training_curves(folders, out_path, labels=None, groups=None):
@@ -508,7 +500,8 @@ def plot_training_curves(folders, out_path, labels=None, groups=None):
         seen[groups[i]].append(folder)
         rows = _read_metrics(folder)
         for ax, key in zip(axes, keys):
-            pts = [(r["iteration"], r[key]) for r in rows if key in r and "iteration" in r]
+            pts = [(r["iteration"], r[key]) for r in rows
+                   if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
             if pts:
                 it, v = zip(*pts)
                 ax.plot(it, v, style, color=color, marker="o" if key == "bbox/AP" else None, ms=3,

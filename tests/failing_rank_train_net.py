@@ -21,4 +21,4 @@ train_net.Trainer.run_step = _run_step_failing_on_rank_1
 
 if __name__ == "__main__":
     args = train_net.default_argument_parser().parse_args()
-    train_net.launch(train_net.main, args.num_gpus, dist_url=args.dist_url, args=(args,))
+    train_net.launch_processes(train_net.main, args, one_line=train_net.ONE_LINE_ERRORS)

@@ -3,6 +3,7 @@ SIGKILL during training and during a checkpoint write, and a failing rank in a 2
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,63 @@ def test_typo_in_config_file_key_names_the_file(tmp_path):
     bad.write_text(f'_BASE_: "{REPO}/configs/quickstart_flstar.yaml"\nSOLVER:\n  BASE_LRR: 0.1\n')
     assert_one_line_error(run("train_net.py", "--config-file", str(bad)),
                           str(bad), "SOLVER.BASE_LRR", "SOLVER.BASE_LR")
+
+
+@pytest.mark.parametrize("kind,content,needle", [
+    ("binary", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a YAML config (not UTF-8 text)"),
+    ("broken", b"MODEL:\n  WEIGHTS: [\n", "not valid YAML at line 3, column 1"),
+    ("empty", b"", "empty; a config sets keys or a _BASE_"),
+    ("list", b"- MODEL\n- SOLVER\n", "a YAML list, where a mapping of config keys"),
+    ("loop", b'_BASE_: "other.yaml"\n', "its _BASE_ chain loops"),
+    ("type", b"SOLVER:\n  BASE_LR: fast\n", "SOLVER.BASE_LR has type str, where a float is expected"),
+])
+def test_config_file_that_is_no_config_is_one_line_naming_it(tmp_path, kind, content, needle):
+    bad = tmp_path / f"{kind}.yaml"
+    bad.write_bytes(content)
+    (tmp_path / "other.yaml").write_text(f'_BASE_: "{kind}.yaml"\n')  # the loop: bad -> other -> bad
+    if kind in ("binary", "loop"):  # as a command: one line, not ~3,000 of RecursionError
+        assert_one_line_error(run("train_net.py", "--config-file", str(bad)), str(bad), needle)
+    else:  # what train_net.py's one line is made of, without a process per case
+        from d2_focalstar.config import ConfigError, load_config
+        with pytest.raises(ConfigError, match=re.escape(f"{bad}: {needle}")):
+            load_config(str(bad))
+
+
+@pytest.mark.parametrize("opts,needle", [
+    (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER=0: allowed a whole number >= 1"),
+    (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH=0: allowed a whole number >= 1"),
+    (["MODEL.RETINANET.NUM_CLASSES", "0"], "MODEL.RETINANET.NUM_CLASSES=0: allowed a whole number >= 1"),
+])
+def test_detectron2_keys_out_of_range_are_one_line(opts, needle):
+    assert_one_line_error(run("train_net.py", *QUICKSTART, *opts), needle)
+
+
+def test_the_class_count_checked_is_the_detectors_own(monkeypatch):
+    from d2_focalstar.config import ConfigError, load_config
+    monkeypatch.chdir(REPO)
+    fcos = "configs/quickstart_fcos_flstar.yaml"
+    load_config(fcos, ["MODEL.RETINANET.NUM_CLASSES", "0"])  # not FCOS's: unused
+    with pytest.raises(ConfigError, match="MODEL.FCOS.NUM_CLASSES=0: allowed a whole number >= 1"):
+        load_config(fcos, ["MODEL.FCOS.NUM_CLASSES", "0"])
+    with pytest.raises(ConfigError, match="SOLVER.IMS_PER_BATCH=3: allowed a multiple of the 2 processes"):
+        load_config(fcos, ["SOLVER.IMS_PER_BATCH", "3"], num_gpus=2)
+
+
+def test_output_dir_that_cannot_hold_the_run_is_one_line_before_anything_starts(tmp_path, monkeypatch):
+    from d2_focalstar.config import ConfigError, check_output_dir
+    from test_model import quickstart_cfg
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    proc = run("train_net.py", *QUICKSTART, "OUTPUT_DIR", str(a_file))
+    assert_one_line_error(proc, f"OUTPUT_DIR='{a_file}' is a file, not a folder")
+    with pytest.raises(ConfigError, match=f"{a_file} is a file, not a folder"):
+        check_output_dir(quickstart_cfg("OUTPUT_DIR", str(a_file / "run" / "out")))
+    if os.path.isdir("/sys"):  # a folder nobody may create files in, root included
+        with pytest.raises(ConfigError, match="OUTPUT_DIR='/sys/d2fs_out': cannot write into /sys"):
+            check_output_dir(quickstart_cfg("OUTPUT_DIR", "/sys/d2fs_out"))
+    check_output_dir(quickstart_cfg("OUTPUT_DIR", str(tmp_path / "new" / "run")))
+    assert os.listdir(tmp_path) == ["notes.txt"]  # checked without creating anything
 
 
 def test_bad_loss_setting_names_key_value_and_allowed():
@@ -117,6 +175,30 @@ def test_eval_only_refuses_weights_without_the_detectors_heads(tmp_path):
     helpers.assert_one_line_error(proc, "demo.py", f"{weights} is not a trained detector")
 
 
+def test_eval_only_refuses_weights_that_are_not_finite_and_says_which_weights_resume_uses(tmp_path):
+    from detectron2.modeling import build_model
+    from test_model import quickstart_cfg
+
+    model = build_model(quickstart_cfg())
+    with torch.no_grad():
+        model.head.cls_score.bias.fill_(float("nan"))
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": model.state_dict(), "iteration": 9}, out / "model_0000009.pth")
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    other = tmp_path / "other.pth"
+    torch.save({"model": model.state_dict()}, other)
+    proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(other),
+               "OUTPUT_DIR", str(tmp_path / "eval"))
+    assert_one_line_error(proc, f"{other} holds weights that are not finite", "head.cls_score.bias")
+    proc = run("train_net.py", *QUICKSTART, "--eval-only", "--resume", "MODEL.WEIGHTS", str(other),
+               "OUTPUT_DIR", str(out))
+    assert (f"--eval-only --resume evaluates {out / 'model_0000009.pth'}, the last checkpoint of "
+            f"{out}, not MODEL.WEIGHTS {other}") in proc.output
+    assert_one_line_error(proc, f"{out / 'model_0000009.pth'} holds weights that are not finite")
+    assert not (out / "eval_model_0000009").exists()
+
+
 def test_more_processes_than_gpus_is_refused_before_launch(monkeypatch):
     # detectron2's launch would assert in every process
     from d2_focalstar.config import ConfigError, load_config
@@ -126,6 +208,91 @@ def test_more_processes_than_gpus_is_refused_before_launch(monkeypatch):
     assert load_config(QUICKSTART[1], ["MODEL.DEVICE", "cuda"], num_gpus=2).MODEL.DEVICE == "cuda"
     with pytest.raises(ConfigError, match="--num-gpus 4: this machine has 2 GPU"):
         load_config(QUICKSTART[1], ["MODEL.DEVICE", "cuda"], num_gpus=4)
+
+
+@pytest.mark.parametrize("num_gpus", ["99", "0", "-1"])
+def test_num_gpus_beyond_the_cpu_cores_or_below_one_is_refused_before_launch(num_gpus):
+    """Without CUDA each --num-gpus is a CPU process holding a model and a data loader: 99 of
+    them took a machine down."""
+    start = time.time()
+    proc = run("train_net.py", *QUICKSTART, "--num-gpus", num_gpus)
+    assert_one_line_error(proc, f"--num-gpus {num_gpus}: without CUDA each is a CPU process",
+                          f"allowed 1 to {len(os.sched_getaffinity(0))}")
+    assert time.time() - start < 60
+
+
+def test_num_gpus_with_cuda_reported_present_is_bounded_by_the_gpus_not_the_cores(monkeypatch):
+    from d2_focalstar.config import ConfigError, load_config
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one core: not the bound here
+    # detectron2's launch requires the GPUs whatever MODEL.DEVICE says
+    for device in ("cuda", "cpu"):
+        assert load_config(QUICKSTART[1], ["MODEL.DEVICE", device], num_gpus=4).MODEL.DEVICE == device
+        for bad in (5, 0):
+            with pytest.raises(ConfigError, match=f"--num-gpus {bad}: this machine has 4 GPU.*allowed 1 to 4"):
+                load_config(QUICKSTART[1], ["MODEL.DEVICE", device], num_gpus=bad)
+
+
+def _process_table():
+    """{pid: (parent pid, start time, state)} of every process, from /proc."""
+    table = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        table[int(pid)] = (int(fields[1]), fields[19], fields[0])
+    return table
+
+
+def _descendants(pid, table):
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        children = [p for p, (ppid, _, _) in table.items() if ppid == parent]
+        found.update((p, table[p][1]) for p in children)
+        todo += children
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc: Linux")
+def test_no_process_outlives_a_killed_launcher(tmp_path):
+    """The launcher of a 2-process CPU run is SIGKILLed (the OOM killer's way) while its
+    processes are still starting: none of them may live on, orphaned, to rendezvous and train."""
+    proc = subprocess.Popen([sys.executable, "train_net.py", *QUICKSTART, "--num-gpus", "2", *FAST,
+                             "SOLVER.MAX_ITER", "100000", "OUTPUT_DIR", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = set()
+    try:
+        end = time.time() + 120
+        while len([p for p, _ in seen if b"--multiprocessing-fork" in _cmdline(p)]) < 2:
+            assert proc.poll() is None and time.time() < end, "the 2 processes did not start"
+            seen |= _descendants(proc.pid, _process_table())
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    end = time.time() + 90
+    while True:
+        table = _process_table()
+        alive = [p for p, start in seen if p in table and table[p][1] == start and table[p][2] != "Z"]
+        if not alive or time.time() > end:
+            break
+        time.sleep(0.5)
+    for pid in alive:  # leave no orphan behind on the machine, pass or fail
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"{len(alive)} process(es) outlived the launcher"
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def test_seed_minus_one_is_drawn_once_for_all_processes_and_recorded(monkeypatch):
@@ -170,10 +337,21 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
+class _SystemCall:
+    """Unpickling this runs a shell command (os.system), which torch reports as a global of a
+    blocked module, not as an unsupported one."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def _evil_files(tmp_path):
     marker = str(tmp_path / "pwned")
     pth, pkl = tmp_path / "evil.pth", tmp_path / "evil.pkl"
-    torch.save({"model": {"w": torch.zeros(1)}, "extra": _Evil(marker)}, pth)
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": _SystemCall(marker)}, pth)
     with open(pkl, "wb") as f:
         pickle.dump({"model": {"w": np.zeros(1)}, "__author__": "x", "extra": _Evil(marker)}, f, protocol=2)
     return marker, pth, pkl
@@ -213,12 +391,13 @@ def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
         proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(path),
                    "OUTPUT_DIR", str(tmp_path / "out"))
         assert_one_line_error(proc, f"Refusing to load {path}")
-    # --resume reads whatever last_checkpoint names
+    # --resume reads whatever last_checkpoint names, with or without an extension
     out = tmp_path / "resume"
     out.mkdir()
-    (out / "last_checkpoint").write_text(str(pth))
+    (out / "model_0000009").write_bytes(pth.read_bytes())
+    (out / "last_checkpoint").write_text("model_0000009")
     proc = run("train_net.py", *QUICKSTART, "--resume", *FAST, "OUTPUT_DIR", str(out))
-    assert_one_line_error(proc, "Refusing to load")
+    assert_one_line_error(proc, f"Refusing to load {out / 'model_0000009'}", "Nothing in it was run")
     assert not os.path.exists(marker)
     notes = tmp_path / "log.txt"
     notes.write_text("not weights\n")
@@ -226,11 +405,47 @@ def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
                "OUTPUT_DIR", str(tmp_path / "out"))
     assert_one_line_error(proc, f"{notes} cannot be read as a checkpoint")
     # several processes: the launching process reads the file first, so still one line
-    for path, message in ((pkl, f"Refusing to load {pkl}"), (notes, f"{notes} cannot be read")):
+    for path, message in ((pkl, f"Refusing to load {pkl}"), (pth, f"Refusing to load {pth}"),
+                          (notes, f"{notes} cannot be read")):
         proc = run("train_net.py", *QUICKSTART, "--num-gpus", "2", *FAST, "MODEL.WEIGHTS", str(path),
                    "OUTPUT_DIR", str(tmp_path / "two"))
         assert_one_line_error(proc, message)
     assert not os.path.exists(marker)
+
+
+def test_a_pickle_that_calls_os_system_is_refused_whatever_the_file_is_called(tmp_path):
+    """torch names a global of a blocked module (os, subprocess, ...) in a message of its own:
+    it is a file that tries to run code, not a damaged one."""
+    marker = tmp_path / "pwned"
+    for name in ("evil.pth", "evil.pt", "evil"):
+        torch.save({"model": {"w": torch.zeros(1)}, "x": _SystemCall(marker)}, tmp_path / name)
+        with pytest.raises(UnsafeCheckpointError, match=rf"Refusing to load {tmp_path / name}: .*"
+                                                        r"posix.system.*Nothing in it was run"):
+            SafeCheckpointer(torch.nn.Linear(1, 1)).load(str(tmp_path / name))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_model_zoo_pkl_written_by_this_numpy_loads_with_every_pickle_protocol(tmp_path, protocol):
+    """numpy 2 pickles arrays through numpy._core.numeric._frombuffer (protocol 5) and empty
+    ones through bytes() (protocols 0-2): harmless, and needed to rebuild the arrays."""
+    arrays = {"weight": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.ones(2, np.float32),
+              "empty": np.zeros(0, np.uint8), "fortran": np.asfortranarray(np.ones((2, 3))),
+              "half": np.ones(2, np.float16), "flags": np.array([True, False])}
+    extra = {"scalar": np.float64(2.5), "big_endian": np.arange(3, dtype=">f4")}  # not weights
+    path = tmp_path / "zoo.pkl"
+    data = pickle.dumps({"model": arrays, "__author__": "zoo", "matching_heuristics": True,
+                         "extra": extra}, protocol=protocol)
+    path.write_bytes(data)
+    loaded = SafeCheckpointer(torch.nn.Module())._load_file(str(path))
+    expected = pickle.loads(data, encoding="latin1")  # what a plain unpickler makes of it
+    for part, written in (("model", arrays), ("extra", extra)):
+        for name, array in written.items():
+            np.testing.assert_array_equal(loaded[part][name], array)
+            assert loaded[part][name].dtype == expected[part][name].dtype, name
+    model = torch.nn.Linear(3, 2)
+    SafeCheckpointer(model).load(str(path))
+    torch.testing.assert_close(model.weight.detach(), torch.from_numpy(arrays["weight"]))
 
 
 def test_model_zoo_style_pkl_of_numpy_arrays_still_loads(tmp_path):
@@ -257,6 +472,7 @@ def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_pa
                "SOLVER.CLIP_GRADIENTS.ENABLED", "False", "SOLVER.CHECKPOINT_PERIOD", "1",
                "SOLVER.MAX_ITER", "50", "OUTPUT_DIR", str(tmp_path))
     assert proc.returncode != 0
+    assert "Traceback" not in proc.output, proc.output[-3000:]  # the message alone, no tracebacks
     msg = proc.stderr[proc.stderr.index("train_net.py: error: "):]
     assert "Training diverged at iteration" in msg and "loss_cls" in msg and "loss_box_reg" in msg
     for setting in ("MODEL.FOCALSTAR.GAMMA=0.25", "MODEL.FOCALSTAR.MAX_FACTOR=100.0",
@@ -371,6 +587,47 @@ def test_sigkill_during_training_then_resume(tmp_path):
     _resume_and_finish(tmp_path)
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path):
+    out = tmp_path / "out"
+    with open(tmp_path / "stdout", "w+") as stdout, open(tmp_path / "stderr", "w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER",
+                                 "100000", "SOLVER.CHECKPOINT_PERIOD", "1", "OUTPUT_DIR", str(out)],
+                                cwd=REPO, stdout=stdout, stderr=stderr, text=True)
+        try:
+            _wait_for(lambda: (out / "last_checkpoint").exists(), proc)
+        finally:
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            proc.wait(timeout=300)
+    proc.stderr = (tmp_path / "stderr").read_text()
+    proc.output = (tmp_path / "stdout").read_text() + proc.stderr
+    assert proc.returncode == 130
+    assert_one_line_error(proc, "interrupted (Ctrl-C); the last checkpoint is", str(out),
+                          "continue with --resume")
+
+
+def test_sigkill_during_the_first_last_checkpoint_write_then_resume(tmp_path):
+    """The first checkpoint is whole, the last_checkpoint naming it is not written yet: --resume
+    continues from that checkpoint (not from iteration 0), and the hidden partial file goes."""
+    marker = tmp_path / "tagging"
+    env = dict(os.environ, SLOW_SAVE_MARKER=str(marker), SLOW_SAVE_WHICH="last_checkpoint")
+    opts = [*FAST, "SOLVER.CHECKPOINT_PERIOD", "1", "OUTPUT_DIR", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "tests/slow_checkpoint_train_net.py", *QUICKSTART, *opts,
+                             "SOLVER.MAX_ITER", "100000"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(marker.exists, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    names = os.listdir(tmp_path)
+    assert "model_0000000.pth" in names and "last_checkpoint" not in names
+    assert [n for n in names if n.startswith(".last_checkpoint.") and n.endswith(".tmp")]
+    resumed = run("train_net.py", *QUICKSTART, "--resume", *opts, "SOLVER.MAX_ITER", "2", check=True)
+    assert "Starting training from iteration 1" in resumed.output  # not from 0
+    assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == 1
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
 def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path):
     marker = tmp_path / "saving"
     env = dict(os.environ, SLOW_SAVE_MARKER=str(marker))
@@ -384,8 +641,11 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path):
         proc.wait()
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000003.pth"
     assert not (tmp_path / "model_0000007.pth").exists()
+    partial = [n for n in os.listdir(tmp_path) if n.startswith(".model_0000007.pth.") and n.endswith(".tmp")]
+    assert len(partial) == 1  # half of it, hidden
     _assert_checkpoints_complete(tmp_path)
     _resume_and_finish(tmp_path)
+    assert not (tmp_path / partial[0]).exists()  # removed when the run started again
 
 
 # ---- failing workers --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import sys
 
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.bootstrap import BootstrapError
+from d2_focalstar.results import RunRecordError
 from d2_focalstar.study import (comparison_rows, interval_rows, intervals_to_markdown, load_run,
                                 plot_training_curves, setting_names, to_csv, to_markdown)
 
@@ -41,7 +42,7 @@ if __name__ == "__main__":
     for folder in args.folders:
         try:
             records.append(load_run(folder))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, RunRecordError) as e:  # unfinished, cut short or not a run
             skipped.append(str(e))
     for msg in skipped:
         print(f"skipped {msg}", file=sys.stderr)

@@ -6,6 +6,7 @@ with the gradient magnitude beside it, from the project's own loss functions.
 """
 import argparse
 import os
+import sys
 
 from d2_focalstar.study import plot_fig4
 
@@ -13,6 +14,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", default="output/fig4_losses", help="path prefix of the PNG and SVG")
     args = parser.parse_args()
+    if not os.path.basename(args.out) or os.path.isdir(args.out):  # "", "out/", ".": no file name
+        sys.exit(f"plot_losses.py: error: --out {args.out!r} is not a path prefix: give the files' "
+                 "name too, e.g. --out docs/fig4_losses (writes docs/fig4_losses.png and .svg)")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     for path in plot_fig4(args.out):
         print(f"wrote {path}")
