@@ -154,6 +154,7 @@ class PretrainSettings:
     warmup: int = 100
     checkpoint_every: int = 200
     eval_images: int = 512  # held out: indices above every training index
+    workers: int = 0        # processes rendering batches beside the training (0: in it)
 
     def as_dict(self):
         return asdict(self)
@@ -191,8 +192,23 @@ def backbone_state_dict(classifier):
             for k, v in classifier.bottom_up.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
+class _Batches(torch.utils.data.Dataset):
+    """Batch j of the training: the images of indices (start + j) * size ... + size - 1."""
+
+    def __init__(self, data, size, start, stop):
+        self.data, self.size, self.start, self.stop = data, size, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, j):
+        b = self.start + j
+        images, targets = self.data.batch(range(b * self.size, (b + 1) * self.size))
+        return torch.from_numpy(images), torch.from_numpy(targets)
+
+
 def _to_tensor(images, pixel_mean, pixel_std):
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # BGR, as detectron2's input
+    x = torch.as_tensor(images).to(pixel_mean.device).permute(0, 3, 1, 2).float()  # BGR, as detectron2's input
     return (x - pixel_mean) / pixel_std
 
 
@@ -218,10 +234,11 @@ def _evaluate(model, data, settings, pixel_mean, pixel_std):
         for b in range(0, settings.eval_images, settings.batch_size):
             idx = range(start + b, start + min(b + settings.batch_size, settings.eval_images))
             images, target = data.batch(idx)
-            scores.append(torch.sigmoid(model(_to_tensor(images, pixel_mean, pixel_std))).numpy())
+            scores.append(torch.sigmoid(model(_to_tensor(images, pixel_mean, pixel_std))).cpu().numpy())
             targets.append(target)
     model.train()
-    return _mean_average_precision(np.concatenate(scores), np.concatenate(targets))
+    targets = np.concatenate(targets)
+    return _mean_average_precision(np.concatenate(scores), targets), targets
 
 
 def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone.pth"):
@@ -235,8 +252,9 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
     record_path = os.path.join(output_dir, "pretrain.json")
     weights_path = os.path.join(output_dir, weights_name)
     state_path = os.path.join(output_dir, "pretrain_state.pth")
-    wanted = {"settings": settings.as_dict(), "depth": cfg.MODEL.RESNETS.DEPTH,
-              "res2_out_channels": cfg.MODEL.RESNETS.RES2_OUT_CHANNELS}
+    # what makes the weights (not how fast they are made: workers, device)
+    wanted = {"settings": {k: v for k, v in settings.as_dict().items() if k != "workers"},
+              "depth": cfg.MODEL.RESNETS.DEPTH, "res2_out_channels": cfg.MODEL.RESNETS.RES2_OUT_CHANNELS}
     if os.path.isfile(record_path) and os.path.isfile(weights_path):
         with open(record_path) as f:
             record = json.load(f)
@@ -247,14 +265,15 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
 
     torch.manual_seed(settings.fractals.seed)
     data = FractalSet(settings.fractals)
-    model = build_classifier(cfg, settings.fractals.num_classes)
-    pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
-    pixel_std = torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
+    device = torch.device(cfg.MODEL.DEVICE)
+    model = build_classifier(cfg, settings.fractals.num_classes).to(device)
+    pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, device=device).view(1, 3, 1, 1)
+    pixel_std = torch.tensor(cfg.MODEL.PIXEL_STD, device=device).view(1, 3, 1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9,
                                 weight_decay=settings.weight_decay)
     start_iter, seconds = 0, 0.0
     if os.path.isfile(state_path):
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = torch.load(state_path, map_location=device, weights_only=True)
         if state["wanted"] == json.dumps(wanted, sort_keys=True):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -275,14 +294,14 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
 
     model.train()
     started, window = time.perf_counter(), []
-    for it in range(start_iter, settings.iterations):
-        tick = time.perf_counter()
+    loader = torch.utils.data.DataLoader(_Batches(data, settings.batch_size, start_iter, settings.iterations),
+                                         batch_size=None, num_workers=settings.workers)
+    tick = time.perf_counter()
+    for it, (images, targets) in enumerate(loader, start_iter):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it)
-        idx = range(it * settings.batch_size, (it + 1) * settings.batch_size)
-        images, targets = data.batch(idx)
         loss = F.binary_cross_entropy_with_logits(model(_to_tensor(images, pixel_mean, pixel_std)),
-                                                  torch.from_numpy(targets))
+                                                  targets.to(device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss became {loss.item()} at iteration {it}; "
                                      f"lower --lr (now {settings.lr})")
@@ -290,6 +309,7 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
         loss.backward()
         optimizer.step()
         window = (window + [time.perf_counter() - tick])[-20:]
+        tick = time.perf_counter()
         done = it + 1
         if done % 20 == 0 or done == settings.iterations:
             eta = datetime.timedelta(seconds=int(np.mean(window) * (settings.iterations - done)))
@@ -299,10 +319,9 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
             save_state(done)
     seconds += time.perf_counter() - started
 
-    held_out_map = _evaluate(model, data, settings, pixel_mean, pixel_std)
-    chance = _mean_average_precision(np.random.default_rng(0).random((settings.eval_images, settings.fractals.num_classes)),
-                                     np.stack([data[settings.iterations * settings.batch_size + i][1]
-                                               for i in range(settings.eval_images)]))
+    held_out_map, held_out_targets = _evaluate(model, data, settings, pixel_mean, pixel_std)
+    chance = _mean_average_precision(  # random scores on the same held-out targets
+        np.random.default_rng(0).random((settings.eval_images, settings.fractals.num_classes)), held_out_targets)
     atomic_write(weights_path, lambda f: torch.save({"model": backbone_state_dict(model)}, f))
     record = {**wanted, "weights": weights_name, "seconds": round(seconds, 1),
               "held_out_mAP": round(held_out_map, 2), "chance_mAP": round(chance, 2),

@@ -32,21 +32,29 @@ def main(argv=None):
                    help="fractal sizes in pixels (match the detection data's objects at this image size)")
     p.add_argument("--max-objects", type=int, default=f.max_objects)
     p.add_argument("--seed", type=int, default=f.seed)
+    p.add_argument("--eval-images", type=int, default=d.eval_images, help="held-out images for the mAP")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="processes rendering fractals beside the training (a GPU wants several)")
+    p.add_argument("--device", help="cpu or cuda (default: the config's MODEL.DEVICE, CPU without CUDA)")
     args = p.parse_args(argv)
-    for name in ("iterations", "batch_size", "checkpoint_every", "classes", "image_size", "max_objects"):
+    if args.workers < 0:
+        p.error(f"--workers {args.workers}: must be 0 or more")
+    for name in ("iterations", "batch_size", "checkpoint_every", "classes", "image_size", "max_objects",
+                 "eval_images"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not 1 <= args.object_sizes[0] <= args.object_sizes[1] <= args.image_size:
         p.error(f"--object-sizes {args.object_sizes}: need 1 <= MIN <= MAX <= --image-size")
     setup_logger(name="d2_focalstar")
     try:
-        cfg = load_config(args.config_file, ["MODEL.WEIGHTS", ""])
+        cfg = load_config(args.config_file, ["MODEL.WEIGHTS", ""] + (["MODEL.DEVICE", args.device] if args.device else []))
     except ConfigError as e:
         sys.exit(f"pretrain_backbone.py: error: {e}")
     spec = FractalSpec(num_classes=args.classes, image_size=args.image_size, max_objects=args.max_objects,
                        min_size=args.object_sizes[0], max_size=args.object_sizes[1], seed=args.seed)
     settings = PretrainSettings(fractals=spec, iterations=args.iterations, batch_size=args.batch_size,
-                                lr=args.lr, checkpoint_every=args.checkpoint_every)
+                                lr=args.lr, checkpoint_every=args.checkpoint_every, workers=args.workers,
+                                eval_images=args.eval_images)
     pretrain(cfg, settings, args.out)
 
 
