@@ -111,7 +111,7 @@ def test_gpu_checks_script_refuses_unknown_steps_and_logs_the_ones_it_runs(tmp_p
     bad = subprocess.run(["bash", "tools/gpu_checks.sh", str(tmp_path / "bad"), "env", "bench", "benhc"],
                          cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2
-    assert "unknown step 'benhc' (allowed: env test bench bench-loss blocks study study-lr)" in bad.stderr
+    assert "unknown step 'benhc' (allowed: env test bench bench-loss blocks study study-lr proxy-pretrain" in bad.stderr
     assert not (tmp_path / "bad").exists()
     ok = subprocess.run(["bash", "tools/gpu_checks.sh", str(tmp_path / "ok"), "env"], cwd=REPO,
                         capture_output=True, text=True, env=env, timeout=300)

@@ -17,8 +17,14 @@
 #                                                                       -> OUTDIR/study_gpu.tgz
 #   study-lr   CE, FL* g=0.25 and g=0.5 at lr 0.005 on the same data, seeds 0 1 (6 runs at once)
 #                                                                       -> OUTDIR/study_gpu_lr005.tgz
+#   proxy-pretrain  the calibrated proxy's fractal-pretrained ResNet-18 (docs/RESULTS.md)
+#                                                                       -> OUTDIR/pretrain.json
+#   proxy-table1    RetinaNet's Table 1 on the proxy: CE at alpha .25/.5/.75, FL at gamma
+#                   .5/1/2/5, seeds 0 1 2 (21 runs, 11 at once)         -> OUTDIR/proxy.tgz
+#   proxy-flstar    FL* at gamma .125/.25/.5 on the proxy, seeds 0 1 2  -> OUTDIR/proxy.tgz
 # A study's .tgz holds, per run, results.json, metrics.json, config.yaml (the files docs/results/
-# keeps) and log.txt, and the comparison of all its runs (tools/compare.py). Unpack it with
+# keeps), log.txt and the saved detections (inference/coco_instances_results.json, for the
+# comparison's intervals), and the comparison of all its runs (tools/compare.py). Unpack it with
 #   tar xzf study_gpu.tgz -C docs/results/
 # Everything the steps print also goes to OUTDIR/gpu_checks.log.
 #
@@ -27,12 +33,13 @@
 # /tmp/site first, with no index.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: bash tools/gpu_checks.sh OUTDIR STEP... (steps: env test bench bench-loss blocks study study-lr)}
+STEPS="env test bench bench-loss blocks study study-lr proxy-pretrain proxy-table1 proxy-flstar"
+OUTDIR=${1:?usage: bash tools/gpu_checks.sh OUTDIR STEP... (steps: $STEPS)}
 shift
-[ $# -gt 0 ] || { echo "gpu_checks.sh: name at least one step: env test bench bench-loss blocks study study-lr" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "gpu_checks.sh: name at least one step: $STEPS" >&2; exit 2; }
 for step in "$@"; do
-  case $step in env|test|bench|bench-loss|blocks|study|study-lr) ;;
-    *) echo "gpu_checks.sh: unknown step '$step' (allowed: env test bench bench-loss blocks study study-lr)" >&2; exit 2 ;;
+  case " $STEPS " in *" $step "*) ;;
+    *) echo "gpu_checks.sh: unknown step '$step' (allowed: $STEPS)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUTDIR"
@@ -56,12 +63,13 @@ else
 fi
 
 STUDY_CFG=configs/study_shapes_gpu.yaml
+PROXY_CFG=configs/proxy_flstar.yaml
 pack_study() {  # folder name -> OUTDIR/name.tgz with the kept files of each run and the comparison
   local name=$1 dir=output/$1
   [ -d "$dir" ] || return 0
   "$PY" tools/compare.py "$dir"/*/ --out "$dir/compare" || echo "[gpu_checks] compare.py failed"
-  (cd output && find "$name" -maxdepth 2 \( -name results.json -o -name metrics.json \
-      -o -name config.yaml -o -name log.txt -o -name 'compare*' \) -print0 |
+  (cd output && find "$name" -maxdepth 4 \( -name results.json -o -name metrics.json \
+      -o -name config.yaml -o -name log.txt -o -name 'compare*' -o -name coco_instances_results.json \) -print0 |
     tar czf - --null -T -) >"$OUTDIR/$name.tgz"
   echo "[gpu_checks] packed $OUTDIR/$name.tgz ($(tar tzf "$OUTDIR/$name.tgz" | grep -c results.json) finished runs)"
 }
@@ -94,6 +102,20 @@ run_step() {
         --loss-types CE FLSTAR --gammas 0.25 0.5 --seeds 0 1 --out output/study_gpu_lr005 \
         -- SOLVER.BASE_LR 0.005
       local rc=$?; pack_study study_gpu_lr005; return $rc ;;
+    proxy-pretrain)
+      timeout -k 20 "$t" "$PY" tools/pretrain_backbone.py --config-file $PROXY_CFG \
+        --out output/pretrain_fractal_r18 --iterations 1500 --workers 8 --device cuda
+      local rc=$?; cp output/pretrain_fractal_r18/pretrain.json "$OUTDIR/" 2>/dev/null; return $rc ;;
+    proxy-table1)
+      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY_CFG --jobs 11 --loss-types CE \
+        --alphas 0.25 0.5 0.75 --seeds 0 1 2 --out output/proxy &&
+      timeout -k 20 "$(left)" "$PY" tools/sweep.py --config-file $PROXY_CFG --jobs 12 --loss-types FL \
+        --param FL.gamma=0.5,1,2,5 --seeds 0 1 2 --out output/proxy
+      local rc=$?; pack_study proxy; return $rc ;;
+    proxy-flstar)
+      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY_CFG --jobs 9 --loss-types FLSTAR \
+        --seeds 0 1 2 --out output/proxy
+      local rc=$?; pack_study proxy; return $rc ;;
   esac
 }
 
