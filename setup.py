@@ -15,6 +15,8 @@ setup(
         "torchvision>=0.16,<=0.29.1",
         "fvcore>=0.1.5.post20221221",
         "pycocotools>=2.0.7",
+        "faster-coco-eval>=1.8.0",
+        "submitit>=1.5.4",
         "opencv-python>=4.8",
     ],
     extras_require={"test": ["pytest"]},

@@ -16,7 +16,7 @@ import d2_focalstar  # noqa: F401  first: it quiets fvcore's import-time warning
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
+from detectron2.evaluation import DatasetEvaluators, verify_results
 
 from d2_focalstar import check_datasets, register_coco_json_datasets
 from d2_focalstar.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
@@ -25,6 +25,7 @@ from d2_focalstar.engine import (EvaluationFailed, ProcessFailed, TrainingDiverg
                                  die_with_launcher, divergence_message, draw_seed, enable_cpu_ddp,
                                  interrupted_message, launch_processes, quiet_reported_errors,
                                  setup_project_logger)
+from d2_focalstar.evaluation import FastCOCOEvaluator
 from d2_focalstar.fileio import remove_partial_writes
 from d2_focalstar.mapper import CheckedDatasetMapper, EvaluationImageError, summarize_data_faults
 from d2_focalstar.results import RESULTS_FILE, write_results
@@ -91,7 +92,8 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
             if len(cfg.DATASETS.TEST) > 1:  # a folder per test dataset: none overwrites another's
                 output_folder = os.path.join(output_folder, dataset_name)
-        evaluators = [COCOEvaluator(dataset_name, output_dir=output_folder),
+        # detectron2's COCOEvaluator; its fast path on faster-coco-eval where detectron2's _C is missing
+        evaluators = [FastCOCOEvaluator(dataset_name, output_dir=output_folder),
                       build_safety_evaluator(cfg, dataset_name, output_folder)]
         return DatasetEvaluators([e for e in evaluators if e is not None])
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Evaluation-side benchmark on a synthetic COCO-val-sized set (5,000 images, ~36,000 boxes, 100
 detections per image by default; d2_focalstar/synthetic.py): the paired bootstrap of
-tools/compare.py (per-image matching once per run, then N resamples of a pair of runs).
-Prints a Markdown table and writes it as JSON.
+tools/compare.py (per-image matching once per run, then N resamples of a pair of runs), and
+COCO evaluation (the 12 numbers, as COCOEvaluator computes them) with pycocotools and with
+faster-coco-eval (d2_focalstar/evaluation.py). Prints Markdown tables and writes them as JSON.
 
     python tools/benchmark_eval.py --out output/benchmark_eval.json
+    python tools/benchmark_eval.py --sections cocoeval --out output/benchmark_cocoeval.json
     python tools/benchmark_eval.py --images 200 --resamples 20 --out output/bench_eval_small.json   # quick
 """
 import argparse
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from d2_focalstar.bootstrap import RunEvaluation, paired_bootstrap
+from d2_focalstar.evaluation import coco_eval_implementation, evaluate_coco
 from d2_focalstar.fileio import write_json
 from d2_focalstar.synthetic import synthetic_coco
 
@@ -38,24 +41,62 @@ def bench_bootstrap(args):
                 ap_diff=res["AP"]["diff"], ap_interval=[res["AP"]["low"], res["AP"]["high"]])
 
 
+def bench_cocoeval(args):
+    """Seconds of COCO evaluation (loadRes, evaluate, accumulate, summarize) of one run's
+    detections, pycocotools then faster-coco-eval, and how far apart their 12 numbers are."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    gt, dets = synthetic_coco(args.images, seed=0)
+    seconds, stats = {}, {}
+    for impl in ("pycocotools", "fast"):
+        coco = COCO()
+        coco.dataset = gt
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        copies = [dict(d) for d in dets]  # loadRes adds keys to the dicts it is given
+        start = time.perf_counter()
+        stats[impl] = evaluate_coco(coco, copies, impl)
+        seconds[impl] = time.perf_counter() - start
+    return dict(images=args.images, boxes=len(gt["annotations"]), detections=len(dets),
+                pycocotools_s=seconds["pycocotools"], faster_coco_eval_s=seconds["fast"],
+                faster_coco_eval=coco_eval_implementation()[0],
+                speedup=seconds["pycocotools"] / seconds["fast"], ap=stats["fast"][0],
+                max_abs_diff=max(abs(a - b) for a, b in zip(stats["pycocotools"], stats["fast"])))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--out", default="output/benchmark_eval.json")
+    p.add_argument("--sections", nargs="+", default=["bootstrap", "cocoeval"],
+                   choices=["bootstrap", "cocoeval"])
     args = p.parse_args()
     meta = dict(date=datetime.date.today().isoformat(), machine=platform.machine(), cpus=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), python=platform.python_version(),
                 numpy=np.__version__)
-    row = bench_bootstrap(args)
+    report = {"meta": meta}
     print(f"\n{meta}\n")
-    print("| what | images | boxes | detections | resamples | matching (2 runs) s | bootstrap s | ms / resample |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | {row['images']} | {row['boxes']} | "
-          f"{row['detections']} | {row['resamples']} | {row['matching_s_two_runs']:.1f} | "
-          f"{row['bootstrap_s']:.1f} | {row['per_resample_ms']:.1f} |")
+    if "bootstrap" in args.sections:
+        row = report["bootstrap"] = bench_bootstrap(args)
+        print("| what | images | boxes | detections | resamples | matching (2 runs) s | bootstrap s | ms / resample |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(f"| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | {row['images']} | {row['boxes']} | "
+              f"{row['detections']} | {row['resamples']} | {row['matching_s_two_runs']:.1f} | "
+              f"{row['bootstrap_s']:.1f} | {row['per_resample_ms']:.1f} |\n")
+    if "cocoeval" in args.sections:
+        row = report["cocoeval"] = bench_cocoeval(args)
+        print("| what | images | boxes | detections | pycocotools s | faster-coco-eval s | speed-up | "
+              "max diff of the 12 numbers |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(f"| COCO evaluation of one run (COCOEvaluator's 12 numbers) | {row['images']} | {row['boxes']} | "
+              f"{row['detections']} | {row['pycocotools_s']:.1f} | {row['faster_coco_eval_s']:.1f} | "
+              f"{row['speedup']:.1f}x | {row['max_abs_diff']:.1e} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    write_json(args.out, {"meta": meta, "bootstrap": row})
+    write_json(args.out, report)
     print(f"\nwrote {args.out}")
 
 

@@ -35,7 +35,8 @@ echo "[wheels] for Python $PYV into $DIR/"
 quiet "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version "$PYV" --implementation cp "${platforms[@]}" -d "$DIR" \
   "pycocotools==2.0.11" "yacs==0.1.8" "termcolor==3.3.0" \
-  "omegaconf==2.3.1" "hydra-core==1.3.8" "setuptools==80.10.2"
+  "omegaconf==2.3.1" "hydra-core==1.3.8" "setuptools==80.10.2" \
+  "faster-coco-eval==1.8.0" "submitit==1.5.4"
 quiet "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$DIR" \
   "fvcore==0.1.5.post20221221" "iopath==0.1.10" "antlr4-python3-runtime==4.9.3"
 req=$(mktemp)
