@@ -230,8 +230,8 @@ def register_coco_json_datasets(cfg):
         register_coco_instances(name, {}, json_file, image_root)
 
 
-def _first(items, count_what):
-    return f"{len(items)} {count_what} (first: {items[0]})"
+def _and_more(items, what):
+    return f" (and {len(items) - 1} more {what})" if len(items) > 1 else ""
 
 
 def check_coco_json(json_file, dataset_name, num_classes=None, training=False):
@@ -276,7 +276,7 @@ def check_coco_json(json_file, dataset_name, num_classes=None, training=False):
                 f"{len(declared)}")
     if training and not data["images"]:
         raise ConfigError(f"{where}: no images: nothing to train on")
-    if training:
+    elif training:
         ids = {im["id"] for im in data["images"]}
         if not any(a["image_id"] in ids and not a.get("iscrowd", 0) for a in annotations):
             raise ConfigError(
@@ -286,27 +286,30 @@ def check_coco_json(json_file, dataset_name, num_classes=None, training=False):
 
 
 def _check_images(where, images):
-    bad = [im if not isinstance(im, dict) else
+    keys = ("id", "file_name", "width", "height")
+    bad = [f"image entry {im!r} is not an object" if not isinstance(im, dict) else
            f"image id {im.get('id')!r} ({im.get('file_name', 'no file_name')}) lacks "
-           f"{', '.join(k for k in ('id', 'file_name', 'width', 'height') if k not in im)}"
-           for im in images if not isinstance(im, dict)
-           or not all(k in im for k in ("id", "file_name", "width", "height"))]
+           f"{', '.join(k for k in keys if k not in im)}"
+           for im in images if not isinstance(im, dict) or not all(k in im for k in keys)]
     if bad:
-        raise ConfigError(f"{where}: {_first(bad, 'image entries lack a key detectron2 reads')}; "
-                          "each needs id, file_name, width and height")
+        raise ConfigError(f"{where}: {bad[0]}{_and_more(bad, 'images')}; each image needs id, "
+                          "file_name, width and height")
     sizes = [f"image id {im['id']!r} ({im['file_name']}) has width {im['width']!r}, height "
              f"{im['height']!r}" for im in images
              if not all(isinstance(im[k], int) and im[k] > 0 for k in ("width", "height"))]
     if sizes:
-        raise ConfigError(f"{where}: {_first(sizes, 'images have no valid size')}; allowed whole "
-                          "numbers of pixels > 0")
+        raise ConfigError(f"{where}: {sizes[0]}{_and_more(sizes, 'images')}; allowed whole numbers "
+                          "of pixels > 0")
     files = {}
     for im in images:
         files.setdefault(im["id"], []).append(im["file_name"])
-    shared = [f"id {i!r}: {', '.join(f[:3])}" for i, f in files.items() if len(f) > 1]
+    shared = [(i, f) for i, f in files.items() if len(f) > 1]
     if shared:
-        raise ConfigError(f"{where}: {_first(shared, 'image ids are used by several images')}; "
-                          "annotations find their image by id, so each image needs its own")
+        i, names = shared[0]
+        more = f" (and {len(shared) - 1} more ids)" if len(shared) > 1 else ""
+        raise ConfigError(f"{where}: image id {i!r} is used by {len(names)} images "
+                          f"({', '.join(names[:3])}){more}; annotations find their image by id, so "
+                          "each image needs its own")
 
 
 def _check_annotations(where, annotations):
@@ -315,14 +318,16 @@ def _check_annotations(where, annotations):
                    and len(a["bbox"]) == 4
                    and all(isinstance(v, (int, float)) for v in a["bbox"]))]
     if bad:
-        raise ConfigError(f"{where}: {_first(bad, 'annotations lack an id, an image_id or a bbox of 4 numbers')}")
+        raise ConfigError(f"{where}: {bad[0]}{_and_more(bad, 'annotations')} lacks an id, an "
+                          "image_id or a bbox of 4 numbers")
     seen, shared = set(), []
     for a in annotations:
         if a["id"] in seen:
             shared.append(a["id"])
         seen.add(a["id"])
     if shared:
-        raise ConfigError(f"{where}: {_first(shared, 'annotation ids are used more than once')}; "
+        more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
+        raise ConfigError(f"{where}: annotation id {shared[0]!r} is used more than once{more}; "
                           "detectron2 requires each annotation to have its own id")
 
 

@@ -3,6 +3,7 @@ import filecmp
 import json
 import multiprocessing as mp
 import os
+import stat
 
 import pytest
 import torch
@@ -68,6 +69,14 @@ def test_concurrent_first_use_generates_one_complete_copy(tmp_path, monkeypatch)
     assert len(set(folders)) == 1
     assert sorted(os.listdir(tmp_path)) == ["tiny_shapes"]  # no temporary folder left behind
     assert len(json.loads((tmp_path / "tiny_shapes" / "val.json").read_text())["images"]) == 3
+
+
+def test_generated_dataset_folder_has_the_usual_permissions(tmp_path, monkeypatch):
+    """Not mkdtemp's owner-only mode: another user of a shared machine reads it as any folder."""
+    monkeypatch.setitem(EMBEDDED_DATASETS, "tiny_shapes", TINY)
+    folder = ensure_shapes_dataset("tiny_shapes", str(tmp_path))
+    os.mkdir(tmp_path / "plain")
+    assert stat.S_IMODE(os.stat(folder).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
 
 
 def test_embedded_dataset_is_registered_and_foreground_anchors_are_rare():

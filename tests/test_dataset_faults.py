@@ -7,13 +7,14 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from d2_focalstar.config import ConfigError
 from d2_focalstar.data import ShapesSpec, check_coco_json, check_datasets, generate_shapes_dataset
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
-from helpers import FAST, QUICKSTART, run
+from helpers import FAST, QUICKSTART, assert_one_line_error, run
 from test_model import quickstart_cfg
 
 SPEC = ShapesSpec(num_train=12, num_val=2, image_size=96, min_objects=2, max_objects=4,
@@ -98,6 +99,85 @@ def test_train_net_stops_at_start_up_naming_the_file(broken, fault, needle):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train_net.py: error:") and needle in last
     assert str(json_file if fault != "no-images" else image_root) in last
+
+
+def _duplicated_image_id(data):
+    data["images"][1]["id"] = data["images"][0]["id"]  # one image would train with another's boxes
+
+
+def _image_without_size(data):
+    del data["images"][2]["width"]
+
+
+def _one_category_too_many(data):
+    data["categories"].append({"id": 99, "name": "hexagon", "supercategory": "shape"})
+
+
+def _no_annotations(data):
+    data["annotations"] = []
+
+
+#: JSON that passed the start-up check and then trained wrong labels or crashed in training
+SILENT_FAULTS = [
+    (_duplicated_image_id, "image id 1 is used by 2 images"),
+    (_image_without_size, "lacks width"),
+    (_one_category_too_many, "5 categories, but MODEL.RETINANET.NUM_CLASSES is 4"),
+    (_no_annotations, "none of its 12 images has an annotation"),
+]
+
+
+@pytest.mark.parametrize("fault,needle", SILENT_FAULTS, ids=[f.__name__[1:] for f, _ in SILENT_FAULTS])
+def test_json_that_would_train_wrong_labels_or_crash_is_named_at_start_up(broken, fault, needle):
+    data = json.loads((broken / "train.json").read_text())
+    fault(data)
+    json_file = broken / "faulty.json"
+    _write_json(json_file, data)
+    proc = run("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "1", "DATASETS.COCO_JSON",
+               str([["mine", str(json_file), str(broken / "train")]]), "DATASETS.TRAIN", "('mine',)")
+    assert_one_line_error(proc, "train_net.py", str(json_file), needle)
+    assert "Starting training" not in proc.output  # nothing ran
+
+
+def test_duplicated_ids_and_class_counts_name_what_is_wrong(broken):
+    data = json.loads((broken / "train.json").read_text())
+    _duplicated_image_id(data)
+    _write_json(broken / "dup.json", data)
+    first, second = (im["file_name"] for im in data["images"][:2])
+    with pytest.raises(ConfigError, match=rf"image id {data['images'][0]['id']} is used by 2 images \({first}, {second}\)"):
+        check_coco_json(str(broken / "dup.json"), "x")
+    data = json.loads((broken / "train.json").read_text())
+    _one_category_too_many(data)
+    _write_json(broken / "five.json", data)
+    check_coco_json(str(broken / "five.json"), "x", ("MODEL.FCOS.NUM_CLASSES", 5))
+    with pytest.raises(ConfigError, match="set MODEL.FCOS.NUM_CLASSES 5"):
+        check_coco_json(str(broken / "five.json"), "x", ("MODEL.FCOS.NUM_CLASSES", 4))
+    with pytest.raises(ConfigError, match="focalstar_shapes_train' has 4 classes, but MODEL.RETINANET.NUM_CLASSES is 3"):
+        check_datasets(quickstart_cfg("MODEL.RETINANET.NUM_CLASSES", "3"))  # the embedded dataset
+
+
+def test_a_bad_test_image_is_named_and_a_finished_training_keeps_its_model_and_record(broken, tmp_path):
+    """The evaluation at the end of a training meets a truncated test image: one line naming it,
+    model_final.pth and results.json (recording the error) kept; an evaluation in two processes
+    meeting it (and a missing one) is one line too."""
+    val = json.loads((broken / "val.json").read_text())
+    truncated, missing = (broken / "val" / im["file_name"] for im in val["images"][:2])
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size * 2 // 5])
+    test_set = ["DATASETS.COCO_JSON", str([["bad_val", str(broken / "val.json"), str(broken / "val")]]),
+                "DATASETS.TEST", "('bad_val',)"]
+    out = tmp_path / "out"
+    proc = run("train_net.py", *QUICKSTART, *FAST, *test_set, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out))
+    assert_one_line_error(proc, "train_net.py", f"test image {truncated}: image truncated or corrupt",
+                          f"{out / 'model_final.pth'} and {out / 'results.json'}", "--eval-only --resume")
+    record = json.loads((out / "results.json").read_text())
+    assert str(truncated) in record["evaluation_error"] and record["iteration"] == 1
+    assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 0
+    os.remove(missing)
+    proc = run("train_net.py", *QUICKSTART, "--eval-only", "--num-gpus", "2", "--dist-url", "auto", *test_set,
+               "DATALOADER.NUM_WORKERS", "1", "MODEL.WEIGHTS", str(out / "model_final.pth"),
+               "OUTPUT_DIR", str(tmp_path / "eval"))
+    assert_one_line_error(proc, "train_net.py", "test image ")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"{truncated}: image truncated or corrupt" in last or f"{missing}: image missing" in last
 
 
 def test_evaluation_only_does_not_need_the_training_set(broken):

@@ -202,3 +202,43 @@ def test_compare_weights_writes_two_labelled_panels_and_both_lists(weights, othe
     # the two untrained models differ, so the lists do
     name = next(iter(GOOD))
     assert detections[name][labels[0]] != detections[name][labels[1]]
+
+
+def test_every_input_gets_its_own_output_file(weights, tmp_path):
+    """a.jpg, a.png and a.jpg.jpg: a stem shared, and a name that the first would take."""
+    import cv2
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for i, name in enumerate(["a.jpg", "a.png", "a.jpg.jpg"]):
+        cv2.imwrite(str(photos / name), np.full((64, 64, 3), 60 * i, np.uint8),
+                    [cv2.IMWRITE_JPEG_QUALITY, 95] if name.endswith(".jpg") else [])
+    out = tmp_path / "out"
+    proc = run("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(out), *ANY_SCORE,
+               "MODEL.WEIGHTS", weights, timeout=120)
+    assert proc.returncode == 0, proc.output[-5000:]
+    assert "3 photos annotated" in proc.output
+    written = sorted(n for n in os.listdir(out) if n != "detections.json")
+    assert len(written) == 3, written
+    for name in ("a.jpg", "a.png", "a.jpg.jpg"):  # the log line says which output is whose
+        assert len([line for line in proc.output.splitlines() if f" {name}: " in line and "->" in line]) == 1
+
+
+def test_output_names_are_unique_even_across_letter_case():
+    import demo
+
+    names = demo.output_names(["p/a.jpg", "p/a.jpg.jpg", "p/a.png", "p/B.jpg", "p/b.png", "p/c.jpg"])
+    assert names == ["a.jpg.jpg", "a.jpg.jpg.jpg", "a.png.jpg", "B.jpg", "b.png.jpg", "c.jpg"]
+    assert len({n.casefold() for n in names}) == len(names)
+
+
+def test_a_checkpoint_that_would_run_a_command_is_refused_by_the_demo(notes, tmp_path):
+    from test_reliability import _SystemCall
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model_final"  # no extension: read as a .pth
+    torch.save({"model": {}, "x": _SystemCall(marker)}, evil)
+    proc = run("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
+               "MODEL.WEIGHTS", str(evil), timeout=120)
+    assert_one_line_error(proc, f"Refusing to load {evil}", "Nothing in it was run")
+    assert not marker.exists()

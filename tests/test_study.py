@@ -23,7 +23,7 @@ from d2_focalstar.study import (
     to_csv,
     to_markdown,
 )
-from helpers import FAST, QUICKSTART, assert_one_line_error, run
+from helpers import FAST, QUICKSTART, REPO, assert_one_line_error, run
 
 
 def test_fig4_curves_come_from_the_loss_functions():
@@ -154,8 +154,57 @@ def test_compare_command_on_fixture_folders(runs, tmp_path):
         assert os.path.getsize(tmp_path / "cmp" / f"table{ext}") > 100
 
 
+def test_compare_skips_runs_whose_files_are_cut_short_or_not_a_record_naming_them(runs, tmp_path):
+    """A half-written results.json, one without its keys, a metrics.json with a null line: the
+    comparison goes on without them (or without the line), a warning names each file."""
+    (runs / "half").mkdir()
+    (runs / "half" / "results.json").write_text('{"loss_type": "FL", "results": {"bbox": {"AP": 3')
+    (runs / "keyless").mkdir()
+    (runs / "keyless" / "results.json").write_text('{"seed": 0}')
+    with open(runs / "fl_s1" / "metrics.json", "a") as f:
+        f.write("\nnull\n")
+    proc = run("tools/compare.py", *[str(runs / n) for n in ("fl_s0", "fl_s1", "half", "keyless", "flstar_s0")],
+               "--resamples", "0", "--out", str(tmp_path / "cmp" / "table"), check=True)
+    assert "| mean | FLSTAR g=0.25 |" in proc.stdout and "| fl_s1 |" in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert any(f"skipped {runs / 'half' / 'results.json'}: not valid JSON" in line for line in lines)
+    assert any(f"skipped {runs / 'keyless' / 'results.json'}: lacks 'loss_type'" in line for line in lines)
+    assert any(f"{runs / 'fl_s1' / 'metrics.json'}: 1 line(s) that are not the record" in line for line in lines)
+    assert os.path.getsize(tmp_path / "cmp" / "table_curves.png") > 100
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # plot() is replaced by a recorder
+def test_training_curves_use_the_last_record_of_each_iteration(tmp_path, monkeypatch):
+    """metrics.json of a run killed after iteration 29 and resumed from its checkpoint at 19:
+    iterations 20-29 twice, out of order; the resumed run's records are the ones drawn."""
+    import matplotlib.axes
+
+    from d2_focalstar.results import read_metrics
+    from d2_focalstar.study import plot_training_curves
+
+    lines = [{"iteration": i, "total_loss": 10.0 - i / 10} for i in range(0, 30, 5)]  # first run
+    lines += [{"iteration": i, "total_loss": 1.0 - i / 100} for i in range(20, 40, 5)]  # resumed at 20
+    (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = read_metrics(str(tmp_path))
+    assert [r["iteration"] for r in rows] == [0, 5, 10, 15, 20, 25, 30, 35]
+    assert [r["total_loss"] for r in rows][3:6] == [8.5, 0.8, 0.75]  # 20 and 25: the resumed run's
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y))))
+    plot_training_curves([str(tmp_path)], str(tmp_path / "curves.png"))
+    assert drawn == [([r["iteration"] for r in rows], [r["total_loss"] for r in rows])]
+
+
+@pytest.mark.parametrize("out", ["", "figures/"])
+def test_plot_losses_needs_a_file_name_in_its_prefix(tmp_path, out):
+    proc = run("tools/plot_losses.py", "--out", out)
+    assert_one_line_error(proc, "plot_losses.py", f"--out {out!r} is not a path prefix")
+    assert not [n for n in os.listdir(REPO) if n.endswith((".png.png", ".svg.png"))]
+
+
 def test_run_state(tmp_path):
     assert run_state(str(tmp_path / "absent")) == "new"
+    (tmp_path / "model_0000004.pth").write_bytes(b"")  # killed before its last_checkpoint was written
+    assert run_state(str(tmp_path)) == "interrupted"
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
     assert run_state(str(tmp_path)) == "interrupted"
     (tmp_path / "results.json").write_text("{}")
