@@ -28,6 +28,7 @@ from d2_focalstar.engine import (EvaluationFailed, ProcessFailed, TrainingDiverg
 from d2_focalstar.evaluation import FastCOCOEvaluator
 from d2_focalstar.fileio import remove_partial_writes
 from d2_focalstar.mapper import CheckedDatasetMapper, EvaluationImageError, summarize_data_faults
+from d2_focalstar.preemption import CheckpointOnSignal
 from d2_focalstar.results import RESULTS_FILE, write_results
 from d2_focalstar.safety import build_safety_evaluator
 
@@ -54,7 +55,8 @@ class Trainer(DefaultTrainer):
         self.checkpointer = SafeCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
                                              trainer=weakref.proxy(self))
         faults = hooks.CallbackHook(after_train=lambda t: summarize_data_faults(fault_log(t.cfg)))
-        return [faults] + super().build_hooks()
+        # a checkpoint when a SLURM job is told to stop (preemption, time limit)
+        return [faults] + super().build_hooks() + [CheckpointOnSignal(self.checkpointer)]
 
     def train(self):
         try:

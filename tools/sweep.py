@@ -24,6 +24,13 @@ Anything after "--" goes to every train_net.py run as opts, e.g. -- SOLVER.MAX_I
 
 Stopping the sweep (Ctrl-C, SIGTERM) stops its runs too; their checkpoints are whole (written
 atomically), so the same command later resumes them.
+
+With --slurm the runs not done yet go to a SLURM cluster as one job array instead, each run a job
+of --nodes machines x --num-gpus GPUs, checkpointed and requeued when preempted or at its time
+limit (tools/submit_slurm.py's options; any other --option goes to sbatch; docs/CLUSTER.md):
+
+    python tools/sweep.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8 --slurm \
+        --partition gpu --time 24:00:00 --loss-types CE FL FLSTAR --seeds 0 1 --out output/sweep
 """
 import argparse
 import os
@@ -35,6 +42,7 @@ import time
 
 from d2_focalstar.config import add_focalstar_config, loss_config_node
 from d2_focalstar.losses import LOSS_TYPES
+from d2_focalstar.slurm import SlurmError, add_slurm_arguments, sbatch_options, submit
 from d2_focalstar.study import plan_sweep, run_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +165,13 @@ if __name__ == "__main__":
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     parser.add_argument("--status-every", type=float, default=60,
                         help="seconds between progress lines with --jobs > 1 (0: none)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--slurm", action="store_true",
+                        help="submit the runs not done yet as one SLURM job array instead (each run: --nodes "
+                             "x --num-gpus GPUs, requeued when preempted; docs/CLUSTER.md)")
+    add_slurm_arguments(parser, gpus=False)
+    args, unknown = parser.parse_known_args(argv)  # with --slurm, the rest goes to sbatch
+    if unknown and not args.slurm:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.jobs < 1 or args.num_gpus < 1:
         parser.error(f"--jobs ({args.jobs}) and --num-gpus ({args.num_gpus}) must be at least 1")
 
@@ -171,7 +185,7 @@ if __name__ == "__main__":
     head = config_head(args.config_file)
     runs = plan_sweep(args.loss_types, args.seeds, values, args.alphas)
     gpus = visible_gpus()
-    if gpus and args.num_gpus > len(gpus):  # every run would fail in detectron2's launch
+    if gpus and args.num_gpus > len(gpus) and not args.slurm:  # every run would fail in detectron2's launch
         parser.error(f"--num-gpus {args.num_gpus}: only {len(gpus)} GPUs visible ({','.join(gpus)})")
     gpus = gpus if args.jobs > 1 else []  # one run at a time: it gets all of them
     warning = gpu_sharing_warning(args.jobs, args.num_gpus, gpus)
@@ -188,6 +202,20 @@ if __name__ == "__main__":
               + (f" ({' '.join(run.opts(head))})" if args.dry_run else ""), flush=True)
         if state != "done" and not args.dry_run:
             todo.append((i, run, folder, state))
+    if args.slurm and todo:  # the jobs resume interrupted runs themselves
+        args.gpus_per_node = args.num_gpus
+        trainings = [["--config-file", args.config_file, *run.opts(head), "OUTPUT_DIR", folder, *extra]
+                     for i, run, folder, state in todo]
+        try:
+            args.sbatch = sbatch_options(unknown)
+            submitted = submit(args, trainings, os.path.join(REPO, "train_net.py"),
+                               folder=os.path.join(args.out, "slurm"), name=os.path.basename(os.path.abspath(args.out)))
+        except SlurmError as e:
+            sys.exit(f"sweep.py: error: {e}")
+        for (i, run, folder, state), (job, _) in zip(todo, submitted):
+            print(f"[sweep {i}/{len(runs)}] {run.name}: submitted, job {job.job_id} (log {job.paths.stdout})",
+                  flush=True)
+        sys.exit(0)
 
     # SIGTERM (kill, a job scheduler) stops the sweep like Ctrl-C: its runs are stopped with it
     signal.signal(signal.SIGTERM, interrupt)

@@ -1,0 +1,444 @@
+"""
+train_net.py as a SLURM job through submitit (tools/submit_slurm.py, tools/sweep.py --slurm);
+docs/CLUSTER.md is the user's guide.
+
+- One submitit task per node. Each runs ``train_net.py`` with ``--num-gpus`` GPUs per node and the
+  distributed settings of the SLURM allocation (machine rank, number of machines, the first
+  node's address and a port drawn from the job id: submitit's TorchDistributedEnvironment), which
+  detectron2's ``launch`` turns into one process per GPU.
+- Preemption and the time limit: submitit's signal reaches the job; its ``checkpoint()`` asks the
+  training for a checkpoint now (d2_focalstar/preemption.py), waits for it to be whole, and
+  returns the same job for submitit to requeue. A job started again, requeued by submitit or by
+  the scheduler after a kill, resumes from OUTPUT_DIR's last complete checkpoint on its own and
+  finishes at SOLVER.MAX_ITER, writing results.json as an uninterrupted run does; a run whose
+  results.json exists is not trained again.
+- A process that fails: its machine's training exits with that process's error (detectron2's
+  launch stops the machine's other processes); the other machines stop their training, and every
+  task of the job fails with that error ("machine M failed: ..."), not with the broken
+  connections that followed it.
+
+submitit is imported only here, when a job is built or runs: without it, SlurmError says so in a
+line.
+"""
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from .preemption import preemption_signal
+from .results import load_run, run_state
+
+__all__ = ["SlurmError", "TrainJob", "add_slurm_arguments", "sbatch_options", "submit", "distributed_args",
+           "error_line", "parse_time"]
+
+
+class SlurmError(RuntimeError):
+    """What stops a submission, in one line: no submitit, no sbatch, training arguments a job
+    cannot take, the scheduler's own refusal."""
+
+
+def require_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise SlurmError("submitit is not installed: pip install submitit (it is in requirements.txt; "
+                         "tools/setup_env.sh installs it)") from None
+    return submitit
+
+
+# ---- in the job ---------------------------------------------------------------------------------
+
+def distributed_args(env, gpus_per_node):
+    """train_net.py's distributed arguments for this task of a submitit job (one task per node):
+    --num-gpus, --num-machines, --machine-rank and --dist-url from the SLURM environment."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if env.num_tasks == 1:  # one machine: detectron2 picks a free local port
+        return ["--num-gpus", str(gpus_per_node), "--dist-url", "auto"]
+    dist = TorchDistributedEnvironment()  # MASTER_ADDR: the first node; port: from the job id
+    return ["--num-gpus", str(gpus_per_node), "--num-machines", str(dist.world_size),
+            "--machine-rank", str(dist.rank), "--dist-url", f"tcp://{dist.master_addr}:{dist.master_port}"]
+
+
+# an error of a rank that lost its peers (they failed first), not a cause of its own
+_SECONDARY = re.compile(r"connection (closed|reset|refused)|broken pipe|\bnccl\b|gloo|timed? ?out|socket",
+                        re.I)
+
+
+def error_line(stderr_lines):
+    """The line that says why train_net.py failed: its one-line error, else the last exception line
+    of a traceback, else its last line."""
+    lines = [line.strip() for line in stderr_lines if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("train_net.py: error: "):
+            return line[len("train_net.py: error: "):]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b[^:]*:", line):
+            return line
+    return lines[-1] if lines else "no message"
+
+
+class TrainJob:
+    """train_net.py in a submitit job (submitit's checkpointing protocol: ``__call__`` runs it,
+    ``checkpoint`` is called on preemption or the time limit). Returns the run's results.json
+    record."""
+
+    def __init__(self, train_args, output_dir, script, gpus_per_node=1, cwd=None, save_timeout_s=60):
+        self.train_args = list(train_args)  # train_net.py's, without the distributed ones
+        self.output_dir = output_dir  # absolute; the last OUTPUT_DIR of train_args, added again
+        self.script = script
+        self.gpus_per_node = gpus_per_node
+        self.cwd = cwd or os.getcwd()
+        self.save_timeout_s = save_timeout_s
+
+    def _params(self):
+        return dict(train_args=self.train_args, output_dir=self.output_dir, script=self.script,
+                    gpus_per_node=self.gpus_per_node, cwd=self.cwd, save_timeout_s=self.save_timeout_s)
+
+    def __call__(self):
+        import submitit
+
+        env = submitit.JobEnvironment()
+        rank = env.global_rank
+        if run_state(self.output_dir) == "done":  # finished before this start (a requeue after the end)
+            print(f"[slurm] {self.output_dir} is finished (results.json): nothing to train", flush=True)
+            return load_run(self.output_dir)
+        resume = ["--resume"] if run_state(self.output_dir) == "interrupted" else []
+        cmd = [sys.executable, self.script, *distributed_args(env, self.gpus_per_node), *resume,
+               *self.train_args, "OUTPUT_DIR", self.output_dir]
+        print(f"[slurm] {env}: {' '.join(cmd)}", flush=True)
+        failures = os.path.join(str(env.paths.folder), f"{env.job_id}_failures")
+        os.makedirs(failures, exist_ok=True)
+        self._start = time.time()
+        returncode, tail = self._run(cmd, failures, rank)
+        if returncode == 0:
+            return load_run(self.output_dir)
+        if returncode is None:  # stopped here because another task's training failed
+            other_rank, message = self._first_failure(failures, rank, wait=False)
+            raise RuntimeError(f"machine {other_rank} failed: {message} (machine {rank} was stopped)")
+        mine = error_line(tail)
+        self._report(failures, rank, mine)
+        if _SECONDARY.search(mine):  # lost its peers: did one of them fail first, of its own?
+            other = self._first_failure(failures, rank, wait=True)
+            if other and not _SECONDARY.search(other[1]):
+                raise RuntimeError(f"machine {other[0]} failed: {other[1]} (then machine {rank}: {mine})")
+        raise RuntimeError(f"machine {rank} failed: {mine}")
+
+    def _run(self, cmd, failures, rank):
+        """(exit status, the last lines of its stderr) of train_net.py; status None when it was
+        stopped because another task's training failed."""
+        stop_with_parent = _parent_death_signal()
+        ignored = preemption_signal()
+
+        def child_setup():  # the training's processes ignore the signal until their hook handles it
+            signal.signal(ignored, signal.SIG_IGN)
+            stop_with_parent()
+
+        tail = collections.deque(maxlen=200)
+        proc = subprocess.Popen(cmd, cwd=self.cwd, stderr=subprocess.PIPE, text=True, errors="replace",
+                                start_new_session=True, preexec_fn=child_setup)
+        self._proc = proc
+        copier = threading.Thread(target=_copy_lines, args=(proc.stderr, tail), daemon=True)
+        copier.start()
+        stopped = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(proc, failures, rank, stopped), daemon=True)
+        watcher.start()
+        try:
+            returncode = proc.wait()
+        finally:
+            if proc.poll() is None:  # leaving early (requeue, an exception): the training goes too
+                _stop(proc)
+        copier.join(timeout=10)
+        return (None if stopped.is_set() else returncode), list(tail)
+
+    def _watch(self, proc, failures, rank, stopped):
+        while proc.poll() is None:
+            if self._first_failure(failures, rank, wait=False):
+                stopped.set()
+                _stop(proc)
+                return
+            time.sleep(1)
+
+    def _report(self, failures, rank, message):
+        with open(os.path.join(failures, f"rank{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "message": message, "time": time.time()}, f)
+
+    def _first_failure(self, failures, rank, wait):
+        """(rank, message) of another task's failure in this start of the job: one that is a cause
+        rather than a consequence, else the earliest; None if none. With ``wait``, give the others
+        up to 10 s to report one that is a cause."""
+        deadline = time.time() + (10 if wait else 0)
+        while True:
+            found = []
+            for name in os.listdir(failures):
+                path = os.path.join(failures, name)
+                try:
+                    if os.path.getmtime(path) < self._start or name == f"rank{rank}.json":
+                        continue
+                    with open(path) as f:
+                        found.append(json.load(f))
+                except (OSError, ValueError):  # being written
+                    continue
+            if any(not _SECONDARY.search(r["message"]) for r in found) or time.time() >= deadline:
+                break
+            time.sleep(0.5)
+        if not found:
+            return None
+        found.sort(key=lambda r: (bool(_SECONDARY.search(r["message"])), r["time"]))
+        return found[0]["rank"], found[0]["message"]
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this on rank 0 when the job is about to be stopped: ask the training for
+        a checkpoint, wait (up to save_timeout_s) until a checkpoint newer than the request is
+        whole, and return the same job to requeue. It resumes from the last complete checkpoint,
+        this one or an older one."""
+        from submitit.helpers import DelayedSubmission
+
+        proc = getattr(self, "_proc", None)
+        marker = os.path.join(self.output_dir, "last_checkpoint")
+        asked = time.time()
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, preemption_signal())
+            except ProcessLookupError:
+                pass
+            while time.time() - asked < self.save_timeout_s and proc.poll() is None:
+                if os.path.exists(marker) and os.path.getmtime(marker) >= asked:
+                    break
+                time.sleep(0.2)
+        saved = os.path.exists(marker) and os.path.getmtime(marker) >= asked
+        print(f"[slurm] stopping: {'checkpoint saved' if saved else 'no new checkpoint'}; requeued, the job "
+              f"resumes from {_read(marker) or 'the start'}", flush=True)
+        return DelayedSubmission(TrainJob(**self._params()))
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _copy_lines(stream, tail):
+    for line in stream:  # the job's log keeps train_net.py's stderr
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        tail.append(line)
+
+
+def _stop(proc, grace=20):
+    """SIGTERM the training's process group, SIGKILL after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _parent_death_signal():
+    """A function for a child process that has the kernel SIGKILL it when this process dies
+    (Linux; elsewhere it does nothing): a task killed outright leaves no training behind."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return lambda: libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+# ---- submitting ---------------------------------------------------------------------------------
+
+def parse_time(text):
+    """SLURM's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) -> whole minutes."""
+    try:
+        days, rest = text.split("-", 1) if "-" in text else ("0", text)
+        parts = [int(p) for p in rest.split(":")]
+        if "-" in text:
+            h, m, s = (parts + [0, 0])[:3]
+        elif len(parts) == 3:
+            h, m, s = parts
+        elif len(parts) == 2:
+            h, m, s = 0, parts[0], parts[1]
+        elif len(parts) == 1:
+            h, m, s = 0, parts[0], 0
+        else:
+            raise ValueError
+        minutes = int(days) * 1440 + h * 60 + m + (s + 59) // 60
+        if minutes <= 0 or min(h, m, s, int(days)) < 0 or len(parts) > 3:
+            raise ValueError
+        return minutes
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a SLURM time limit, e.g. 4320 (minutes), 72:00:00 or 3-00:00:00") from None
+
+
+def sbatch_options(unknown):
+    """sbatch options this tool does not know, from the command line ('--qos high', '--qos=high',
+    '--exclusive'), as submitit's additional parameters {name: value or True}. Anything else is a
+    SlurmError."""
+    options, i = {}, 0
+    while i < len(unknown):
+        token = unknown[i]
+        if not token.startswith("--") or token == "--":
+            raise SlurmError(f"{token!r}: expected an sbatch option (--name or --name=value) before '--' "
+                             "and the training's arguments after it")
+        name, eq, value = token[2:].partition("=")
+        if not eq and i + 1 < len(unknown) and not unknown[i + 1].startswith("-"):
+            value, eq = unknown[i + 1], "="
+            i += 1
+        options[name] = value if eq else True
+        i += 1
+    return options
+
+
+def add_slurm_arguments(parser, gpus=True):
+    """The scheduler options of tools/submit_slurm.py and tools/sweep.py --slurm."""
+    group = parser.add_argument_group(
+        "SLURM (through submitit; any other --option[=value] goes to sbatch as it is)")
+    group.add_argument("--nodes", type=int, default=1, help="machines per run (default 1)")
+    if gpus:
+        group.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine (default 8)")
+    group.add_argument("--partition", help="sbatch --partition")
+    group.add_argument("--time", type=parse_time, default=parse_time("72:00:00"),
+                       help="time limit of one job start, e.g. 72:00:00 or 3-00:00:00 (default 72 h); "
+                            "a run that needs longer is checkpointed and requeued")
+    group.add_argument("--account", help="sbatch --account")
+    group.add_argument("--cpus-per-task", type=int,
+                       help="CPUs per node (default: GPUs x (DATALOADER.NUM_WORKERS + 1))")
+    group.add_argument("--mem", help="sbatch --mem, e.g. 256G")
+    group.add_argument("--job-name", help="default: the run's folder name")
+    group.add_argument("--slurm-folder", help="submitit's files and the job logs (default: <OUTPUT_DIR>/slurm)")
+    group.add_argument("--signal-delay-s", type=int, default=120,
+                       help="seconds before the time limit when the job is told to checkpoint (default 120)")
+    group.add_argument("--max-timeouts", type=int, default=10,
+                       help="how many times a run is requeued after reaching its time limit (default 10)")
+    group.add_argument("--local", action="store_true",
+                       help="run it here through submitit's local executor (nodes become tasks on this "
+                            "machine): to try a job without a cluster")
+    return group
+
+
+_OWN_FLAGS = ("--num-gpus", "--num-machines", "--machine-rank", "--dist-url", "--eval-only")
+
+
+def check_train_args(train_args, nodes, gpus_per_node):
+    """The config of the training (train_net.py's arguments) as the job will run it, checked
+    here, before anything waits in a queue: a ConfigError or SlurmError in one line."""
+    from .config import check_output_dir, load_config
+
+    for flag in _OWN_FLAGS:
+        if any(a == flag or a.startswith(flag + "=") for a in train_args):
+            raise SlurmError(f"{flag} in the training's arguments: the job sets it (--nodes, "
+                             "--gpus-per-node); evaluation runs with train_net.py itself")
+    config_file, opts, i = None, [], 0
+    while i < len(train_args):
+        a = train_args[i]
+        if a == "--config-file" and i + 1 < len(train_args):
+            config_file, i = train_args[i + 1], i + 2
+        elif a.startswith("--config-file="):
+            config_file, i = a.split("=", 1)[1], i + 1
+        elif a == "--resume":
+            i += 1
+        elif a.startswith("-"):
+            raise SlurmError(f"{a}: not a train_net.py argument a job takes (--config-file FILE, "
+                             "--resume, then KEY VALUE opts)")
+        else:
+            opts = train_args[i:]
+            break
+    cfg = load_config(config_file, opts, num_gpus=1)  # the login node need not have the GPUs
+    processes = nodes * gpus_per_node
+    if cfg.SOLVER.IMS_PER_BATCH % processes:
+        raise SlurmError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH}: allowed a multiple of the "
+                         f"{processes} processes (--nodes {nodes} x --gpus-per-node {gpus_per_node})")
+    check_output_dir(cfg)
+    return cfg
+
+
+def check_scheduler(args):
+    """submitit, and sbatch and srun unless the job runs here (--local): a SlurmError if missing."""
+    require_submitit()
+    missing = [] if args.local else [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise SlurmError(f"no {' or '.join(missing)} on this machine (PATH): submit from a SLURM login "
+                         "node, or add --local to run the job here through submitit's local executor")
+
+
+def build_executor(args, folder, gpus_per_node, cpus_per_task, name):
+    """submitit's executor for ``args`` (add_slurm_arguments' options and the sbatch ones in
+    ``args.sbatch``): SLURM, or the local executor with --local."""
+    submitit = require_submitit()
+    if args.local:
+        import torch
+
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_timeouts)
+        # the local executor sets CUDA_VISIBLE_DEVICES to its first gpus_per_node GPUs: none
+        # without CUDA, where each "GPU" is a CPU process
+        executor.update_parameters(timeout_min=args.time, tasks_per_node=args.nodes,
+                                   gpus_per_node=gpus_per_node if torch.cuda.is_available() else 0,
+                                   signal_delay_s=args.signal_delay_s)
+        return executor
+    check_scheduler(args)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_timeouts)
+    params = dict(nodes=args.nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node,
+                  cpus_per_task=cpus_per_task, time=args.time, signal_delay_s=args.signal_delay_s,
+                  partition=args.partition, account=args.account, mem=args.mem, job_name=name,
+                  additional_parameters=dict(args.sbatch))
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def train_job(args, train_args, script):
+    """(TrainJob, config) for train_net.py's arguments ``train_args``, checked (SlurmError)."""
+    from .config import ConfigError
+
+    try:
+        cfg = check_train_args(train_args, args.nodes, args.gpus_per_node)
+    except ConfigError as e:
+        raise SlurmError(str(e)) from None
+    job = TrainJob([a for a in train_args if a != "--resume"], os.path.abspath(cfg.OUTPUT_DIR), script,
+                   gpus_per_node=args.gpus_per_node, save_timeout_s=max(10, args.signal_delay_s // 2))
+    return job, cfg
+
+
+def submit(args, runs, script, folder=None, name=None):
+    """Check and submit trainings (a list of train_net.py argument lists) with the scheduler
+    options ``args``: one job, or a job array. Returns [(submitit job, TrainJob)]."""
+    check_scheduler(args)  # the machine first, then the configs
+    prepared = [train_job(args, train_args, script) for train_args in runs]
+    jobs = [job for job, _ in prepared]
+    cfg = prepared[0][1]
+    folder = args.slurm_folder or folder or os.path.join(jobs[0].output_dir, "slurm")
+    cpus = args.cpus_per_task or args.gpus_per_node * (cfg.DATALOADER.NUM_WORKERS + 1)
+    executor = build_executor(args, folder, args.gpus_per_node, cpus,
+                              args.job_name or name or os.path.basename(jobs[0].output_dir))
+    return list(zip(submit_jobs(executor, jobs), jobs))
+
+
+def submit_jobs(executor, jobs):
+    """Submit ``jobs`` (TrainJobs): one job, or a job array for several. Returns submitit's jobs;
+    the scheduler's refusal is a SlurmError with its own message."""
+    from submitit.core.utils import FailedJobError
+
+    try:
+        if len(jobs) == 1:
+            return [executor.submit(jobs[0])]
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+        return submitted
+    except FailedJobError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise SlurmError("sbatch refused the job: " + (" / ".join(lines[:3]) or "no message")) from None

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Submit a train_net.py training as a SLURM job through submitit: --nodes machines with
+--gpus-per-node GPUs each, checkpointed and requeued when preempted or at its time limit, resumed
+until it reaches SOLVER.MAX_ITER (docs/CLUSTER.md). Scheduler options first, then "--" and
+train_net.py's arguments (--config-file and opts; the job sets the distributed ones):
+
+    python tools/submit_slurm.py --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00 \\
+        --account myproj --qos high -- --config-file configs/retinanet_R50_flstar_1x.yaml
+    python tools/submit_slurm.py --local --nodes 1 --gpus-per-node 2 --time 60 -- \\
+        --config-file configs/quickstart_flstar.yaml SOLVER.MAX_ITER 100   # try it here, no cluster
+
+Any sbatch option this tool does not name (--qos high, --constraint=a100, --exclusive) goes to
+sbatch as it is; sbatch's own error is shown if it refuses one. The job's logs and submitit's
+files go to <OUTPUT_DIR>/slurm unless --slurm-folder says otherwise.
+"""
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PROG = "submit_slurm.py"
+
+
+def main(argv):
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from d2_focalstar.slurm import SlurmError, add_slurm_arguments, sbatch_options
+
+    add_slurm_arguments(parser)
+    args, unknown = parser.parse_known_args(argv)
+    if not train_args:
+        parser.error("no training: give train_net.py's arguments after '--', e.g. "
+                     "-- --config-file configs/retinanet_R50_flstar_1x.yaml")
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        parser.error(f"--nodes ({args.nodes}) and --gpus-per-node ({args.gpus_per_node}) must be at least 1")
+    try:
+        args.sbatch = sbatch_options(unknown)
+        submit_and_report(args, train_args)
+    except SlurmError as e:
+        sys.exit(f"{PROG}: error: {e}")
+
+
+def submit_and_report(args, train_args):
+    from d2_focalstar.slurm import SlurmError, error_line, submit
+
+    ((submitted, job),) = submit(args, [train_args], os.path.join(REPO, "train_net.py"))
+    where = "here (submitit's local executor)" if args.local else "SLURM"
+    print(f"[{PROG}] submitted job {submitted.job_id} to {where}: {args.nodes} node(s) x "
+          f"{args.gpus_per_node} GPU(s), OUTPUT_DIR {job.output_dir}; log {submitted.paths.stdout}", flush=True)
+    if args.local:  # the job runs under this command: wait for it
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
+        try:
+            record = submitted.result()
+        except (FailedJobError, UncompletedJobError) as e:  # they hold the job's traceback
+            raise SlurmError(f"the job failed: {error_line(str(e).splitlines())}") from None
+        print(f"[{PROG}] finished: {os.path.join(job.output_dir, 'results.json')} "
+              f"(iteration {record.get('iteration')})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
