@@ -230,8 +230,6 @@ def test_the_training_arguments_are_checked_before_anything_is_queued(tmp_path, 
     assert_one_line_error(proc, "submit_slurm.py", "SOLVER.IMS_PER_BATCH=8: allowed a multiple of the 3 processes")
     proc = _tool(scheduler, "tools/submit_slurm.py", "--", *QUICKSTART, "--num-gpus", "2")
     assert_one_line_error(proc, "submit_slurm.py", "--num-gpus in the training's arguments: the job sets it")
-    proc = _tool(scheduler, "tools/submit_slurm.py", "--", *QUICKSTART, "SOLVER.BASE_LRR", "0.1")
-    assert_one_line_error(proc, "submit_slurm.py", "SOLVER.BASE_LRR")
     assert not (tmp_path / "submitted.sh").exists()
 
 

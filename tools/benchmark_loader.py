@@ -144,9 +144,10 @@ def time_steps(cfg, iters, warmup):
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED = device, amp
-    model = build_model(cfg)
-    if device == "cuda" and cfg.MODEL.FOCALSTAR.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
+    # random weights (the 1x config's backbone keeps its norms frozen for ImageNet weights): a tiny
+    # learning rate keeps the losses finite, as in tools/benchmark.py; the speed is what is measured
+    cfg.SOLVER.BASE_LR = 1e-5
+    model = build_model(cfg)  # channels_last on CUDA, as MODEL.FOCALSTAR.CHANNELS_LAST says
     optimizer = build_optimizer(cfg, model)
     trainer = (AMPTrainer if amp else SimpleTrainer)(model, build_train_loader(cfg), optimizer)
     times, waits = [], []
