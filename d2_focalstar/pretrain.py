@@ -64,8 +64,10 @@ def random_ifs(rng, max_tries=1000):
 
 
 def render_ifs(maps, probs, rng, size, points=6000, chains=200):
-    """A ``size`` x ``size`` boolean mask of the IFS's attractor: the chaos game run as ``chains``
-    parallel chains of ``points // chains`` steps (after a burn-in), scaled to fit the square."""
+    """A ``size`` x ``size`` float image of the IFS's attractor, each pixel the log-density of the
+    chaos game's visits (0 where none, 1 at the densest): the chaos game run as ``chains``
+    parallel chains of ``points // chains`` steps (after a burn-in), scaled to fit the square.
+    The density, not only the outline, is what tells one IFS from another at small sizes."""
     steps = points // chains
     xy = rng.uniform(-1, 1, size=(chains, 2))
     out = []
@@ -79,19 +81,20 @@ def render_ifs(maps, probs, rng, size, points=6000, chains=200):
     pts = np.concatenate(out)
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     scale = (size - 1) / max(float((hi - lo).max()), 1e-9)
-    ij = ((pts - lo) * scale).astype(np.int64)
-    mask = np.zeros((size, size), bool)
-    mask[ij[:, 1].clip(0, size - 1), ij[:, 0].clip(0, size - 1)] = True
-    return mask
+    ij = ((pts - lo) * scale).astype(np.int64).clip(0, size - 1)
+    counts = np.bincount(ij[:, 1] * size + ij[:, 0], minlength=size * size).reshape(size, size)
+    return np.log1p(counts) / np.log1p(counts.max())
 
 
 @dataclass(frozen=True)
 class FractalSpec:
-    num_classes: int = 64       # fractal categories (IFS codes)
-    image_size: int = 96        # square images, pixels
-    max_objects: int = 4        # fractals per image: 1 to this many
-    min_size: int = 12          # fractal size range, pixels: the detection data's objects,
-    max_size: int = 40          # scaled to image_size
+    # defaults: what a CPU can learn in ~1 hour (docs/RESULTS.md): 64 categories of up to 4
+    # fractals on 96-pixel images stayed at chance after 420 iterations of 64 images
+    num_classes: int = 16       # fractal categories (IFS codes)
+    image_size: int = 64        # square images, pixels
+    max_objects: int = 3        # fractals per image: 1 to this many
+    min_size: int = 12          # fractal size range, pixels: the detection data's objects
+    max_size: int = 36          # (the shapes datasets' 12-36 px)
     seed: int = 0
 
 
@@ -110,7 +113,7 @@ class FractalSet:
         # texture: smooth colour field plus noise at two scales, and a few random strokes
         coarse = rng.integers(0, 256, size=(3, 3, 3)).astype(np.float32)
         img = cv2.resize(coarse, (s, s), interpolation=cv2.INTER_CUBIC)
-        fine = cv2.resize(rng.normal(0, 30, size=(s // 4, s // 4, 3)).astype(np.float32), (s, s))
+        fine = cv2.resize(rng.normal(0, 15, size=(s // 4, s // 4, 3)).astype(np.float32), (s, s))
         img = img + fine + rng.normal(0, 8, size=(s, s, 3)).astype(np.float32)
         img = np.clip(img, 0, 255).astype(np.uint8)
         for _ in range(int(rng.integers(0, 6))):
@@ -127,13 +130,15 @@ class FractalSet:
         for _ in range(int(rng.integers(1, spec.max_objects + 1))):
             k = int(rng.integers(spec.num_classes))
             size = int(rng.integers(spec.min_size, spec.max_size + 1))
-            mask = render_ifs(*self.codes[k], rng, size)
-            # a random flip and 90-degree turn: the category is the shape, not its orientation
-            mask = np.rot90(mask, int(rng.integers(4)))
+            density = render_ifs(*self.codes[k], rng, size)
+            # a random 90-degree turn: the category is the shape, not its orientation
+            density = np.rot90(density, int(rng.integers(4)))[..., None]
             x, y = (int(v) for v in rng.integers(0, spec.image_size - size + 1, size=2))
-            color = rng.integers(0, 256, size=3).astype(np.uint8)
-            region = img[y:y + size, x:x + size]
-            region[mask] = color
+            color = rng.integers(0, 256, size=3).astype(np.float32)
+            region = img[y:y + size, x:x + size].astype(np.float32)
+            # painted over the background where the chaos game went, the denser the more opaque
+            alpha = np.where(density > 0, 0.6 + 0.4 * density, 0.0)
+            img[y:y + size, x:x + size] = (region * (1 - alpha) + color * alpha).astype(np.uint8)
             target[k] = 1.0
         return img, target
 
@@ -147,8 +152,8 @@ class FractalSet:
 @dataclass(frozen=True)
 class PretrainSettings:
     fractals: FractalSpec = FractalSpec()
-    iterations: int = 2000
-    batch_size: int = 64
+    iterations: int = 1500
+    batch_size: int = 32
     lr: float = 0.1
     weight_decay: float = 1e-4
     warmup: int = 100

@@ -37,7 +37,9 @@ def test_random_ifs_is_contractive_and_its_fractal_fills_its_box():
         maps, probs = random_ifs(rng)
         assert 2 <= len(maps) <= 4 and probs.sum() == pytest.approx(1)
         assert max(np.linalg.svd(m[:4].reshape(2, 2), compute_uv=False).max() for m in maps) < 1
-        mask = render_ifs(maps, probs, rng, 32)
+        density = render_ifs(maps, probs, rng, 32)
+        assert density.max() == 1 and density.min() == 0
+        mask = density > 0
         assert mask.any(axis=0).sum() >= 2 and mask.any(axis=1).sum() >= 2  # not a point
         assert mask.mean() < 0.9  # not a filled square
 

@@ -104,7 +104,7 @@ run_step() {
       local rc=$?; pack_study study_gpu_lr005; return $rc ;;
     proxy-pretrain)
       timeout -k 20 "$t" "$PY" tools/pretrain_backbone.py --config-file $PROXY_CFG \
-        --out output/pretrain_fractal_r18 --iterations 1500 --workers 8 --device cuda
+        --out output/pretrain_fractal_r18 --workers 8 --device cuda
       local rc=$?; cp output/pretrain_fractal_r18/pretrain.json "$OUTDIR/" 2>/dev/null; return $rc ;;
     proxy-table1)
       timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY_CFG --jobs 11 --loss-types CE \
