@@ -22,7 +22,7 @@ submitit = pytest.importorskip("submitit")
 from d2_focalstar.results import read_metrics  # noqa: E402
 from d2_focalstar.slurm import add_slurm_arguments, distributed_args, error_line, submit  # noqa: E402
 
-TINY = [*QUICKSTART, *FAST, "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96"]
+TINY = [*QUICKSTART, *FAST, "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]
 
 
 def _local_args(tmp_path, nodes, gpus):
@@ -59,7 +59,7 @@ def test_preempted_job_saves_a_checkpoint_is_requeued_and_finishes_where_it_stop
     under way, submitit requeues it, and the job started again resumes from that checkpoint and
     finishes at MAX_ITER with results.json. No periodic checkpoint falls in the run
     (CHECKPOINT_PERIOD 1000): the one it resumes from is the one saved on the signal."""
-    out, max_iter = tmp_path / "run", 8
+    out, max_iter = tmp_path / "run", 6
     ((job, _),) = submit(_local_args(tmp_path, nodes=1, gpus=2),
                          [[*TINY, "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "1000",
                            "OUTPUT_DIR", str(out)]], os.path.join(REPO, "train_net.py"))
