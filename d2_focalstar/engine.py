@@ -115,7 +115,7 @@ def launch_processes(main, args, one_line=()):
 def interrupted_message(cfg, eval_only):
     """The line for Ctrl-C: where the run stands and how to go on."""
     if eval_only:
-        return "interrupted (Ctrl-C): nothing was evaluated or written"
+        return "interrupted (Ctrl-C) before the evaluation finished: no results.json written"
     last = last_checkpoint(cfg.OUTPUT_DIR)
     return (f"interrupted (Ctrl-C); the last checkpoint is {last}: continue with --resume" if last
             else f"interrupted (Ctrl-C) before the first checkpoint in {cfg.OUTPUT_DIR}: "

@@ -88,6 +88,14 @@ def load_run(folder):
     ) if not ok(record.get(key))]
     if problems:
         raise RunRecordError(f"{path}: lacks {' and '.join(problems)}: not a record train_net.py wrote")
+    # the keys a record may lack (older ones do), of the type the comparison reads where present
+    wrong = [f"{key!r} is {record[key]!r}" for key, types in (
+        ("params", dict), ("solver", dict), ("datasets", dict), ("seed", (int, type(None))),
+        ("gamma", (int, float, type(None))), ("alpha", (int, float, type(None))),
+        ("weights", (str, type(None))), ("iteration", (int, type(None)))
+    ) if key in record and not isinstance(record[key], types)]
+    if wrong:
+        raise RunRecordError(f"{path}: {', '.join(wrong)}: not a record train_net.py wrote")
     record["folder"] = folder
     if "params" not in record:
         entry = LOSS_TYPES.get(record["loss_type"])

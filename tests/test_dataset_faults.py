@@ -3,6 +3,7 @@ skipped, clipped or filtered with one warning per kind and a count at the end.""
 import json
 import logging
 import os
+import re
 
 import cv2
 import numpy as np
@@ -12,7 +13,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from d2_focalstar.config import ConfigError
-from d2_focalstar.data import ShapesSpec, check_coco_json, check_datasets, generate_shapes_dataset
+from d2_focalstar.data import (ShapesSpec, check_coco_json, check_datasets, generate_shapes_dataset,
+                               register_coco_json_datasets)
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
 from helpers import FAST, QUICKSTART, assert_one_line_error, run
 from test_model import quickstart_cfg
@@ -132,10 +134,17 @@ def test_json_that_would_train_wrong_labels_or_crash_is_named_at_start_up(broken
     fault(data)
     json_file = broken / "faulty.json"
     _write_json(json_file, data)
-    proc = run("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "1", "DATASETS.COCO_JSON",
-               str([["mine", str(json_file), str(broken / "train")]]), "DATASETS.TRAIN", "('mine',)")
-    assert_one_line_error(proc, "train_net.py", str(json_file), needle)
-    assert "Starting training" not in proc.output  # nothing ran
+    opts = ["DATASETS.COCO_JSON", str([[f"mine_{fault.__name__}", str(json_file), str(broken / "train")]]),
+            "DATASETS.TRAIN", f"('mine_{fault.__name__}',)"]
+    if fault in (_duplicated_image_id, _one_category_too_many):  # the silently wrong ones, as a command
+        proc = run("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "1", *opts)
+        assert_one_line_error(proc, "train_net.py", str(json_file), needle)
+        assert "Starting training" not in proc.output  # nothing ran
+    else:  # train_net.py's start-up check, without a process each
+        cfg = quickstart_cfg(*opts)
+        register_coco_json_datasets(cfg)
+        with pytest.raises(ConfigError, match=re.escape(f"{json_file} (dataset 'mine_{fault.__name__}'): ") + ".*" + needle):
+            check_datasets(cfg)
 
 
 def test_duplicated_ids_and_class_counts_name_what_is_wrong(broken):

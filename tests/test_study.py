@@ -23,6 +23,7 @@ from d2_focalstar.study import (
     to_csv,
     to_markdown,
 )
+from d2_focalstar.results import RunRecordError
 from helpers import FAST, QUICKSTART, REPO, assert_one_line_error, run
 
 
@@ -171,6 +172,10 @@ def test_compare_skips_runs_whose_files_are_cut_short_or_not_a_record_naming_the
     assert any(f"skipped {runs / 'keyless' / 'results.json'}: lacks 'loss_type'" in line for line in lines)
     assert any(f"{runs / 'fl_s1' / 'metrics.json'}: 1 line(s) that are not the record" in line for line in lines)
     assert os.path.getsize(tmp_path / "cmp" / "table_curves.png") > 100
+    (runs / "odd").mkdir()  # keys of the wrong type: refused by load_run, not a crash in the table
+    (runs / "odd" / "results.json").write_text('{"loss_type": "FL", "results": {}, "params": [2], "seed": "a"}')
+    with pytest.raises(RunRecordError, match=r"odd/results.json: 'params' is \[2\], 'seed' is 'a'"):
+        load_run(str(runs / "odd"))
 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # plot() is replaced by a recorder
