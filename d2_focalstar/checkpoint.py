@@ -252,13 +252,13 @@ class SafeCheckpointer(DetectionCheckpointer):
 
 
 def check_checkpoint_file(path):
-    """Read ``path`` as SafeCheckpointer.load() would, without a model: raise
-    UnsafeCheckpointError or CheckpointReadError for a file that load() would refuse."""
+    """Read ``path`` as SafeCheckpointer.load() would, without a model, and return what it holds:
+    raise UnsafeCheckpointError or CheckpointReadError for a file that load() would refuse."""
     checkpointer = SafeCheckpointer(torch.nn.Module())
     if path.endswith((".pkl", ".pyth")):
-        checkpointer._load_file(path)
-    else:  # what DetectionCheckpointer._load_file does for a .pth, outside load()
-        checkpointer._torch_load(path)
+        return checkpointer._load_file(path)
+    # what DetectionCheckpointer._load_file does for a .pth, outside load()
+    return checkpointer._torch_load(path)
 
 
 def last_checkpoint(folder):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .fileio import atomic_write, write_json
 
 __all__ = ["FractalSpec", "FractalSet", "random_ifs", "render_ifs", "PretrainSettings", "pretrain",
-           "backbone_state_dict", "build_classifier"]
+           "backbone_state_dict", "build_classifier", "extract_backbone"]
 
 logger = logging.getLogger(__name__)
 
@@ -337,4 +337,27 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
         os.remove(state_path)
     logger.info(f"Pretrained backbone written to {weights_path}: held-out mAP {held_out_map:.1f} "
                 f"(chance {chance:.1f}), {seconds / 60:.1f} min")
+    return record
+
+
+def extract_backbone(detector_checkpoint, output_dir, weights_name="backbone.pth"):
+    """The ResNet of a trained detector (``backbone.bottom_up.*`` of a train_net.py checkpoint,
+    read by the project's safe loader) as a backbone checkpoint for MODEL.WEIGHTS, without its
+    FPN and heads: a backbone pretrained by detection on other (synthetic) data, the proxy's
+    variant where the fractal pretraining is too weak. Writes ``pretrain.json`` beside it."""
+    from .checkpoint import check_checkpoint_file
+
+    loaded = check_checkpoint_file(detector_checkpoint)
+    state = loaded.get("model", loaded)
+    kept = {k: torch.as_tensor(v) for k, v in state.items()
+            if k.startswith("backbone.bottom_up.") and not k.endswith("num_batches_tracked")}
+    if not kept:
+        raise ValueError(f"{detector_checkpoint}: no backbone.bottom_up.* weights in it")
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write(os.path.join(output_dir, weights_name), lambda f: torch.save({"model": kept}, f))
+    record = {"source": detector_checkpoint, "weights": weights_name, "tensors": len(kept),
+              "iteration": loaded.get("iteration"), "date": datetime.date.today().isoformat()}
+    write_json(os.path.join(output_dir, "pretrain.json"), record)
+    logger.info(f"Backbone of {detector_checkpoint} ({len(kept)} tensors) written to "
+                f"{os.path.join(output_dir, weights_name)}")
     return record

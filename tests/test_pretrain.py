@@ -113,3 +113,26 @@ def test_a_killed_pretraining_resumes_to_the_same_weights_and_a_finished_one_is_
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     reused = subprocess.run(pretrain_cmd(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert reused.returncode == 0 and "exists with these settings: reused" in reused.stdout + reused.stderr
+
+
+def test_the_resnet_of_a_trained_detector_becomes_a_backbone_checkpoint(tmp_path):
+    from detectron2.modeling import build_model
+
+    from d2_focalstar.checkpoint import SafeCheckpointer
+    from d2_focalstar.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs/quickstart_flstar.yaml"), ["MODEL.DEVICE", "cpu"])
+    detector = build_model(cfg)
+    SafeCheckpointer(detector, save_dir=str(tmp_path)).save("model_final")
+    proc = subprocess.run([sys.executable, "tools/pretrain_backbone.py", "--from-detector",
+                           str(tmp_path / "model_final.pth"), "--out", str(tmp_path / "bb")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = torch.load(tmp_path / "bb" / "backbone.pth", weights_only=True)["model"]
+    assert saved and all(k.startswith("backbone.bottom_up.") for k in saved)
+    torch.testing.assert_close(saved["backbone.bottom_up.res4.0.conv1.weight"],
+                               detector.backbone.bottom_up.res4[0].conv1.weight)
+    bad = subprocess.run([sys.executable, "tools/pretrain_backbone.py", "--from-detector",
+                          str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("pretrain_backbone.py: error:")

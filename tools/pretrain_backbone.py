@@ -8,6 +8,11 @@ by the project's safe checkpointer) and <out>/pretrain.json (settings, time, hel
 Progress and ETA are logged every 20 iterations; a run that is killed resumes from its last
 state (every --checkpoint-every iterations) when the same command runs again; a finished one
 with the same settings is reused at once. ResNet-50 works too: a config with RESNETS.DEPTH 50.
+
+    python tools/pretrain_backbone.py --from-detector output/pretrain_shapes_detector/model_final.pth \
+        --out output/pretrain_shapes_r18
+
+takes the ResNet of a trained detector instead (pretraining by detection on other synthetic data).
 """
 import argparse
 import sys
@@ -19,7 +24,9 @@ from detectron2.utils.logger import setup_logger
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the detection config whose backbone to pretrain")
+    p.add_argument("--config-file", help="the detection config whose backbone to pretrain")
+    p.add_argument("--from-detector", metavar="CHECKPOINT",
+                   help="instead of fractals: take the ResNet of a trained detector's checkpoint")
     p.add_argument("--out", required=True, help="output folder")
     d, f = PretrainSettings(), FractalSpec()
     p.add_argument("--iterations", type=int, default=d.iterations)
@@ -37,6 +44,18 @@ def main(argv=None):
                    help="processes rendering fractals beside the training (a GPU wants several)")
     p.add_argument("--device", help="cpu or cuda (default: the config's MODEL.DEVICE, CPU without CUDA)")
     args = p.parse_args(argv)
+    setup_logger(name="d2_focalstar")
+    if args.from_detector:
+        from d2_focalstar.checkpoint import CheckpointReadError, UnsafeCheckpointError
+        from d2_focalstar.pretrain import extract_backbone
+
+        try:
+            extract_backbone(args.from_detector, args.out)
+        except (OSError, ValueError, CheckpointReadError, UnsafeCheckpointError) as e:
+            sys.exit(f"pretrain_backbone.py: error: {e}")
+        return
+    if not args.config_file:
+        p.error("--config-file is required (or --from-detector CHECKPOINT)")
     if args.workers < 0:
         p.error(f"--workers {args.workers}: must be 0 or more")
     for name in ("iterations", "batch_size", "checkpoint_every", "classes", "image_size", "max_objects",
@@ -45,7 +64,6 @@ def main(argv=None):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not 1 <= args.object_sizes[0] <= args.object_sizes[1] <= args.image_size:
         p.error(f"--object-sizes {args.object_sizes}: need 1 <= MIN <= MAX <= --image-size")
-    setup_logger(name="d2_focalstar")
     try:
         cfg = load_config(args.config_file, ["MODEL.WEIGHTS", ""] + (["MODEL.DEVICE", args.device] if args.device else []))
     except ConfigError as e:
