@@ -353,9 +353,10 @@ def check_datasets(cfg, train=True):
             base = name.rsplit("_", 1)[0]
             if base in EMBEDDED_DATASETS:
                 ensure_shapes_dataset(base)
-                if num_classes and len(SHAPE_CLASSES) > num_classes[1]:
-                    raise ConfigError(f"{key}: dataset {name!r} has {len(SHAPE_CLASSES)} classes, but "
-                                      f"{num_classes[0]} is {num_classes[1]}: set it to {len(SHAPE_CLASSES)}")
+                classes = len(MetadataCatalog.get(name).thing_classes)
+                if num_classes and classes > num_classes[1]:
+                    raise ConfigError(f"{key}: dataset {name!r} has {classes} classes, but "
+                                      f"{num_classes[0]} is {num_classes[1]}: set it to {classes}")
                 continue
             meta = MetadataCatalog.get(name)
             json_file, image_root = meta.get("json_file"), meta.get("image_root")
