@@ -67,7 +67,8 @@ class FastCOCOEvaluator(COCOEvaluator):
         if not self._use_fast_impl and cocoeval_class is not COCOeval:
             self._use_fast_impl, self._substitute = True, cocoeval_class
         self.coco_stats = {}
-        self._logger.info(f"COCO evaluation with {self.implementation}")
+        self._logger.info(f"COCO evaluation with {self.implementation}"
+                          + (" in place of detectron2's fast path (its _C is not built)" if self._substitute else ""))
 
     def _eval_predictions(self, predictions, img_ids=None):
         if self._substitute is None:
