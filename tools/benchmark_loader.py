@@ -10,7 +10,7 @@ and 8 GPUs (steps + data + evaluation), each figure labelled measured or project
 
     python tools/benchmark_loader.py --workers 1 2 4 8 --out output/benchmark_loader.json
     python tools/benchmark_loader.py --workers 4 8 12 --step --out output/loader_step.json  # GPU: + the train step on the loader's output
-    python tools/benchmark_loader.py --images 8 --workers 0 1 --batches 2 --out /tmp/l.json   # quick
+    python tools/benchmark_loader.py --images 8 --workers 0 1 --batches 2 --out output/bench_loader_small.json   # quick
 
 --step also trains the config's model (random weights, AMP with CUDA) for --step-iters steps fed
 by the loader (--step-workers workers): img/s with real data, and the share of each step spent
