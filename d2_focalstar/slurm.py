@@ -22,6 +22,7 @@ line.
 """
 import collections
 import json
+import logging
 import os
 import re
 import shutil
@@ -332,6 +333,15 @@ def add_slurm_arguments(parser, gpus=True):
     return group
 
 
+class _Without(logging.Filter):
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
+
+
 _OWN_FLAGS = ("--num-gpus", "--num-machines", "--machine-rank", "--dist-url", "--eval-only")
 
 
@@ -359,7 +369,13 @@ def check_train_args(train_args, nodes, gpus_per_node):
         else:
             opts = train_args[i:]
             break
-    cfg = load_config(config_file, opts, num_gpus=1)  # the login node need not have the GPUs
+    # the login node need not have the GPUs: one process, and no word about its lack of CUDA
+    quiet = _Without("CUDA is not available")
+    logging.getLogger("d2_focalstar.config").addFilter(quiet)
+    try:
+        cfg = load_config(config_file, opts, num_gpus=1)
+    finally:
+        logging.getLogger("d2_focalstar.config").removeFilter(quiet)
     processes = nodes * gpus_per_node
     if cfg.SOLVER.IMS_PER_BATCH % processes:
         raise SlurmError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH}: allowed a multiple of the "
