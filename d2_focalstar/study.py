@@ -407,16 +407,23 @@ def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
     def evaluation(record):
         folder = record["folder"]
         if folder not in evaluations:
-            test = tuple((record.get("datasets") or {}).get("test") or ())
-            if test not in gts:
-                gts[test] = _ground_truth(record)
-            dataset, gt = gts[test]
-            path = detections_file(folder, dataset if len(record["datasets"]["test"]) > 1 else None)
+            test = list((record.get("datasets") or {}).get("test") or [])
+            path = detections_file(folder, test[0] if len(test) > 1 else None)
             if path is None:
                 warn(f"{folder}: no saved detections (inference/coco_instances_results.json): left "
                      "out of the intervals")
                 evaluations[folder] = None
+                return None
+            if tuple(test) not in gts:
+                try:
+                    gts[tuple(test)] = _ground_truth(record)
+                except BootstrapError as e:
+                    gts[tuple(test)] = e
+            if isinstance(gts[tuple(test)], BootstrapError):
+                warn(f"{gts[tuple(test)]}: left out of the intervals")
+                evaluations[folder] = None
             else:
+                dataset, gt = gts[tuple(test)]
                 config = _run_config(folder)
                 safety = config.get("TEST", {}).get("SAFETY", {})
                 classes = safety.get("CLASSES", []) if safety.get("ENABLED", True) else []
