@@ -9,7 +9,6 @@ Examples:
   python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
 """
 import os
-import sys
 import weakref
 
 import d2_focalstar  # noqa: F401  first: it quiets fvcore's import-time warnings
@@ -18,26 +17,19 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
 from detectron2.evaluation import DatasetEvaluators, verify_results
 
-from d2_focalstar import check_datasets, register_coco_json_datasets
-from d2_focalstar.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
-from d2_focalstar.config import ConfigError, check_output_dir, load_config
-from d2_focalstar.engine import (EvaluationFailed, ProcessFailed, TrainingDiverged, check_weights_file,
-                                 die_with_launcher, divergence_message, draw_seed, enable_cpu_ddp,
-                                 interrupted_message, launch_processes, quiet_reported_errors,
-                                 setup_project_logger)
+from d2_focalstar import register_coco_json_datasets
+from d2_focalstar.checkpoint import SafeCheckpointer
+from d2_focalstar.config import load_config
+from d2_focalstar.engine import (die_with_launcher, enable_cpu_ddp, quiet_reported_errors, run_command,
+                                 setup_project_logger, training_errors)
 from d2_focalstar.evaluation import FastCOCOEvaluator
-from d2_focalstar.fileio import remove_partial_writes
 from d2_focalstar.mapper import CheckedDatasetMapper, EvaluationImageError, summarize_data_faults
 from d2_focalstar.preemption import CheckpointOnSignal
-from d2_focalstar.results import RESULTS_FILE, write_results
+from d2_focalstar.results import write_results
 from d2_focalstar.safety import build_safety_evaluator
 
-if __name__ == "__mp_main__":  # a process of launch_processes: it dies with the launcher
+if __name__ == "__mp_main__":  # a process of detectron2's launch: it dies with the launcher
     die_with_launcher()
-
-# what train_net.py reports in one line (from any process) instead of a traceback
-ONE_LINE_ERRORS = (ConfigError, TrainingDiverged, EvaluationFailed, EvaluationImageError,
-                   UnsafeCheckpointError, CheckpointReadError)
 
 
 def fault_log(cfg):
@@ -59,23 +51,8 @@ class Trainer(DefaultTrainer):
         return [faults] + super().build_hooks() + [CheckpointOnSignal(self.checkpointer)]
 
     def train(self):
-        try:
+        with training_errors(self):  # divergence, unreadable test images: one line, nothing lost
             return super().train()
-        except FloatingPointError as e:
-            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
-            raise TrainingDiverged(divergence_message(self.cfg, self.iter, e, last)) from None
-        except EvaluationImageError as e:
-            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
-            if self.iter < self.max_iter:  # a periodic evaluation (TEST.EVAL_PERIOD)
-                raise EvaluationFailed(f"{e}. Training stopped at iteration {self.iter}; last "
-                                       f"checkpoint: {last}: continue with --resume") from None
-            # the final one: the trained model is saved; the run's record says what failed
-            write_results(self.cfg, {}, iteration=min(self.iter, self.cfg.SOLVER.MAX_ITER),
-                          evaluation_error=str(e))
-            raise EvaluationFailed(
-                f"{e}. The training finished: {last} and {os.path.join(self.cfg.OUTPUT_DIR, RESULTS_FILE)} "
-                f"(recording this error) are written; to evaluate {last} once the image is "
-                f"fixed, add --eval-only --resume to the command") from None
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -155,22 +132,5 @@ def argument_parser():
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    cfg = None
-    try:
-        # once, before any process starts: config, output folder, weights and datasets
-        setup_project_logger()
-        cfg = config_of(args)
-        check_output_dir(cfg)
-        draw_seed(args, cfg)  # SEED -1: one seed for all processes, recorded in the run's files
-        register_coco_json_datasets(cfg)
-        check_datasets(cfg, train=not args.eval_only)  # evaluation needs only DATASETS.TEST
-        # several processes: a bad weights file is one line, not N tracebacks
-        check_weights_file(cfg, args.eval_only, args.resume, args.num_gpus * args.num_machines)
-        remove_partial_writes(cfg.OUTPUT_DIR)  # left by a run killed while saving
-        launch_processes(main, args, one_line=ONE_LINE_ERRORS)
-    except ONE_LINE_ERRORS + (ProcessFailed,) as e:
-        sys.exit(f"train_net.py: error: {e}")
-    except KeyboardInterrupt:
-        print(f"train_net.py: error: {interrupted_message(cfg, args.eval_only) if cfg else 'interrupted'}",
-              file=sys.stderr)
-        sys.exit(130)
+    # config, output folder, datasets and weights checked before any process starts; errors in one line
+    run_command(main, args, config_of)

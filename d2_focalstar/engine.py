@@ -4,6 +4,7 @@ once for every process, launching processes that cannot outlive the launcher and
 errors stay one line, multi-process CPU runs, the project's log lines, and informative stops
 when training diverges, is interrupted, or cannot evaluate.
 """
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TrainingDiverged", "EvaluationFailed", "ProcessFailed", "enable_cpu_ddp",
            "divergence_message", "setup_project_logger", "draw_seed", "check_weights_file",
-           "launch_processes", "die_with_launcher", "quiet_reported_errors", "interrupted_message"]
+           "launch_processes", "die_with_launcher", "quiet_reported_errors", "interrupted_message",
+           "training_errors", "run_command"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -237,3 +239,67 @@ def divergence_message(cfg, iteration, error, last_checkpoint):
         f"SOLVER.AMP.ENABLED={solver.AMP.ENABLED}.\n"
         f"  Last good checkpoint: {last_checkpoint or 'none yet'}. Then: {'; '.join(advice)}; and "
         f"continue with --resume.")
+
+
+@contextlib.contextmanager
+def training_errors(trainer):
+    """Around DefaultTrainer.train(): the loss or weights turning NaN/inf becomes TrainingDiverged
+    (what to change, the last good checkpoint); a test image that cannot be read becomes
+    EvaluationFailed, and after the last iteration the finished training's results.json is
+    written first, recording the error."""
+    from .mapper import EvaluationImageError
+    from .results import RESULTS_FILE, write_results
+
+    def last():
+        return trainer.checkpointer.get_checkpoint_file() if trainer.checkpointer.has_checkpoint() else None
+
+    try:
+        yield
+    except FloatingPointError as e:
+        raise TrainingDiverged(divergence_message(trainer.cfg, trainer.iter, e, last())) from None
+    except EvaluationImageError as e:
+        if trainer.iter < trainer.max_iter:  # a periodic evaluation (TEST.EVAL_PERIOD)
+            raise EvaluationFailed(f"{e}. Training stopped at iteration {trainer.iter}; last "
+                                   f"checkpoint: {last()}: continue with --resume") from None
+        # the final one: the trained model is saved; the run's record says what failed
+        write_results(trainer.cfg, {}, iteration=min(trainer.iter, trainer.cfg.SOLVER.MAX_ITER),
+                      evaluation_error=str(e))
+        raise EvaluationFailed(
+            f"{e}. The training finished: {last()} and "
+            f"{os.path.join(trainer.cfg.OUTPUT_DIR, RESULTS_FILE)} (recording this error) are "
+            f"written; to evaluate {last()} once the image is fixed, add --eval-only --resume to "
+            f"the command") from None
+
+
+def run_command(main, args, load_config, program="train_net.py"):
+    """train_net.py's command: once, before any process starts, the config (``load_config(args)``),
+    the output folder, the seed, the datasets and the weights are checked, and partial files of a
+    killed run removed; then ``main(args)`` runs in ``args.num_gpus`` x ``args.num_machines``
+    processes (detectron2's launch). A project error from any of them, or from the checks, is one
+    line and exit status 1; Ctrl-C is one line saying how to go on, status 130."""
+    from .checkpoint import CheckpointReadError, UnsafeCheckpointError
+    from .config import ConfigError, check_output_dir
+    from .data import check_datasets, register_coco_json_datasets
+    from .fileio import remove_partial_writes
+    from .mapper import EvaluationImageError
+
+    one_line = (ConfigError, TrainingDiverged, EvaluationFailed, EvaluationImageError,
+                UnsafeCheckpointError, CheckpointReadError)
+    cfg = None
+    try:
+        setup_project_logger()
+        cfg = load_config(args)
+        check_output_dir(cfg)
+        draw_seed(args, cfg)  # SEED -1: one seed for all processes, recorded in the run's files
+        register_coco_json_datasets(cfg)
+        check_datasets(cfg, train=not args.eval_only)  # evaluation needs only DATASETS.TEST
+        # several processes: a bad weights file is one line, not N tracebacks
+        check_weights_file(cfg, args.eval_only, args.resume, args.num_gpus * args.num_machines)
+        remove_partial_writes(cfg.OUTPUT_DIR)  # left by a run killed while saving
+        launch_processes(main, args, one_line=one_line)
+    except one_line + (ProcessFailed,) as e:
+        sys.exit(f"{program}: error: {e}")
+    except KeyboardInterrupt:
+        print(f"{program}: error: {interrupted_message(cfg, args.eval_only) if cfg else 'interrupted'}",
+              file=sys.stderr)
+        sys.exit(130)
