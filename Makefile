@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.d2_focalstar_installed
 
-.PHONY: quickstart test install clean-venv
+.PHONY: quickstart test install results clean-venv
 
 # Train FL* on the embedded dataset (generated on first use), evaluate, print the COCO AP table.
 quickstart: $(STAMP)
@@ -13,6 +13,10 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 install: $(STAMP)
+
+# Rebuild docs/RESULTS.md's tables and plots from the committed result files (no training).
+results: $(STAMP)
+	bash tools/rebuild_results.sh
 
 $(STAMP): tools/setup_env.sh requirements.txt setup.py
 	bash tools/setup_env.sh

@@ -206,6 +206,13 @@ def test_plot_losses_needs_a_file_name_in_its_prefix(tmp_path, out):
     assert not [n for n in os.listdir(REPO) if n.endswith((".png.png", ".svg.png"))]
 
 
+@pytest.mark.parametrize("out", ["", "tables/"])
+def test_compare_needs_a_file_name_in_its_prefix(tmp_path, out):
+    proc = run("tools/compare.py", str(tmp_path), "--out", out)
+    assert_one_line_error(proc, "compare.py", f"--out {out!r} is not a path prefix")
+    assert not [n for n in os.listdir(REPO) if n in (".md", ".csv", "_curves.png")]
+
+
 def test_run_state(tmp_path):
     assert run_state(str(tmp_path / "absent")) == "new"
     (tmp_path / "model_0000004.pth").write_bytes(b"")  # killed before its last_checkpoint was written

@@ -35,6 +35,9 @@ if __name__ == "__main__":
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     args = parser.parse_args()
+    if not os.path.basename(args.out) or os.path.isdir(args.out):  # "", "out/", ".": no file name
+        parser.error(f"--out {args.out!r} is not a path prefix: give the files' name too, e.g. "
+                     "--out output/compare (writes output/compare.md, .csv and _curves.png)")
     if args.resamples < 0:
         parser.error(f"--resamples {args.resamples}: must be 0 (no intervals) or more")
 

@@ -1,0 +1,20 @@
+#!/bin/bash
+# Rebuild every table and plot of docs/RESULTS.md from the result files committed under
+# docs/results/ (nothing is trained; a few minutes on 2 cores, most of it the bootstrap):
+#
+#     bash tools/rebuild_results.sh            # or: make results
+#
+# Each line is the command RESULTS.md quotes beside its table. The older studies (study_cpu,
+# study_gpu) kept no detections, so they get no intervals (compare.py names each such run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+R=docs/results
+
+$PY tools/compare.py $R/study_gpu/*/ --out $R/compare_gpu
+$PY tools/compare.py $R/study_cpu/*/ --out $R/compare_cpu
+# the calibrated-proxy study (issue 16): Table 1 and FL*, each setting against the best CE and FL g=2
+$PY tools/compare.py $R/proxy_shapes/*/ --versus "CE alpha=0.75" --out $R/proxy_shapes_vs_ce
+$PY tools/compare.py $R/proxy_shapes/*/ --versus "FL g=2" --out $R/proxy_shapes_vs_fl
+# the schedule-length variation (2.5x iterations)
+$PY tools/compare.py $R/proxy_shapes_long/*/ --versus "CE alpha=0.75" --out $R/proxy_shapes_long_vs_ce
