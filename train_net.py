@@ -47,8 +47,12 @@ class Trainer(DefaultTrainer):
         self.checkpointer = SafeCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
                                              trainer=weakref.proxy(self))
         faults = hooks.CallbackHook(after_train=lambda t: summarize_data_faults(fault_log(t.cfg)))
+        stock = super().build_hooks()
+        # every process waits for rank 0's model_final before the final evaluation
+        wait = hooks.CallbackHook(after_train=lambda t: comm.synchronize())
+        stock.insert([isinstance(h, hooks.EvalHook) for h in stock].index(True), wait)
         # a checkpoint when a SLURM job is told to stop (preemption, time limit)
-        return [faults] + super().build_hooks() + [CheckpointOnSignal(self.checkpointer)]
+        return [faults] + stock + [CheckpointOnSignal(self.checkpointer)]
 
     def train(self):
         with training_errors(self):  # divergence, unreadable test images: one line, nothing lost
@@ -80,7 +84,7 @@ class Trainer(DefaultTrainer):
 def config_of(args):
     # get_cfg, add_focalstar_config, merge file and opts, all checked
     return load_config(args.config_file, args.opts, num_gpus=args.num_gpus, eval_only=args.eval_only,
-                       resume=args.resume)
+                       resume=args.resume, num_machines=args.num_machines)
 
 
 def setup(args):

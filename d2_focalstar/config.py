@@ -208,7 +208,7 @@ def fall_back_to_cpu(cfg):
         cfg.MODEL.DEVICE = "cpu"
 
 
-def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False):
+def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False, num_machines=1):
     """
     The config of a run, checked; a ConfigError (one line) for bad input.
 
@@ -220,6 +220,7 @@ def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False)
             of OUTPUT_DIR); its files go to OUTPUT_DIR/eval_<checkpoint>/ when OUTPUT_DIR holds a
             training.
         resume: the run continues from OUTPUT_DIR's last checkpoint.
+        num_machines: machines of ``num_gpus`` processes each (the batch is split over all).
     """
     from .checkpoint import last_checkpoint  # the checkpointer reads last_checkpoint
 
@@ -247,7 +248,7 @@ def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False)
     fall_back_to_cpu(cfg)
     for warning in check_focalstar_config(cfg):
         _warn_once(warning)
-    _check_detectron2_values(cfg, num_gpus, eval_only)
+    _check_detectron2_values(cfg, num_gpus, num_machines, eval_only)
     last = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
     _check_weights(cfg, eval_only, resume, last)
     if eval_only:
@@ -345,7 +346,7 @@ _DETECTRON2_RANGES = (("SOLVER.MAX_ITER", 1, "a whole number >= 1"),
                       ("DATALOADER.NUM_WORKERS", 0, "a whole number >= 0"))
 
 
-def _check_detectron2_values(cfg, num_gpus, eval_only):
+def _check_detectron2_values(cfg, num_gpus, num_machines, eval_only):
     keys = [k for k in _DETECTRON2_RANGES if not (eval_only and k[0].startswith("SOLVER."))]
     head = loss_config_node(cfg)
     if head:  # the detector's class count: RetinaNet's or FCOS's node
@@ -353,9 +354,11 @@ def _check_detectron2_values(cfg, num_gpus, eval_only):
     problems = [f"{key}={config_value(cfg, key)!r}: allowed {allowed}" for key, least, allowed in keys
                 if not (isinstance(config_value(cfg, key), int) and config_value(cfg, key) >= least)]
     batch = cfg.SOLVER.IMS_PER_BATCH
-    if not problems and not eval_only and batch % num_gpus:
-        problems.append(f"SOLVER.IMS_PER_BATCH={batch!r}: allowed a multiple of the {num_gpus} "
-                        "processes (--num-gpus), each takes an equal share")
+    processes = num_gpus * num_machines
+    if not problems and not eval_only and batch % processes:
+        where = "(--num-gpus)" if num_machines == 1 else f"({num_gpus} per machine x {num_machines} machines)"
+        problems.append(f"SOLVER.IMS_PER_BATCH={batch!r}: allowed a multiple of the {processes} "
+                        f"processes {where}, each takes an equal share")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

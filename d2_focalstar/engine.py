@@ -259,20 +259,21 @@ def training_errors(trainer):
         raise TrainingDiverged(divergence_message(trainer.cfg, trainer.iter, e, last())) from None
     except EvaluationImageError as e:
         if trainer.iter < trainer.max_iter:  # a periodic evaluation (TEST.EVAL_PERIOD)
-            raise EvaluationFailed(f"{e}. Training stopped at iteration {trainer.iter}; last "
-                                   f"checkpoint: {last()}: continue with --resume") from None
+            resume = (f"last checkpoint: {last()}: continue with --resume" if last() else
+                      "no checkpoint yet: the same command starts over")
+            raise EvaluationFailed(f"{e}. Training stopped at iteration {trainer.iter}; {resume}") from None
         # the final one: the trained model is saved; the run's record says what failed
         write_results(trainer.cfg, {}, iteration=min(trainer.iter, trainer.cfg.SOLVER.MAX_ITER),
                       evaluation_error=str(e))
         raise EvaluationFailed(
             f"{e}. The training finished: {last()} and "
             f"{os.path.join(trainer.cfg.OUTPUT_DIR, RESULTS_FILE)} (recording this error) are "
-            f"written; to evaluate {last()} once the image is fixed, add --eval-only --resume to "
-            f"the command") from None
+            f"written; once the image is fixed, the same command with --resume evaluates it and "
+            f"completes the record") from None
 
 
-def run_command(main, args, load_config, program="train_net.py"):
-    """train_net.py's command: once, before any process starts, the config (``load_config(args)``),
+def run_command(main, args, config_of, program="train_net.py"):
+    """train_net.py's command: once, before any process starts, the config (``config_of(args)``),
     the output folder, the seed, the datasets and the weights are checked, and partial files of a
     killed run removed; then ``main(args)`` runs in ``args.num_gpus`` x ``args.num_machines``
     processes (detectron2's launch). A project error from any of them, or from the checks, is one
@@ -288,7 +289,7 @@ def run_command(main, args, load_config, program="train_net.py"):
     cfg = None
     try:
         setup_project_logger()
-        cfg = load_config(args)
+        cfg = config_of(args)
         check_output_dir(cfg)
         draw_seed(args, cfg)  # SEED -1: one seed for all processes, recorded in the run's files
         register_coco_json_datasets(cfg)

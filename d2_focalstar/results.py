@@ -88,6 +88,9 @@ def load_run(folder):
     ) if not ok(record.get(key))]
     if problems:
         raise RunRecordError(f"{path}: lacks {' and '.join(problems)}: not a record train_net.py wrote")
+    if record.get("evaluation_error") is not None:
+        raise RunRecordError(f"{path}: the training finished but its evaluation failed "
+                             f"({record['evaluation_error']}); --resume evaluates it")
     # the keys a record may lack (older ones do), of the type the comparison reads where present
     wrong = [f"{key!r} is {record[key]!r}" for key, types in (
         ("params", dict), ("solver", dict), ("datasets", dict), ("seed", (int, type(None))),
@@ -112,9 +115,19 @@ def load_run(folder):
     return record
 
 
+def _evaluation_failed(folder):
+    try:
+        with open(os.path.join(folder, RESULTS_FILE), "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+    except (ValueError, OSError):
+        return False  # damaged: compare.py names it; a sweep leaves it as it is
+    return isinstance(record, dict) and record.get("evaluation_error") is not None
+
+
 def run_state(folder):
-    """'done' (results.json written), 'interrupted' (a checkpoint to resume from) or 'new'."""
-    if os.path.isfile(os.path.join(folder, RESULTS_FILE)):
+    """'done' (results.json written), 'interrupted' (a checkpoint to resume from, also a finished
+    training whose evaluation failed: resuming evaluates it) or 'new'."""
+    if os.path.isfile(os.path.join(folder, RESULTS_FILE)) and not _evaluation_failed(folder):
         return "done"
     if last_checkpoint(folder) is not None:  # last_checkpoint, else the newest checkpoint
         return "interrupted"

@@ -16,6 +16,7 @@ from d2_focalstar.config import ConfigError
 from d2_focalstar.data import (ShapesSpec, check_coco_json, check_datasets, generate_shapes_dataset,
                                register_coco_json_datasets)
 from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
+from d2_focalstar.results import RunRecordError, load_run, run_state
 from helpers import FAST, QUICKSTART, assert_one_line_error, run
 from test_model import quickstart_cfg
 
@@ -170,16 +171,28 @@ def test_a_bad_test_image_is_named_and_a_finished_training_keeps_its_model_and_r
     meeting it (and a missing one) is one line too."""
     val = json.loads((broken / "val.json").read_text())
     truncated, missing = (broken / "val" / im["file_name"] for im in val["images"][:2])
-    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size * 2 // 5])
+    whole = truncated.read_bytes()
+    truncated.write_bytes(whole[: len(whole) * 2 // 5])
     test_set = ["DATASETS.COCO_JSON", str([["bad_val", str(broken / "val.json"), str(broken / "val")]]),
                 "DATASETS.TEST", "('bad_val',)"]
     out = tmp_path / "out"
     proc = run("train_net.py", *QUICKSTART, *FAST, *test_set, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out))
     assert_one_line_error(proc, "train_net.py", f"test image {truncated}: image truncated or corrupt",
-                          f"{out / 'model_final.pth'} and {out / 'results.json'}", "--eval-only --resume")
+                          f"{out / 'model_final.pth'} and {out / 'results.json'}", "with --resume evaluates it")
     record = json.loads((out / "results.json").read_text())
     assert str(truncated) in record["evaluation_error"] and record["iteration"] == 1
     assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 0
+    # not a finished run for a sweep (it resumes it) or a comparison (it names it and goes on)
+    assert run_state(str(out)) == "interrupted"
+    with pytest.raises(RunRecordError, match="evaluation failed.*--resume evaluates it"):
+        load_run(str(out))
+    truncated.write_bytes(whole)  # fixed: the same command with --resume completes the record
+    proc = run("train_net.py", *QUICKSTART, "--resume", *FAST, *test_set, "SOLVER.MAX_ITER", "1",
+               "OUTPUT_DIR", str(out))
+    assert proc.returncode == 0, proc.output[-2000:]
+    record = load_run(str(out))
+    assert "evaluation_error" not in record and record["iteration"] == 1
+    assert "AP" in record["results"]["bbox"]  # evaluated (a 1-iteration model: AP may be None)
     os.remove(missing)
     proc = run("train_net.py", *QUICKSTART, "--eval-only", "--num-gpus", "2", "--dist-url", "auto", *test_set,
                "DATALOADER.NUM_WORKERS", "1", "MODEL.WEIGHTS", str(out / "model_final.pth"),

@@ -95,6 +95,10 @@ def test_the_class_count_checked_is_the_detectors_own(monkeypatch):
         load_config(fcos, ["MODEL.FCOS.NUM_CLASSES", "0"])
     with pytest.raises(ConfigError, match="SOLVER.IMS_PER_BATCH=3: allowed a multiple of the 2 processes"):
         load_config(fcos, ["SOLVER.IMS_PER_BATCH", "3"], num_gpus=2)
+    # the batch is split over every machine's processes: 2 per machine x 2 machines do not divide 6
+    load_config(fcos, ["SOLVER.IMS_PER_BATCH", "6"], num_gpus=2)
+    with pytest.raises(ConfigError, match=r"IMS_PER_BATCH=6: allowed a multiple of the 4 processes \(2 per machine x 2"):
+        load_config(fcos, ["SOLVER.IMS_PER_BATCH", "6"], num_gpus=2, num_machines=2)
 
 
 def test_output_dir_that_cannot_hold_the_run_is_one_line_before_anything_starts(tmp_path, monkeypatch):
