@@ -20,7 +20,7 @@
 #   proxy-pretrain  the calibrated proxy's fractal-pretrained ResNet-18 (docs/RESULTS.md)
 #                                                                       -> OUTDIR/pretrain.json
 #   proxy-table1    RetinaNet's Table 1 on the proxy: CE at alpha .25/.5/.75, FL at gamma
-#                   .5/1/2/5, seeds 0 1 2 (21 runs, 11 at once)         -> OUTDIR/proxy.tgz
+#                   .5/1/2/5, seeds 0 1 2 (21 runs: 9, then 12 at once)         -> OUTDIR/proxy.tgz
 #   proxy-flstar    FL* at gamma .125/.25/.5 on the proxy, seeds 0 1 2  -> OUTDIR/proxy.tgz
 # A study's .tgz holds, per run, results.json, metrics.json, config.yaml (the files docs/results/
 # keeps), log.txt and the saved detections (inference/coco_instances_results.json, for the
