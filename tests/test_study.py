@@ -528,16 +528,18 @@ def test_evaluations_of_each_runs_own_checkpoint_stay_seeds_of_one_setting(tmp_p
     assert means["FLSTAR g=0.25"]["seeds"] == "2" and means["FLSTAR g=0.25"]["AP vs FL"] == 0.0
 
 
-@pytest.mark.parametrize("study", ["cpu", "gpu"])
-def test_committed_study_tables_rebuild_from_their_result_files(study):
-    """docs/RESULTS.md's tables come from docs/results/compare_<study>.md, which the comparison
-    code must rebuild, unchanged, from the committed per-run files (as tools/compare.py does)."""
+@pytest.mark.parametrize("study, table", [("study_cpu", "compare_cpu"), ("study_gpu", "compare_gpu"),
+                                          ("proxy_shapes", "proxy_shapes_vs_ce"),
+                                          ("proxy_shapes_long", "proxy_shapes_long_vs_ce")])
+def test_committed_study_tables_rebuild_from_their_result_files(study, table):
+    """docs/RESULTS.md's tables come from docs/results/<table>.md, which the comparison code must
+    rebuild, unchanged, from the committed per-run files (as tools/rebuild_results.sh does)."""
     docs = os.path.join(os.path.dirname(__file__), "..", "docs", "results")
-    folder = os.path.join(docs, f"study_{study}")
+    folder = os.path.join(docs, study)
     runs = sorted(os.path.join(folder, d) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    assert len(runs) >= 12
+    assert len(runs) >= 6
     columns, rows = comparison_rows([load_run(r) for r in runs])
-    with open(os.path.join(docs, f"compare_{study}.md")) as f:
+    with open(os.path.join(docs, f"{table}.md")) as f:
         assert to_markdown(columns, rows) == f.read()
 
 
@@ -550,14 +552,15 @@ def test_sweep_takes_an_fcos_config_unchanged():
     assert "ce_a0.5_s0: new" in proc.stdout and "RETINANET" not in proc.stdout
 
 
-def _run_with_detections(folder, loss_type, gamma, seed, gt_file, detections, test="synth_val", gz=False):
+def _run_with_detections(folder, loss_type, gamma, seed, gt_file, detections, test="synth_val", gz=False,
+                         alpha=0.25):
     """A finished run whose config registers its test set from ``gt_file`` (DATASETS.COCO_JSON)
     and whose COCOEvaluator saved ``detections`` (None: saved nothing)."""
     import gzip
 
     os.makedirs(folder / "inference")
     params = {"gamma": gamma} if loss_type != "CE" else {}
-    record = {"loss_type": loss_type, "params": params, "gamma": gamma, "seed": seed, "alpha": 0.25,
+    record = {"loss_type": loss_type, "params": params, "gamma": gamma, "seed": seed, "alpha": alpha,
               "datasets": {"train": ["synth_train"], "test": [test]},
               "results": {"bbox": {"AP": 10.0 + seed, "AP50": 20.0, "AP75": 5.0, "APs": 1.0, "APm": 2.0, "APl": 3.0}}}
     (folder / "results.json").write_text(json.dumps(record))
@@ -618,3 +621,45 @@ def test_intervals_against_a_chosen_setting_and_refusals(runs_with_detections, t
     proc = run("tools/compare.py", str(root / "flstar_s0"), str(root / "elsewhere_s0"), "--versus",
                "FLSTAR g=0.25", "--out", str(tmp_path / "y"))
     assert_one_line_error(proc, "compare.py", "evaluated on different datasets", "other_val", "synth_val")
+
+
+def _drop_confident(dets, share, seed):
+    """Detections made worse: ``share`` of those above 0.5 removed."""
+    rng = np.random.default_rng(seed)
+    return [d for d in dets if not (d["score"] > 0.5 and rng.random() < share)]
+
+
+@pytest.mark.parametrize("fl_better", [True, False])
+def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
+    """tools/table1.py: the paper's numbers beside the runs', and each check decided by the runs:
+    FL g=2 above the best CE only where its detections are better by a margin the bootstrap sees."""
+    from d2_focalstar.bootstrap import RunEvaluation
+    from d2_focalstar.synthetic import synthetic_coco
+
+    gt, dets = synthetic_coco(num_images=80, num_categories=4, seed=3)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    quality = {("CE", None, 0.25): 0.6, ("CE", None, 0.75): 0.3, ("FL", 1.0, 0.25): 0.2,
+               ("FL", 2.0, 0.25): 0.0 if fl_better else 0.7}
+    for (loss, gamma, alpha), share in quality.items():
+        for seed in (0, 1):
+            folder = tmp_path / "runs" / f"{loss}_{gamma}_{alpha}_s{seed}"
+            kept = _drop_confident(dets, share, seed)
+            _run_with_detections(folder, loss, gamma, seed, str(tmp_path / "gt.json"), kept, alpha=alpha)
+            record = json.loads((folder / "results.json").read_text())  # its AP: that of its detections
+            record["results"]["bbox"]["AP"] = RunEvaluation(gt, kept).metrics()["AP"]
+            (folder / "results.json").write_text(json.dumps(record))
+    out = tmp_path / "t1"
+    proc = run("tools/table1.py", *map(str, sorted((tmp_path / "runs").iterdir())), "--resamples", "200",
+               "--out", str(out), check=True)
+    text = (tmp_path / "t1.md").read_text()
+    assert text in proc.stdout
+    assert "| CE |  | 0.75 | 31.1 | +0.0 | 0.75 | 2 |" in text and "best CE |" in text
+    assert "| FL | 2 | 0.25 | 34.0 | +2.9 | 0.25 | 2 |" in text
+    assert "| FL | 5 | 0.25 | 32.2 | +1.1 |  | 0 | not run |" in text
+    assert "- CE alpha 0.75 above CE alpha 0.25: **met**" in text
+    fl2 = next(line for line in text.splitlines() if line.startswith("- FL g=2 above the best CE"))
+    low = float(fl2.split("[")[1].split(",")[0])
+    if fl_better:
+        assert "**met**" in fl2 and low > 0 and "best gamma 2" in text and "Calibrated: **yes**" in text
+    else:
+        assert "**not met**" in fl2 and "best gamma 1" in text and "Calibrated: **no**" in text

@@ -16,5 +16,7 @@ $PY tools/compare.py $R/study_cpu/*/ --out $R/compare_cpu
 # the calibrated-proxy study (issue 16): Table 1 and FL*, each setting against the best CE and FL g=2
 $PY tools/compare.py $R/proxy_shapes/*/ --versus "CE alpha=0.75" --out $R/proxy_shapes_vs_ce
 $PY tools/compare.py $R/proxy_shapes/*/ --versus "FL g=2" --out $R/proxy_shapes_vs_fl
+$PY tools/table1.py $R/proxy_shapes/*/ --out $R/proxy_shapes_table1
 # the schedule-length variation (2.5x iterations)
 $PY tools/compare.py $R/proxy_shapes_long/*/ --versus "CE alpha=0.75" --out $R/proxy_shapes_long_vs_ce
+$PY tools/compare.py $R/proxy_shapes_long/*/ --versus "FL g=2" --out $R/proxy_shapes_long_vs_fl
