@@ -48,8 +48,9 @@ class Trainer(DefaultTrainer):
                                              trainer=weakref.proxy(self))
         faults = hooks.CallbackHook(after_train=lambda t: summarize_data_faults(fault_log(t.cfg)))
         stock = super().build_hooks()
-        # every process waits for rank 0's model_final before the final evaluation
-        wait = hooks.CallbackHook(after_train=lambda t: comm.synchronize())
+        # every process waits for rank 0's model_final before the final evaluation (only after
+        # the last step: after_train also runs when a rank fails, and must not wait then)
+        wait = hooks.CallbackHook(after_train=lambda t: comm.synchronize() if t.iter >= t.max_iter else None)
         stock.insert([isinstance(h, hooks.EvalHook) for h in stock].index(True), wait)
         # a checkpoint when a SLURM job is told to stop (preemption, time limit)
         return [faults] + stock + [CheckpointOnSignal(self.checkpointer)]
