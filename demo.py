@@ -16,11 +16,17 @@ no usable image is skipped with a warning saying why. Writes <output>/<stem>.jpg
 <output>/detections.json: {file: [{"bbox": [x0, y0, x1, y1] (photo pixels), "score",
 "category_id" (the model's 0-based class), "category"}]} (with --compare-weights: {file:
 {label A: [...], label B: [...]}}); each through a temp file and a rename. The model runs through
-detectron2's DefaultPredictor (d2_focalstar.predictor) on MODEL.DEVICE, CUDA where there is one.
+detectron2's DefaultPredictor (d2_focalstar.run.predictor) on MODEL.DEVICE, CUDA where there is one.
 """
+import warnings
+
+# fvcore jit-scripts its losses when detectron2 imports it, which recent torch deprecates loudly
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import itertools
 import json
+import logging
 import os
 import re
 import sys
@@ -30,23 +36,25 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from d2_focalstar import register_coco_json_datasets  # first: it quiets fvcore's import warnings
-from d2_focalstar.checkpoint import CheckpointReadError, UnsafeCheckpointError
-from d2_focalstar.config import ConfigError, load_config, loss_config_node
+from d2_focalstar import register_coco_json_datasets
+from d2_focalstar.config import ConfigError
+from d2_focalstar.modeling import loss_config_node
+from d2_focalstar.run.cli import load_config
+from d2_focalstar.run.errors import command_errors, error_line
 from d2_focalstar.fileio import atomic_write
-from d2_focalstar.mapper import SIXTEEN_BIT_MODES  # detectron2 would clip them to white
-from d2_focalstar.predictor import SafePredictor
+from d2_focalstar.data.mapper import SIXTEEN_BIT_MODES  # detectron2 would clip them to white
+from d2_focalstar.run.predictor import SafePredictor
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
-logger = setup_logger(name="demo")
+logger = logging.getLogger("demo")  # set up by main(), like detectron2's loggers
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like train_net.py's errors
-        sys.exit(f"{self.prog}: error: {message} (see --help)")
+        sys.exit(error_line(self.prog, f"{message} (see --help)"))
 
 
 def parse_args(argv=None):
@@ -78,9 +86,9 @@ def setup(args):
     SCORE_THRESH_TEST is --confidence-threshold unless the opts set it."""
     opts = (["MODEL.DEVICE", args.device] if args.device else []) + list(args.opts)
     cfg = load_config(args.config_file, opts, num_gpus=1)
-    head = loss_config_node(cfg)
-    if head and f"{head}.SCORE_THRESH_TEST" not in opts[0::2]:
-        cfg.merge_from_list([f"{head}.SCORE_THRESH_TEST", args.confidence_threshold])
+    node = loss_config_node(cfg)
+    if f"{node}.SCORE_THRESH_TEST" not in opts[0::2]:
+        cfg.merge_from_list([f"{node}.SCORE_THRESH_TEST", args.confidence_threshold])
     if args.compare_weights:
         for path in args.compare_weights:
             if not os.path.isfile(path):
@@ -184,7 +192,9 @@ def labelled_panel(drawn_rgb, label):
     return np.vstack([strip, drawn_rgb])
 
 
-def main(args):
+def annotate(args):
+    """Run the checkpoint(s) on every usable photo of --input: the command's work."""
+    setup_logger(name="demo")
     setup_logger(name="d2_focalstar")
     setup_logger(name="fvcore")  # the checkpointer's messages: what was loaded, what did not fit
     cfg = setup(args)
@@ -233,8 +243,11 @@ def main(args):
                           "image")
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    with command_errors("demo.py"):  # bad input: one line naming it
+        annotate(args)
+
+
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ConfigError, UnsafeCheckpointError, CheckpointReadError) as e:
-        sys.exit(f"demo.py: error: {e}")
+    main()

@@ -8,52 +8,39 @@ Examples:
   python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8 --resume
   python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
 """
-import os
-import weakref
+import warnings
 
-import d2_focalstar  # noqa: F401  first: it quiets fvcore's import-time warnings
+# fvcore jit-scripts its losses when detectron2 imports it, which recent torch deprecates loudly
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
+import os
+
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
+from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import DatasetEvaluators, verify_results
 
-from d2_focalstar import register_coco_json_datasets
-from d2_focalstar.checkpoint import SafeCheckpointer
-from d2_focalstar.config import load_config
-from d2_focalstar.engine import (die_with_launcher, enable_cpu_ddp, quiet_reported_errors, run_command,
-                                 setup_project_logger, training_errors)
-from d2_focalstar.evaluation import FastCOCOEvaluator
-from d2_focalstar.mapper import CheckedDatasetMapper, EvaluationImageError, summarize_data_faults
-from d2_focalstar.preemption import CheckpointOnSignal
-from d2_focalstar.results import write_results
-from d2_focalstar.safety import build_safety_evaluator
+from d2_focalstar.data import CheckedDatasetMapper, register_coco_json_datasets
+from d2_focalstar.evaluation import FastCOCOEvaluator, build_safety_evaluator
+from d2_focalstar.run import (SafeCheckpointer, command_errors, default_argument_parser_for, die_with_launcher,
+                              enable_cpu_ddp, launch_processes, prepare_run, project_hooks,
+                              quiet_reported_errors, reported_errors, setup_project_logger, training_errors,
+                              write_results)
 
 if __name__ == "__mp_main__":  # a process of detectron2's launch: it dies with the launcher
     die_with_launcher()
 
 
-def fault_log(cfg):
-    return os.path.join(cfg.OUTPUT_DIR, "data_faults.jsonl")
-
-
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
-        enable_cpu_ddp()
-        quiet_reported_errors(FloatingPointError, EvaluationImageError)  # train() reports them
+        enable_cpu_ddp()  # several CPU processes without a GPU (gloo)
+        quiet_reported_errors()  # train() reports divergence and unreadable test images in one line
         super().__init__(cfg)
 
     def build_hooks(self):
-        # atomic saves, no NaN weights saved, no code run when loading
-        self.checkpointer = SafeCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
-                                             trainer=weakref.proxy(self))
-        faults = hooks.CallbackHook(after_train=lambda t: summarize_data_faults(fault_log(t.cfg)))
-        stock = super().build_hooks()
-        # every process waits for rank 0's model_final before the final evaluation (only after
-        # the last step: after_train also runs when a rank fails, and must not wait then)
-        wait = hooks.CallbackHook(after_train=lambda t: comm.synchronize() if t.iter >= t.max_iter else None)
-        stock.insert([isinstance(h, hooks.EvalHook) for h in stock].index(True), wait)
-        # a checkpoint when a SLURM job is told to stop (preemption, time limit)
-        return [faults] + stock + [CheckpointOnSignal(self.checkpointer)]
+        # detectron2's, with safe checkpoints, the data-fault summary, every process waiting for
+        # model_final before the final evaluation, and a checkpoint when SLURM stops the job
+        return project_hooks(self, super().build_hooks, fault_log(self.cfg))
 
     def train(self):
         with training_errors(self):  # divergence, unreadable test images: one line, nothing lost
@@ -66,39 +53,29 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        # a test image that cannot be read stops the evaluation naming it (skipping it would
-        # change the AP)
+        # a test image that cannot be read stops the evaluation naming it (skipping it would change the AP)
         return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-            if len(cfg.DATASETS.TEST) > 1:  # a folder per test dataset: none overwrites another's
-                output_folder = os.path.join(output_folder, dataset_name)
-        # detectron2's COCOEvaluator; its fast path on faster-coco-eval where detectron2's _C is missing
+        if output_folder is None:  # a folder per test dataset: none overwrites another's
+            several = len(cfg.DATASETS.TEST) > 1
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", *([dataset_name] if several else []))
+        # detectron2's COCOEvaluator, on faster-coco-eval where detectron2's _C is missing
         evaluators = [FastCOCOEvaluator(dataset_name, output_dir=output_folder),
                       build_safety_evaluator(cfg, dataset_name, output_folder)]
         return DatasetEvaluators([e for e in evaluators if e is not None])
 
 
-def config_of(args):
-    # get_cfg, add_focalstar_config, merge file and opts, all checked
-    return load_config(args.config_file, args.opts, num_gpus=args.num_gpus, eval_only=args.eval_only,
-                       resume=args.resume, num_machines=args.num_machines)
+def fault_log(cfg):
+    return os.path.join(cfg.OUTPUT_DIR, "data_faults.jsonl")
 
 
-def setup(args):
-    cfg = config_of(args)
-    cfg.freeze()
-    register_coco_json_datasets(cfg)
+def main(cfg, args):
+    """One process of the run: ``cfg`` is the config checked once by prepare_run."""
+    register_coco_json_datasets(cfg)  # catalogs are per process
     default_setup(cfg, args)  # detectron2's and fvcore's loggers, the config dump, the seed
     setup_project_logger(cfg.OUTPUT_DIR, comm.get_rank())  # ours: to the console and log.txt
-    return cfg
-
-
-def main(args):
-    cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
@@ -114,8 +91,7 @@ def main(args):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
-    # DefaultTrainer.train() returns the final evaluation only if TEST.EXPECTED_RESULTS is set
-    res = getattr(trainer, "_last_eval_results", None) or {}
+    res = getattr(trainer, "_last_eval_results", None) or {}  # the final evaluation
     if comm.is_main_process():  # also without evaluation: it marks the run as finished
         # trainer.iter is MAX_ITER + 1 when a finished run is resumed (no step left to run)
         write_results(cfg, res, iteration=min(trainer.iter, cfg.SOLVER.MAX_ITER))
@@ -123,19 +99,18 @@ def main(args):
 
 
 def argument_parser():
-    """detectron2's command line, with this project's description and examples."""
-    parser = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1])
-    parser.description = __doc__.strip().splitlines()[0]
-    for action in parser._actions:  # help texts that fit this project
-        if action.dest == "opts":
-            action.help = "config KEY VALUE pairs, last, e.g. MODEL.FOCALSTAR.GAMMA 0.5 OUTPUT_DIR out/g0.5"
-        elif action.dest == "num_gpus":
-            action.help = "GPUs per machine (without CUDA: this many CPU processes)"
-    return parser
+    return default_argument_parser_for(__doc__)  # detectron2's, with this project's help texts
+
+
+def command(args):
+    """Check everything once, then run ``main`` in args.num_gpus x args.num_machines processes;
+    bad input and failures are one line (docs/RELIABILITY.md)."""
+    print("Command Line Args:", args)
+    with command_errors("train_net.py", eval_only=args.eval_only) as run:
+        setup_project_logger()
+        run.cfg = cfg = prepare_run(args)  # config, output folder, seed, datasets, weights
+        launch_processes(main, args, cfg, reported=reported_errors())
 
 
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
-    print("Command Line Args:", args)
-    # config, output folder, datasets and weights checked before any process starts; errors in one line
-    run_command(main, args, config_of)
+    command(argument_parser().parse_args())

@@ -7,7 +7,7 @@ import tempfile
 os.environ.setdefault("DETECTRON2_DATASETS", tempfile.mkdtemp(prefix="d2fs-datasets-"))
 
 # Without a GPU, the fused Triton kernel runs in Triton's interpreter on the CPU, in this process:
-# triton.jit reads TRITON_INTERPRET when d2_focalstar.fused is imported. It is then removed from
+# triton.jit reads TRITON_INTERPRET when d2_focalstar.modeling.fused is imported. It is then removed from
 # the environment, so that the trainings the tests start as subprocesses use the (fast) reference
 # loss on the CPU, as a user's CPU run does.
 try:
@@ -16,7 +16,7 @@ try:
     if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
         try:
-            import d2_focalstar.fused  # noqa: F401
+            import d2_focalstar.modeling.fused  # noqa: F401
             from triton import knobs
 
             knobs.runtime.interpret = True  # the interpreter reads it again at launch
@@ -28,3 +28,21 @@ except ImportError:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # train_net.py
+
+
+import pytest  # noqa: E402
+
+QUICKSTART_ITERS = 200
+
+
+@pytest.fixture(scope="session")
+def quickstart_model(tmp_path_factory):
+    """(OUTPUT_DIR, output) of the one short quickstart training of the test run, shared by the
+    tests that need a trained model: RetinaNetFLStar (FL*, g 0.25) on the embedded data, 200
+    iterations on the CPU, evaluated at the end, checkpoints at 100 and 200."""
+    from helpers import QUICKSTART, run_here
+
+    out = tmp_path_factory.mktemp("quickstart")
+    proc = run_here("train_net.py", *QUICKSTART, "SOLVER.MAX_ITER", str(QUICKSTART_ITERS), "SOLVER.STEPS",
+                    "(150, 180)", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out), check=True)
+    return out, proc.output

@@ -20,5 +20,4 @@ def _run_step_failing_on_rank_1(self):
 train_net.Trainer.run_step = _run_step_failing_on_rank_1
 
 if __name__ == "__main__":
-    args = train_net.argument_parser().parse_args()
-    train_net.run_command(train_net.main, args, train_net.config_of)
+    train_net.command(train_net.argument_parser().parse_args())

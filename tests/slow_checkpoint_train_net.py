@@ -40,10 +40,10 @@ def _slow_tag(path, write):
 
 
 if os.environ.get("SLOW_SAVE_WHICH") == "last_checkpoint":
-    import d2_focalstar.checkpoint
+    import d2_focalstar.run.checkpoint
 
-    _real_atomic_write = d2_focalstar.checkpoint.atomic_write
-    d2_focalstar.checkpoint.atomic_write = _slow_tag
+    _real_atomic_write = d2_focalstar.run.checkpoint.atomic_write
+    d2_focalstar.run.checkpoint.atomic_write = _slow_tag
 else:
     torch.save = _slow_save
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -6,13 +6,13 @@ import os
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run
+from helpers import assert_one_line_error, run, run_here
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = run("tools/benchmark.py", "--cpu-smoke", "--out", str(out), check=True)
+    proc = run_here("tools/benchmark.py", "--cpu-smoke", "--out", str(out), check=True, interpreter=True)
     with open(out) as f:
         return json.load(f), proc.stdout
 
@@ -70,7 +70,7 @@ def test_fl_mode_with_the_fused_kernel_equals_stock_detectron2(smoke):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the full benchmark runs on a GPU")
 def test_full_benchmark_without_a_gpu_says_so():
-    assert_one_line_error(run("tools/benchmark.py"), "tools/benchmark.py", "no CUDA device", "--cpu-smoke")
+    assert_one_line_error(run_here("tools/benchmark.py"), "tools/benchmark.py", "no CUDA device", "--cpu-smoke")
 
 
 def test_sass_stats_counts_the_fused_kernels_without_a_gpu(tmp_path):
@@ -81,6 +81,7 @@ def test_sass_stats_counts_the_fused_kernels_without_a_gpu(tmp_path):
     The forward handles several blocks per program: the counts are per element of all of them.
     Each kernel keeps to 32 registers without spilling, so that an SM holds 2048 threads."""
     out = tmp_path / "sass.json"
+    # a process of its own: this one runs the kernel in Triton's interpreter, which cannot compile it
     proc = run("tools/fused_sass_stats.py", "--loss-types", "FLSTAR", "CE", "--dtypes", "fp32",
                "--out", str(out), check=True)
     assert "| forward | FLSTAR | fp32 |" in proc.stdout
@@ -124,8 +125,8 @@ def test_benchmark_takes_an_fcos_config_unchanged(tmp_path):
     """The detector rows of an FCOS config: FCOSFLStar against stock detectron2 FCOS (no
     torchvision row), and its FL mode equal to stock FCOS's losses."""
     out = tmp_path / "fcos.json"
-    run("tools/benchmark.py", "--cpu-smoke", "--sections", "detector", "--config-file",
-        "configs/fcos_R50_flstar_1x.yaml", "--out", str(out), check=True)
+    run_here("tools/benchmark.py", "--cpu-smoke", "--sections", "detector", "--config-file",
+        "configs/fcos_R50_flstar_1x.yaml", "--out", str(out), check=True, interpreter=True)
     report = json.loads(out.read_text())
     rows = {r["system"]: r for r in report["detector"]}
     assert {"FCOSFLStar (FL*, this project)", "FCOSFLStar (FL, this project)",

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from d2_focalstar.bootstrap import BootstrapError, RunEvaluation, paired_bootstrap
-from d2_focalstar.safety import log_average_miss_rate, match_detections, miss_rate_fppi_curve
-from d2_focalstar.synthetic import synthetic_coco
+from d2_focalstar.evaluation.bootstrap import BootstrapError, RunEvaluation, paired_bootstrap
+from d2_focalstar.evaluation.safety import (log_average_miss_rate, match_detections, miss_rate_fppi_curve)
+from d2_focalstar.data.synthetic_coco import synthetic_coco
 
 
 def cocoeval_stats(gt, dets):
@@ -150,10 +150,10 @@ def test_benchmark_command_prints_its_row(tmp_path):
     benchmark for docs/BENCHMARKS.md, not a test)."""
     import json
 
-    from helpers import run
+    from helpers import run_here
 
     out = tmp_path / "b.json"
-    proc = run("tools/benchmark_eval.py", "--images", "40", "--resamples", "3", "--out", str(out), check=True)
+    proc = run_here("tools/benchmark_eval.py", "--images", "40", "--resamples", "3", "--out", str(out), check=True)
     assert "| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | 40 |" in proc.stdout
     row = json.loads(out.read_text())["bootstrap"]
     assert row["resamples"] == 3 and row["bootstrap_s"] > 0 and row["images"] == 40

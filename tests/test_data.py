@@ -14,13 +14,7 @@ from pycocotools.coco import COCO
 
 from d2_focalstar import add_focalstar_config, register_coco_json_datasets
 from d2_focalstar.config import ConfigError
-from d2_focalstar.data import (
-    EMBEDDED_DATASETS,
-    SHAPE_CLASSES,
-    ShapesSpec,
-    ensure_shapes_dataset,
-    generate_shapes_dataset,
-)
+from d2_focalstar.data.shapes import (EMBEDDED_DATASETS, SHAPE_CLASSES, ShapesSpec, ensure_shapes_dataset, generate_shapes_dataset)
 from test_model import quickstart_cfg
 
 TINY = ShapesSpec(num_train=6, num_val=3, image_size=96, min_objects=2, max_objects=5,

@@ -13,11 +13,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from d2_focalstar.config import ConfigError
-from d2_focalstar.data import (ShapesSpec, check_coco_json, check_datasets, generate_shapes_dataset,
-                               register_coco_json_datasets)
-from d2_focalstar.mapper import CheckedDatasetMapper, summarize_data_faults
-from d2_focalstar.results import RunRecordError, load_run, run_state
-from helpers import FAST, QUICKSTART, assert_one_line_error, run
+from d2_focalstar.data.shapes import ShapesSpec, generate_shapes_dataset
+from d2_focalstar.data.checks import check_coco_json, check_datasets
+from d2_focalstar.run.cli import detector_classes
+from d2_focalstar.data.catalog import register_coco_json_datasets
+from d2_focalstar.data.mapper import CheckedDatasetMapper, summarize_data_faults
+from d2_focalstar.run.results import RunRecordError, load_run, run_state
+from helpers import FAST, QUICKSTART, assert_one_line_error, run, run_here
 from test_model import quickstart_cfg
 
 SPEC = ShapesSpec(num_train=12, num_val=2, image_size=96, min_objects=2, max_objects=4,
@@ -96,8 +98,9 @@ def test_train_net_stops_at_start_up_naming_the_file(broken, fault, needle):
         json_file = broken / "absent.json"
     else:
         image_root = broken / "absent"
-    proc = run("train_net.py", *QUICKSTART, *FAST, "DATASETS.COCO_JSON",
-               str([["mine", str(json_file), str(image_root)]]), "DATASETS.TRAIN", "('mine',)")
+    name = f"mine_{fault.replace('-', '_')}"  # this process's catalog holds every case's dataset
+    proc = run_here("train_net.py", *QUICKSTART, *FAST, "DATASETS.COCO_JSON",
+                    str([[name, str(json_file), str(image_root)]]), "DATASETS.TRAIN", f"('{name}',)")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train_net.py: error:") and needle in last
@@ -138,7 +141,7 @@ def test_json_that_would_train_wrong_labels_or_crash_is_named_at_start_up(broken
     opts = ["DATASETS.COCO_JSON", str([[f"mine_{fault.__name__}", str(json_file), str(broken / "train")]]),
             "DATASETS.TRAIN", f"('mine_{fault.__name__}',)"]
     if fault in (_duplicated_image_id, _one_category_too_many):  # the silently wrong ones, as a command
-        proc = run("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "1", *opts)
+        proc = run_here("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "1", *opts)
         assert_one_line_error(proc, "train_net.py", str(json_file), needle)
         assert "Starting training" not in proc.output  # nothing ran
     else:  # train_net.py's start-up check, without a process each
@@ -162,7 +165,8 @@ def test_duplicated_ids_and_class_counts_name_what_is_wrong(broken):
     with pytest.raises(ConfigError, match="set MODEL.FCOS.NUM_CLASSES 5"):
         check_coco_json(str(broken / "five.json"), "x", ("MODEL.FCOS.NUM_CLASSES", 4))
     with pytest.raises(ConfigError, match="focalstar_shapes_train' has 4 classes, but MODEL.RETINANET.NUM_CLASSES is 3"):
-        check_datasets(quickstart_cfg("MODEL.RETINANET.NUM_CLASSES", "3"))  # the embedded dataset
+        cfg = quickstart_cfg("MODEL.RETINANET.NUM_CLASSES", "3")  # the embedded dataset
+        check_datasets(cfg, num_classes=detector_classes(cfg))  # as train_net.py checks it
 
 
 def test_a_bad_test_image_is_named_and_a_finished_training_keeps_its_model_and_record(broken, tmp_path):
@@ -176,7 +180,7 @@ def test_a_bad_test_image_is_named_and_a_finished_training_keeps_its_model_and_r
     test_set = ["DATASETS.COCO_JSON", str([["bad_val", str(broken / "val.json"), str(broken / "val")]]),
                 "DATASETS.TEST", "('bad_val',)"]
     out = tmp_path / "out"
-    proc = run("train_net.py", *QUICKSTART, *FAST, *test_set, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out))
+    proc = run_here("train_net.py", *QUICKSTART, *FAST, *test_set, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out))
     assert_one_line_error(proc, "train_net.py", f"test image {truncated}: image truncated or corrupt",
                           f"{out / 'model_final.pth'} and {out / 'results.json'}", "with --resume evaluates it")
     record = json.loads((out / "results.json").read_text())
@@ -187,7 +191,7 @@ def test_a_bad_test_image_is_named_and_a_finished_training_keeps_its_model_and_r
     with pytest.raises(RunRecordError, match="evaluation failed.*--resume evaluates it"):
         load_run(str(out))
     truncated.write_bytes(whole)  # fixed: the same command with --resume completes the record
-    proc = run("train_net.py", *QUICKSTART, "--resume", *FAST, *test_set, "SOLVER.MAX_ITER", "1",
+    proc = run_here("train_net.py", *QUICKSTART, "--resume", *FAST, *test_set, "SOLVER.MAX_ITER", "1",
                "OUTPUT_DIR", str(out))
     assert proc.returncode == 0, proc.output[-2000:]
     record = load_run(str(out))
@@ -254,7 +258,7 @@ def test_mapper_handles_each_kind_of_image_and_box_fault(broken, caplog):
 
 def test_training_on_a_broken_dataset_completes_and_counts_faults(broken, tmp_path):
     out = tmp_path / "out"
-    proc = run("train_net.py", *QUICKSTART, *FAST, "DATALOADER.NUM_WORKERS", "2",
+    proc = run_here("train_net.py", *QUICKSTART, *FAST, "DATALOADER.NUM_WORKERS", "2",
                "DATASETS.COCO_JSON", str([["broken_train", str(broken / "broken.json"), str(broken / "train")]]),
                "DATASETS.TRAIN", "('broken_train',)", "SOLVER.MAX_ITER", "12", "OUTPUT_DIR", str(out),
                check=True)

@@ -10,10 +10,10 @@ import torch
 from detectron2.modeling import build_model
 from PIL import Image
 
-from d2_focalstar.checkpoint import SafeCheckpointer
-from d2_focalstar.data import SHAPE_CLASSES
+from d2_focalstar.run.checkpoint import SafeCheckpointer
+from d2_focalstar.data.shapes import SHAPE_CLASSES
 import helpers
-from helpers import QUICKSTART, run
+from helpers import QUICKSTART, run_here
 from test_model import quickstart_cfg
 
 # Detections from an untrained model: keep every score; few boxes per photo, so drawing is quick.
@@ -55,8 +55,8 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(weights, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "annotated"
-    proc = run("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(out), *ANY_SCORE,
-               "MODEL.WEIGHTS", weights, timeout=120)
+    proc = run_here("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(out), *ANY_SCORE,
+               "MODEL.WEIGHTS", weights)
     return proc, out
 
 
@@ -125,8 +125,8 @@ def notes(tmp_path):
     (["MODEL.WEIGHTS", "nope/model_final.pth"], "'nope/model_final.pth': no such file"),
 ])
 def test_missing_weights_is_a_one_line_error(notes, tmp_path, opts, needle):
-    proc = run("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
-               *opts, timeout=120)
+    proc = run_here("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
+               *opts)
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "out").exists()
 
@@ -135,8 +135,8 @@ def test_corrupt_weights_are_a_one_line_error(weights, notes, tmp_path):
     cut = tmp_path / "cut.pth"
     with open(weights, "rb") as f:
         cut.write_bytes(f.read(1000))
-    proc = run("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
-               "MODEL.WEIGHTS", str(cut), timeout=120)
+    proc = run_here("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
+               "MODEL.WEIGHTS", str(cut))
     assert_one_line_error(proc, str(cut), "cannot be read as a checkpoint", "truncated")
 
 
@@ -145,8 +145,8 @@ def test_a_folder_without_any_usable_image_fails(weights, notes, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "detections.json").write_text('{"earlier.jpg": []}')
     # options may come after the config opts too
-    proc = run("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
-               "MODEL.WEIGHTS", weights, "--device", "cpu", timeout=120)
+    proc = run_here("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
+               "MODEL.WEIGHTS", weights, "--device", "cpu")
     assert_one_line_error(proc, "none of its 1 file(s) is a usable image")
     assert "skipped notes.txt: not an image" in proc.output
     assert (tmp_path / "out" / "detections.json").read_text() == '{"earlier.jpg": []}'
@@ -184,8 +184,8 @@ def test_compare_weights_writes_two_labelled_panels_and_both_lists(weights, othe
                                                                    tmp_path):
     """The proposal's Fig. 7: two checkpoints on the same photos, side by side."""
     out = tmp_path / "cmp"
-    proc = run("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(out), *ANY_SCORE,
-               "--compare-weights", weights, other_weights, timeout=180)
+    proc = run_here("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(out), *ANY_SCORE,
+               "--compare-weights", weights, other_weights)
     assert proc.returncode == 0, proc.output[-5000:]
     labels = [os.path.join(*p.split(os.sep)[-2:]) for p in (weights, other_weights)]
     detections = json.loads((out / "detections.json").read_text())
@@ -214,8 +214,8 @@ def test_every_input_gets_its_own_output_file(weights, tmp_path):
         cv2.imwrite(str(photos / name), np.full((64, 64, 3), 60 * i, np.uint8),
                     [cv2.IMWRITE_JPEG_QUALITY, 95] if name.endswith(".jpg") else [])
     out = tmp_path / "out"
-    proc = run("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(out), *ANY_SCORE,
-               "MODEL.WEIGHTS", weights, timeout=120)
+    proc = run_here("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(out), *ANY_SCORE,
+               "MODEL.WEIGHTS", weights)
     assert proc.returncode == 0, proc.output[-5000:]
     assert "3 photos annotated" in proc.output
     written = sorted(n for n in os.listdir(out) if n != "detections.json")
@@ -238,7 +238,7 @@ def test_a_checkpoint_that_would_run_a_command_is_refused_by_the_demo(notes, tmp
     marker = tmp_path / "pwned"
     evil = tmp_path / "model_final"  # no extension: read as a .pth
     torch.save({"model": {}, "x": _SystemCall(marker)}, evil)
-    proc = run("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
-               "MODEL.WEIGHTS", str(evil), timeout=120)
+    proc = run_here("demo.py", *QUICKSTART, "--input", notes, "--output", str(tmp_path / "out"),
+               "MODEL.WEIGHTS", str(evil))
     assert_one_line_error(proc, f"Refusing to load {evil}", "Nothing in it was run")
     assert not marker.exists()

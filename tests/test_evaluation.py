@@ -1,4 +1,4 @@
-"""COCO evaluation through faster-coco-eval (d2_focalstar/evaluation.py): the 12 numbers of
+"""COCO evaluation through faster-coco-eval (d2_focalstar/evaluation/coco.py): the 12 numbers of
 pycocotools to 1e-6, on a synthetic COCO-like set and through detectron2's COCOEvaluator on the
 embedded data; pycocotools when faster-coco-eval is missing; detectron2's own fast path kept
 where its _C is built."""
@@ -15,9 +15,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import d2_focalstar  # noqa: F401  registers the embedded datasets
-from d2_focalstar import evaluation
-from d2_focalstar.evaluation import FastCOCOEvaluator, evaluate_coco
-from d2_focalstar.synthetic import synthetic_coco
+from d2_focalstar.evaluation import coco as evaluation
+from d2_focalstar.evaluation.coco import FastCOCOEvaluator, evaluate_coco
+from d2_focalstar.data.synthetic_coco import synthetic_coco
 
 pytest.importorskip("faster_coco_eval")
 
@@ -130,10 +130,10 @@ def test_benchmark_times_both_implementations_and_checks_they_agree(tmp_path):
     (its timing there comes from the full-size command, not from this test)."""
     import json
 
-    from helpers import run
+    from helpers import run_here
 
     out = tmp_path / "cocoeval.json"
-    proc = run("tools/benchmark_eval.py", "--sections", "cocoeval", "--images", "30", "--out", str(out),
+    proc = run_here("tools/benchmark_eval.py", "--sections", "cocoeval", "--images", "30", "--out", str(out),
                check=True)
     assert "| COCO evaluation of one run (COCOEvaluator's 12 numbers) | 30 |" in proc.stdout
     report = json.loads(out.read_text())

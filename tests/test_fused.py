@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from detectron2.utils.events import EventStorage
 
-from d2_focalstar.losses import LOSS_TYPES
+from d2_focalstar.modeling.losses import LOSS_TYPES
 from test_losses import classification_loss
 
-fused = pytest.importorskip("d2_focalstar.fused")  # needs triton, which torch's wheel brings
+fused = pytest.importorskip("d2_focalstar.modeling.fused")  # needs triton, which torch's wheel brings
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -259,7 +259,7 @@ def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypat
     from detectron2.modeling import build_model
 
     monkeypatch.setattr(fused, "_verdicts", {})
-    calls, real = [], fused.fused_classification_loss
+    calls, real = [], fused.checked_fused_loss  # under fused_classification_loss too
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -282,15 +282,15 @@ def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypat
 
     with EventStorage():
         want = loss_cls(reference_model)
-        monkeypatch.setattr(fused, "fused_classification_loss", counted)
+        monkeypatch.setattr(fused, "checked_fused_loss", counted)
         good = loss_cls(model)
         assert len(calls) == 2  # the check, then the loss itself
         torch.testing.assert_close(good, want, rtol=1e-5, atol=0)
 
         monkeypatch.setattr(fused, "_verdicts", {})
-        monkeypatch.setattr(fused, "fused_classification_loss", broken)
+        monkeypatch.setattr(fused, "checked_fused_loss", broken)
         calls.clear()
-        with caplog.at_level("WARNING", logger="d2_focalstar.fused"):
+        with caplog.at_level("WARNING", logger="d2_focalstar.modeling.fused"):
             got = [loss_cls(model) for _ in range(2)]
     assert len(calls) == 1  # the check only
     for loss in got:
@@ -303,11 +303,11 @@ def test_a_type_without_a_kernel_branch_uses_the_reference_with_one_info_line(ca
     """POLY1_FL has no branch in the kernel: where the kernel would run (here its interpreter),
     the reference functions compute it, said once at INFO, not as a warning; the kernel itself
     refuses it."""
-    from d2_focalstar.classification import ClassificationLoss
+    from d2_focalstar.modeling.classification import ClassificationLoss
 
     x, labels = _inputs()
     loss = ClassificationLoss(80, "POLY1_FL", 0.25, {"gamma": 2.0, "eps": 1.0}, fused_kernel=True)
-    with caplog.at_level("INFO", logger="d2_focalstar.classification"):
+    with caplog.at_level("INFO", logger="d2_focalstar.modeling.classification"):
         got = [loss(x, labels) for _ in range(2)]
     valid = labels >= 0
     want = classification_loss(x[valid], F.one_hot(labels[valid], 81)[:, :-1], "POLY1_FL", 0.25, 2.0,

@@ -8,7 +8,7 @@ import os
 import pytest
 from PIL import Image
 
-from helpers import REPO, run
+from helpers import REPO, run_here
 
 _spec = importlib.util.spec_from_file_location("benchmark_loader", os.path.join(REPO, "tools", "benchmark_loader.py"))
 bl = importlib.util.module_from_spec(_spec)
@@ -31,7 +31,7 @@ def test_loader_and_step_are_timed_and_the_coco_hours_projected(tmp_path):
     runs on the loader's batches (on the CPU here: fp32, no AMP); the projection has a table for 1
     and 8 GPUs whose total is the sum of its parts."""
     out = tmp_path / "loader.json"
-    proc = run("tools/benchmark_loader.py", "--config-file", "configs/quickstart_flstar.yaml", "--images", "6",
+    proc = run_here("tools/benchmark_loader.py", "--config-file", "configs/quickstart_flstar.yaml", "--images", "6",
                "--workers", "0", "1", "--batches", "2", "--warmup", "1", "--step", "--step-batch", "2",
                "--step-iters", "1", "--step-warmup", "0", "--out", str(out), "MODEL.RETINANET.NUM_CLASSES", "80",
                "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", check=True)

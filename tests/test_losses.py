@@ -5,13 +5,7 @@ import pytest
 import torch
 from fvcore.nn import sigmoid_focal_loss as fvcore_focal_loss
 
-from d2_focalstar.losses import (
-    LOSS_TYPES,
-    sigmoid_ce_loss,
-    sigmoid_classification_loss,
-    sigmoid_flstar_loss,
-    sigmoid_focal_loss,
-)
+from d2_focalstar.modeling.losses import (LOSS_TYPES, sigmoid_ce_loss, sigmoid_classification_loss, sigmoid_flstar_loss, sigmoid_focal_loss)
 
 
 def classification_loss(x, t, loss_type, alpha, gamma=None, max_factor=None, reduction="none", eps=None):
@@ -272,7 +266,7 @@ def test_docs_key_table_is_the_loss_tables():
     to the table shows up there, and nothing is described that the table does not have."""
     import os
 
-    from d2_focalstar.losses import config_table
+    from d2_focalstar.modeling.losses import config_table
 
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONFIG.md")) as f:
         doc = f.read()
@@ -284,7 +278,7 @@ def test_docs_key_table_is_the_loss_tables():
 def test_poly1_is_focal_loss_plus_an_unweighted_eps_term(eps):
     """Poly-1 FL (Leng et al. 2022): eps = 0 is FL exactly; the eps term is eps (1 - p_t)^(g+1),
     not weighted by a_t (the same for positives and negatives), as in the paper's code."""
-    from d2_focalstar.losses import sigmoid_poly1_focal_loss
+    from d2_focalstar.modeling.losses import sigmoid_poly1_focal_loss
 
     x, t = grid()
     poly = sigmoid_poly1_focal_loss(x, t, alpha=0.25, gamma=2.0, eps=eps)

@@ -9,6 +9,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from d2_focalstar import LOSS_TYPES, RetinaNetFLStar, add_focalstar_config, check_focalstar_config
+from d2_focalstar.config import ConfigError
 from test_losses import reference
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -67,9 +68,17 @@ def test_config_defaults():
     ("TEST.SAFETY.IOU_THRESHOLD", 1.5, "(0, 1]"),
 ])
 def test_bad_config_value_names_key_value_and_allowed(key, value, allowed):
+    """The start-up check names every bad key; a model built from a bad loss setting (its own
+    keys, not the whole config) names it too."""
     cfg = quickstart_cfg(key, str(value) if not isinstance(value, str) else value)
+    with pytest.raises(ConfigError) as e:
+        check_focalstar_config(cfg)
+    assert f"{key}={value!r}" in str(e.value) and allowed in str(e.value)
+    if key.startswith("TEST."):
+        build_model(cfg)  # not a key of the model's
+        return
     with pytest.raises(ValueError) as e:
-        build_model(cfg)  # the model checks its config when built
+        build_model(cfg)  # the model checks the loss keys it reads when built
     msg = str(e.value)
     assert f"{key}={value!r}" in msg and allowed in msg
 

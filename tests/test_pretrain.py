@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from d2_focalstar.pretrain import FractalSet, FractalSpec, random_ifs, render_ifs
-from helpers import REPO
+from d2_focalstar.study.pretrain import FractalSet, FractalSpec, random_ifs, render_ifs
+from helpers import REPO, run_here
 
 SMALL = ["--iterations", "12", "--batch-size", "4", "--image-size", "48", "--object-sizes", "8", "20", "--eval-images", "16",
          "--classes", "8", "--checkpoint-every", "4"]
@@ -44,17 +44,16 @@ def test_random_ifs_is_contractive_and_its_fractal_fills_its_box():
         assert mask.mean() < 0.9  # not a filled square
 
 
-def pretrain_cmd(out, *extra):
-    return [sys.executable, "tools/pretrain_backbone.py", "--config-file", "configs/proxy_flstar.yaml",
-            "--out", str(out), *SMALL, *extra]
+def pretrain_args(out, *extra):
+    return ["tools/pretrain_backbone.py", "--config-file", "configs/proxy_flstar.yaml", "--out", str(out),
+            *SMALL, *extra]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    proc = subprocess.run(pretrain_cmd(out), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout + proc.stderr
+    proc = run_here(*pretrain_args(out), check=True)
+    return out, proc.output
 
 
 def test_progress_eta_and_record(pretrained):
@@ -74,8 +73,8 @@ def test_model_weights_load_it_into_the_proxys_frozen_backbone(pretrained):
     from detectron2.modeling import build_model
     from detectron2.layers import FrozenBatchNorm2d
 
-    from d2_focalstar.checkpoint import SafeCheckpointer
-    from d2_focalstar.config import load_config
+    from d2_focalstar.run.checkpoint import SafeCheckpointer
+    from d2_focalstar.run.cli import load_config
 
     out, _ = pretrained
     weights = str(out / "backbone.pth")
@@ -95,7 +94,7 @@ def test_model_weights_load_it_into_the_proxys_frozen_backbone(pretrained):
 
 def test_a_killed_pretraining_resumes_to_the_same_weights_and_a_finished_one_is_reused(pretrained, tmp_path):
     out, _ = pretrained
-    proc = subprocess.Popen(pretrain_cmd(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, *pretrain_args(tmp_path)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while not (tmp_path / "pretrain_state.pth").exists() and proc.poll() is None and time.time() < deadline:
@@ -104,35 +103,33 @@ def test_a_killed_pretraining_resumes_to_the_same_weights_and_a_finished_one_is_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "backbone.pth").exists()
-    again = subprocess.run(pretrain_cmd(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "Resuming the pretraining from iteration" in again.stdout + again.stderr
+    again = run_here(*pretrain_args(tmp_path))
+    assert again.returncode == 0 and "Resuming the pretraining from iteration" in again.output
     a = torch.load(out / "backbone.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "backbone.pth", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    reused = subprocess.run(pretrain_cmd(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert reused.returncode == 0 and "exists with these settings: reused" in reused.stdout + reused.stderr
+    reused = run_here(*pretrain_args(tmp_path))
+    assert reused.returncode == 0 and "exists with these settings: reused" in reused.output
 
 
 def test_the_resnet_of_a_trained_detector_becomes_a_backbone_checkpoint(tmp_path):
     from detectron2.modeling import build_model
 
-    from d2_focalstar.checkpoint import SafeCheckpointer
-    from d2_focalstar.config import load_config
+    from d2_focalstar.run.checkpoint import SafeCheckpointer
+    from d2_focalstar.run.cli import load_config
 
     cfg = load_config(os.path.join(REPO, "configs/quickstart_flstar.yaml"), ["MODEL.DEVICE", "cpu"])
     detector = build_model(cfg)
     SafeCheckpointer(detector, save_dir=str(tmp_path)).save("model_final")
-    proc = subprocess.run([sys.executable, "tools/pretrain_backbone.py", "--from-detector",
-                           str(tmp_path / "model_final.pth"), "--out", str(tmp_path / "bb")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_here("tools/pretrain_backbone.py", "--from-detector", str(tmp_path / "model_final.pth"),
+                    "--out", str(tmp_path / "bb"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = torch.load(tmp_path / "bb" / "backbone.pth", weights_only=True)["model"]
     assert saved and all(k.startswith("backbone.bottom_up.") for k in saved)
     torch.testing.assert_close(saved["backbone.bottom_up.res4.0.conv1.weight"],
                                detector.backbone.bottom_up.res4[0].conv1.weight)
-    bad = subprocess.run([sys.executable, "tools/pretrain_backbone.py", "--from-detector",
-                          str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = run_here("tools/pretrain_backbone.py", "--from-detector", str(tmp_path / "nope.pth"),
+                   "--out", str(tmp_path / "x"))
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("pretrain_backbone.py: error:")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from d2_focalstar.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
+from d2_focalstar.run.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
 import helpers
-from helpers import FAST, QUICKSTART, REPO, run
+from helpers import FAST, QUICKSTART, REPO, run, run_here
 
 
 def assert_one_line_error(proc, *needles):
@@ -25,29 +25,29 @@ def assert_one_line_error(proc, *needles):
 # ---- bad command lines and configs ------------------------------------------------------------
 
 def test_help_describes_this_project():
-    proc = run("train_net.py", "--help", check=True)
+    proc = run_here("train_net.py", "--help", check=True)
     assert "RetinaNetFLStar" in proc.stdout and "configs/quickstart_flstar.yaml" in proc.stdout
     assert "LazyConfig" not in proc.stdout  # detectron2's generic text: not accepted here
 
 
 def test_missing_config_file_argument():
-    assert_one_line_error(run("train_net.py"), "--config-file is required")
+    assert_one_line_error(run_here("train_net.py"), "--config-file is required")
 
 
 def test_config_file_that_does_not_exist():
-    assert_one_line_error(run("train_net.py", "--config-file", "configs/nope.yaml"),
+    assert_one_line_error(run_here("train_net.py", "--config-file", "configs/nope.yaml"),
                           "configs/nope.yaml: no such file")
 
 
 def test_typo_in_opts_key_is_named_with_a_suggestion():
-    proc = run("train_net.py", *QUICKSTART, "MODEL.FOCALSTAR.GAMA", "0.5")
+    proc = run_here("train_net.py", *QUICKSTART, "MODEL.FOCALSTAR.GAMA", "0.5")
     assert_one_line_error(proc, "unknown config key 'MODEL.FOCALSTAR.GAMA'", "MODEL.FOCALSTAR.GAMMA")
 
 
 def test_typo_in_config_file_key_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f'_BASE_: "{REPO}/configs/quickstart_flstar.yaml"\nSOLVER:\n  BASE_LRR: 0.1\n')
-    assert_one_line_error(run("train_net.py", "--config-file", str(bad)),
+    assert_one_line_error(run_here("train_net.py", "--config-file", str(bad)),
                           str(bad), "SOLVER.BASE_LRR", "SOLVER.BASE_LR")
 
 
@@ -64,9 +64,10 @@ def test_config_file_that_is_no_config_is_one_line_naming_it(tmp_path, kind, con
     bad.write_bytes(content)
     (tmp_path / "other.yaml").write_text(f'_BASE_: "{kind}.yaml"\n')  # the loop: bad -> other -> bad
     if kind in ("binary", "loop"):  # as a command: one line, not ~3,000 of RecursionError
-        assert_one_line_error(run("train_net.py", "--config-file", str(bad)), str(bad), needle)
+        assert_one_line_error(run_here("train_net.py", "--config-file", str(bad)), str(bad), needle)
     else:  # what train_net.py's one line is made of, without a process per case
-        from d2_focalstar.config import ConfigError, load_config
+        from d2_focalstar.config import ConfigError
+        from d2_focalstar.run.cli import load_config
         with pytest.raises(ConfigError, match=re.escape(f"{bad}: {needle}")):
             load_config(str(bad))
 
@@ -78,16 +79,18 @@ def test_config_file_that_is_no_config_is_one_line_naming_it(tmp_path, kind, con
 ])
 def test_detectron2_keys_out_of_range_are_one_line(opts, needle, monkeypatch):
     if opts[0] == "SOLVER.MAX_ITER":  # as a command
-        assert_one_line_error(run("train_net.py", *QUICKSTART, *FAST, *opts), needle)
+        assert_one_line_error(run_here("train_net.py", *QUICKSTART, *FAST, *opts), needle)
     else:  # the same check, without a process each
-        from d2_focalstar.config import ConfigError, load_config
+        from d2_focalstar.config import ConfigError
+        from d2_focalstar.run.cli import load_config
         monkeypatch.chdir(REPO)
         with pytest.raises(ConfigError, match=re.escape(needle)):
             load_config(QUICKSTART[1], [*FAST, "SOLVER.MAX_ITER", "1", *opts])
 
 
 def test_the_class_count_checked_is_the_detectors_own(monkeypatch):
-    from d2_focalstar.config import ConfigError, load_config
+    from d2_focalstar.config import ConfigError
+    from d2_focalstar.run.cli import load_config
     monkeypatch.chdir(REPO)
     fcos = "configs/quickstart_fcos_flstar.yaml"
     load_config(fcos, ["MODEL.RETINANET.NUM_CLASSES", "0"])  # not FCOS's: unused
@@ -102,12 +105,13 @@ def test_the_class_count_checked_is_the_detectors_own(monkeypatch):
 
 
 def test_output_dir_that_cannot_hold_the_run_is_one_line_before_anything_starts(tmp_path, monkeypatch):
-    from d2_focalstar.config import ConfigError, check_output_dir
+    from d2_focalstar.config import ConfigError
+    from d2_focalstar.run.cli import check_output_dir
     from test_model import quickstart_cfg
 
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder")
-    proc = run("train_net.py", *QUICKSTART, "OUTPUT_DIR", str(a_file))
+    proc = run_here("train_net.py", *QUICKSTART, "OUTPUT_DIR", str(a_file))
     assert_one_line_error(proc, f"OUTPUT_DIR='{a_file}' is a file, not a folder")
     with pytest.raises(ConfigError, match=f"{a_file} is a file, not a folder"):
         check_output_dir(quickstart_cfg("OUTPUT_DIR", str(a_file / "run" / "out")))
@@ -119,13 +123,14 @@ def test_output_dir_that_cannot_hold_the_run_is_one_line_before_anything_starts(
 
 
 def test_bad_loss_setting_names_key_value_and_allowed():
-    proc = run("train_net.py", *QUICKSTART, "MODEL.FOCALSTAR.LOSS_TYPE", "FOCAL")
+    proc = run_here("train_net.py", *QUICKSTART, "MODEL.FOCALSTAR.LOSS_TYPE", "FOCAL")
     assert_one_line_error(proc, "MODEL.FOCALSTAR.LOSS_TYPE='FOCAL'", "allowed FLSTAR, FL, CE")
 
 
 def test_whole_number_for_a_float_key_means_that_float(monkeypatch):
     # yacs alone refuses "MODEL.FOCALSTAR.MAX_FACTOR 10" (int for a float key)
-    from d2_focalstar.config import ConfigError, load_config
+    from d2_focalstar.config import ConfigError
+    from d2_focalstar.run.cli import load_config
     monkeypatch.chdir(REPO)
     cfg = load_config(QUICKSTART[1], ["MODEL.FOCALSTAR.MAX_FACTOR", "10", "SOLVER.BASE_LR", "1",
                                       "SOLVER.MAX_ITER", "7"])
@@ -137,12 +142,12 @@ def test_whole_number_for_a_float_key_means_that_float(monkeypatch):
 
 
 def test_eval_only_without_weights():
-    assert_one_line_error(run("train_net.py", *QUICKSTART, "--eval-only"),
+    assert_one_line_error(run_here("train_net.py", *QUICKSTART, "--eval-only"),
                           "--eval-only needs weights")
 
 
 def test_weights_path_that_does_not_exist():
-    assert_one_line_error(run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", "nope/model.pth"),
+    assert_one_line_error(run_here("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", "nope/model.pth"),
                           "MODEL.WEIGHTS='nope/model.pth': no such file")
 
 
@@ -150,7 +155,7 @@ def test_resume_with_a_last_checkpoint_that_is_gone_names_it_and_what_is_there(t
     # before any process starts, not an assertion from fvcore once they run
     (tmp_path / "model_0000004.pth").write_bytes(b"")
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
-    proc = run("train_net.py", *QUICKSTART, "--resume", "OUTPUT_DIR", str(tmp_path))
+    proc = run_here("train_net.py", *QUICKSTART, "--resume", "OUTPUT_DIR", str(tmp_path))
     assert_one_line_error(proc, f"names {tmp_path / 'model_0000009.pth'}, which does not exist",
                           "model_0000004.pth")
 
@@ -170,7 +175,7 @@ def test_eval_only_refuses_weights_without_the_detectors_heads(tmp_path):
     weights = tmp_path / "backbone.pth"
     _backbone_only_checkpoint(weights)
     for processes in ("1", "2"):  # checked before any process starts: one line, nothing written
-        proc = run("train_net.py", *QUICKSTART, "--eval-only", "--num-gpus", processes,
+        proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "--num-gpus", processes,
                    "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out"))
         assert_one_line_error(proc, f"{weights} is not a trained detector for this config",
                               "head.cls_subnet.0.weight")
@@ -180,7 +185,7 @@ def test_eval_only_refuses_weights_without_the_detectors_heads(tmp_path):
     import cv2
 
     cv2.imwrite(str(photos / "a.png"), np.full((64, 64, 3), 128, np.uint8))
-    proc = run("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(tmp_path / "demo"),
+    proc = run_here("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(tmp_path / "demo"),
                "MODEL.WEIGHTS", str(weights))
     helpers.assert_one_line_error(proc, "demo.py", f"{weights} is not a trained detector")
 
@@ -198,10 +203,10 @@ def test_eval_only_refuses_weights_that_are_not_finite_and_says_which_weights_re
     (out / "last_checkpoint").write_text("model_0000009.pth")
     other = tmp_path / "other.pth"
     torch.save({"model": model.state_dict()}, other)
-    proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(other),
+    proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(other),
                "OUTPUT_DIR", str(tmp_path / "eval"))
     assert_one_line_error(proc, f"{other} holds weights that are not finite", "head.cls_score.bias")
-    proc = run("train_net.py", *QUICKSTART, "--eval-only", "--resume", "MODEL.WEIGHTS", str(other),
+    proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "--resume", "MODEL.WEIGHTS", str(other),
                "OUTPUT_DIR", str(out))
     assert (f"--eval-only --resume evaluates {out / 'model_0000009.pth'}, the last checkpoint of "
             f"{out}, not MODEL.WEIGHTS {other}") in proc.output
@@ -211,7 +216,8 @@ def test_eval_only_refuses_weights_that_are_not_finite_and_says_which_weights_re
 
 def test_more_processes_than_gpus_is_refused_before_launch(monkeypatch):
     # detectron2's launch would assert in every process
-    from d2_focalstar.config import ConfigError, load_config
+    from d2_focalstar.config import ConfigError
+    from d2_focalstar.run.cli import load_config
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -225,10 +231,11 @@ def test_num_gpus_beyond_the_cpu_cores_or_below_one_is_refused_before_launch(mon
     """Without CUDA each --num-gpus is a CPU process holding a model and a data loader: 99 of
     them took a machine down. (One above the cores here: should the check ever go, the test
     starts a few processes, not 99.)"""
-    from d2_focalstar.config import ConfigError, load_config
+    from d2_focalstar.config import ConfigError
+    from d2_focalstar.run.cli import load_config
 
     cores = len(os.sched_getaffinity(0))
-    proc = run("train_net.py", *QUICKSTART, "--num-gpus", str(cores + 1), *FAST, "SOLVER.MAX_ITER", "1")
+    proc = run_here("train_net.py", *QUICKSTART, "--num-gpus", str(cores + 1), *FAST, "SOLVER.MAX_ITER", "1")
     assert_one_line_error(proc, f"--num-gpus {cores + 1}: without CUDA each is a CPU process",
                           f"allowed 1 to {cores}")
     monkeypatch.chdir(REPO)
@@ -238,7 +245,8 @@ def test_num_gpus_beyond_the_cpu_cores_or_below_one_is_refused_before_launch(mon
 
 
 def test_num_gpus_with_cuda_reported_present_is_bounded_by_the_gpus_not_the_cores(monkeypatch):
-    from d2_focalstar.config import ConfigError, load_config
+    from d2_focalstar.config import ConfigError
+    from d2_focalstar.run.cli import load_config
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -313,32 +321,45 @@ def _cmdline(pid):
 
 
 def test_seed_minus_one_is_drawn_once_for_all_processes_and_recorded(monkeypatch):
-    from detectron2.engine import default_argument_parser
-    from d2_focalstar.config import load_config as load
-    from d2_focalstar.engine import draw_seed
+    """The launcher draws the seed into the one config that every process receives (and that
+    config.yaml and results.json record); several machines keep detectron2's per-process draw."""
+    from d2_focalstar.run.cli import draw_seed, load_config
     monkeypatch.chdir(REPO)
-    parse = default_argument_parser().parse_args
-
-    def load_config(args):
-        return load(args.config_file, args.opts)
-    args = parse([*QUICKSTART, "SEED", "-1"])
-    cfg = load_config(args)
-    draw_seed(args, cfg)
+    cfg = load_config(QUICKSTART[1], ["SEED", "-1"])
+    draw_seed(cfg)
     assert cfg.SEED >= 0
-    assert load_config(args).SEED == cfg.SEED  # what each process loads from the same args
-    args = parse([*QUICKSTART, "SEED", "7"])
-    cfg = load_config(args)
-    draw_seed(args, cfg)
-    assert cfg.SEED == 7 and args.opts == ["SEED", "7"]
-    # several machines would each draw their own: detectron2's per-process draw stays
-    args = parse([*QUICKSTART, "--num-machines", "2", "SEED", "-1"])
-    cfg = load_config(args)
-    draw_seed(args, cfg)
-    assert cfg.SEED == -1 and args.opts == ["SEED", "-1"]
+    cfg = load_config(QUICKSTART[1], ["SEED", "7"])
+    draw_seed(cfg)
+    assert cfg.SEED == 7
+    cfg = load_config(QUICKSTART[1], ["SEED", "-1"])
+    draw_seed(cfg, num_machines=2)
+    assert cfg.SEED == -1
+
+
+def test_the_config_is_built_once_and_every_process_runs_that_one(tmp_path, monkeypatch):
+    """train_net.py loads and checks the config once, in the launching process; main() in each
+    process gets that config (pickled to spawned ones), never loads it again, and the warnings of
+    the check are logged once."""
+    import train_net
+    from d2_focalstar.run import cli
+
+    monkeypatch.chdir(REPO)
+    calls, seen = [], []
+    real_load = cli.load_config
+    monkeypatch.setattr(cli, "load_config", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(train_net, "main", lambda cfg, args: seen.append(cfg))
+    args = train_net.argument_parser().parse_args(
+        [*QUICKSTART, *FAST, "SEED", "-1", "MODEL.FOCALSTAR.APPENDIX_GAMMA", "3.0", "OUTPUT_DIR", str(tmp_path)])
+    warned = []
+    monkeypatch.setattr(cli.logger, "warning", lambda message, *a, **k: warned.append(message))
+    train_net.command(args)
+    assert len(calls) == 1 and len(seen) == 1
+    assert seen[0].SEED >= 0 and seen[0].is_frozen()
+    assert sum("APPENDIX_GAMMA=3.0 is set but LOSS_TYPE FLSTAR does not use it" in w for w in warned) == 1
 
 
 def test_unregistered_dataset_name():
-    assert_one_line_error(run("train_net.py", *QUICKSTART, "DATASETS.TRAIN", "('shapes_trian',)"),
+    assert_one_line_error(run_here("train_net.py", *QUICKSTART, "DATASETS.TRAIN", "('shapes_trian',)"),
                           "DATASETS.TRAIN", "'shapes_trian' is not registered")
 
 
@@ -405,7 +426,7 @@ def test_files_that_are_not_checkpoints_are_told_apart_from_unsafe_ones(tmp_path
 def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
     marker, pth, pkl = _evil_files(tmp_path)
     for path in (pth, pkl):
-        proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(path),
+        proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(path),
                    "OUTPUT_DIR", str(tmp_path / "out"))
         assert_one_line_error(proc, f"Refusing to load {path}")
     # --resume reads whatever last_checkpoint names, with or without an extension
@@ -413,18 +434,18 @@ def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
     out.mkdir()
     (out / "model_0000009").write_bytes(pth.read_bytes())
     (out / "last_checkpoint").write_text("model_0000009")
-    proc = run("train_net.py", *QUICKSTART, "--resume", *FAST, "OUTPUT_DIR", str(out))
+    proc = run_here("train_net.py", *QUICKSTART, "--resume", *FAST, "OUTPUT_DIR", str(out))
     assert_one_line_error(proc, f"Refusing to load {out / 'model_0000009'}", "Nothing in it was run")
     assert not os.path.exists(marker)
     notes = tmp_path / "log.txt"
     notes.write_text("not weights\n")
-    proc = run("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(notes),
+    proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(notes),
                "OUTPUT_DIR", str(tmp_path / "out"))
     assert_one_line_error(proc, f"{notes} cannot be read as a checkpoint")
     # several processes: the launching process reads the file first, so still one line
     for path, message in ((pkl, f"Refusing to load {pkl}"), (pth, f"Refusing to load {pth}"),
                           (notes, f"{notes} cannot be read")):
-        proc = run("train_net.py", *QUICKSTART, "--num-gpus", "2", *FAST, "MODEL.WEIGHTS", str(path),
+        proc = run_here("train_net.py", *QUICKSTART, "--num-gpus", "2", *FAST, "MODEL.WEIGHTS", str(path),
                    "OUTPUT_DIR", str(tmp_path / "two"))
         assert_one_line_error(proc, message)
     assert not os.path.exists(marker)
@@ -476,7 +497,7 @@ def test_model_zoo_style_pkl_of_numpy_arrays_still_loads(tmp_path):
 
 
 def test_checkpoints_of_a_training_run_load_with_weights_only(tmp_path):
-    run("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2",
+    run_here("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2",
         "OUTPUT_DIR", str(tmp_path), check=True)
     state = torch.load(tmp_path / "model_final.pth", weights_only=True)
     assert state["iteration"] == 2 and "optimizer" in state["trainer"]["_trainer"]
@@ -508,7 +529,7 @@ def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_pa
     ("FLSTAR_APPENDIX", "MODEL.FOCALSTAR.APPENDIX_GAMMA=2.0", "FOCAL_LOSS_GAMMA"),
     ("CE", "LOSS_TYPE=CE", "GAMMA")])
 def test_divergence_message_names_the_settings_of_its_loss_type(loss_type, named, not_named):
-    from d2_focalstar.engine import divergence_message
+    from d2_focalstar.run.training import divergence_message
     from test_model import quickstart_cfg
 
     cfg = quickstart_cfg("MODEL.FOCALSTAR.LOSS_TYPE", loss_type, "SOLVER.CLIP_GRADIENTS.ENABLED", "True")
@@ -579,8 +600,8 @@ def _assert_checkpoints_complete(folder):
 
 
 def _resume_and_finish(folder):
-    proc = run("train_net.py", *QUICKSTART, "--resume", *INTERRUPTIBLE, "OUTPUT_DIR", str(folder),
-               check=True)
+    proc = run_here("train_net.py", *QUICKSTART, "--resume", *INTERRUPTIBLE, "OUTPUT_DIR", str(folder),
+                    check=True)
     assert "Loading checkpoint from" in proc.output or "Loading from" in proc.output
     assert torch.load(folder / "model_final.pth", weights_only=True)["iteration"] == MAX_ITER - 1
     with open(folder / "metrics.json") as f:
@@ -639,7 +660,7 @@ def test_sigkill_during_the_first_last_checkpoint_write_then_resume(tmp_path):
     names = os.listdir(tmp_path)
     assert "model_0000000.pth" in names and "last_checkpoint" not in names
     assert [n for n in names if n.startswith(".last_checkpoint.") and n.endswith(".tmp")]
-    resumed = run("train_net.py", *QUICKSTART, "--resume", *opts, "SOLVER.MAX_ITER", "2", check=True)
+    resumed = run_here("train_net.py", *QUICKSTART, "--resume", *opts, "SOLVER.MAX_ITER", "2", check=True)
     assert "Starting training from iteration 1" in resumed.output  # not from 0
     assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == 1
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

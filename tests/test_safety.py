@@ -11,14 +11,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from d2_focalstar import add_focalstar_config
-from d2_focalstar.safety import (
-    SafetyEvaluator,
-    build_safety_evaluator,
-    log_average_miss_rate,
-    match_detections,
-    miss_rate_fppi_curve,
-    recall_at_fppi,
-)
+from d2_focalstar.evaluation.safety import (SafetyEvaluator, build_safety_evaluator, log_average_miss_rate, match_detections, miss_rate_fppi_curve, recall_at_fppi)
 
 # The 9 reference FPPI: 0.01, 0.0178, 0.0316, 0.0562, 0.1, 0.178, 0.316, 0.562, 1.
 
@@ -246,7 +239,7 @@ class _Records(logging.Handler):
 def safety_log():
     # On the module's logger itself: caplog listens on the root logger, which detectron2's
     # setup_logger, if a test before has called it, may have cut off by propagate = False.
-    logger, handler = logging.getLogger("d2_focalstar.safety"), _Records()
+    logger, handler = logging.getLogger("d2_focalstar.evaluation.safety"), _Records()
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)

@@ -1,4 +1,4 @@
-"""SLURM through submitit (d2_focalstar/slurm.py, d2_focalstar/preemption.py, tools/submit_slurm.py,
+"""SLURM through submitit (d2_focalstar/run/slurm.py, d2_focalstar/run/preemption.py, tools/submit_slurm.py,
 tools/sweep.py --slurm), without a cluster: the jobs run through submitit's local executor (a
 2-process CPU training preempted, requeued and finished; a job whose rank fails), the
 submissions go to stand-ins for sbatch and srun that check their options as sbatch does."""
@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 
-from helpers import FAST, QUICKSTART, REPO, assert_one_line_error, run
+from helpers import FAST, QUICKSTART, REPO, assert_one_line_error, run_here
 
 submitit = pytest.importorskip("submitit")
 
-from d2_focalstar.results import read_metrics  # noqa: E402
-from d2_focalstar.slurm import add_slurm_arguments, distributed_args, error_line, submit  # noqa: E402
+from d2_focalstar.run.results import read_metrics  # noqa: E402
+from d2_focalstar.run.slurm import add_slurm_arguments, distributed_args, failure_reason, submit  # noqa: E402
 
 TINY = [*QUICKSTART, *FAST, "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]
 
@@ -127,7 +127,7 @@ def test_distributed_settings_come_from_the_slurm_environment(monkeypatch):
 def test_local_job_with_cuda_reported_present_gets_the_gpus(tmp_path, monkeypatch):
     """The local executor hides the GPUs it is not given (CUDA_VISIBLE_DEVICES): with CUDA it is
     given --gpus-per-node of them; without, none (each "GPU" is then a CPU process)."""
-    from d2_focalstar.slurm import build_executor
+    from d2_focalstar.run.slurm import build_executor
 
     args = _local_args(tmp_path, nodes=1, gpus=2)
     assert build_executor(args, tmp_path / "s", 2, 6, "x").parameters["gpus_per_node"] == 0
@@ -136,12 +136,12 @@ def test_local_job_with_cuda_reported_present_gets_the_gpus(tmp_path, monkeypatc
     assert build_executor(args, tmp_path / "s", 2, 6, "x").parameters["gpus_per_node"] == 2
 
 
-def test_error_line_is_the_one_line_error_else_the_last_exception():
-    assert error_line(["x", "train_net.py: error: SOLVER.BASE_LR=0: allowed > 0", ""]) == "SOLVER.BASE_LR=0: allowed > 0"
+def test_failure_reason_is_the_one_line_error_else_the_last_exception():
+    assert failure_reason(["x", "train_net.py: error: SOLVER.BASE_LR=0: allowed > 0", ""]) == "SOLVER.BASE_LR=0: allowed > 0"
     trace = ["Traceback (most recent call last):", "torch.multiprocessing.spawn.ProcessRaisedException:",
              "-- Process 0 terminated with the following error:", "Traceback (most recent call last):",
              '  File "x.py", line 3, in f', "RuntimeError: injected fault", "  "]
-    assert error_line(trace) == "RuntimeError: injected fault"
+    assert failure_reason(trace) == "RuntimeError: injected fault"
 
 
 # ---- submitting: stand-ins for sbatch and srun ----------------------------------------------------
@@ -256,5 +256,5 @@ def test_sweep_submits_the_runs_not_done_as_one_job_array(tmp_path, scheduler):
 
 
 def test_sweep_refuses_scheduler_options_without_slurm(tmp_path):
-    proc = run("tools/sweep.py", *QUICKSTART, "--qos", "high", "--out", str(tmp_path))
+    proc = run_here("tools/sweep.py", *QUICKSTART, "--qos", "high", "--out", str(tmp_path))
     assert proc.returncode == 2 and "unrecognized arguments: --qos high" in proc.stderr

@@ -11,20 +11,12 @@ import pytest
 from detectron2.config import get_cfg
 
 from d2_focalstar.config import add_focalstar_config
-from d2_focalstar.study import (
-    SweepRun,
-    comparison_rows,
-    load_run,
-    loss_curves,
-    plan_sweep,
-    plot_fig4,
-    run_state,
-    setting_names,
-    to_csv,
-    to_markdown,
-)
-from d2_focalstar.results import RunRecordError
-from helpers import FAST, QUICKSTART, REPO, assert_one_line_error, run
+from d2_focalstar.study.sweep import SweepRun, plan_sweep
+from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to_markdown
+from d2_focalstar.run.results import load_run, run_state
+from d2_focalstar.study.fig4 import loss_curves, plot_fig4
+from d2_focalstar.run.results import RunRecordError
+from helpers import FAST, QUICKSTART, REPO, assert_one_line_error, run_here
 
 
 def test_fig4_curves_come_from_the_loss_functions():
@@ -147,7 +139,7 @@ def test_a_non_default_cap_is_a_setting_of_its_own(runs):
 
 
 def test_compare_command_on_fixture_folders(runs, tmp_path):
-    proc = run("tools/compare.py", *[str(runs / n) for n in ("fl_s0", "fl_s1", "flstar_s0", "flstar_s1")],
+    proc = run_here("tools/compare.py", *[str(runs / n) for n in ("fl_s0", "fl_s1", "flstar_s0", "flstar_s1")],
                str(tmp_path / "not_a_run"), "--out", str(tmp_path / "cmp" / "table"), check=True)
     assert "| mean | FLSTAR g=0.25 |" in proc.stdout
     assert "skipped" in proc.stderr and "not_a_run" in proc.stderr
@@ -164,7 +156,7 @@ def test_compare_skips_runs_whose_files_are_cut_short_or_not_a_record_naming_the
     (runs / "keyless" / "results.json").write_text('{"seed": 0}')
     with open(runs / "fl_s1" / "metrics.json", "a") as f:
         f.write("\nnull\n")
-    proc = run("tools/compare.py", *[str(runs / n) for n in ("fl_s0", "fl_s1", "half", "keyless", "flstar_s0")],
+    proc = run_here("tools/compare.py", *[str(runs / n) for n in ("fl_s0", "fl_s1", "half", "keyless", "flstar_s0")],
                "--resamples", "0", "--out", str(tmp_path / "cmp" / "table"), check=True)
     assert "| mean | FLSTAR g=0.25 |" in proc.stdout and "| fl_s1 |" in proc.stdout
     lines = proc.stderr.splitlines()
@@ -184,8 +176,8 @@ def test_training_curves_use_the_last_record_of_each_iteration(tmp_path, monkeyp
     iterations 20-29 twice, out of order; the resumed run's records are the ones drawn."""
     import matplotlib.axes
 
-    from d2_focalstar.results import read_metrics
-    from d2_focalstar.study import plot_training_curves
+    from d2_focalstar.run.results import read_metrics
+    from d2_focalstar.study.curves import plot_training_curves
 
     lines = [{"iteration": i, "total_loss": 10.0 - i / 10} for i in range(0, 30, 5)]  # first run
     lines += [{"iteration": i, "total_loss": 1.0 - i / 100} for i in range(20, 40, 5)]  # resumed at 20
@@ -201,14 +193,14 @@ def test_training_curves_use_the_last_record_of_each_iteration(tmp_path, monkeyp
 
 @pytest.mark.parametrize("out", ["", "figures/"])
 def test_plot_losses_needs_a_file_name_in_its_prefix(tmp_path, out):
-    proc = run("tools/plot_losses.py", "--out", out)
+    proc = run_here("tools/plot_losses.py", "--out", out)
     assert_one_line_error(proc, "plot_losses.py", f"--out {out!r} is not a path prefix")
     assert not [n for n in os.listdir(REPO) if n.endswith((".png.png", ".svg.png"))]
 
 
 @pytest.mark.parametrize("out", ["", "tables/"])
 def test_compare_needs_a_file_name_in_its_prefix(tmp_path, out):
-    proc = run("tools/compare.py", str(tmp_path), "--out", out)
+    proc = run_here("tools/compare.py", str(tmp_path), "--out", out)
     assert_one_line_error(proc, "compare.py", f"--out {out!r} is not a path prefix")
     assert not [n for n in os.listdir(REPO) if n in (".md", ".csv", "_curves.png")]
 
@@ -227,7 +219,7 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
     out = tmp_path / "sweep"
     sweep = ["tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--seeds", "0",
              "--out", str(out), "--", *FAST, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1"]
-    first = run(*sweep, check=True)
+    first = run_here(*sweep, check=True)
     assert "ce_s0: new" in first.stdout and "fl_g2_s0: new" in first.stdout
     for name, loss_type in (("ce_s0", "CE"), ("fl_g2_s0", "FL")):
         record = load_run(str(out / name))
@@ -238,7 +230,7 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
     os.remove(fl / "results.json")
     os.remove(fl / "model_final.pth")
     (fl / "last_checkpoint").write_text("model_0000000.pth")
-    again = run(*sweep, check=True)
+    again = run_here(*sweep, check=True)
     assert "ce_s0: done" in again.stdout and "fl_g2_s0: interrupted" in again.stdout
     assert load_run(str(fl))["iteration"] == 2
     log = (fl / "log.txt").read_text()
@@ -249,7 +241,7 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
     # a run that died in its final evaluation: resumed from model_final, no step left to run,
     # it still records the iteration it finished at
     os.remove(fl / "results.json")
-    again = run(*sweep, check=True)
+    again = run_here(*sweep, check=True)
     assert "fl_g2_s0: interrupted" in again.stdout
     assert load_run(str(fl))["iteration"] == 2
 
@@ -348,7 +340,7 @@ def test_runs_that_differ_in_learning_rate_are_not_seeds_of_one_setting(runs):
 
 
 def test_results_json_records_the_solver_settings(tmp_path):
-    from d2_focalstar.results import write_results
+    from d2_focalstar.run.results import write_results
     cfg = get_cfg()
     add_focalstar_config(cfg)
     cfg.OUTPUT_DIR, cfg.SOLVER.BASE_LR = str(tmp_path), 0.005
@@ -460,30 +452,21 @@ def _sweep_module():
     return module
 
 
-def test_sweep_warns_when_its_runs_will_share_gpus():
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
+def test_sweep_warns_when_its_runs_will_share_gpus(monkeypatch):
     warning = _sweep_module().gpu_sharing_warning
     assert warning(2, 1, ["0", "1"]) is None and warning(1, 4, ["0", "1", "2", "3"]) is None
     line = warning(2, 2, ["0", "1", "2"])
     assert "--jobs 2 x --num-gpus 2 = 4 GPUs wanted, 3 visible" in line and "share GPUs" in line
     assert warning(12, 1, []) is None  # CPU runs: nothing to share
 
-    def dry_run(visible):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible)
-        return subprocess.run([sys.executable, "tools/sweep.py", *QUICKSTART, "--jobs", "3", "--dry-run",
-                               "--out", "unused"], cwd=REPO, env=env, capture_output=True, text=True,
-                              check=True).stdout
+    def dry_run(visible, *more):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        return run_here("tools/sweep.py", *QUICKSTART, *more, "--dry-run", "--out", "unused")
 
-    assert dry_run("0,1").count("3 GPUs wanted, 2 visible: runs will share GPUs") == 1
-    assert "warning" not in dry_run("")
+    assert dry_run("0,1", "--jobs", "3").stdout.count("3 GPUs wanted, 2 visible: runs will share GPUs") == 1
+    assert "warning" not in dry_run("", "--jobs", "3").stdout
     # more GPUs per run than there are: every run would fail, so the sweep does not start
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1")
-    proc = subprocess.run([sys.executable, "tools/sweep.py", *QUICKSTART, "--num-gpus", "4", "--dry-run",
-                           "--out", "unused"], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = dry_run("0,1", "--num-gpus", "4")
     assert proc.returncode == 2 and "--num-gpus 4: only 2 GPUs visible (0,1)" in proc.stderr
 
 
@@ -502,12 +485,13 @@ def test_a_failed_run_shows_its_reason_and_log(tmp_path):
     reason) and its path, and the final message lists every failed run with its log, in the
     sweep's order (not the order they happened to end in)."""
     out = tmp_path / "sweep"
-    proc = run("tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--jobs", "2", "--out", str(out),
-               "--", *FAST, "MODEL.FOCALSTAR.GAMMA", "-1", check=False)
+    # a config the sweep accepts (it checks the file and opts), whose runs fail at their start
+    proc = run_here("tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--jobs", "2", "--out", str(out),
+                    "--", *FAST, "DATASETS.TRAIN", "('nope_train',)", check=False)
     logs = [out / "ce_s0" / "sweep.log", out / "fl_g2_s0" / "sweep.log"]
     for name, log in zip(("ce_s0", "fl_g2_s0"), logs):
-        assert (f"{name}: failed, {log} ends: train_net.py: error: invalid config: "
-                "MODEL.FOCALSTAR.GAMMA=-1.0") in proc.stdout, proc.output[-3000:]
+        assert (f"{name}: failed, {log} ends: train_net.py: error: DATASETS.TRAIN: dataset "
+                "'nope_train' is not registered") in proc.stdout, proc.output[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"sweep.py: 2 run(s) failed: ce_s0 (log {logs[0]}), fl_g2_s0 (log {logs[1]}) (rerun to retry them)")
 
@@ -545,8 +529,8 @@ def test_committed_study_tables_rebuild_from_their_result_files(study, table):
 
 def test_sweep_takes_an_fcos_config_unchanged():
     """The same sweep command on an FCOS config sets the FCOS node's keys."""
-    proc = run("tools/sweep.py", "--config-file", "configs/quickstart_fcos_flstar.yaml", "--loss-types",
-               "FL", "CE", "--fl-gamma", "1", "--alphas", "0.5", "--dry-run", check=True)
+    proc = run_here("tools/sweep.py", "--config-file", "configs/quickstart_fcos_flstar.yaml", "--loss-types",
+                    "FL", "CE", "--fl-gamma", "1", "--alphas", "0.5", "--dry-run", check=True)
     assert "fl_g1_a0.5_s0: new (MODEL.FOCALSTAR.LOSS_TYPE FL SEED 0 MODEL.FCOS.FOCAL_LOSS_GAMMA 1.0 " \
            "MODEL.FCOS.FOCAL_LOSS_ALPHA 0.5)" in proc.stdout
     assert "ce_a0.5_s0: new" in proc.stdout and "RETINANET" not in proc.stdout
@@ -575,7 +559,7 @@ def _run_with_detections(folder, loss_type, gamma, seed, gt_file, detections, te
 
 @pytest.fixture(scope="module")
 def runs_with_detections(tmp_path_factory):
-    from d2_focalstar.synthetic import synthetic_coco
+    from d2_focalstar.data.synthetic_coco import synthetic_coco
 
     root = tmp_path_factory.mktemp("boot")
     gt, dets = synthetic_coco(num_images=80, num_categories=4, seed=2)
@@ -596,7 +580,7 @@ def runs_with_detections(tmp_path_factory):
 
 def test_compare_adds_paired_bootstrap_intervals_from_saved_detections(runs_with_detections, tmp_path):
     root = runs_with_detections
-    proc = run("tools/compare.py", *[str(root / n) for n in ("flstar_s0", "flstar_s1", "fl_s0", "fl_s1", "ce_s0")],
+    proc = run_here("tools/compare.py", *[str(root / n) for n in ("flstar_s0", "flstar_s1", "fl_s0", "fl_s1", "ce_s0")],
                "--resamples", "100", "--out", str(tmp_path / "cmp"), check=True)
     text = (tmp_path / "cmp_intervals.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| FLSTAR g=0.25 | FL g=2 | 2 vs 2 |"))
@@ -612,13 +596,13 @@ def test_compare_adds_paired_bootstrap_intervals_from_saved_detections(runs_with
 def test_intervals_against_a_chosen_setting_and_refusals(runs_with_detections, tmp_path):
     root = runs_with_detections
     folders = [str(root / n) for n in ("flstar_s0", "fl_s0", "fl_s1")]
-    proc = run("tools/compare.py", *folders, "--versus", "FLSTAR g=0.25", "--resamples", "20",
+    proc = run_here("tools/compare.py", *folders, "--versus", "FLSTAR g=0.25", "--resamples", "20",
                "--out", str(tmp_path / "v"), check=True)
     assert "| FL g=2 | FLSTAR g=0.25 | 2 vs 1 | -" in (tmp_path / "v_intervals.md").read_text()
-    assert_one_line_error(run("tools/compare.py", *folders, "--versus", "CE alpha=0.75", "--out",
+    assert_one_line_error(run_here("tools/compare.py", *folders, "--versus", "CE alpha=0.75", "--out",
                               str(tmp_path / "x")), "compare.py", "--versus 'CE alpha=0.75' is not one of the settings")
     # runs on another dataset: their difference gets no interval, said in one line naming both
-    proc = run("tools/compare.py", str(root / "flstar_s0"), str(root / "elsewhere_s0"), "--versus",
+    proc = run_here("tools/compare.py", str(root / "flstar_s0"), str(root / "elsewhere_s0"), "--versus",
                "FLSTAR g=0.25", "--out", str(tmp_path / "y"))
     assert_one_line_error(proc, "compare.py", "evaluated on different datasets", "other_val", "synth_val")
 
@@ -633,8 +617,8 @@ def _drop_confident(dets, share, seed):
 def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
     """tools/table1.py: the paper's numbers beside the runs', and each check decided by the runs:
     FL g=2 above the best CE only where its detections are better by a margin the bootstrap sees."""
-    from d2_focalstar.bootstrap import RunEvaluation
-    from d2_focalstar.synthetic import synthetic_coco
+    from d2_focalstar.evaluation.bootstrap import RunEvaluation
+    from d2_focalstar.data.synthetic_coco import synthetic_coco
 
     gt, dets = synthetic_coco(num_images=80, num_categories=4, seed=3)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
@@ -649,7 +633,7 @@ def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
             record["results"]["bbox"]["AP"] = RunEvaluation(gt, kept).metrics()["AP"]
             (folder / "results.json").write_text(json.dumps(record))
     out = tmp_path / "t1"
-    proc = run("tools/table1.py", *map(str, sorted((tmp_path / "runs").iterdir())), "--resamples", "200",
+    proc = run_here("tools/table1.py", *map(str, sorted((tmp_path / "runs").iterdir())), "--resamples", "200",
                "--out", str(out), check=True)
     text = (tmp_path / "t1.md").read_text()
     assert text in proc.stdout

@@ -4,22 +4,21 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
+from helpers import run, run_here
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = ["--config-file", "configs/quickstart_flstar.yaml"]
-ITERS = 200
+ITERS = 200  # conftest.QUICKSTART_ITERS
 
 
-def train_net(*args, timeout=900):
-    proc = subprocess.run([sys.executable, "train_net.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
-    return out
+def train_net(*args, here=True):
+    """train_net.py's output; in this process unless ``here`` is False (several processes)."""
+    proc = run_here("train_net.py", *args) if here else run("train_net.py", *args, timeout=900)
+    assert proc.returncode == 0, proc.output[-5000:]
+    return proc.output
 
 
 def coco_ap(log):
@@ -31,11 +30,8 @@ def coco_ap(log):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quickstart")
-    log = train_net(*QUICKSTART, "SOLVER.MAX_ITER", str(ITERS), "SOLVER.STEPS", "(150, 180)",
-                    "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out))
-    return out, log
+def trained(quickstart_model):
+    return quickstart_model  # conftest.py: the test run's one quickstart training
 
 
 def test_short_cpu_training_learns(trained, tmp_path):
@@ -69,7 +65,7 @@ def test_the_projects_own_log_lines_reach_console_and_log_file(trained):
     with open(out / "log.txt") as f:
         log_file = f.read()
     for text in (log, log_file):
-        assert re.search(r"d2_focalstar\.safety.*: Safety metrics on 64 images", text)
+        assert re.search(r"d2_focalstar\.evaluation\.safety.*: Safety metrics on 64 images", text)
         assert f"Final metrics written to {out / 'results.json'}" in text
     assert log.count("CUDA is not available") <= 1  # once without a GPU, never with one
     assert "FutureWarning" not in log
@@ -111,7 +107,8 @@ def test_several_test_datasets_get_a_folder_each(tmp_path):
     """With two DATASETS.TEST, each evaluator writes under inference/<dataset>/: the second does
     not overwrite the first's files (the safety metrics among them)."""
     import train_net
-    from d2_focalstar.data import ShapesSpec, generate_shapes_dataset, register_coco_json_datasets
+    from d2_focalstar.data.shapes import ShapesSpec, generate_shapes_dataset
+    from d2_focalstar.data.catalog import register_coco_json_datasets
     from test_model import quickstart_cfg
 
     generate_shapes_dataset(tmp_path / "tiny", ShapesSpec(2, 2, 64, 1, 2, 12, 20, seed=1))
@@ -146,7 +143,7 @@ def test_default_flstar_training_does_not_diverge(trained):
 def test_two_process_cpu_run_through_launch(tmp_path):
     log = train_net(*QUICKSTART, "--num-gpus", "2", "--dist-url", "auto",
                     "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2",
-                    "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path))
+                    "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path), here=False)
     assert "World size: 2" in log
     with open(tmp_path / "log.txt.rank1") as f:
         assert "Rank of current process: 1. World size: 2" in f.read()
@@ -157,9 +154,10 @@ def test_two_process_cpu_run_through_launch(tmp_path):
     # with weights to load (read first by the launching process): resume, and evaluate
     train_net(*QUICKSTART, "--num-gpus", "2", "--dist-url", "auto", "--resume",
               "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "8", "SOLVER.WARMUP_ITERS", "2",
-              "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path))
+              "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path), here=False)
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["iteration"] == 8
     log = train_net(*QUICKSTART, "--num-gpus", "2", "--dist-url", "auto", "--eval-only",
-                    "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval"))
+                    "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval"),
+                    here=False)
     assert not math.isnan(coco_ap(log)["AP"])

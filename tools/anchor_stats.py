@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from detectron2.structures import Boxes, Instances
 
-from d2_focalstar.config import ConfigError, load_config
+from d2_focalstar.config import ConfigError
+from d2_focalstar.run.cli import load_config
+from d2_focalstar.run.errors import error_line
 
 
 def coco_like(num_images, seed=0):
@@ -69,17 +71,17 @@ def anchor_counts(model, images):
     return np.array(rows, dtype=np.float64)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True)
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--coco-like", action="store_true")
     p.add_argument("opts", nargs="*")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         cfg = load_config(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
     except ConfigError as e:
-        sys.exit(f"anchor_stats.py: error: {e}")
+        sys.exit(error_line("anchor_stats.py", e))
     from detectron2.modeling import build_model
 
     model = build_model(cfg).eval()

@@ -134,7 +134,7 @@ def loss_variants(device, fused_ok, compile_ok):
     from fvcore.nn import sigmoid_focal_loss_jit
     from torchvision.ops import sigmoid_focal_loss as tv_focal
 
-    from d2_focalstar.losses import sigmoid_classification_loss
+    from d2_focalstar.modeling.losses import sigmoid_classification_loss
 
     alpha, fl_gamma, flstar_gamma, cap = 0.25, 2.0, 0.25, 100.0
 
@@ -160,8 +160,8 @@ def loss_variants(device, fused_ok, compile_ok):
     variants = {
         "detectron2 stock FL (fvcore jit, one-hot)": ("FL", stock),
         "torchvision FL (one-hot)": ("FL", torchvision_fl),
-        "reference FL (d2_focalstar.losses)": ("FL", reference("FL", gamma=fl_gamma)),
-        "reference FL* (d2_focalstar.losses)": ("FLSTAR", reference("FLSTAR", gamma=flstar_gamma, max_factor=cap)),
+        "reference FL (d2_focalstar.modeling.losses)": ("FL", reference("FL", gamma=fl_gamma)),
+        "reference FL* (d2_focalstar.modeling.losses)": ("FLSTAR", reference("FLSTAR", gamma=flstar_gamma, max_factor=cap)),
     }
     if compile_ok:
         def labels_direct(logits, labels):  # no one-hot tensor, ignored anchors masked
@@ -175,7 +175,7 @@ def loss_variants(device, fused_ok, compile_ok):
             return torch.where((labels >= 0)[:, None], loss, 0.0).sum()
         variants["torch.compile FL* (labels-direct)"] = ("FLSTAR", torch.compile(labels_direct))
     if fused_ok:
-        from d2_focalstar.fused import fused_classification_loss
+        from d2_focalstar.modeling.fused import fused_classification_loss
 
         variants["fused FL (Triton)"] = (
             "FL", lambda x, y: fused_classification_loss(x, y, "FL", alpha, gamma=fl_gamma))
@@ -474,12 +474,14 @@ def print_tables(report):
 def main(argv=None):
     args = parse_args(argv)
     if args.cpu_smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when d2_focalstar.fused is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when d2_focalstar.modeling.fused is imported
         device = torch.device("cpu")
         sizes = SMOKE
     else:
         if not torch.cuda.is_available():
-            sys.exit("tools/benchmark.py: error: no CUDA device; use --cpu-smoke for the CPU smoke run")
+            from d2_focalstar.run.errors import error_line
+
+            sys.exit(error_line("tools/benchmark.py", "no CUDA device; use --cpu-smoke for the CPU smoke run"))
         device = torch.device("cuda")
         sizes = FULL  # cudnn.benchmark stays off (detectron2's CUDNN_BENCHMARK default) but in its own row
     timer = Timer(device, sizes["warmup"])
@@ -500,9 +502,9 @@ def main(argv=None):
     if "detector" in args.sections:
         report["fl_mode_check"] = fl_mode_check(args, sizes, device, synthetic_batch(sizes, sizes["train_batch"], device))
         report["detector"] = bench_detectors(args, sizes, device, timer)
-        if "d2_focalstar.fused" in sys.modules:  # a kernel that failed its self-check was not timed
+        if "d2_focalstar.modeling.fused" in sys.modules:  # a kernel that failed its self-check was not timed
             report["fused_self_check"] = [dict(setting=[str(k) for k in key], disagreement=verdict)
-                                          for key, verdict in sys.modules["d2_focalstar.fused"]._verdicts.items()]
+                                          for key, verdict in sys.modules["d2_focalstar.modeling.fused"]._verdicts.items()]
     print_tables(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     from d2_focalstar.fileio import write_json

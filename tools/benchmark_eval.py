@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Evaluation-side benchmark on a synthetic COCO-val-sized set (5,000 images, ~36,000 boxes, 100
-detections per image by default; d2_focalstar/synthetic.py): the paired bootstrap of
+detections per image by default; d2_focalstar/data/synthetic_coco.py): the paired bootstrap of
 tools/compare.py (per-image matching once per run, then N resamples of a pair of runs), and
 COCO evaluation (the 12 numbers, as COCOEvaluator computes them) with pycocotools and with
-faster-coco-eval (d2_focalstar/evaluation.py). Prints Markdown tables and writes them as JSON.
+faster-coco-eval (d2_focalstar/evaluation/coco.py). Prints Markdown tables and writes them as JSON.
 
     python tools/benchmark_eval.py --out output/benchmark_eval.json
     python tools/benchmark_eval.py --sections cocoeval --out output/benchmark_cocoeval.json
@@ -18,10 +18,10 @@ import time
 import numpy as np
 import torch
 
-from d2_focalstar.bootstrap import RunEvaluation, paired_bootstrap
-from d2_focalstar.evaluation import coco_eval_implementation, evaluate_coco
+from d2_focalstar.evaluation.bootstrap import RunEvaluation, paired_bootstrap
+from d2_focalstar.evaluation.coco import coco_eval_implementation, evaluate_coco
 from d2_focalstar.fileio import write_json
-from d2_focalstar.synthetic import synthetic_coco
+from d2_focalstar.data.synthetic_coco import synthetic_coco
 
 
 def bench_bootstrap(args):
@@ -67,14 +67,14 @@ def bench_cocoeval(args):
                 max_abs_diff=max(abs(a - b) for a, b in zip(stats["pycocotools"], stats["fast"])))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--out", default="output/benchmark_eval.json")
     p.add_argument("--sections", nargs="+", default=["bootstrap", "cocoeval"],
                    choices=["bootstrap", "cocoeval"])
-    args = p.parse_args()
+    args = p.parse_args(argv)
     meta = dict(date=datetime.date.today().isoformat(), machine=platform.machine(), cpus=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), python=platform.python_version(),
                 numpy=np.__version__)

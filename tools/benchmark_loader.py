@@ -2,7 +2,7 @@
 """The input pipeline of a COCO run, measured: the 1x config's train loader (detectron2's
 build_detection_train_loader with this project's CheckedDatasetMapper, as train_net.py builds it:
 JPEG decoding, ResizeShortestEdge to 640-800, flips, box transforms, batching by aspect ratio)
-over COCO-like JPEG files made here (640x480, quality 90, boxes from d2_focalstar/synthetic.py;
+over COCO-like JPEG files made here (640x480, quality 90, boxes from d2_focalstar/data/synthetic_coco.py;
 nothing is downloaded), at 1, 2, ... loader workers: images/s of the loader of one training
 process, and per worker. From these and the train step measured on a GPU (docs/BENCHMARKS.md), it
 projects how many workers a GPU needs not to wait for data and the hours of a COCO 1x run on 1
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d2_focalstar.config import load_config
+from d2_focalstar.run.cli import load_config
 from d2_focalstar.fileio import write_json
-from d2_focalstar.synthetic import synthetic_coco
+from d2_focalstar.data.synthetic_coco import synthetic_coco
 
 # Measured figures the projection starts from (docs/BENCHMARKS.md, H100, run B, commit 626fba8):
 STEP_IMG_S = 123.6  # RetinaNetFLStar train step, batch 16 at 800x1333, AMP, synthetic batches on the GPU
@@ -90,7 +90,7 @@ def make_coco_like(folder, num_images, size=(640, 480), quality=90, seed=0):
 def loader_config(config_file, json_file, image_root, workers, batch, opts=()):
     """The config's train loader settings for the COCO-like set: DATASETS.TRAIN is it,
     DATALOADER.NUM_WORKERS ``workers``, SOLVER.IMS_PER_BATCH ``batch`` (one process's batch)."""
-    from d2_focalstar.data import register_coco_json_datasets
+    from d2_focalstar.data.catalog import register_coco_json_datasets
 
     name = "benchmark_coco_like"
     cfg = load_config(config_file, [*opts, "DATASETS.COCO_JSON", str([[name, json_file, image_root]]),
@@ -107,7 +107,7 @@ def build_train_loader(cfg):
     """What train_net.py's Trainer.build_train_loader builds (without its fault log)."""
     from detectron2.data import build_detection_train_loader
 
-    from d2_focalstar.mapper import CheckedDatasetMapper
+    from d2_focalstar.data.mapper import CheckedDatasetMapper
 
     return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
 
@@ -224,7 +224,7 @@ def project_coco_1x(step_img_s, inference_img_s, cocoeval_s, gpus, loader=(None,
     return rows
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default="configs/retinanet_R50_flstar_1x.yaml")
     p.add_argument("--images", type=int, default=500, help="COCO-like JPEG files to make (default 500)")
@@ -245,7 +245,7 @@ def main():
     p.add_argument("--data-dir", help="where to make the files (default: a temporary folder, removed)")
     p.add_argument("--out", default="output/benchmark_loader.json")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs, last")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     meta = dict(date=datetime.date.today().isoformat(), cpu=cpu_name(), cpus=os.cpu_count(),
                 cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

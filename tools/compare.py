@@ -20,12 +20,15 @@ import os
 import sys
 
 from d2_focalstar.fileio import atomic_write
-from d2_focalstar.bootstrap import BootstrapError
-from d2_focalstar.results import RunRecordError
-from d2_focalstar.study import (comparison_rows, interval_rows, intervals_to_markdown, load_run,
-                                plot_training_curves, setting_names, to_csv, to_markdown)
+from d2_focalstar.evaluation.bootstrap import BootstrapError
+from d2_focalstar.run.results import RunRecordError
+from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to_markdown
+from d2_focalstar.study.intervals import interval_rows, intervals_to_markdown
+from d2_focalstar.run.results import load_run
+from d2_focalstar.study.curves import plot_training_curves
+from d2_focalstar.run.errors import error_line
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("folders", nargs="+", help="train_net.py OUTPUT_DIRs")
     parser.add_argument("--out", default="output/compare", help="path prefix of the .md/.csv/.png")
@@ -34,7 +37,7 @@ if __name__ == "__main__":
                              "names it (default: each setting's FL at the same knobs)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not os.path.basename(args.out) or os.path.isdir(args.out):  # "", "out/", ".": no file name
         parser.error(f"--out {args.out!r} is not a path prefix: give the files' name too, e.g. "
                      "--out output/compare (writes output/compare.md, .csv and _curves.png)")
@@ -50,7 +53,7 @@ if __name__ == "__main__":
     for msg in skipped:
         print(f"skipped {msg}", file=sys.stderr)
     if not records:
-        sys.exit("compare.py: error: none of the folders holds a finished run")
+        sys.exit(error_line("compare.py", "none of the folders holds a finished run"))
 
     columns, rows = comparison_rows(records)
     markdown = to_markdown(columns, rows)
@@ -64,7 +67,7 @@ if __name__ == "__main__":
             intervals = interval_rows(records, args.versus, args.resamples, args.bootstrap_seed,
                                       warn=lambda line: print(f"intervals: {line}", file=sys.stderr))
         except BootstrapError as e:
-            sys.exit(f"compare.py: error: {e}")
+            sys.exit(error_line("compare.py", e))
     if intervals:
         text = intervals_to_markdown(intervals)
         print(text)
@@ -74,3 +77,7 @@ if __name__ == "__main__":
                                   groups=setting_names(records))
     print(f"wrote {args.out}.md, {args.out}.csv, {curves}"
           + (f", {args.out}_intervals.md, {args.out}_intervals.csv" if intervals else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ Time the fused Triton loss kernel (FL*, forward + backward, and forward alone) o
 logits for several block sizes, warp counts, blocks per forward program and register caps, with
 triton.testing.do_bench (median). Needs a GPU; each of the 24 settings per dtype compiles its
 kernels and times them for about a quarter of a second (not yet timed as a whole). The defaults in
-d2_focalstar/fused.py (_LAUNCH, per element size) are chosen from its output
+d2_focalstar/modeling/fused.py (_LAUNCH, per element size) are chosen from its output
 (docs/BENCHMARKS.md) and are timed first; it ends with the fastest setting per dtype. The JSON is
 rewritten after every setting, so a run cut off keeps what it measured.
 
@@ -28,17 +28,19 @@ def settings(default):
     return [default] + [s for s in grid if s != default]
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", default="output/fused_block_sweep.json")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                         help="logit dtypes to sweep, in this order (24 settings each)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("tools/fused_block_sweep.py: error: no CUDA device (the kernel's speed means nothing in the interpreter)")
+        from d2_focalstar.run.errors import error_line
+
+        sys.exit(error_line("tools/fused_block_sweep.py", "no CUDA device (the kernel's speed means nothing in the interpreter)"))
     import triton
 
-    import d2_focalstar.fused as fz
+    import d2_focalstar.modeling.fused as fz
     from d2_focalstar.fileio import write_json  # a kill leaves the previous JSON whole
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -77,3 +79,7 @@ if __name__ == "__main__":
               f"forward ITERS={best['forward_iters']} maxnreg={best['maxnreg']}: {best['ms']:.3f} ms "
               f"(fwd {best['fwd_ms']:.3f})")
     print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 What the fused loss kernel costs per element in machine instructions, without a GPU: compiles
-d2_focalstar/fused.py's forward and backward kernels for a CUDA architecture with Triton's own
+d2_focalstar/modeling/fused.py's forward and backward kernels for a CUDA architecture with Triton's own
 ptxas (no GPU or driver needed), disassembles them with its nvdisasm and counts the SASS
 instructions of one program, divided by the elements that program handles.
 
@@ -34,8 +34,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.tools.disasm import get_sass  # noqa: E402
 
-from d2_focalstar import fused  # noqa: E402
-from d2_focalstar.losses import LOSS_TYPES  # noqa: E402
+import d2_focalstar.modeling.fused as fused  # noqa: E402
+from d2_focalstar.modeling.losses import LOSS_TYPES  # noqa: E402
 
 ELEMENTS = 16 * 201600 * 80
 H100 = dict(sms=132, schedulers=4, ghz=1.755, copy_gbs=2944)
@@ -52,7 +52,8 @@ def compile_kernel(which, loss_type, dtype, arch=90, num_classes=80):
     entry = LOSS_TYPES[loss_type]
     params = {"gamma": 0.5, "max_factor": 100.0} if entry.capped else (
         {"gamma": 0.5} if entry.params else {})
-    launch = fused._launch_args(logits, loss_type, 0.25, params, which=which)
+    entry, params = fused._kernel_entry(loss_type, 0.25, params)
+    launch = fused._launch_args(logits, entry, 0.25, params, which=which)
     constexprs = {fn.arg_names[i]: launch[fn.arg_names[i]] for i in fn.constexprs}
     pointer_types = {"logits_ptr": "*" + DTYPES[dtype][0], "grad_ptr": "*" + DTYPES[dtype][0],
                      "labels_ptr": "*i32"}  # other pointers: fp32 (partial sums, grad_out)
@@ -116,8 +117,10 @@ def count_instructions(cubin):
     for i, (_, _, target) in enumerate(lines):
         # a branch back over other instructions is a loop (the trap at the end branches to itself)
         if target in where and where[target] < i - 1:
-            raise SystemExit("tools/fused_sass_stats.py: error: the kernel has a loop; its "
-                             "instructions per element would be miscounted (unroll it: tl.static_range)")
+            from d2_focalstar.run.errors import error_line
+
+            raise SystemExit(error_line("tools/fused_sass_stats.py", "the kernel has a loop; its instructions per element "
+                                        "would be miscounted (unroll it: tl.static_range)"))
     return collections.Counter(op for _, op, _ in lines if op is not None and op != "NOP")
 
 

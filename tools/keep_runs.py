@@ -12,9 +12,9 @@ import os
 import shutil
 import sys
 
-from d2_focalstar.bootstrap import detections_file
+from d2_focalstar.evaluation.bootstrap import detections_file
 from d2_focalstar.fileio import atomic_write
-from d2_focalstar.results import RESULTS_FILE
+from d2_focalstar.run.results import RESULTS_FILE
 
 
 def keep(folder, to):
@@ -35,11 +35,11 @@ def keep(folder, to):
     return dest, det is not None
 
 
-if __name__ == "__main__":
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("folders", nargs="+")
     p.add_argument("--to", required=True)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     kept = 0
     for folder in args.folders:
         if not os.path.isfile(os.path.join(folder, RESULTS_FILE)):
@@ -49,3 +49,7 @@ if __name__ == "__main__":
         kept += 1
         print(f"{folder} -> {dest}" + ("" if with_det else " (no saved detections)"))
     print(f"kept {kept} run(s) in {args.to}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,8 +17,10 @@ takes the ResNet of a trained detector instead (pretraining by detection on othe
 import argparse
 import sys
 
-from d2_focalstar.config import ConfigError, load_config
-from d2_focalstar.pretrain import FractalSpec, PretrainSettings, pretrain
+from d2_focalstar.config import ConfigError
+from d2_focalstar.run.cli import load_config
+from d2_focalstar.study.pretrain import FractalSpec, PretrainSettings, pretrain
+from d2_focalstar.run.errors import error_line
 from detectron2.utils.logger import setup_logger
 
 
@@ -46,13 +48,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     setup_logger(name="d2_focalstar")
     if args.from_detector:
-        from d2_focalstar.checkpoint import CheckpointReadError, UnsafeCheckpointError
-        from d2_focalstar.pretrain import extract_backbone
+        from d2_focalstar.run.checkpoint import CheckpointReadError, UnsafeCheckpointError
+        from d2_focalstar.study.pretrain import extract_backbone
 
         try:
             extract_backbone(args.from_detector, args.out)
         except (OSError, ValueError, CheckpointReadError, UnsafeCheckpointError) as e:
-            sys.exit(f"pretrain_backbone.py: error: {e}")
+            sys.exit(error_line("pretrain_backbone.py", e))
         return
     if not args.config_file:
         p.error("--config-file is required (or --from-detector CHECKPOINT)")
@@ -67,7 +69,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.config_file, ["MODEL.WEIGHTS", ""] + (["MODEL.DEVICE", args.device] if args.device else []))
     except ConfigError as e:
-        sys.exit(f"pretrain_backbone.py: error: {e}")
+        sys.exit(error_line("pretrain_backbone.py", e))
     spec = FractalSpec(num_classes=args.classes, image_size=args.image_size, max_objects=args.max_objects,
                        min_size=args.object_sizes[0], max_size=args.object_sizes[1], seed=args.seed)
     settings = PretrainSettings(fractals=spec, iterations=args.iterations, batch_size=args.batch_size,

@@ -23,12 +23,14 @@ sys.path.insert(0, REPO)
 PROG = "submit_slurm.py"
 
 
-def main(argv):
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from d2_focalstar.slurm import SlurmError, add_slurm_arguments, sbatch_options
+    from d2_focalstar.run.errors import error_line
+    from d2_focalstar.run.slurm import SlurmError, add_slurm_arguments, sbatch_options
 
     add_slurm_arguments(parser)
     args, unknown = parser.parse_known_args(argv)
@@ -41,11 +43,11 @@ def main(argv):
         args.sbatch = sbatch_options(unknown)
         submit_and_report(args, train_args)
     except SlurmError as e:
-        sys.exit(f"{PROG}: error: {e}")
+        sys.exit(error_line(PROG, e))
 
 
 def submit_and_report(args, train_args):
-    from d2_focalstar.slurm import SlurmError, error_line, submit
+    from d2_focalstar.run.slurm import SlurmError, failure_reason, submit
 
     ((submitted, job),) = submit(args, [train_args], os.path.join(REPO, "train_net.py"))
     where = "here (submitit's local executor)" if args.local else "SLURM"
@@ -57,10 +59,10 @@ def submit_and_report(args, train_args):
         try:
             record = submitted.result()
         except (FailedJobError, UncompletedJobError) as e:  # they hold the job's traceback
-            raise SlurmError(f"the job failed: {error_line(str(e).splitlines())}") from None
+            raise SlurmError(f"the job failed: {failure_reason(str(e).splitlines())}") from None
         print(f"[{PROG}] finished: {os.path.join(job.output_dir, 'results.json')} "
               f"(iteration {record.get('iteration')})")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

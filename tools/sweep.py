@@ -12,7 +12,7 @@ interrupted ones resume from their checkpoint.
     python tools/compare.py output/sweep/*
 
 The loss types, their parameters and the values a sweep tries by default come from the loss
-table (d2_focalstar/losses.py): FL* tries the proposal's gammas, FL g = 2; --param TYPE.NAME=V,V
+table (d2_focalstar/modeling/losses.py): FL* tries the proposal's gammas, FL g = 2; --param TYPE.NAME=V,V
 sets the values of any parameter (--gammas and --fl-gamma are short for FLSTAR.gamma and
 FL.gamma). Any detector's config works (RetinaNet, FCOS): the keys are the config's own.
 
@@ -40,10 +40,15 @@ import subprocess
 import sys
 import time
 
-from d2_focalstar.config import add_focalstar_config, loss_config_node
-from d2_focalstar.losses import LOSS_TYPES
-from d2_focalstar.slurm import SlurmError, add_slurm_arguments, sbatch_options, submit
-from d2_focalstar.study import plan_sweep, run_state
+from d2_focalstar.config import ConfigError
+from d2_focalstar.modeling import loss_config_node
+from d2_focalstar.modeling.losses import LOSS_TYPES
+from d2_focalstar.run.cli import load_config
+from d2_focalstar.run.errors import error_line
+from d2_focalstar.run.processes import stop_process_groups
+from d2_focalstar.run.results import run_state
+from d2_focalstar.run.slurm import SlurmError, add_slurm_arguments, sbatch_options, submit
+from d2_focalstar.study.sweep import plan_sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,34 +111,8 @@ def parse_param(text):
             f"({known})") from None
 
 
-def config_head(config_file):
-    """The config node of the config's detector ('MODEL.RETINANET', 'MODEL.FCOS')."""
-    from detectron2.config import get_cfg
-
-    cfg = get_cfg()
-    add_focalstar_config(cfg)
-    cfg.merge_from_file(config_file)
-    return loss_config_node(cfg) or "MODEL.RETINANET"
-
-
 def interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def stop(running, grace=30):
-    """SIGTERM each run's process group (train_net.py and the processes it started), then SIGKILL
-    what is still there after ``grace`` seconds."""
-    for proc in running:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + grace
-    for proc in running:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def slot_gpus(slot, num_gpus, gpus):
@@ -143,8 +122,8 @@ def slot_gpus(slot, num_gpus, gpus):
     return ",".join(gpus[(slot * num_gpus + i) % len(gpus)] for i in range(min(num_gpus, len(gpus))))
 
 
-if __name__ == "__main__":
-    argv = sys.argv[1:]
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -182,8 +161,12 @@ if __name__ == "__main__":
         values[("FL", "gamma")] = args.fl_gamma
     if not os.path.isfile(args.config_file):
         parser.error(f"--config-file {args.config_file}: no such file")
-    head = config_head(args.config_file)
+    try:  # the config every run starts from, checked once here (its runs add the loss's keys)
+        node = loss_config_node(load_config(args.config_file, extra, warn_no_cuda=False))
+    except ConfigError as e:
+        sys.exit(error_line("sweep.py", e))
     runs = plan_sweep(args.loss_types, args.seeds, values, args.alphas)
+    total = len(runs)
     gpus = visible_gpus()
     if gpus and args.num_gpus > len(gpus) and not args.slurm:  # every run would fail in detectron2's launch
         parser.error(f"--num-gpus {args.num_gpus}: only {len(gpus)} GPUs visible ({','.join(gpus)})")
@@ -198,27 +181,39 @@ if __name__ == "__main__":
     for i, run in enumerate(runs, 1):
         folder = os.path.join(args.out, run.name)
         state = run_state(folder)
-        print(f"[sweep {i}/{len(runs)}] {run.name}: {state}"
-              + (f" ({' '.join(run.opts(head))})" if args.dry_run else ""), flush=True)
+        print(f"[sweep {i}/{total}] {run.name}: {state}"
+              + (f" ({' '.join(run.opts(node))})" if args.dry_run else ""), flush=True)
         if state != "done" and not args.dry_run:
             todo.append((i, run, folder, state))
     if args.slurm and todo:  # the jobs resume interrupted runs themselves
         args.gpus_per_node = args.num_gpus
-        trainings = [["--config-file", args.config_file, *run.opts(head), "OUTPUT_DIR", folder, *extra]
+        trainings = [["--config-file", args.config_file, *run.opts(node), "OUTPUT_DIR", folder, *extra]
                      for i, run, folder, state in todo]
         try:
             args.sbatch = sbatch_options(unknown)
             submitted = submit(args, trainings, os.path.join(REPO, "train_net.py"),
                                folder=os.path.join(args.out, "slurm"), name=os.path.basename(os.path.abspath(args.out)))
         except SlurmError as e:
-            sys.exit(f"sweep.py: error: {e}")
+            sys.exit(error_line("sweep.py", e))
         for (i, run, folder, state), (job, _) in zip(todo, submitted):
-            print(f"[sweep {i}/{len(runs)}] {run.name}: submitted, job {job.job_id} (log {job.paths.stdout})",
+            print(f"[sweep {i}/{total}] {run.name}: submitted, job {job.job_id} (log {job.paths.stdout})",
                   flush=True)
-        sys.exit(0)
+        return
 
     # SIGTERM (kill, a job scheduler) stops the sweep like Ctrl-C: its runs are stopped with it
-    signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        failed = run_all(args, todo, total, env, gpus, extra, node)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failed:
+        # in the sweep's order, whichever of the runs at once ended first
+        listed = ", ".join(f"{name} (log {path})" if path else name for _, name, path in sorted(failed))
+        sys.exit(f"sweep.py: {len(failed)} run(s) failed: {listed} (rerun to retry them)")
+
+
+def run_all(args, todo, total, env, gpus, extra, node):
+    """Run ``todo`` (--jobs at a time); [(index, name, log)] of those that failed."""
     failed, running, free_slots = [], {}, list(range(args.jobs))
     last_status = time.time()
     try:
@@ -229,7 +224,7 @@ if __name__ == "__main__":
                 cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
                        args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
                 cmd += ["--resume"] if state == "interrupted" else []
-                cmd += run.opts(head) + ["OUTPUT_DIR", folder] + extra
+                cmd += run.opts(node) + ["OUTPUT_DIR", folder] + extra
                 run_env, log = dict(env), None
                 if args.jobs > 1:
                     devices = slot_gpus(slot, args.num_gpus, gpus)
@@ -237,7 +232,7 @@ if __name__ == "__main__":
                         run_env["CUDA_VISIBLE_DEVICES"] = devices
                     os.makedirs(folder, exist_ok=True)
                     log = open(os.path.join(folder, "sweep.log"), "a")
-                    print(f"[sweep {i}/{len(runs)}] {run.name}: started (GPUs {devices}, log "
+                    print(f"[sweep {i}/{total}] {run.name}: started (GPUs {devices}, log "
                           f"{os.path.join(folder, 'sweep.log')})", flush=True)
                 # its own process group, so that stopping the sweep stops all of a run's processes
                 proc = subprocess.Popen(cmd, env=run_env, stdout=log, start_new_session=True,
@@ -249,24 +244,25 @@ if __name__ == "__main__":
                 free_slots.append(slot)
                 if log:
                     log.close()
-                print(f"[sweep {i}/{len(runs)}] {run.name}: exit {proc.returncode} after "
+                print(f"[sweep {i}/{total}] {run.name}: exit {proc.returncode} after "
                       f"{time.time() - start:.0f} s", flush=True)
                 if proc.returncode != 0:
                     failed.append((i, run.name, log.name if log else None))
                     if log:  # its reason is in the log, not on the screen
-                        print(f"[sweep {i}/{len(runs)}] {run.name}: failed, {log.name} ends: "
+                        print(f"[sweep {i}/{total}] {run.name}: failed, {log.name} ends: "
                               f"{last_line(log.name) or '(empty)'}", flush=True)
             if args.jobs > 1 and args.status_every > 0 and time.time() - last_status >= args.status_every:
                 last_status = time.time()
                 states = [f"{run.name} {last_progress(log.name) or 'starting'}"
                           for i, run, slot, log, start in running.values()]
-                print(f"[sweep] {len(runs) - len(todo) - len(running)} done or failed, "
+                print(f"[sweep] {total - len(todo) - len(running)} done or failed, "
                       f"{len(todo)} waiting; running: {'; '.join(states)}", flush=True)
     except KeyboardInterrupt:
         print(f"[sweep] stopping {len(running)} run(s); the same command resumes them", flush=True)
-        stop(running)
+        stop_process_groups(running, grace=30)  # each run's group: train_net.py and its processes
         sys.exit(130)
-    if failed:
-        # in the sweep's order, whichever of the runs at once ended first
-        listed = ", ".join(f"{name} (log {path})" if path else name for _, name, path in sorted(failed))
-        sys.exit(f"sweep.py: {len(failed)} run(s) failed: {listed} (rerun to retry them)")
+    return failed
+
+
+if __name__ == "__main__":
+    main()

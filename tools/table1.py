@@ -12,18 +12,20 @@ import argparse
 import os
 import sys
 
-from d2_focalstar.bootstrap import BootstrapError
+from d2_focalstar.evaluation.bootstrap import BootstrapError
 from d2_focalstar.fileio import atomic_write
-from d2_focalstar.results import RunRecordError
-from d2_focalstar.study import load_run, table1
+from d2_focalstar.run.results import RunRecordError
+from d2_focalstar.run.results import load_run
+from d2_focalstar.study.table1 import table1
+from d2_focalstar.run.errors import error_line
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("folders", nargs="+", help="train_net.py OUTPUT_DIRs of one study")
     parser.add_argument("--out", default="output/table1", help="path prefix of the .md")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not os.path.basename(args.out) or os.path.isdir(args.out):
         parser.error(f"--out {args.out!r} is not a path prefix: give the file's name too, e.g. --out output/table1")
     if args.resamples < 1:
@@ -38,7 +40,7 @@ if __name__ == "__main__":
         table, checks = table1(records, args.resamples, args.bootstrap_seed,
                                warn=lambda line: print(f"intervals: {line}", file=sys.stderr))
     except (ValueError, BootstrapError) as e:
-        sys.exit(f"table1.py: error: {e}")
+        sys.exit(error_line("table1.py", e))
     text = table + "\n" + "\n".join(f"- {name}: **{verdict}**" + (f" ({detail})" if detail else "")
                                     for name, verdict, detail in checks)
     calibrated = all(v == "met" for _, v, _ in checks)
@@ -48,3 +50,7 @@ if __name__ == "__main__":
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     atomic_write(args.out + ".md", lambda f: f.write(text.encode()))
     print(f"wrote {args.out}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ docs/CLUSTER.md is the user's guide.
   node's address and a port drawn from the job id: submitit's TorchDistributedEnvironment), which
   detectron2's ``launch`` turns into one process per GPU.
 - Preemption and the time limit: submitit's signal reaches the job; its ``checkpoint()`` asks the
-  training for a checkpoint now (d2_focalstar/preemption.py), waits for it to be whole, and
+  training for a checkpoint now (d2_focalstar/run/preemption.py), waits for it to be whole, and
   returns the same job for submitit to requeue. A job started again, requeued by submitit or by
   the scheduler after a kill, resumes from OUTPUT_DIR's last complete checkpoint on its own and
   finishes at SOLVER.MAX_ITER, writing results.json as an uninterrupted run does; a run whose
@@ -22,7 +22,6 @@ line.
 """
 import collections
 import json
-import logging
 import os
 import re
 import shutil
@@ -32,11 +31,13 @@ import sys
 import threading
 import time
 
+from .errors import reported_message
 from .preemption import preemption_signal
+from .processes import die_with_parent, stop_process_groups
 from .results import load_run, run_state
 
 __all__ = ["SlurmError", "TrainJob", "add_slurm_arguments", "sbatch_options", "submit", "distributed_args",
-           "error_line", "parse_time"]
+           "failure_reason", "parse_time"]
 
 
 class SlurmError(RuntimeError):
@@ -72,13 +73,13 @@ _SECONDARY = re.compile(r"connection (closed|reset|refused)|broken pipe|\bnccl\b
                         re.I)
 
 
-def error_line(stderr_lines):
-    """The line that says why train_net.py failed: its one-line error, else the last exception line
-    of a traceback, else its last line."""
+def failure_reason(stderr_lines, program="train_net.py"):
+    """What says why ``program`` failed: its one-line error's message, else the last exception
+    line of a traceback, else its last line."""
     lines = [line.strip() for line in stderr_lines if line.strip()]
     for line in reversed(lines):
-        if line.startswith("train_net.py: error: "):
-            return line[len("train_net.py: error: "):]
+        if reported_message(line, program) is not None:
+            return reported_message(line, program)
     for line in reversed(lines):
         if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b[^:]*:", line):
             return line
@@ -123,7 +124,7 @@ class TrainJob:
         if returncode is None:  # stopped here because another task's training failed
             other_rank, message = self._first_failure(failures, rank, wait=False)
             raise RuntimeError(f"machine {other_rank} failed: {message} (machine {rank} was stopped)")
-        mine = error_line(tail)
+        mine = failure_reason(tail)
         self._report(failures, rank, mine)
         if _SECONDARY.search(mine):  # lost its peers: did one of them fail first, of its own?
             other = self._first_failure(failures, rank, wait=True)
@@ -134,12 +135,11 @@ class TrainJob:
     def _run(self, cmd, failures, rank):
         """(exit status, the last lines of its stderr) of train_net.py; status None when it was
         stopped because another task's training failed."""
-        stop_with_parent = _parent_death_signal()
         ignored = preemption_signal()
 
         def child_setup():  # the training's processes ignore the signal until their hook handles it
             signal.signal(ignored, signal.SIG_IGN)
-            stop_with_parent()
+            die_with_parent()  # a task killed outright leaves no training behind
 
         tail = collections.deque(maxlen=200)
         proc = subprocess.Popen(cmd, cwd=self.cwd, stderr=subprocess.PIPE, text=True, errors="replace",
@@ -154,7 +154,7 @@ class TrainJob:
             returncode = proc.wait()
         finally:
             if proc.poll() is None:  # leaving early (requeue, an exception): the training goes too
-                _stop(proc)
+                stop_process_groups([proc])
         copier.join(timeout=10)
         return (None if stopped.is_set() else returncode), list(tail)
 
@@ -162,7 +162,7 @@ class TrainJob:
         while proc.poll() is None:
             if self._first_failure(failures, rank, wait=False):
                 stopped.set()
-                _stop(proc)
+                stop_process_groups([proc])
                 return
             time.sleep(1)
 
@@ -232,31 +232,6 @@ def _copy_lines(stream, tail):
         sys.stderr.write(line)
         sys.stderr.flush()
         tail.append(line)
-
-
-def _stop(proc, grace=20):
-    """SIGTERM the training's process group, SIGKILL after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _parent_death_signal():
-    """A function for a child process that has the kernel SIGKILL it when this process dies
-    (Linux; elsewhere it does nothing): a task killed outright leaves no training behind."""
-    if not sys.platform.startswith("linux"):
-        return lambda: None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    return lambda: libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 # ---- submitting ---------------------------------------------------------------------------------
@@ -333,22 +308,13 @@ def add_slurm_arguments(parser, gpus=True):
     return group
 
 
-class _Without(logging.Filter):
-    def __init__(self, text):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record):
-        return self.text not in record.getMessage()
-
-
 _OWN_FLAGS = ("--num-gpus", "--num-machines", "--machine-rank", "--dist-url", "--eval-only")
 
 
 def check_train_args(train_args, nodes, gpus_per_node):
     """The config of the training (train_net.py's arguments) as the job will run it, checked
     here, before anything waits in a queue: a ConfigError or SlurmError in one line."""
-    from .config import check_output_dir, load_config
+    from .cli import check_batch_split, check_output_dir, load_config
 
     for flag in _OWN_FLAGS:
         if any(a == flag or a.startswith(flag + "=") for a in train_args):
@@ -370,16 +336,8 @@ def check_train_args(train_args, nodes, gpus_per_node):
             opts = train_args[i:]
             break
     # the login node need not have the GPUs: one process, and no word about its lack of CUDA
-    quiet = _Without("CUDA is not available")
-    logging.getLogger("d2_focalstar.config").addFilter(quiet)
-    try:
-        cfg = load_config(config_file, opts, num_gpus=1)
-    finally:
-        logging.getLogger("d2_focalstar.config").removeFilter(quiet)
-    processes = nodes * gpus_per_node
-    if cfg.SOLVER.IMS_PER_BATCH % processes:
-        raise SlurmError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH}: allowed a multiple of the "
-                         f"{processes} processes (--nodes {nodes} x --gpus-per-node {gpus_per_node})")
+    cfg = load_config(config_file, opts, num_gpus=1, warn_no_cuda=False)
+    check_batch_split(cfg, nodes * gpus_per_node, f"(--nodes {nodes} x --gpus-per-node {gpus_per_node})")
     check_output_dir(cfg)
     return cfg
 
@@ -419,7 +377,7 @@ def build_executor(args, folder, gpus_per_node, cpus_per_task, name):
 
 def train_job(args, train_args, script):
     """(TrainJob, config) for train_net.py's arguments ``train_args``, checked (SlurmError)."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     try:
         cfg = check_train_args(train_args, args.nodes, args.gpus_per_node)

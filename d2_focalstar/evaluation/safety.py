@@ -24,7 +24,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from tabulate import tabulate
 
-from .fileio import write_json
+from ..fileio import write_json
 
 __all__ = ["match_detections", "miss_rate_fppi_curve", "log_average_miss_rate", "recall_at_fppi",
            "SafetyEvaluator", "build_safety_evaluator"]

@@ -3,7 +3,7 @@ The classification loss of a dense detector, independent of the detector.
 
 A :class:`ClassificationLoss` takes logits (R, K) and integer labels (R,) (0..K-1 a class, K
 background, -1 ignored) and returns the loss summed over anchors and classes, for any type of the
-loss table (d2_focalstar/losses.py). It chooses the fused Triton kernel (d2_focalstar/fused.py)
+loss table (d2_focalstar/modeling/losses.py). It chooses the fused Triton kernel (d2_focalstar/modeling/fused.py)
 where it can run and has a branch for the type, after checking it once per device, dtype and
 setting against the float64 reference; elsewhere the reference functions. RetinaNetFLStar and
 FCOSFLStar call it from their ``losses()``; each builds it from its own config node.
@@ -11,18 +11,19 @@ FCOSFLStar call it from their ``losses()``; each builds it from its own config n
 import logging
 import sys
 
+import torch
+
 import torch.nn.functional as F
 
-from .config import check_focalstar_config, config_value
-from .losses import ALPHA, check_loss_arguments, loss_type, sigmoid_classification_loss
+from .losses import ALPHA, check_loss_arguments, loss_setting, sigmoid_classification_loss
 
-__all__ = ["ClassificationLoss"]
+__all__ = ["ClassificationLoss", "add_classification_loss"]
 
 logger = logging.getLogger(__name__)
 
 
 def _fused_kernel_runs_on(logits):
-    """CUDA logits; or CPU ones where d2_focalstar.fused was imported to run in Triton's
+    """CUDA logits; or CPU ones where d2_focalstar.modeling.fused was imported to run in Triton's
     interpreter (the tests); never on a CPU without that (a laptop may lack Triton)."""
     if logits.is_cuda:
         return True
@@ -38,7 +39,7 @@ class ClassificationLoss:
         """
         Args:
             num_classes: K, the number of foreground classes.
-            loss_type, alpha, params: as :func:`d2_focalstar.losses.sigmoid_classification_loss`
+            loss_type, alpha, params: as :func:`d2_focalstar.modeling.losses.sigmoid_classification_loss`
                 takes them (``params`` a dict of the type's parameters; defaults from the table).
             fused_kernel: use the fused kernel where it runs (CUDA; Triton's interpreter in the
                 tests) and the type has a branch in it.
@@ -50,15 +51,13 @@ class ClassificationLoss:
         self._told_no_kernel = False
 
     @classmethod
-    def from_config(cls, cfg, head, num_classes):
-        """The loss that ``cfg`` sets for the detector whose config node is ``head``
-        ('MODEL.RETINANET', 'MODEL.FCOS'): MODEL.FOCALSTAR.LOSS_TYPE, the type's parameters from
-        their keys in the table ('{head}' in a key is ``head``), alpha from
-        ``head``.FOCAL_LOSS_ALPHA. Checks the config first (ConfigError naming a bad key)."""
-        check_focalstar_config(cfg)
-        entry = loss_type(cfg.MODEL.FOCALSTAR.LOSS_TYPE)
-        params = {p.name: config_value(cfg, p.config_key(head)) for p in entry.params}
-        return cls(num_classes, entry.name, config_value(cfg, ALPHA.config_key(head)), params,
+    def from_config(cls, cfg, node, num_classes):
+        """The loss that ``cfg`` sets for the detector whose config node is ``node``
+        ('MODEL.RETINANET', 'MODEL.FCOS'): :func:`d2_focalstar.modeling.losses.loss_setting`.
+        A bad value is a ValueError naming it (the command line checks the whole config before,
+        with the keys' names: d2_focalstar.config.check_focalstar_config)."""
+        setting = loss_setting(cfg, node)
+        return cls(num_classes, setting.loss_type, setting.alpha, setting.params,
                    cfg.MODEL.FOCALSTAR.FUSED_KERNEL)
 
     def __repr__(self):
@@ -91,11 +90,22 @@ class ClassificationLoss:
             fp32 scalar (fp64 for fp64 logits), the loss summed over anchors and classes.
         """
         if self.uses_kernel(logits):
-            from .fused import fused_classification_loss  # needs Triton: imported only here
+            from .fused import checked_fused_loss  # needs Triton: imported only here
 
-            return fused_classification_loss(logits, labels, self.entry.name, self.alpha, **self.params)
+            # the arguments were checked once, in __init__
+            return checked_fused_loss(logits, labels, self.entry, self.alpha, self.params)
         valid = labels >= 0
         # one-hot without the background column: background anchors are all-negative rows
         targets = F.one_hot(labels[valid], num_classes=self.num_classes + 1)[:, :-1]
         return sigmoid_classification_loss(logits[valid], targets, self.entry.name, self.alpha,
                                            "sum", **self.params)
+
+
+def add_classification_loss(detector, cls_loss=None, channels_last=False):
+    """What RetinaNetFLStar's and FCOSFLStar's ``__init__`` add to their parent's: ``cls_loss``
+    (None: FL with the detector's ``focal_loss_alpha`` and ``focal_loss_gamma``, its parent's
+    loss) as ``detector.cls_loss``, and the channels_last layout of its weights if asked."""
+    detector.cls_loss = cls_loss or ClassificationLoss(
+        detector.num_classes, "FL", detector.focal_loss_alpha, {"gamma": detector.focal_loss_gamma})
+    if channels_last:
+        detector.to(memory_format=torch.channels_last)

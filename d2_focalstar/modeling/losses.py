@@ -33,8 +33,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossParam", "LossType", "KernelCode", "LOSS_TYPES", "ALPHA", "loss_type",
-           "check_loss_arguments", "sigmoid_classification_loss", "sigmoid_flstar_loss",
+__all__ = ["LossParam", "LossType", "KernelCode", "LOSS_TYPES", "ALPHA", "DEFAULT_NODE", "loss_type",
+           "check_loss_arguments", "LossSetting", "loss_setting", "loss_config_problems", "config_value", "sigmoid_classification_loss", "sigmoid_flstar_loss",
            "sigmoid_focal_loss", "sigmoid_ce_loss", "sigmoid_poly1_focal_loss", "config_table"]
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -42,7 +42,7 @@ _REDUCTIONS = ("none", "mean", "sum")
 
 @dataclass(frozen=True)
 class LossParam:
-    """A parameter of a loss type. ``key`` is its config key; ``{head}`` in it stands for the
+    """A parameter of a loss type. ``key`` is its config key; ``{node}`` in it stands for the
     config node of the detector that owns the loss (MODEL.RETINANET, MODEL.FCOS)."""
     name: str                          # keyword argument of the loss functions
     key: str
@@ -52,8 +52,8 @@ class LossParam:
     short: str                         # in run and setting names: "g" -> flstar_g0.25
     help: str                          # one line, for the config and the docs
 
-    def config_key(self, head):
-        return self.key.format(head=head)
+    def config_key(self, node):
+        return self.key.format(node=node)
 
     def validate(self, value):
         """None if ``value`` is allowed, else 'name=value must be ...'."""
@@ -62,7 +62,7 @@ class LossParam:
 
 
 class KernelCode(enum.IntEnum):
-    """The branches of the fused kernel (d2_focalstar/fused.py), by name."""
+    """The branches of the fused kernel (d2_focalstar/modeling/fused.py), by name."""
     FLSTAR = 0
     FL = 1
     CE = 2
@@ -93,7 +93,7 @@ def _finite_at_least(low, strict=False):
 
 
 #: alpha: the positives' weight a in a_t (negatives 1 - a), for every type; detectron2's key.
-ALPHA = LossParam("alpha", "{head}.FOCAL_LOSS_ALPHA", 0.25, "in [0, 1], or -1 for no weighting",
+ALPHA = LossParam("alpha", "{node}.FOCAL_LOSS_ALPHA", 0.25, "in [0, 1], or -1 for no weighting",
                   lambda v: 0 <= v <= 1 or v == -1, "a",
                   "a in a_t for every loss type (negatives get 1 - a); -1 = no weighting")
 
@@ -103,7 +103,7 @@ MAX_FACTOR = LossParam("max_factor", "MODEL.FOCALSTAR.MAX_FACTOR", 100.0,
                        "0 (no cap) or a number >= 1", lambda v: v == 0 or v >= 1, "cap",
                        "cap on FL*'s factor for very hard examples; past it the gradient is "
                        "MAX_FACTOR x CE's; 0 = none")
-FL_GAMMA = LossParam("gamma", "{head}.FOCAL_LOSS_GAMMA", 2.0, "a finite number >= 0",
+FL_GAMMA = LossParam("gamma", "{node}.FOCAL_LOSS_GAMMA", 2.0, "a finite number >= 0",
                      _finite_at_least(0), "g", "FL's g (detectron2's key): the factor is (1 - p_t)^g")
 APPENDIX_GAMMA = LossParam("gamma", "MODEL.FOCALSTAR.APPENDIX_GAMMA", 2.0, "a finite number > 0",
                            _finite_at_least(0, strict=True), "g",
@@ -173,7 +173,7 @@ def loss_type(name):
 def check_loss_arguments(name, alpha, params):
     """(LossType, every parameter of the type with defaults filled in); a ValueError naming the
     argument and what is allowed if one is bad or is not the type's. Shared by the reference
-    functions and the fused kernel (d2_focalstar/fused.py)."""
+    functions and the fused kernel (d2_focalstar/modeling/fused.py)."""
     entry = loss_type(name)
     unknown = sorted(set(params) - {p.name for p in entry.params})
     if unknown:
@@ -188,6 +188,74 @@ def check_loss_arguments(name, alpha, params):
     if problems:
         raise ValueError(f"{entry.name}: " + "; ".join(problems))
     return entry, values
+
+
+#: The config node whose FOCAL_LOSS_* keys a detector reads when it does not say
+#: (``loss_config_node``): detectron2's RetinaNet's.
+DEFAULT_NODE = "MODEL.RETINANET"
+
+
+def config_value(cfg, key):
+    """cfg's value at a dotted key ('MODEL.FOCALSTAR.GAMMA'); KeyError if it has none."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+@dataclass(frozen=True)
+class LossSetting:
+    """The classification loss a config sets for one detector: what every reader of a config's
+    loss uses (the detectors, results.json, the divergence message, sweeps)."""
+    loss_type: str                     # the table's name, upper case
+    alpha: float
+    params: Dict[str, float]           # every parameter of the type, from its config key
+    node: str                          # the detector's config node ('{node}' in the keys)
+
+    def keys(self):
+        """{parameter name: its config key} of the type's parameters."""
+        entry = LOSS_TYPES[self.loss_type]
+        return {p.name: p.config_key(self.node) for p in entry.params}
+
+
+def loss_config_problems(cfg, node):
+    """(problems, warnings) of the loss keys of ``cfg`` for the detector whose config node is
+    ``node``: MODEL.FOCALSTAR.LOSS_TYPE, alpha and every parameter of the table (those of other
+    types too: a bad value is a mistake wherever it is). A problem names the key, the value and
+    what is allowed; a warning, a parameter the loss type does not use, set away from its
+    default."""
+    problems, warnings = [], []
+    name = cfg.MODEL.FOCALSTAR.LOSS_TYPE
+    entry = LOSS_TYPES.get(str(name).upper())
+    if entry is None:
+        problems.append(f"MODEL.FOCALSTAR.LOSS_TYPE={name!r}: allowed {', '.join(LOSS_TYPES)}")
+    keys = {ALPHA.config_key(node): ALPHA}
+    for other in LOSS_TYPES.values():
+        for param in other.params:
+            keys.setdefault(param.config_key(node), param)
+    for key, param in keys.items():
+        value = config_value(cfg, key)
+        if param.validate(value):
+            problems.append(f"{key}={value!r}: allowed {param.allowed}")
+        elif entry is not None and param is not ALPHA and param not in entry.params and value != param.default:
+            used = ", ".join(p.config_key(node) for p in entry.params) or "none of them"
+            warnings.append(f"{key}={value!r} is set but LOSS_TYPE {entry.name} does not use it "
+                            f"(it uses {used})")
+    return problems, warnings
+
+
+def loss_setting(cfg, node=None):
+    """The :class:`LossSetting` of ``cfg`` for the detector whose config node is ``node``
+    (MODEL.RETINANET, MODEL.FCOS; None: :data:`DEFAULT_NODE`): MODEL.FOCALSTAR.LOSS_TYPE, alpha
+    from ``node``.FOCAL_LOSS_ALPHA, each parameter from its key in the table. A ValueError naming
+    each bad key, its value and what is allowed (:func:`loss_config_problems`)."""
+    node = node or DEFAULT_NODE
+    problems, _ = loss_config_problems(cfg, node)
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    entry = loss_type(cfg.MODEL.FOCALSTAR.LOSS_TYPE)
+    params = {p.name: config_value(cfg, p.config_key(node)) for p in entry.params}
+    return LossSetting(entry.name, config_value(cfg, ALPHA.config_key(node)), params, node)
 
 
 def sigmoid_classification_loss(
@@ -293,10 +361,10 @@ def sigmoid_poly1_focal_loss(inputs, targets, alpha=ALPHA.default, gamma=FL_GAMM
                                        eps=eps)
 
 
-def config_table(heads=("MODEL.RETINANET", "MODEL.FCOS")):
+def config_table(nodes=("MODEL.RETINANET", "MODEL.FCOS")):
     """The Markdown key table of the loss types and their parameters, for docs/CONFIG.md (a test
-    checks that it holds this table; ``tools/loss_table.py --write`` puts it there). ``heads``:
-    the detectors' config nodes, where a key is the detector's own ('{head}' in the table)."""
+    checks that it holds this table; ``tools/loss_table.py --write`` puts it there). ``nodes``:
+    the detectors' config nodes, where a key is the detector's own ('{node}' in the table)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |",
             "| `MODEL.FOCALSTAR.LOSS_TYPE` | `\"FLSTAR\"` | one of "
             + ", ".join(f"`{t.name}` ({t.formula})" for t in LOSS_TYPES.values()) + " |"]
@@ -305,7 +373,7 @@ def config_table(heads=("MODEL.RETINANET", "MODEL.FCOS")):
         if param.key in seen:
             continue
         seen.add(param.key)
-        keys = [param.config_key(h) for h in heads] if "{head}" in param.key else [param.key]
+        keys = [param.config_key(n) for n in nodes] if "{node}" in param.key else [param.key]
         users = "all" if param is ALPHA else ", ".join(t.name for t in LOSS_TYPES.values() if param in t.params)
         rows.append(f"| {' / '.join(f'`{k}`' for k in keys)} | `{param.default!r}` | {param.help} "
                     f"(used by {users}; allowed: {param.allowed}) |")

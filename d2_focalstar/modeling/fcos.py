@@ -15,7 +15,7 @@ from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.utils.events import get_event_storage
 
-from .classification import ClassificationLoss
+from .classification import ClassificationLoss, add_classification_loss
 
 __all__ = ["FCOSFLStar", "build_fcos_resnet_fpn_backbone"]
 
@@ -56,10 +56,7 @@ class FCOSFLStar(FCOS):
             kwargs: as for :class:`FCOS`.
         """
         super().__init__(**kwargs)
-        self.cls_loss = cls_loss or ClassificationLoss(
-            self.num_classes, "FL", self.focal_loss_alpha, {"gamma": self.focal_loss_gamma})
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
+        add_classification_loss(self, cls_loss, channels_last)
 
     @classmethod
     def from_config(cls, cfg):

@@ -5,7 +5,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.utils.events import get_event_storage
 
-from .classification import ClassificationLoss
+from .classification import ClassificationLoss, add_classification_loss
 
 __all__ = ["RetinaNetFLStar"]
 
@@ -14,12 +14,12 @@ __all__ = ["RetinaNetFLStar"]
 class RetinaNetFLStar(RetinaNet):
     """
     detectron2's RetinaNet whose classification loss is chosen by MODEL.FOCALSTAR.LOSS_TYPE, any
-    type of the loss table (d2_focalstar/losses.py). Everything else, the box loss and its
+    type of the loss table (d2_focalstar/modeling/losses.py). Everything else, the box loss and its
     normalisation included, is the parent's, so with LOSS_TYPE="FL" the losses equal stock
     RetinaNet's.
     """
 
-    #: where this detector's alpha and FL gamma live ('{head}' in the loss table's keys)
+    #: where this detector's alpha, FL gamma and class count live ('{node}' in the loss table's keys)
     loss_config_node = "MODEL.RETINANET"
 
     @configurable
@@ -34,10 +34,7 @@ class RetinaNetFLStar(RetinaNet):
             kwargs: as for :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
-        self.cls_loss = cls_loss or ClassificationLoss(
-            self.num_classes, "FL", self.focal_loss_alpha, {"gamma": self.focal_loss_gamma})
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
+        add_classification_loss(self, cls_loss, channels_last)
 
     @classmethod
     def from_config(cls, cfg):

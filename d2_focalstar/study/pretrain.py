@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fileio import atomic_write, write_json
+from ..fileio import atomic_write, write_json
 
 __all__ = ["FractalSpec", "FractalSet", "random_ifs", "render_ifs", "PretrainSettings", "pretrain",
            "backbone_state_dict", "build_classifier", "extract_backbone"]
@@ -345,7 +345,7 @@ def extract_backbone(detector_checkpoint, output_dir, weights_name="backbone.pth
     read by the project's safe loader) as a backbone checkpoint for MODEL.WEIGHTS, without its
     FPN and heads: a backbone pretrained by detection on other (synthetic) data, the proxy's
     variant where the fractal pretraining is too weak. Writes ``pretrain.json`` beside it."""
-    from .checkpoint import check_checkpoint_file
+    from ..run.checkpoint import check_checkpoint_file
 
     loaded = check_checkpoint_file(detector_checkpoint)
     state = loaded.get("model", loaded)

@@ -1,5 +1,5 @@
 """
-A checkpoint on request: what a SLURM job (d2_focalstar/slurm.py) asks of the training it runs
+A checkpoint on request: what a SLURM job (d2_focalstar/run/slurm.py) asks of the training it runs
 when the scheduler is about to stop it (preemption, the time limit), so that the requeued job
 loses no more than the iteration under way.
 

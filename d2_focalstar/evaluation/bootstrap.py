@@ -5,7 +5,7 @@ settings, so that the images' own difficulty cancels).
 
 The per-image work is done once per run: pycocotools' ``COCOeval.evaluate()`` matches each
 image's detections to its ground truth (every category, IoU threshold and area range), and the
-safety metrics' matcher (``d2_focalstar.safety.match_detections``) does the same for LAMR. A
+safety metrics' matcher (``d2_focalstar.evaluation.safety.match_detections``) does the same for LAMR. A
 resample is then only an accumulation: each image's detections and ground truth weighted by how
 many times the resample drew it. :meth:`RunEvaluation.metrics` with every weight 1 is COCOeval's
 ``accumulate()`` + ``summarize()`` (a test holds it to 1e-6); with weights it is that on the

@@ -2,7 +2,7 @@
 A fused Triton kernel for the classification loss of RetinaNetFLStar (FL*, FL, CE and the
 appendix FL*), forward and backward, taking the integer anchor labels directly.
 
-Compared with the reference path (:func:`d2_focalstar.losses.sigmoid_classification_loss` on a
+Compared with the reference path (:func:`d2_focalstar.modeling.losses.sigmoid_classification_loss` on a
 one-hot target), it builds no one-hot tensor and no boolean-masked copy of the logits: ignored
 anchors (label -1) are masked inside the kernel. The forward reads the logits once and writes one
 partial sum per block (summed in fp32 afterwards, in a fixed order: deterministic); the backward
@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .losses import KernelCode, check_loss_arguments
 
-__all__ = ["fused_classification_loss", "agrees_with_reference", "INTERPRETED"]
+__all__ = ["fused_classification_loss", "checked_fused_loss", "agrees_with_reference", "INTERPRETED"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 #: when this module was imported, which is when triton.jit reads it.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# The kernel's branches, named after the loss table's kernel codes (d2_focalstar/losses.py)
+# The kernel's branches, named after the loss table's kernel codes (d2_focalstar/modeling/losses.py)
 _FLSTAR = tl.constexpr(int(KernelCode.FLSTAR))
 _FL = tl.constexpr(int(KernelCode.FL))
 _APPENDIX = tl.constexpr(int(KernelCode.FLSTAR_APPENDIX))  # CE: none of these, the plain -log(p_t)
@@ -83,7 +83,7 @@ def _neg_log2_pt(x_t):
 
 @triton.jit
 def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, G: tl.constexpr,
-              BLOCK: tl.constexpr, WIDE: tl.constexpr):
+              BLOCK: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """Load BLOCK consecutive elements of the flattened (R, K) logits, as BLOCK // G groups of G
     (G divides K, so a group lies in one row and shares its anchor's label: one label load per
     group, not per element). Returns x_t = x for the label's column and -x elsewhere (fp32),
@@ -91,7 +91,7 @@ def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, G: tl.constexpr,
     mask. Contiguous groups let the loads and stores be vectorised. The logits of an ignored
     anchor are not loaded (x = 0 in their place), so whatever they hold, inf or nan, the maths
     on them stays finite; the callers still leave them out of the sum and the gradient."""
-    if WIDE:  # more than 2**31 elements
+    if INT64_OFFSETS:  # 2**31 elements or more: 32-bit offsets would wrap
         starts = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK // G) * G
     else:
         starts = pid * BLOCK + tl.arange(0, BLOCK // G) * G
@@ -108,13 +108,13 @@ def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, G: tl.constexpr,
 
 
 @triton.jit
-def _zero_weight_at_0(x_t, positive, ZERO: tl.constexpr):
-    """With alpha 1 (ZERO 1: the negatives weigh 0) or 0 (ZERO 2: the positives), the terms that
-    weigh 0 are computed at x_t = 0, so that an uncapped factor's overflow there gives 0, not
+def _zero_weight_at_0(x_t, positive, NEG_WEIGHT_IS_ZERO: tl.constexpr, POS_WEIGHT_IS_ZERO: tl.constexpr):
+    """With alpha 1 (the negatives weigh 0) or 0 (the positives weigh 0), the terms that weigh 0
+    are computed at x_t = 0, so that an uncapped factor's overflow there gives 0, not
     0 * inf = NaN (as the reference does). Compiled in only then: alpha in (0, 1) costs nothing."""
-    if ZERO == 1:
+    if NEG_WEIGHT_IS_ZERO:
         x_t = tl.where(positive, x_t, 0.0)
-    elif ZERO == 2:
+    if POS_WEIGHT_IS_ZERO:
         x_t = tl.where(positive, 0.0, x_t)
     return x_t
 
@@ -122,8 +122,8 @@ def _zero_weight_at_0(x_t, positive, ZERO: tl.constexpr):
 @triton.jit
 def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
                     log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
-                    BLOCK: tl.constexpr, ITERS: tl.constexpr, WIDE: tl.constexpr,
-                    ZERO: tl.constexpr):
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+                    NEG_WEIGHT_IS_ZERO: tl.constexpr, POS_WEIGHT_IS_ZERO: tl.constexpr):
     # the loss is computed in bits (log2): w_pos and w_neg are alpha_t times the conversion to
     # the loss's units (ln 2, over gamma for the appendix's FL*)
     # each program sums ITERS consecutive blocks (unrolled), then reduces once: the reduction
@@ -132,8 +132,8 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
     acc = tl.zeros([BLOCK // G, G], dtype=tl.float32)
     for i in tl.static_range(ITERS):
         x_t, positive, valid, _, _ = _elements(logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i,
-                                               N, K, G, BLOCK, WIDE)
-        x_t = _zero_weight_at_0(x_t, positive, ZERO)
+                                               N, K, G, BLOCK, INT64_OFFSETS)
+        x_t = _zero_weight_at_0(x_t, positive, NEG_WEIGHT_IS_ZERO, POS_WEIGHT_IS_ZERO)
         if LOSS == _APPENDIX:  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
             loss = _neg_log2_sigmoid(x_t * (gamma * _LOG2E))
         else:
@@ -151,16 +151,16 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
 @triton.jit
 def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, w_pos, w_neg,
                      gamma, log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
-                     BLOCK: tl.constexpr, ITERS: tl.constexpr, WIDE: tl.constexpr,
-                     ZERO: tl.constexpr):
+                     BLOCK: tl.constexpr, ITERS: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+                     NEG_WEIGHT_IS_ZERO: tl.constexpr, POS_WEIGHT_IS_ZERO: tl.constexpr):
     # w_pos and w_neg are alpha_t; with d x_t / d x = +1 or -1 and the incoming gradient: two scalars
     g_out = tl.load(grad_out_ptr).to(tl.float32)
     w_pos = w_pos * g_out
     w_neg = -(w_neg * g_out)
     for i in tl.static_range(ITERS):
         x_t, positive, valid, offsets, in_bounds = _elements(
-            logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i, N, K, G, BLOCK, WIDE)
-        x_t = _zero_weight_at_0(x_t, positive, ZERO)
+            logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i, N, K, G, BLOCK, INT64_OFFSETS)
+        x_t = _zero_weight_at_0(x_t, positive, NEG_WEIGHT_IS_ZERO, POS_WEIGHT_IS_ZERO)
         if LOSS == _APPENDIX:  # d/dx_t: -sigmoid(-gamma x_t) = -2^(log2 sigmoid(-gamma x_t))
             d = -tl.exp2(-_neg_log2_sigmoid(x_t * (-gamma * _LOG2E)))
         else:
@@ -200,19 +200,21 @@ _HAS_MAXNREG = int(triton.__version__.split(".")[0]) >= 3
 _INT32_LIMIT = 2**31  # above it, 64-bit offsets
 
 
-def _kernel_arguments(loss_type, alpha, params):
-    """(LossType, gamma, max_factor) for the kernel: the table entry's checks, and a ValueError
-    for a type without a kernel branch."""
+def _kernel_entry(loss_type, alpha, params):
+    """(LossType, every parameter with defaults filled in): the table entry's checks, and a
+    ValueError for a type without a kernel branch."""
     entry, values = check_loss_arguments(loss_type, alpha, params)
     if entry.kernel is None:
         raise ValueError(f"{entry.name} has no fused-kernel branch: use "
-                         "d2_focalstar.losses.sigmoid_classification_loss")
-    return entry, values.get("gamma", 0.0), values.get("max_factor", 0.0) if entry.capped else 0.0
+                         "d2_focalstar.modeling.losses.sigmoid_classification_loss")
+    return entry, values
 
 
-def _launch_args(logits, loss_type, alpha, params, which="forward"):
-    """The keyword arguments of the forward or backward kernel's launch, grid excluded."""
-    entry, gamma, max_factor = _kernel_arguments(loss_type, alpha, params)
+def _launch_args(logits, entry, alpha, params, which="forward"):
+    """The keyword arguments of the forward or backward kernel's launch, grid excluded, for
+    checked arguments (``_kernel_entry``)."""
+    gamma = params.get("gamma", 0.0)
+    max_factor = params.get("max_factor", 0.0) if entry.capped else 0.0
     log2_cap = math.log2(max_factor) if 0 < max_factor < math.inf else 1e30
     N = logits.numel()
     K = logits.shape[1]
@@ -224,8 +226,9 @@ def _launch_args(logits, loss_type, alpha, params, which="forward"):
     iters = launch.forward_iters if which == "forward" else launch.backward_iters
     args = dict(N=N, K=K, G=math.gcd(K, 16), w_pos=w_pos, w_neg=w_neg,
                 gamma=float(gamma), log2_max_factor=log2_cap, LOSS=int(entry.kernel), BLOCK=launch.block,
-                ITERS=iters, WIDE=N + launch.block * iters >= _INT32_LIMIT, num_warps=launch.num_warps,
-                ZERO={1.0: 1, 0.0: 2}.get(float(alpha), 0))
+                ITERS=iters, INT64_OFFSETS=N + launch.block * iters >= _INT32_LIMIT,
+                NEG_WEIGHT_IS_ZERO=float(alpha) == 1.0, POS_WEIGHT_IS_ZERO=float(alpha) == 0.0,
+                num_warps=launch.num_warps)
     if _HAS_MAXNREG and launch.maxnreg is not None:
         args["maxnreg"] = launch.maxnreg
     return args
@@ -242,14 +245,14 @@ def _grid(args):
 
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, loss_type, alpha, params):
-        args = _launch_args(logits, loss_type, alpha, params, "forward")
+    def forward(ctx, logits, labels, entry, alpha, params):
+        args = _launch_args(logits, entry, alpha, params, "forward")
         grid = _grid(args)
         partial = torch.empty(grid[0], dtype=torch.float32, device=logits.device)
         if grid[0] > 0:
             _forward_kernel[grid](logits, labels, partial, **args)
         ctx.save_for_backward(logits, labels)
-        ctx.loss_args = (loss_type, alpha, params)
+        ctx.loss_args = (entry, alpha, params)
         return partial.sum()
 
     @staticmethod
@@ -270,22 +273,29 @@ def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, **
         logits: (R, K) logits, fp32/fp16/bf16, on CUDA (or any device under TRITON_INTERPRET=1).
         labels: (R,) integer labels: 0..K-1 a class, K background (all columns negative),
             -1 ignored (no loss, zero gradient).
-        loss_type, alpha, params: as in :func:`d2_focalstar.losses.sigmoid_classification_loss`;
+        loss_type, alpha, params: as in :func:`d2_focalstar.modeling.losses.sigmoid_classification_loss`;
             a type whose table entry has a kernel code (ValueError otherwise).
 
     Returns:
         fp32 scalar, equal to ``sigmoid_classification_loss(logits[valid], one_hot(labels[valid])
         [:, :K], ..., reduction="sum")``.
     """
-    _kernel_arguments(loss_type, alpha, params)
+    entry, values = _kernel_entry(loss_type, alpha, params)
+    return checked_fused_loss(logits, labels, entry, alpha, values)
+
+
+def checked_fused_loss(logits, labels, entry, alpha, params):
+    """:func:`fused_classification_loss` for arguments already checked (``entry`` a LossType
+    with a kernel code, ``params`` all of its parameters): what ClassificationLoss calls every
+    step, after checking its setting once."""
     if logits.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the fused kernel needs CUDA tensors, not {logits.device.type} (or Triton's "
                          "interpreter, TRITON_INTERPRET=1); on the CPU use "
-                         "d2_focalstar.losses.sigmoid_classification_loss")
+                         "d2_focalstar.modeling.losses.sigmoid_classification_loss")
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be (R, K) and labels {tuple(labels.shape)} (R,)")
     return _FusedLoss.apply(logits.contiguous(), labels.contiguous().to(torch.int32),
-                            loss_type, alpha, params)
+                            entry, alpha, params)
 
 
 _verdicts = {}  # (device, dtype, loss arguments) -> None (agrees) or what disagreed

@@ -9,12 +9,12 @@ import os
 
 import yaml
 
+from ..fileio import write_json
+from ..modeling import loss_config_node
+from ..modeling.losses import LOSS_TYPES, loss_setting
 from .checkpoint import last_checkpoint
-from .config import config_value, loss_config_node
-from .fileio import write_json
-from .losses import ALPHA, LOSS_TYPES
 
-__all__ = ["RESULTS_FILE", "RunRecordError", "write_results", "load_run", "run_state", "loss_params",
+__all__ = ["RESULTS_FILE", "RunRecordError", "write_results", "load_run", "run_state", "read_run_config",
            "read_metrics"]
 
 logger = logging.getLogger(__name__)
@@ -23,27 +23,19 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 
 
-def loss_params(cfg):
-    """(loss type, alpha, {parameter: value}) that the config gives its detector's loss."""
-    head = loss_config_node(cfg) or "MODEL.RETINANET"
-    entry = LOSS_TYPES[cfg.MODEL.FOCALSTAR.LOSS_TYPE.upper()]
-    params = {p.name: config_value(cfg, p.config_key(head)) for p in entry.params}
-    return entry.name, config_value(cfg, ALPHA.config_key(head)), params
-
-
 def write_results(cfg, results, iteration, evaluation_error=None):
     """Write the final metrics and the settings that identify the run to OUTPUT_DIR/results.json
     (``iteration`` None: an evaluation only; ``evaluation_error``: why a finished training has no
     metrics)."""
-    name, alpha, params = loss_params(cfg)
+    setting = loss_setting(cfg, loss_config_node(cfg))
     record = {
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
-        "loss_type": name,
-        "params": params,
+        "loss_type": setting.loss_type,
+        "params": setting.params,
         # older readers: the type's gamma (None without one) and FL*'s cap
-        "gamma": params.get("gamma"),
+        "gamma": setting.params.get("gamma"),
         "max_factor": cfg.MODEL.FOCALSTAR.MAX_FACTOR,
-        "alpha": alpha,
+        "alpha": setting.alpha,
         "seed": cfg.SEED,
         "weights": cfg.MODEL.WEIGHTS,
         "iteration": iteration,
@@ -106,13 +98,35 @@ def load_run(folder):
         record["params"] = {n: record[n] for n in names if n in record}
     record.setdefault("gamma", record["params"].get("gamma"))
     if "solver" not in record:  # written before results.json had it: the run's config.yaml
-        config = os.path.join(folder, "config.yaml")
-        if os.path.isfile(config):
-            with open(config) as f:
-                solver = (yaml.safe_load(f) or {}).get("SOLVER", {})
+        solver = read_run_config(folder).get("SOLVER") or {}
+        if solver:
             record["solver"] = {k.lower(): solver[k] for k in ("BASE_LR", "MAX_ITER", "IMS_PER_BATCH")
                                 if k in solver}
     return record
+
+
+def read_run_config(folder):
+    """The config.yaml that detectron2 saved in a run's folder, as plain data ({} without one),
+    read without constructing anything a YAML tag names; RunRecordError, naming the file, for
+    one that is not such a config (invalid YAML, Python tags, not a mapping)."""
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f.read().decode("utf-8"))
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        raise RunRecordError(f"{path}: line {mark.line + 1 if mark else '?'} holds a Python tag "
+                             f"({(e.problem or '').split(' ')[-1] or 'a tag'}), which a config that "
+                             "detectron2 saved never does: not read") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise RunRecordError(f"{path}: not a saved config ({str(e).splitlines()[0][:120]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RunRecordError(f"{path}: a YAML {type(data).__name__}, not a saved config")
+    return data
 
 
 def _evaluation_failed(folder):

@@ -20,7 +20,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from .fileio import atomic_write
+from ..fileio import atomic_write
 
 __all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "CheckpointReadError",
            "IncompleteCheckpointError", "NonFiniteCheckpointError", "NonFiniteWeightsError",
