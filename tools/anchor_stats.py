@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""How rare foreground anchors are: per image, the anchors a config's RetinaNet places, how many its
-matcher labels foreground, ignored and background, on the first --images images of DATASETS.TRAIN
+"""How rare foreground anchors are, and the imbalance as a sigmoid loss counts it: per image, the
+anchors a config's RetinaNet places, how many its matcher labels foreground, ignored and
+background, and the binary negatives per positive that FL and CE sum over (each anchor is K binary
+problems: (background x K + foreground x (K - 1)) / foreground), on the first --images images of DATASETS.TRAIN
 (at the test-time size), or --coco-like: synthetic boxes with COCO's statistics (7.3 objects per
 640x480 image, 41% small / 34% medium / 24% large by area, as reported for COCO 2017 train) at
 the 1x configs' 800-pixel scale: an estimate of COCO's imbalance, not a measurement on COCO.
@@ -79,7 +81,9 @@ def main(argv=None):
     p.add_argument("opts", nargs="*")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+        # random weights, the trunk run (its features only give the anchors their places)
+        cfg = load_config(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+                                                              "MODEL.FOCALSTAR.FEATURE_CACHE", ""])
     except ConfigError as e:
         sys.exit(error_line("anchor_stats.py", e))
     from detectron2.modeling import build_model
@@ -89,14 +93,20 @@ def main(argv=None):
     counts = anchor_counts(model, images)
     anchors, fg, ignored = counts.mean(axis=0)
     objects = float(np.mean([len(b) for _, _, b in images]))
+    background = anchors - fg - ignored
+    k = model.num_classes
     record = dict(config=args.config_file, source="coco-like synthetic boxes" if args.coco_like else cfg.DATASETS.TRAIN[0],
                   images=len(images), objects_per_image=objects, anchors_per_image=anchors,
                   foreground_per_image=fg, ignored_per_image=ignored, foreground_fraction=fg / anchors,
-                  background_per_foreground=(anchors - fg - ignored) / max(fg, 1e-9))
-    print("| source | images | objects / image | anchors / image | foreground / image | foreground fraction | background per foreground |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+                  background_per_foreground=background / max(fg, 1e-9), num_classes=k,
+                  # what a sigmoid loss sums: K binary problems per anchor, normalised by the positives
+                  binary_negatives_per_positive=(background * k + fg * (k - 1)) / max(fg, 1e-9))
+    print("| source | images | objects / image | anchors / image | foreground / image | foreground fraction "
+          "| background per foreground | classes K | binary negatives per positive |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {record['source']} | {len(images)} | {objects:.2f} | {anchors:.0f} | {fg:.1f} | "
-          f"{100 * record['foreground_fraction']:.3f}% | {record['background_per_foreground']:.0f} |")
+          f"{100 * record['foreground_fraction']:.3f}% | {record['background_per_foreground']:.0f} | {k} | "
+          f"{record['binary_negatives_per_positive']:,.0f} |")
     print(json.dumps(record))
 
 
