@@ -157,3 +157,25 @@ def test_benchmark_command_prints_its_row(tmp_path):
     assert "| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | 40 |" in proc.stdout
     row = json.loads(out.read_text())["bootstrap"]
     assert row["resamples"] == 3 and row["bootstrap_s"] > 0 and row["images"] == 40
+    assert row["same_numbers"] is True and row["reference_bootstrap_s"] > 0
+
+
+def test_batched_resamples_equal_the_one_at_a_time_path(data):
+    """The vectorised bootstrap (all resamples of a batch scored at once, on the compressed
+    curve points) gives exactly the reference path's numbers for a fixed seed, with several
+    seeds per setting, a safety class and resamples that leave a category without ground truth."""
+    gt, dets = data
+    a = [RunEvaluation(gt, dets, ["class1", "class2"]), RunEvaluation(gt, _worse(dets, seed=7), ["class1", "class2"])]
+    b = [RunEvaluation(gt, _worse(dets, seed=9), ["class1", "class2"])]
+    reference = paired_bootstrap(a, b, num_resamples=40, seed=3, batch=0)
+    for batch in (1, 7, 100):
+        got = paired_bootstrap(a, b, num_resamples=40, seed=3, batch=batch)
+        assert got == reference, batch
+    weights = np.stack([np.bincount(np.random.default_rng(i).integers(0, 120, 120), minlength=120) for i in range(5)])
+    weights[0] = 0
+    weights[0, :3] = 1  # three images only: some categories have no ground truth in this resample
+    batch = a[1].metrics_batch(weights.astype(float))
+    for i, w in enumerate(weights):
+        one = a[1].metrics(w.astype(float))
+        for m, v in one.items():
+            assert (math.isnan(v) and math.isnan(batch[m][i])) or batch[m][i] == v, (i, m)

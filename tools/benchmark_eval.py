@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluation-side benchmark on a synthetic COCO-val-sized set (5,000 images, ~36,000 boxes, 100
 detections per image by default; d2_focalstar/data/synthetic_coco.py): the paired bootstrap of
-tools/compare.py (per-image matching once per run, then N resamples of a pair of runs), and
+tools/compare.py (per-image matching once per run, then N resamples of a pair of runs, one at a
+time and batched, side by side), and
 COCO evaluation (the 12 numbers, as COCOEvaluator computes them) with pycocotools and with
 faster-coco-eval (d2_focalstar/evaluation/coco.py). Prints Markdown tables and writes them as JSON.
 
@@ -25,6 +26,9 @@ from d2_focalstar.data.synthetic_coco import synthetic_coco
 
 
 def bench_bootstrap(args):
+    """The paired bootstrap of a pair of runs, two ways in one process on the same data and seed:
+    one resample at a time (the reference path, batch=0) and all resamples of a batch at once
+    (what tools/compare.py uses); the intervals must be the same."""
     gt, dets_a = synthetic_coco(args.images, seed=0)
     rng = np.random.default_rng(1)
     dets_b = [d for d in dets_a if rng.random() > 0.1]  # another "run": a tenth of its detections lost
@@ -32,12 +36,18 @@ def bench_bootstrap(args):
     a = RunEvaluation(gt, dets_a, ["class1", "class2"], name="a")
     b = RunEvaluation(gt, dets_b, ["class1", "class2"], name="b")
     match_s = time.perf_counter() - start
-    start = time.perf_counter()
-    res = paired_bootstrap([a], [b], num_resamples=args.resamples, seed=0)
-    boot_s = time.perf_counter() - start
+    seconds, results = {}, {}
+    for path, batch in (("one at a time", 0), ("batched", args.batch)):
+        start = time.perf_counter()
+        results[path] = paired_bootstrap([a], [b], num_resamples=args.resamples, seed=0, batch=batch)
+        seconds[path] = time.perf_counter() - start
+    res = results["batched"]
+    same = results["batched"] == results["one at a time"]
     return dict(images=args.images, boxes=len(gt["annotations"]), detections=len(dets_a),
-                resamples=args.resamples, matching_s_two_runs=match_s, bootstrap_s=boot_s,
-                per_resample_ms=1000 * boot_s / max(args.resamples, 1),
+                resamples=args.resamples, matching_s_two_runs=match_s,
+                reference_bootstrap_s=seconds["one at a time"], bootstrap_s=seconds["batched"],
+                batch=args.batch, speedup=seconds["one at a time"] / seconds["batched"], same_numbers=same,
+                per_resample_ms=1000 * seconds["batched"] / max(args.resamples, 1),
                 ap_diff=res["AP"]["diff"], ap_interval=[res["AP"]["low"], res["AP"]["high"]])
 
 
@@ -71,6 +81,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=100, help="resamples scored at once by the batched path")
     p.add_argument("--out", default="output/benchmark_eval.json")
     p.add_argument("--sections", nargs="+", default=["bootstrap", "cocoeval"],
                    choices=["bootstrap", "cocoeval"])
@@ -82,11 +93,13 @@ def main(argv=None):
     print(f"\n{meta}\n")
     if "bootstrap" in args.sections:
         row = report["bootstrap"] = bench_bootstrap(args)
-        print("| what | images | boxes | detections | resamples | matching (2 runs) s | bootstrap s | ms / resample |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| what | images | boxes | detections | resamples | matching (2 runs) s | one at a time s | "
+              "batched s | speed-up | same intervals |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         print(f"| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | {row['images']} | {row['boxes']} | "
               f"{row['detections']} | {row['resamples']} | {row['matching_s_two_runs']:.1f} | "
-              f"{row['bootstrap_s']:.1f} | {row['per_resample_ms']:.1f} |\n")
+              f"{row['reference_bootstrap_s']:.1f} | {row['bootstrap_s']:.1f} | {row['speedup']:.1f}x | "
+              f"{'yes' if row['same_numbers'] else 'NO'} |\n")
     if "cocoeval" in args.sections:
         row = report["cocoeval"] = bench_cocoeval(args)
         print("| what | images | boxes | detections | pycocotools s | faster-coco-eval s | speed-up | "

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -168,6 +169,78 @@ class RunEvaluation:
             out[name] = (np.concatenate(imgs)[order], np.concatenate(tps)[order], num_gt)
         return out
 
+    def _compressed_groups(self):
+        """Each group's curve points that can carry its precision: the detections that are a true
+        positive or ignored at some IoU threshold (U). A detection that is a false positive at every
+        threshold only lowers the precision of the points after it, never the precision envelope
+        at a point that reaches a recall threshold, so it enters only through the running weight
+        total. With integer weights every sum is exact, so this gives bit for bit what
+        :meth:`metrics` gives (a test holds it)."""
+        if getattr(self, "_compressed", None) is None:
+            self._compressed = {}
+            for key, (img, tp, fp, npig) in self._groups.items():
+                keep = np.flatnonzero(~fp.all(axis=0))
+                self._compressed[key] = (img, keep, tp[:, keep], (~tp & ~fp)[:, keep], npig)
+        return self._compressed
+
+    def metrics_batch(self, weights):
+        """:meth:`metrics` for many resamples at once: ``weights`` is (B, images) of integer image
+        counts (a bootstrap's draws); returns {metric: (B,) array}, equal to calling
+        :meth:`metrics` on each row. The per-detection work (a running total of the weights per
+        group) is done for all rows in one pass; the curves are built on the compressed points."""
+        w_all = np.asarray(weights, dtype=np.float64)
+        num_b, num_t, num_r = len(w_all), None, len(self.rec_thrs)
+        q_by_area = {a: [] for a in self._AREAS}  # per group: ((B,) valid, (B, T, R) precision)
+        for (a, k), (img, keep, tp, ig, npig) in self._compressed_groups().items():
+            n_gt = w_all @ npig
+            valid = n_gt > 0
+            q = None
+            if valid.any():
+                w = w_all[valid]
+                wd = w[:, img]
+                num_t, n = tp.shape
+                q = np.zeros((num_b, num_t, num_r))
+                if n:
+                    total = np.cumsum(wd, axis=1)[:, keep]  # every used detection's weight so far
+                    wk = wd[:, keep][:, None, :]
+                    tpc = np.cumsum(tp * wk, axis=2)
+                    fpc = total[:, None, :] - tpc - np.cumsum(ig * wk, axis=2)
+                    rc = tpc / n_gt[valid][:, None, None]
+                    pr = tpc / (fpc + tpc + np.spacing(1))
+                    pr = np.maximum.accumulate(pr[:, :, ::-1], axis=2)[:, :, ::-1]
+                    shift = 2.0 * np.arange(num_t)[:, None]
+                    thrs = (self.rec_thrs[None, :] + shift).ravel()
+                    rows = np.flatnonzero(valid)
+                    for j, b in enumerate(rows):  # as metrics(): one search over the T shifted rows
+                        idx = np.searchsorted((rc[j] + shift).ravel(), thrs, side="left")
+                        idx = idx.reshape(num_t, -1) - n * np.arange(num_t)[:, None]
+                        ok = idx < n
+                        q[b] = np.where(ok, np.take_along_axis(pr[j], np.minimum(idx, n - 1), axis=1), 0.0)
+            q_by_area[a].append((valid, q))
+        out = OrderedDict((m, np.full(num_b, math.nan)) for m in ("AP", "AP50", "APs", "LAMR"))
+        for b in range(num_b):
+            all_ = [q[b] for valid, q in q_by_area[0] if valid[b]]
+            if all_:
+                all_ = np.stack(all_)
+                out["AP"][b] = 100 * float(all_.mean())
+                out["AP50"][b] = 100 * float(all_[:, self.iou50].mean())
+            small = [q[b] for valid, q in q_by_area[1] if valid[b]]
+            if small:
+                out["APs"][b] = 100 * float(np.stack(small).mean())
+        lamrs = [[] for _ in range(num_b)]
+        images_drawn = w_all.sum(axis=1)
+        for img, tp, num_gt in self._safety.values():
+            n_gt = w_all @ num_gt
+            wd = w_all[:, img]
+            recall = np.cumsum(tp * wd, axis=1) / np.where(n_gt > 0, n_gt, 1.0)[:, None]
+            fppi = np.cumsum(~tp * wd, axis=1) / images_drawn[:, None]
+            for b in np.flatnonzero(n_gt > 0):
+                lamrs[b].append(100 * log_average_miss_rate(1 - recall[b], fppi[b]))
+        for b, values in enumerate(lamrs):
+            if values:
+                out["LAMR"][b] = float(np.mean(values))
+        return out
+
     def metrics(self, weights=None):
         """AP, AP50, APs (COCO's, in percent) and LAMR (the mean over safety classes, percent)
         with image i counted ``weights[i]`` times (in the order of sorted image ids; None: once)."""
@@ -212,13 +285,16 @@ class RunEvaluation:
 
 
 def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.95,
-                     metrics=BOOTSTRAP_METRICS):
+                     metrics=BOOTSTRAP_METRICS, batch=100, progress=None):
     """
     The difference A - B of each metric (seed-averaged) and its percentile interval over
     ``num_resamples`` resamples of the images with replacement, the same resample for every run.
 
     Args:
         setting_a, setting_b: lists of :class:`RunEvaluation` (one per seed), all on one image set.
+        batch: resamples scored at once (:meth:`RunEvaluation.metrics_batch`); 0 scores them one
+            at a time with :meth:`RunEvaluation.metrics` (the reference path: the same numbers).
+        progress: called as ``progress(done, total)`` after each batch, or None.
     Returns:
         {metric: {"diff": A - B on the images as they are, "low", "high": the interval,
         "a", "b": each setting's value}} (NaN where a metric has no value).
@@ -235,15 +311,37 @@ def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.9
         return {m: float(np.nanmean([v[m] for v in values])) if any(not math.isnan(v[m]) for v in values)
                 else math.nan for m in metrics}
 
+    def mean_metrics_batch(setting, weights):
+        values = [r.metrics_batch(weights) for r in setting]
+        out = {}
+        for m in metrics:
+            stacked = np.stack([v[m] for v in values])
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+                out[m] = np.nanmean(stacked, axis=0)
+        return out
+
     a0, b0 = mean_metrics(setting_a, None), mean_metrics(setting_b, None)
     rng = np.random.default_rng(seed)
     diffs = {m: [] for m in metrics}
     n = len(ids)
-    for _ in range(num_resamples):
-        weights = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
-        a, b = mean_metrics(setting_a, weights), mean_metrics(setting_b, weights)
-        for m in metrics:
-            diffs[m].append(a[m] - b[m])
+    done = 0
+    while done < num_resamples:
+        size = min(batch, num_resamples - done) if batch else 1
+        # drawn one resample at a time, as always: the same draws for any batch size
+        weights = np.stack([np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+                            for _ in range(size)])
+        if batch:
+            a, b = mean_metrics_batch(setting_a, weights), mean_metrics_batch(setting_b, weights)
+            for m in metrics:
+                diffs[m].extend((a[m] - b[m]).tolist())
+        else:
+            a, b = mean_metrics(setting_a, weights[0]), mean_metrics(setting_b, weights[0])
+            for m in metrics:
+                diffs[m].append(a[m] - b[m])
+        done += size
+        if progress is not None:
+            progress(done, num_resamples)
     tail = 100 * (1 - level) / 2
     out = OrderedDict()
     for m in metrics:
