@@ -19,7 +19,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 from d2_focalstar.config import ConfigError
-from d2_focalstar.run.cli import load_config
+from d2_focalstar.run.cli import add_unsafe_config_argument, load_config
 from d2_focalstar.run.errors import error_line
 
 
@@ -78,12 +78,16 @@ def main(argv=None):
     p.add_argument("--config-file", required=True)
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--coco-like", action="store_true")
+    add_unsafe_config_argument(p)
     p.add_argument("opts", nargs="*")
     args = p.parse_args(argv)
+    if args.images < 1:
+        p.error(f"--images {args.images}: must be at least 1")
     try:
         # random weights, the trunk run (its features only give the anchors their places)
         cfg = load_config(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
-                                                              "MODEL.FOCALSTAR.FEATURE_CACHE", ""])
+                                                              "MODEL.FOCALSTAR.FEATURE_CACHE", ""],
+                          allow_unsafe=args.unsafe_config)
     except ConfigError as e:
         sys.exit(error_line("anchor_stats.py", e))
     from detectron2.modeling import build_model

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from d2_focalstar.config import ConfigError
-from d2_focalstar.run.cli import load_config
+from d2_focalstar.run.cli import add_unsafe_config_argument, load_config
 from d2_focalstar.study.pretrain import FractalSpec, PretrainSettings, pretrain
 from d2_focalstar.run.errors import error_line
 from detectron2.utils.logger import setup_logger
@@ -45,6 +45,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=d.workers,
                    help="processes rendering fractals beside the training (a GPU wants several)")
     p.add_argument("--device", help="cpu or cuda (default: the config's MODEL.DEVICE, CPU without CUDA)")
+    add_unsafe_config_argument(p)
     args = p.parse_args(argv)
     setup_logger(name="d2_focalstar")
     if args.from_detector:
@@ -67,7 +68,8 @@ def main(argv=None):
     if not 1 <= args.object_sizes[0] <= args.object_sizes[1] <= args.image_size:
         p.error(f"--object-sizes {args.object_sizes}: need 1 <= MIN <= MAX <= --image-size")
     try:
-        cfg = load_config(args.config_file, ["MODEL.WEIGHTS", ""] + (["MODEL.DEVICE", args.device] if args.device else []))
+        cfg = load_config(args.config_file, ["MODEL.WEIGHTS", ""] + (["MODEL.DEVICE", args.device] if args.device else []),
+                          allow_unsafe=args.unsafe_config)
     except ConfigError as e:
         sys.exit(error_line("pretrain_backbone.py", e))
     spec = FractalSpec(num_classes=args.classes, image_size=args.image_size, max_objects=args.max_objects,

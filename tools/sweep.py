@@ -43,7 +43,7 @@ import time
 from d2_focalstar.config import ConfigError
 from d2_focalstar.modeling import loss_config_node
 from d2_focalstar.modeling.losses import LOSS_TYPES
-from d2_focalstar.run.cli import load_config
+from d2_focalstar.run.cli import UNSAFE_CONFIG_FLAG, add_unsafe_config_argument, load_config
 from d2_focalstar.run.errors import error_line
 from d2_focalstar.run.processes import stop_process_groups
 from d2_focalstar.run.results import run_state
@@ -147,6 +147,7 @@ def main(argv=None):
     parser.add_argument("--slurm", action="store_true",
                         help="submit the runs not done yet as one SLURM job array instead (each run: --nodes "
                              "x --num-gpus GPUs, requeued when preempted; docs/CLUSTER.md)")
+    add_unsafe_config_argument(parser)
     add_slurm_arguments(parser, gpus=False)
     args, unknown = parser.parse_known_args(argv)  # with --slurm, the rest goes to sbatch
     if unknown and not args.slurm:
@@ -162,7 +163,8 @@ def main(argv=None):
     if not os.path.isfile(args.config_file):
         parser.error(f"--config-file {args.config_file}: no such file")
     try:  # the config every run starts from, checked once here (its runs add the loss's keys)
-        node = loss_config_node(load_config(args.config_file, extra, warn_no_cuda=False))
+        node = loss_config_node(load_config(args.config_file, extra, warn_no_cuda=False,
+                                            allow_unsafe=args.unsafe_config))
     except ConfigError as e:
         sys.exit(error_line("sweep.py", e))
     runs = plan_sweep(args.loss_types, args.seeds, values, args.alphas)
@@ -177,6 +179,7 @@ def main(argv=None):
     env = dict(os.environ)
     if args.jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    unsafe = [UNSAFE_CONFIG_FLAG] if args.unsafe_config else []  # each run loads the config again
     todo = []
     for i, run in enumerate(runs, 1):
         folder = os.path.join(args.out, run.name)
@@ -187,7 +190,7 @@ def main(argv=None):
             todo.append((i, run, folder, state))
     if args.slurm and todo:  # the jobs resume interrupted runs themselves
         args.gpus_per_node = args.num_gpus
-        trainings = [["--config-file", args.config_file, *run.opts(node), "OUTPUT_DIR", folder, *extra]
+        trainings = [["--config-file", args.config_file, *unsafe, *run.opts(node), "OUTPUT_DIR", folder, *extra]
                      for i, run, folder, state in todo]
         try:
             args.sbatch = sbatch_options(unknown)
@@ -224,6 +227,7 @@ def run_all(args, todo, total, env, gpus, extra, node):
                 cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
                        args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
                 cmd += ["--resume"] if state == "interrupted" else []
+                cmd += [UNSAFE_CONFIG_FLAG] if args.unsafe_config else []
                 cmd += run.opts(node) + ["OUTPUT_DIR", folder] + extra
                 run_env, log = dict(env), None
                 if args.jobs > 1:

@@ -17,7 +17,7 @@ from detectron2.config import get_cfg
 from ..config import ConfigError, add_focalstar_config, check_focalstar_config, config_value
 from ..modeling import loss_config_node
 
-__all__ = ["load_config", "check_output_dir", "check_batch_split", "check_weights_file", "cpu_cores",
+__all__ = ["UNSAFE_CONFIG_FLAG", "add_unsafe_config_argument", "load_config", "check_output_dir", "check_batch_split", "check_weights_file", "cpu_cores",
            "default_argument_parser_for", "detector_classes", "draw_seed", "prepare_run"]
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,19 @@ def _fall_back_to_cpu(cfg, warn=True):
         cfg.MODEL.DEVICE = "cpu"
 
 
+# the flag of every command that loads a config, named by the refusal of a Python tag
+UNSAFE_CONFIG_FLAG = "--unsafe-config"
+
+
+def add_unsafe_config_argument(parser):
+    """The ``--unsafe-config`` flag of a command that loads configs (args.unsafe_config)."""
+    parser.add_argument(UNSAFE_CONFIG_FLAG, action="store_true",
+                        help="allow Python tags (!!python/...) in the config and its _BASE_ files: "
+                             "they run code when the file is loaded; only for files you trust")
+
+
 def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False, num_machines=1,
-                warn_no_cuda=True):
+                warn_no_cuda=True, allow_unsafe=False):
     """
     The config of a run, checked; a ConfigError (one line) for bad input. Warnings (a CUDA config
     on a machine without CUDA, a loss parameter the loss type does not use) are logged here.
@@ -86,6 +97,8 @@ def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False,
         num_machines: machines of ``num_gpus`` processes each (the batch is split over all).
         warn_no_cuda: warn when MODEL.DEVICE is CUDA and this machine has none (a SLURM login
             node need not have the GPUs the job gets).
+        allow_unsafe: construct the Python tags of the files (``--unsafe-config``); without it a
+            tag in any file of the _BASE_ chain is a ConfigError and nothing is constructed.
     """
     from .checkpoint import last_checkpoint  # the checkpointer reads last_checkpoint
 
@@ -94,12 +107,12 @@ def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False,
     if not os.path.isfile(config_file):
         raise ConfigError(f"--config-file {config_file}: no such file")
     _check_num_processes(num_gpus)  # before anything starts: a process each is memory each
-    _check_config_files(config_file)
+    _check_config_files(config_file, allow_unsafe=allow_unsafe)  # the whole chain, before any tag runs
     opts = list(opts)
     cfg = get_cfg()
     add_focalstar_config(cfg)
     try:
-        cfg.merge_from_file(config_file)
+        cfg.merge_from_file(config_file, allow_unsafe=allow_unsafe)
     except KeyError as e:  # yacs: "Non-existent config key: A.B"
         key = str(e.args[0]).rsplit(" ", 1)[-1]
         raise ConfigError(_unknown_key_message(key, cfg, config_file)) from None
@@ -157,22 +170,42 @@ def _base_files(config_file, data):
         yield base if base.startswith("/") else os.path.join(os.path.dirname(config_file), base)
 
 
-def _check_config_files(config_file, chain=()):
-    """Each file of the _BASE_ chain is a YAML mapping of config keys and the chain has no loop;
-    a ConfigError naming the file otherwise (fvcore would raise a TypeError, or recurse until
-    Python's limit)."""
+class _InertLoader(yaml.SafeLoader):
+    """safe_load that reads a Python tag as None and remembers where the first one is: the _BASE_
+    chain is checked (loops included) before anything a tag names is constructed."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.first_tag = None
+
+
+def _inert_python_tag(loader, suffix, node):
+    if loader.first_tag is None:
+        loader.first_tag = (node.tag.replace("tag:yaml.org,2002:", "!!"), node.start_mark.line + 1)
+    return None
+
+
+_InertLoader.add_multi_constructor("tag:yaml.org,2002:python/", _inert_python_tag)
+
+
+def _check_config_files(config_file, chain=(), allow_unsafe=False):
+    """Each file of the _BASE_ chain is a YAML mapping of config keys, holds no Python tag (unless
+    ``allow_unsafe``) and the chain has no loop; a ConfigError naming the file otherwise (fvcore
+    would raise a TypeError, run the tags, or recurse until Python's limit)."""
     chain = chain + (os.path.realpath(config_file),)
     where = config_file if len(chain) == 1 else f"{config_file} (a _BASE_ of {chain[0]})"
     try:
         with open(config_file, "rb") as f:
             text = f.read().decode("utf-8")
-        data = yaml.safe_load(text)
+        loader = _InertLoader(text)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such file") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: not a YAML config (not UTF-8 text)") from None
-    except yaml.constructor.ConstructorError:
-        return  # Python tags: detectron2 loads it with a warning (docs/RELIABILITY.md)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -180,6 +213,11 @@ def _check_config_files(config_file, chain=()):
                           f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     except OSError as e:
         raise ConfigError(f"{where}: cannot be read: {e.strerror or e}") from None
+    if loader.first_tag and not allow_unsafe:
+        tag, line = loader.first_tag
+        raise ConfigError(f"{where}: line {line} holds a Python tag ({tag}), which would run code when "
+                          f"loaded: refused, nothing was run; {UNSAFE_CONFIG_FLAG} allows tags in "
+                          "files you trust")
     if data is None:
         raise ConfigError(f"{where}: empty; a config sets keys or a _BASE_, e.g. "
                           "_BASE_: \"quickstart_flstar.yaml\"")
@@ -190,7 +228,7 @@ def _check_config_files(config_file, chain=()):
         if os.path.realpath(base) in chain:
             loop = " -> ".join(list(chain[chain.index(os.path.realpath(base)):]) + [os.path.realpath(base)])
             raise ConfigError(f"{chain[0]}: its _BASE_ chain loops ({loop})")
-        _check_config_files(base, chain)
+        _check_config_files(base, chain, allow_unsafe)
 
 
 def _yacs_message(e):
@@ -347,6 +385,7 @@ def default_argument_parser_for(doc):
             action.help = "config KEY VALUE pairs, last, e.g. MODEL.FOCALSTAR.GAMMA 0.5 OUTPUT_DIR out/g0.5"
         elif action.dest == "num_gpus":
             action.help = "GPUs per machine (without CUDA: this many CPU processes)"
+    add_unsafe_config_argument(parser)
     return parser
 
 
@@ -366,7 +405,8 @@ def prepare_run(args):
     from ..fileio import remove_partial_writes
 
     cfg = load_config(args.config_file, args.opts, num_gpus=args.num_gpus, eval_only=args.eval_only,
-                      resume=args.resume, num_machines=args.num_machines)
+                      resume=args.resume, num_machines=args.num_machines,
+                      allow_unsafe=getattr(args, "unsafe_config", False))
     check_output_dir(cfg)
     draw_seed(cfg, args.num_machines)  # SEED -1: one seed for all processes, recorded in the run's files
     register_coco_json_datasets(cfg)

@@ -314,13 +314,13 @@ _OWN_FLAGS = ("--num-gpus", "--num-machines", "--machine-rank", "--dist-url", "-
 def check_train_args(train_args, nodes, gpus_per_node):
     """The config of the training (train_net.py's arguments) as the job will run it, checked
     here, before anything waits in a queue: a ConfigError or SlurmError in one line."""
-    from .cli import check_batch_split, check_output_dir, load_config
+    from .cli import UNSAFE_CONFIG_FLAG, check_batch_split, check_output_dir, load_config
 
     for flag in _OWN_FLAGS:
         if any(a == flag or a.startswith(flag + "=") for a in train_args):
             raise SlurmError(f"{flag} in the training's arguments: the job sets it (--nodes, "
                              "--gpus-per-node); evaluation runs with train_net.py itself")
-    config_file, opts, i = None, [], 0
+    config_file, opts, unsafe, i = None, [], False, 0
     while i < len(train_args):
         a = train_args[i]
         if a == "--config-file" and i + 1 < len(train_args):
@@ -329,14 +329,16 @@ def check_train_args(train_args, nodes, gpus_per_node):
             config_file, i = a.split("=", 1)[1], i + 1
         elif a == "--resume":
             i += 1
+        elif a == UNSAFE_CONFIG_FLAG:
+            unsafe, i = True, i + 1
         elif a.startswith("-"):
             raise SlurmError(f"{a}: not a train_net.py argument a job takes (--config-file FILE, "
-                             "--resume, then KEY VALUE opts)")
+                             f"--resume, {UNSAFE_CONFIG_FLAG}, then KEY VALUE opts)")
         else:
             opts = train_args[i:]
             break
     # the login node need not have the GPUs: one process, and no word about its lack of CUDA
-    cfg = load_config(config_file, opts, num_gpus=1, warn_no_cuda=False)
+    cfg = load_config(config_file, opts, num_gpus=1, warn_no_cuda=False, allow_unsafe=unsafe)
     check_batch_split(cfg, nodes * gpus_per_node, f"(--nodes {nodes} x --gpus-per-node {gpus_per_node})")
     check_output_dir(cfg)
     return cfg
