@@ -13,6 +13,7 @@ import warnings
 # fvcore jit-scripts its losses when detectron2 imports it, which recent torch deprecates loudly
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
+import contextlib
 import os
 
 import detectron2.utils.comm as comm
@@ -106,9 +107,10 @@ def command(args):
     """Check everything once, then run ``main`` in args.num_gpus x args.num_machines processes;
     bad input and failures are one line (docs/RELIABILITY.md)."""
     print("Command Line Args:", args)
-    with command_errors("train_net.py", eval_only=args.eval_only) as run:
+    with command_errors("train_net.py", eval_only=args.eval_only) as run, contextlib.ExitStack() as held:
         setup_project_logger()
-        run.cfg = cfg = prepare_run(args)  # config, output folder, seed, datasets, weights
+        # config, output folder (locked: one run at a time in it), seed, datasets, weights
+        run.cfg = cfg = prepare_run(args, held)
         launch_processes(main, args, cfg, reported=reported_errors())
 
 

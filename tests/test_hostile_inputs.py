@@ -89,3 +89,79 @@ def test_a_saved_config_yaml_with_a_tag_is_read_safely(tmp_path, script):
     assert "Traceback" not in proc.output
     assert "config.yaml: line 1 holds a Python tag" in proc.stderr
     assert not marker.exists()
+
+
+# ---- 2. one process at a time in a run folder --------------------------------------------------
+
+TINY = [*QUICKSTART, "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
+        "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "1", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]
+
+
+def _holding_lock(folder):
+    """A process of its own holding ``folder``'s run lock, as a training there would."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom d2_focalstar.run.lock import run_folder_lock\n"
+         "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(300)\n",
+         str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_training_in_a_run_folder_is_refused_naming_the_holder_until_it_dies(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    holder = _holding_lock(out)
+    try:
+        proc = run_here("train_net.py", *TINY, "OUTPUT_DIR", str(out))
+        assert_one_line_error(proc, "train_net.py", f"OUTPUT_DIR {out} is in use by process {holder.pid}",
+                              "choose another OUTPUT_DIR")
+        assert not (out / "log.txt").exists() and not (out / "metrics.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a killed holder's lock does not block
+        holder.wait()
+    run_here("train_net.py", *TINY, "OUTPUT_DIR", str(out), check=True)
+    assert (out / "model_final.pth").exists()
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path):
+    from d2_focalstar.run.lock import run_folder_lock
+
+    out = tmp_path / "sweep"
+    with run_folder_lock(str(out)):  # the first sweep, running
+        proc = run_here("tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "--out", str(out), "--",
+                        "SOLVER.MAX_ITER", "1")
+    assert_one_line_error(proc, "sweep.py", f"--out {out} is in use by process {os.getpid()}")
+    assert not (out / "ce_s0").exists()
+
+
+def _fake_scheduler(tmp_path, monkeypatch, sbatch='echo "Submitted batch job 4242"', squeue="exit 0"):
+    """sbatch, srun and squeue stand-ins first in PATH; each call of sbatch is counted."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "sbatch_calls"
+    for name, body in (("sbatch", f'echo x >> "{calls}"\n{sbatch}'), ("srun", "exit 0"), ("squeue", squeue)):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return lambda: len(calls.read_text().splitlines()) if calls.exists() else 0
+
+
+def test_sweep_slurm_again_does_not_submit_runs_whose_jobs_are_queued(tmp_path, monkeypatch):
+    sbatch_calls = _fake_scheduler(tmp_path, monkeypatch, squeue='echo "4242_0 PENDING"; echo "4242_1 RUNNING"')
+    sweep = ["tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--slurm", "--out", str(tmp_path / "s")]
+    run_here(*sweep, check=True)
+    assert sbatch_calls() == 1
+    again = run_here(*sweep, check=True)
+    assert sbatch_calls() == 1 and again.stdout.count("is still queued or running: not submitted again") == 2
+    monkeypatch.setenv("PATH", os.environ["PATH"].replace(str(tmp_path / "bin"), str(tmp_path / "ended")))
+    (tmp_path / "ended").mkdir()
+    for name in ("sbatch", "srun"):
+        os.symlink(tmp_path / "bin" / name, tmp_path / "ended" / name)
+    (tmp_path / "ended" / "squeue").write_text("#!/bin/sh\nexit 0\n")  # the jobs have ended
+    (tmp_path / "ended" / "squeue").chmod(0o755)
+    run_here(*sweep, check=True)
+    assert sbatch_calls() == 2

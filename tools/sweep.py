@@ -33,6 +33,7 @@ limit (tools/submit_slurm.py's options; any other --option goes to sbatch; docs/
         --partition gpu --time 24:00:00 --loss-types CE FL FLSTAR --seeds 0 1 --out output/sweep
 """
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -45,9 +46,11 @@ from d2_focalstar.modeling import loss_config_node
 from d2_focalstar.modeling.losses import LOSS_TYPES
 from d2_focalstar.run.cli import UNSAFE_CONFIG_FLAG, add_unsafe_config_argument, load_config
 from d2_focalstar.run.errors import error_line
+from d2_focalstar.run.lock import RunFolderBusy, run_folder_lock
 from d2_focalstar.run.processes import stop_process_groups
 from d2_focalstar.run.results import run_state
-from d2_focalstar.run.slurm import SlurmError, add_slurm_arguments, sbatch_options, submit
+from d2_focalstar.run.slurm import (SlurmError, add_slurm_arguments, live_jobs, record_jobs, sbatch_options,
+                                    submit)
 from d2_focalstar.study.sweep import plan_sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,13 +192,24 @@ def main(argv=None):
         if state != "done" and not args.dry_run:
             todo.append((i, run, folder, state))
     if args.slurm and todo:  # the jobs resume interrupted runs themselves
+        slurm_folder = args.slurm_folder or os.path.join(args.out, "slurm")
+        try:  # a run whose job is still queued or running is not submitted again
+            live = live_jobs(slurm_folder)
+        except SlurmError as e:
+            sys.exit(error_line("sweep.py", e))
+        for i, run, folder, state in [t for t in todo if os.path.abspath(t[2]) in live]:
+            print(f"[sweep {i}/{total}] {run.name}: job {live[os.path.abspath(folder)]} is still queued or "
+                  "running: not submitted again", flush=True)
+        todo = [t for t in todo if os.path.abspath(t[2]) not in live]
+    if args.slurm and todo:
         args.gpus_per_node = args.num_gpus
         trainings = [["--config-file", args.config_file, *unsafe, *run.opts(node), "OUTPUT_DIR", folder, *extra]
                      for i, run, folder, state in todo]
         try:
             args.sbatch = sbatch_options(unknown)
             submitted = submit(args, trainings, os.path.join(REPO, "train_net.py"),
-                               folder=os.path.join(args.out, "slurm"), name=os.path.basename(os.path.abspath(args.out)))
+                               folder=slurm_folder, name=os.path.basename(os.path.abspath(args.out)))
+            record_jobs(slurm_folder, submitted, args.local)
         except SlurmError as e:
             sys.exit(error_line("sweep.py", e))
         for (i, run, folder, state), (job, _) in zip(todo, submitted):
@@ -206,7 +220,11 @@ def main(argv=None):
     # SIGTERM (kill, a job scheduler) stops the sweep like Ctrl-C: its runs are stopped with it
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        failed = run_all(args, todo, total, env, gpus, extra, node)
+        # a second sweep of the same runs at once is refused (they would train twice into one folder)
+        with run_folder_lock(args.out, "--out") if todo else contextlib.nullcontext():
+            failed = run_all(args, todo, total, env, gpus, extra, node)
+    except RunFolderBusy as e:
+        sys.exit(error_line("sweep.py", e))
     finally:
         signal.signal(signal.SIGTERM, previous)
     if failed:

@@ -396,13 +396,16 @@ def detector_classes(cfg):
     return key, config_value(cfg, key)
 
 
-def prepare_run(args):
+def prepare_run(args, held=None):
     """train_net.py's checks before any process starts, each done once: the config (loaded and
     checked), the output folder, the seed, the datasets and the weights; the partial files of a
     killed run are removed. Returns the frozen config that every process runs; a ConfigError or a
-    checkpoint error (one line) for bad input."""
+    checkpoint error (one line) for bad input. ``held``: a contextlib.ExitStack that keeps the
+    output folder's lock (run/lock.py) until the command ends (machine 0 only: the machines of one
+    run share the folder)."""
     from ..data import check_datasets, register_coco_json_datasets
     from ..fileio import remove_partial_writes
+    from .lock import run_folder_lock
 
     cfg = load_config(args.config_file, args.opts, num_gpus=args.num_gpus, eval_only=args.eval_only,
                       resume=args.resume, num_machines=args.num_machines,
@@ -414,6 +417,8 @@ def prepare_run(args):
     check_datasets(cfg, train=not args.eval_only, num_classes=detector_classes(cfg))
     # several processes: a bad weights file is one line, not N tracebacks
     check_weights_file(cfg, args.eval_only, args.resume, args.num_gpus * args.num_machines)
+    if held is not None and args.machine_rank == 0:  # before removing files another run may be writing
+        held.enter_context(run_folder_lock(cfg.OUTPUT_DIR))
     remove_partial_writes(cfg.OUTPUT_DIR)  # left by a run killed while saving
     cfg.freeze()
     return cfg

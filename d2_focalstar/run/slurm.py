@@ -37,7 +37,7 @@ from .processes import die_with_parent, stop_process_groups
 from .results import load_run, run_state
 
 __all__ = ["SlurmError", "TrainJob", "add_slurm_arguments", "sbatch_options", "submit", "distributed_args",
-           "failure_reason", "parse_time"]
+           "failure_reason", "parse_time", "live_jobs", "record_jobs"]
 
 
 class SlurmError(RuntimeError):
@@ -402,6 +402,76 @@ def submit(args, runs, script, folder=None, name=None):
     executor = build_executor(args, folder, args.gpus_per_node, cpus,
                               args.job_name or name or os.path.basename(jobs[0].output_dir))
     return list(zip(submit_jobs(executor, jobs), jobs))
+
+
+JOBS_FILE = "jobs.json"  # in the submitit folder: the job id of each run folder submitted from it
+# squeue's states of a job that will still train (one not listed has ended)
+_WAITING_OR_RUNNING = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                       "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+
+
+def record_jobs(folder, submitted, local):
+    """Remember which job trains which run folder (``submitted``: [(submitit job, TrainJob)])."""
+    from ..fileio import atomic_write
+
+    path = os.path.join(folder, JOBS_FILE)
+    known = _read_jobs(path)
+    for job, train in submitted:
+        known[train.output_dir] = {"job_id": str(job.job_id), "local": bool(local)}
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(known, indent=1).encode()))
+
+
+def _read_jobs(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def live_jobs(folder, timeout_s=60):
+    """{run folder: job id} of the jobs submitted from ``folder`` that are still queued or running:
+    squeue's answer for SLURM jobs, the controller process for local ones. SlurmError if squeue
+    does not answer."""
+    known = _read_jobs(os.path.join(folder, JOBS_FILE))
+    live = {}
+    for output_dir, entry in known.items():
+        if not isinstance(entry, dict) or not str(entry.get("job_id", "")).split("_")[0].isdigit():
+            continue
+        if entry.get("local"):
+            try:
+                os.kill(int(entry["job_id"]), 0)
+                live[output_dir] = entry["job_id"]
+            except (OSError, ValueError):
+                pass
+    slurm_ids = {e["job_id"]: d for d, e in known.items()
+                 if isinstance(e, dict) and not e.get("local") and str(e.get("job_id", "")).split("_")[0].isdigit()}
+    if slurm_ids:
+        answer = _scheduler_command(["squeue", "--noheader", "--array", "--format=%i %T", "--jobs",
+                                     ",".join(sorted({i.split("_")[0] for i in slurm_ids}))], timeout_s)
+        for line in answer.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] in slurm_ids and parts[1] in _WAITING_OR_RUNNING:
+                live[slurm_ids[parts[0]]] = parts[0]
+    return live
+
+
+def _scheduler_command(cmd, timeout_s):
+    """A scheduler command's stdout; SlurmError in one line if it hangs or fails."""
+    if shutil.which(cmd[0]) is None:
+        raise SlurmError(f"no {cmd[0]} on this machine (PATH): cannot tell which submitted runs are still "
+                         "queued; submit from a SLURM login node")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{cmd[0]} did not answer within {timeout_s} s: the scheduler may be overloaded; "
+                         "try again later") from None
+    # squeue fails for job ids it no longer knows: those jobs have ended
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise SlurmError(f"{cmd[0]} failed: {(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return proc.stdout
 
 
 def submit_jobs(executor, jobs):
