@@ -165,3 +165,36 @@ def test_sweep_slurm_again_does_not_submit_runs_whose_jobs_are_queued(tmp_path, 
     (tmp_path / "ended" / "squeue").chmod(0o755)
     run_here(*sweep, check=True)
     assert sbatch_calls() == 2
+
+
+# ---- 3. keep_runs copies regular files and replaces nothing unasked ---------------------------
+
+def test_keep_runs_refuses_a_symlink_to_a_file_elsewhere(tmp_path):
+    _finished_run(tmp_path / "runs" / "r", "SEED: 1\n")
+    os.remove(tmp_path / "runs" / "r" / "config.yaml")
+    secret = tmp_path / "secret"
+    secret.write_text("root:x:0:0\n")
+    os.symlink(secret, tmp_path / "runs" / "r" / "config.yaml")
+    proc = run_here("tools/keep_runs.py", str(tmp_path / "runs" / "r"), "--to", str(tmp_path / "kept"))
+    assert_one_line_error(proc, "keep_runs.py", "config.yaml: a symlink: only regular files are copied")
+    assert not (tmp_path / "kept" / "r").exists()
+
+
+def test_keep_runs_does_not_replace_a_kept_run_without_overwrite(tmp_path):
+    _finished_run(tmp_path / "runs" / "r", "SEED: 1\n")
+    keep = ["tools/keep_runs.py", str(tmp_path / "runs" / "r"), "--to", str(tmp_path / "kept")]
+    run_here(*keep, check=True)
+    (tmp_path / "runs" / "r" / "config.yaml").write_text("SEED: 2\n")
+    assert_one_line_error(run_here(*keep), "keep_runs.py", "already kept in", "--overwrite")
+    assert (tmp_path / "kept" / "r" / "config.yaml").read_text() == "SEED: 1\n"
+    run_here(*keep, "--overwrite", check=True)
+    assert (tmp_path / "kept" / "r" / "config.yaml").read_text() == "SEED: 2\n"
+
+
+def test_keep_runs_to_a_file_or_onto_the_run_itself_is_one_line(tmp_path):
+    _finished_run(tmp_path / "runs" / "r", "SEED: 1\n")
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(run_here("tools/keep_runs.py", str(tmp_path / "runs" / "r"), "--to", str(tmp_path / "file")),
+                          "keep_runs.py", "is a file")
+    assert_one_line_error(run_here("tools/keep_runs.py", str(tmp_path / "runs" / "r"), "--to", str(tmp_path / "runs")),
+                          "keep_runs.py", "would be copied onto itself")
