@@ -179,3 +179,18 @@ def test_batched_resamples_equal_the_one_at_a_time_path(data):
         one = a[1].metrics(w.astype(float))
         for m, v in one.items():
             assert (math.isnan(v) and math.isnan(batch[m][i])) or batch[m][i] == v, (i, m)
+
+
+def test_long_resampling_reports_progress_and_eta(data):
+    import io as _io
+
+    from d2_focalstar.study.intervals import resampling_progress
+
+    gt, dets = data
+    stream = _io.StringIO()
+    paired_bootstrap([RunEvaluation(gt, dets)], [RunEvaluation(gt, _worse(dets))], num_resamples=30, batch=10,
+                     metrics=("AP",), progress=resampling_progress("x vs y", stream, every_s=0))
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["x vs y: 10/30 resamples", "x vs y: 20/30 resamples",
+                                                    "x vs y: 30/30 resamples"]
+    assert all("ETA" in line for line in lines) and lines[-1].endswith("ETA 0 s")

@@ -81,7 +81,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--resamples", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=100, help="resamples scored at once by the batched path")
+    p.add_argument("--batch", type=int, default=50, help="resamples scored at once by the batched path")
     p.add_argument("--out", default="output/benchmark_eval.json")
     p.add_argument("--sections", nargs="+", default=["bootstrap", "cocoeval"],
                    choices=["bootstrap", "cocoeval"])

@@ -16,17 +16,17 @@ averages them: the interval is over images for seed-averaged metrics (seed-to-se
 table's ± sd, not part of the interval).
 """
 import contextlib
-import gzip
 import io
-import json
 import logging
 import math
 import os
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .detections import DetectionsError, check_detection_categories, read_detections
 from .safety import log_average_miss_rate, match_detections
 
 __all__ = ["RunEvaluation", "paired_bootstrap", "BOOTSTRAP_METRICS", "detections_file",
@@ -55,9 +55,12 @@ def detections_file(folder, dataset=None):
 
 
 def load_detections(path):
-    """A COCO results list from a .json or .json.gz file."""
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
-        return json.load(f)
+    """A COCO results list from a .json or .json.gz file; BootstrapError naming the file and its
+    first bad record for one that no detector wrote (evaluation/detections.py)."""
+    try:
+        return read_detections(path)
+    except DetectionsError as e:
+        raise BootstrapError(str(e)) from None
 
 
 def _quiet_cocoeval(gt, detections):
@@ -104,6 +107,10 @@ class RunEvaluation:
             raise BootstrapError(f"{name}: detections of {len(unknown)} images that the ground truth "
                                  f"does not have (e.g. image_id {sorted(unknown)[0]}): evaluated on "
                                  "another image set")
+        try:
+            check_detection_categories(detections, gt, name)
+        except DetectionsError as e:
+            raise BootstrapError(str(e)) from None
         ev = _quiet_cocoeval(gt, detections)
         p = ev.params
         self.image_ids = list(p.imgIds)  # sorted, as COCOeval sorts them
@@ -197,25 +204,26 @@ class RunEvaluation:
             q = None
             if valid.any():
                 w = w_all[valid]
-                wd = w[:, img]
+                wd = np.take(w, img, axis=1)
                 num_t, n = tp.shape
                 q = np.zeros((num_b, num_t, num_r))
                 if n:
                     total = np.cumsum(wd, axis=1)[:, keep]  # every used detection's weight so far
                     wk = wd[:, keep][:, None, :]
                     tpc = np.cumsum(tp * wk, axis=2)
-                    fpc = total[:, None, :] - tpc - np.cumsum(ig * wk, axis=2)
-                    rc = tpc / n_gt[valid][:, None, None]
-                    pr = tpc / (fpc + tpc + np.spacing(1))
+                    # tp + fp = all weight so far minus the ignored: exact integers, so this is
+                    # the fpc + tpc of metrics() to the last bit
+                    seen = total[:, None, :] - np.cumsum(ig * wk, axis=2) if ig.any() else total[:, None, :]
+                    pr = tpc / (seen + np.spacing(1))
                     pr = np.maximum.accumulate(pr[:, :, ::-1], axis=2)[:, :, ::-1]
                     shift = 2.0 * np.arange(num_t)[:, None]
+                    shifted_rc = tpc / n_gt[valid][:, None, None] + shift  # as metrics(): rows 2 apart
                     thrs = (self.rec_thrs[None, :] + shift).ravel()
-                    rows = np.flatnonzero(valid)
-                    for j, b in enumerate(rows):  # as metrics(): one search over the T shifted rows
-                        idx = np.searchsorted((rc[j] + shift).ravel(), thrs, side="left")
-                        idx = idx.reshape(num_t, -1) - n * np.arange(num_t)[:, None]
-                        ok = idx < n
-                        q[b] = np.where(ok, np.take_along_axis(pr[j], np.minimum(idx, n - 1), axis=1), 0.0)
+                    rows_t = np.arange(num_t)[:, None]
+                    starts = n * rows_t
+                    for j, b in enumerate(np.flatnonzero(valid)):  # one search over the T shifted rows
+                        idx = np.searchsorted(shifted_rc[j].ravel(), thrs, side="left").reshape(num_t, -1) - starts
+                        q[b] = np.where(idx < n, pr[j][rows_t, np.minimum(idx, n - 1)], 0.0)
             q_by_area[a].append((valid, q))
         out = OrderedDict((m, np.full(num_b, math.nan)) for m in ("AP", "AP50", "APs", "LAMR"))
         for b in range(num_b):
@@ -285,7 +293,7 @@ class RunEvaluation:
 
 
 def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.95,
-                     metrics=BOOTSTRAP_METRICS, batch=100, progress=None):
+                     metrics=BOOTSTRAP_METRICS, batch=50, progress=None):
     """
     The difference A - B of each metric (seed-averaged) and its percentile interval over
     ``num_resamples`` resamples of the images with replacement, the same resample for every run.
@@ -311,15 +319,16 @@ def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.9
         return {m: float(np.nanmean([v[m] for v in values])) if any(not math.isnan(v[m]) for v in values)
                 else math.nan for m in metrics}
 
-    def mean_metrics_batch(setting, weights):
-        values = [r.metrics_batch(weights) for r in setting]
+    def seed_mean(values):
         out = {}
         for m in metrics:
-            stacked = np.stack([v[m] for v in values])
-            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
-                out[m] = np.nanmean(stacked, axis=0)
+                out[m] = np.nanmean(np.stack([v[m] for v in values]), axis=0)
         return out
+
+    # numpy releases the GIL in the long array passes: the runs are scored side by side
+    workers = ThreadPoolExecutor(max_workers=max(1, min(len(runs), os.cpu_count() or 1)))
 
     a0, b0 = mean_metrics(setting_a, None), mean_metrics(setting_b, None)
     rng = np.random.default_rng(seed)
@@ -332,7 +341,8 @@ def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.9
         weights = np.stack([np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
                             for _ in range(size)])
         if batch:
-            a, b = mean_metrics_batch(setting_a, weights), mean_metrics_batch(setting_b, weights)
+            values = list(workers.map(lambda r: r.metrics_batch(weights), runs))
+            a, b = seed_mean(values[:len(setting_a)]), seed_mean(values[len(setting_a):])
             for m in metrics:
                 diffs[m].extend((a[m] - b[m]).tolist())
         else:
@@ -342,6 +352,7 @@ def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.9
         done += size
         if progress is not None:
             progress(done, num_resamples)
+    workers.shutdown()
     tail = 100 * (1 - level) / 2
     out = OrderedDict()
     for m in metrics:

@@ -5,6 +5,8 @@ Intervals for the difference between settings: a paired bootstrap over the test 
 import json
 import math
 import os
+import sys
+import time
 from collections import OrderedDict
 
 from ..data import EMBEDDED_DATASETS, ensure_shapes_dataset
@@ -13,7 +15,25 @@ from ..evaluation.bootstrap import (BOOTSTRAP_METRICS, BootstrapError, RunEvalua
 from ..run.results import read_run_config
 from .tables import fl_baselines, group_by_setting
 
-__all__ = ["interval_rows", "intervals_to_markdown"]
+__all__ = ["interval_rows", "intervals_to_markdown", "resampling_progress"]
+
+
+def resampling_progress(label, stream=None, every_s=10.0):
+    """A ``progress(done, total)`` for :func:`paired_bootstrap` that writes, at most every
+    ``every_s`` seconds, how many resamples are done, the time so far and the ETA."""
+    start = time.monotonic()
+    last = [start]
+
+    def report(done, total):
+        now = time.monotonic()
+        if now - last[0] < every_s and done < total:
+            return
+        last[0] = now
+        eta = (now - start) / done * (total - done)
+        print(f"{label}: {done:,}/{total:,} resamples, {now - start:.0f} s, ETA {eta:.0f} s",
+              file=stream or sys.stderr, flush=True)
+
+    return report
 
 
 def _ground_truth(record):
@@ -104,7 +124,7 @@ def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
             raise BootstrapError(f"{name} and {reference} were evaluated on different datasets "
                                  f"({', '.join(sorted(datasets))}): their difference has no interval")
         res = paired_bootstrap([e for _, e in a], [e for _, e in b], num_resamples=num_resamples, seed=seed,
-                               metrics=BOOTSTRAP_METRICS)
+                               metrics=BOOTSTRAP_METRICS, progress=resampling_progress(f"{name} vs {reference}"))
         row = OrderedDict(setting=name, versus=reference, runs=f"{len(a)} vs {len(b)}",
                           images=len(a[0][1].image_ids), resamples=num_resamples)
         for m, v in res.items():
