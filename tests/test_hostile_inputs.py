@@ -198,3 +198,105 @@ def test_keep_runs_to_a_file_or_onto_the_run_itself_is_one_line(tmp_path):
                           "keep_runs.py", "is a file")
     assert_one_line_error(run_here("tools/keep_runs.py", str(tmp_path / "runs" / "r"), "--to", str(tmp_path / "runs")),
                           "keep_runs.py", "would be copied onto itself")
+
+
+# ---- 5 and 11. detections and results no detector writes ---------------------------------------
+
+@pytest.fixture(scope="module")
+def ground_truth(tmp_path_factory):
+    from d2_focalstar.data.synthetic_coco import synthetic_coco
+
+    root = tmp_path_factory.mktemp("gt")
+    gt, dets = synthetic_coco(num_images=8, num_categories=2, seed=0)
+    (root / "gt.json").write_text(json.dumps(gt))
+    return str(root / "gt.json"), dets
+
+
+def _run_with(folder, loss_type, gt_file, detections_bytes, name="coco_instances_results.json.gz"):
+    """A finished run evaluated on ``gt_file`` whose saved detections file holds these bytes."""
+    os.makedirs(folder / "inference")
+    gamma = None if loss_type == "CE" else 2.0
+    record = {"loss_type": loss_type, "params": {"gamma": gamma} if gamma else {}, "gamma": gamma, "seed": 0,
+              "alpha": 0.25,
+              "datasets": {"train": ["t"], "test": ["synth_val"]},
+              "results": {"bbox": {"AP": 10.0, "AP50": 20.0, "AP75": 5.0, "APs": 1.0, "APm": 2.0, "APl": 3.0}}}
+    (folder / "results.json").write_text(json.dumps(record))
+    (folder / "config.yaml").write_text(f"DATASETS:\n  COCO_JSON: [[synth_val, {gt_file}, {os.path.dirname(gt_file)}]]\n")
+    (folder / "inference" / name).write_bytes(detections_bytes)
+
+
+def _gz(records):
+    import gzip
+
+    return gzip.compress(json.dumps(records).encode())
+
+
+BAD_DETECTIONS = {
+    "nan score": (lambda d: _gz([d[0], {**d[1], "score": float("nan")}]), "detection 1", "score nan"),
+    "negative score": (lambda d: _gz([{**d[0], "score": -0.5}]), "detection 0", "score -0.5"),
+    "inf box": (lambda d: _gz([{**d[0], "bbox": [1, 2, float("inf"), 3]}]), "detection 0", "bbox [1, 2, inf, 3]"),
+    "nan box": (lambda d: _gz([{**d[0], "bbox": [float("nan"), 2, 3, 3]}]), "detection 0", "bbox [nan"),
+    "string score": (lambda d: _gz([{**d[0], "score": "0.9"}]), "detection 0", "score '0.9'"),
+    "no image_id": (lambda d: _gz([{k: v for k, v in d[0].items() if k != "image_id"}]), "detection 0",
+                    "no 'image_id'"),
+    "unknown category": (lambda d: _gz([{**d[0], "category_id": 99}]), "has category_id 99", "the ground truth"),
+    "truncated gzip": (lambda d: _gz(d)[:40], "not a whole gzip file", ""),
+    "not gzip": (lambda d: json.dumps(d).encode(), "not a whole gzip file", ""),
+    "not JSON": (lambda d: __import__("gzip").compress(b"{{{ nope"), "not a detections JSON file", ""),
+    "an object": (lambda d: _gz({"detections": d}), "a JSON dict, where a list of detections", ""),
+}
+
+
+@pytest.mark.parametrize("script", ["tools/compare.py", "tools/table1.py"])
+@pytest.mark.parametrize("case", list(BAD_DETECTIONS))
+def test_detections_no_detector_writes_are_refused_naming_the_file_and_record(tmp_path, ground_truth, case, script):
+    gt_file, dets = ground_truth
+    make, *needles = BAD_DETECTIONS[case]
+    loss_types = ("FL", "FLSTAR") if script == "tools/compare.py" else ("FL", "CE")
+    _run_with(tmp_path / "good", loss_types[0], gt_file, _gz(dets))
+    _run_with(tmp_path / "bad", loss_types[1], gt_file, make(dets))
+    proc = run_here(script, str(tmp_path / "good"), str(tmp_path / "bad"), "--resamples", "5",
+                    "--out", str(tmp_path / "cmp"))
+    assert_one_line_error(proc, os.path.basename(script), *[n for n in needles if n])
+    assert "bad" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("value", ['"31.2"', "[31.2]"])
+def test_a_results_json_whose_metric_is_not_a_number_is_skipped_naming_it(tmp_path, value):
+    _finished_run(tmp_path / "run", "SEED: 1\n")
+    (tmp_path / "run" / "results.json").write_text(
+        '{"loss_type": "FL", "results": {"bbox": {"AP": %s}}}' % value)
+    proc = run_here("tools/compare.py", str(tmp_path / "run"), "--out", str(tmp_path / "c"))
+    assert "bbox.AP=" in proc.stderr and "is not a number" in proc.stderr
+    assert_one_line_error(proc, "compare.py", "none of the folders holds a finished run")
+
+
+def test_a_results_json_nested_200k_deep_is_skipped_in_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("[" * 200_000 + "]" * 200_000)
+    proc = run_here("tools/compare.py", str(tmp_path / "run"), "--out", str(tmp_path / "c"))
+    assert "nested too deep" in proc.stderr
+    assert_one_line_error(proc, "compare.py", "none of the folders holds a finished run")
+
+
+def _coco_train_file(tmp_path, change):
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400,
+                             "iscrowd": 0}]}
+    change(data)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    return str(tmp_path / "train.json"), str(tmp_path / "images")
+
+
+@pytest.mark.parametrize("case,change,needle", [
+    ("nan_box", lambda d: d["annotations"][0].update(bbox=[float("nan"), 4, 20, 20]), "has bbox [nan, 4, 20, 20]"),
+    ("twice_declared", lambda d: d["categories"].append({"id": 2, "name": "c"}), "category id 2 is declared 2 times"),
+])
+def test_a_coco_json_with_a_nan_box_or_a_category_id_declared_twice_does_not_train(tmp_path, case, change, needle):
+    json_file, images = _coco_train_file(tmp_path, change)
+    name = f"hostile_{case}"
+    proc = run_here("train_net.py", *TINY, "DATASETS.COCO_JSON", str([[name, json_file, images]]),
+                    "DATASETS.TRAIN", f"('{name}',)", "OUTPUT_DIR", str(tmp_path / "out"))
+    assert_one_line_error(proc, "train_net.py", json_file, needle)

@@ -3,7 +3,9 @@ Start-up checks of the datasets a config names: registered, files present, and a
 detectron2 would read wrongly or fail on deep in training refused in one ConfigError line naming
 the file and the first bad record.
 """
+import collections
 import json
+import math
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -40,6 +42,13 @@ def check_coco_json(json_file, dataset_name, num_classes=None, training=False):
         raise ConfigError(f"{where}: not a COCO detection file: it needs the lists 'images', "
                           "'categories' and 'annotations'")
     declared = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
+    twice = [(i, n) for i, n in collections.Counter(c.get("id") for c in data["categories"]
+                                                   if isinstance(c, dict)).items() if n > 1]
+    if twice:
+        names = [c.get("name") for c in data["categories"] if isinstance(c, dict) and c.get("id") == twice[0][0]]
+        raise ConfigError(f"{where}: category id {twice[0][0]!r} is declared {twice[0][1]} times "
+                          f"({', '.join(map(repr, names))}){_and_more(twice, 'ids')}: the class list "
+                          "would be ambiguous; give each category its own id")
     annotations = data.get("annotations", [])
     undeclared = [a for a in annotations
                   if not isinstance(a, dict) or a.get("category_id") not in declared]
@@ -104,6 +113,11 @@ def _check_annotations(where, annotations):
     if bad:
         raise ConfigError(f"{where}: {bad[0]}{_and_more(bad, 'annotations')} lacks an id, an "
                           "image_id or a bbox of 4 numbers")
+    infinite = [a for a in annotations if not all(math.isfinite(v) for v in a["bbox"])]
+    if infinite:
+        raise ConfigError(f"{where}: annotation id {infinite[0]['id']!r} of image id {infinite[0]['image_id']!r} "
+                          f"has bbox {infinite[0]['bbox']}{_and_more(infinite, 'annotations')}: allowed "
+                          "finite numbers")
     seen, shared = set(), []
     for a in annotations:
         if a["id"] in seen:

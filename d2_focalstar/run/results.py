@@ -68,6 +68,8 @@ def load_run(folder):
     try:
         with open(path, "rb") as f:
             record = json.loads(f.read().decode("utf-8"))
+    except RecursionError:  # nested deeper than json's parser goes
+        raise RunRecordError(f"{path}: JSON nested too deep to be a run's record") from None
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RunRecordError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}): "
                              "written only in part, or damaged") from None
@@ -80,6 +82,10 @@ def load_run(folder):
     ) if not ok(record.get(key))]
     if problems:
         raise RunRecordError(f"{path}: lacks {' and '.join(problems)}: not a record train_net.py wrote")
+    not_numbers = [f"{name}={value!r:.40}" for name, value in _leaves(record["results"])
+                   if not (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)))]
+    if not_numbers:
+        raise RunRecordError(f"{path}: metric {not_numbers[0]} is not a number: not a record train_net.py wrote")
     if record.get("evaluation_error") is not None:
         raise RunRecordError(f"{path}: the training finished but its evaluation failed "
                              f"({record['evaluation_error']}); --resume evaluates it")
@@ -103,6 +109,16 @@ def load_run(folder):
             record["solver"] = {k.lower(): solver[k] for k in ("BASE_LR", "MAX_ITER", "IMS_PER_BATCH")
                                 if k in solver}
     return record
+
+
+def _leaves(node, prefix=""):
+    """(dotted name, value) of each metric of results ({task: {metric: v}}, or per test dataset
+    {dataset: {task: {metric: v}}})."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def read_run_config(folder):
