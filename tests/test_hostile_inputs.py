@@ -300,3 +300,38 @@ def test_a_coco_json_with_a_nan_box_or_a_category_id_declared_twice_does_not_tra
     proc = run_here("train_net.py", *TINY, "DATASETS.COCO_JSON", str([[name, json_file, images]]),
                     "DATASETS.TRAIN", f"('{name}',)", "OUTPUT_DIR", str(tmp_path / "out"))
     assert_one_line_error(proc, "train_net.py", json_file, needle)
+
+
+# ---- 4. a command's outputs: all written at the end, or none -----------------------------------
+
+def test_compare_that_fails_leaves_the_previous_outputs_and_one_that_succeeds_leaves_no_stale_ones(
+        tmp_path, ground_truth):
+    gt_file, dets = ground_truth
+    _run_with(tmp_path / "fl", "FL", gt_file, _gz(dets))
+    _run_with(tmp_path / "flstar", "FLSTAR", gt_file, _gz(dets[: len(dets) // 2]))
+    runs, out = [str(tmp_path / "fl"), str(tmp_path / "flstar")], str(tmp_path / "cmp" / "c")
+    run_here("tools/compare.py", *runs, "--resamples", "5", "--out", out, check=True)
+    before = {n: (tmp_path / "cmp" / n).read_bytes() for n in os.listdir(tmp_path / "cmp")}
+    assert set(before) == {"c.md", "c.csv", "c_intervals.md", "c_intervals.csv", "c_curves.png"}
+    proc = run_here("tools/compare.py", runs[0], "--versus", "nothing", "--resamples", "5", "--out", out)
+    assert_one_line_error(proc, "compare.py", "--versus 'nothing' is not one of the settings")
+    assert {n: (tmp_path / "cmp" / n).read_bytes() for n in os.listdir(tmp_path / "cmp")} == before
+    run_here("tools/compare.py", runs[0], "--resamples", "0", "--out", out, check=True)
+    assert sorted(os.listdir(tmp_path / "cmp")) == ["c.csv", "c.md", "c_curves.png"]  # no stale intervals
+
+
+def test_compare_out_where_nothing_can_be_written_is_one_line(tmp_path):
+    _finished_run(tmp_path / "run", "SEED: 1\n")
+    (tmp_path / "file").write_text("")
+    proc = run_here("tools/compare.py", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "sub" / "c"))
+    assert_one_line_error(proc, "compare.py", "cannot write there")
+
+
+# ---- 7. resampling without bound ---------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["tools/compare.py", "tools/table1.py"])
+def test_resamples_above_the_bound_are_refused_naming_the_flag(tmp_path, script):
+    _finished_run(tmp_path / "run", "SEED: 1\n")
+    proc = run_here(script, str(tmp_path / "run"), "--resamples", "1000000000", "--out", str(tmp_path / "c"))
+    assert proc.returncode == 2 and "--many-resamples" in proc.stderr.strip().splitlines()[-1]
+    assert "1,000,000,000" in proc.stderr and not (tmp_path / "c.md").exists()

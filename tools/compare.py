@@ -17,10 +17,12 @@ gets a 95% interval from a paired bootstrap over the test images (--resamples, 0
 """
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 
 from d2_focalstar.fileio import atomic_write
-from d2_focalstar.evaluation.bootstrap import BootstrapError
+from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.run.results import RunRecordError
 from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to_markdown
 from d2_focalstar.study.intervals import interval_rows, intervals_to_markdown
@@ -36,6 +38,8 @@ def main(argv=None):
                         help="the setting every other is compared with in the intervals, as the table "
                              "names it (default: each setting's FL at the same knobs)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
+    parser.add_argument("--many-resamples", action="store_true",
+                        help=f"allow more than {MAX_RESAMPLES:,} resamples (hours to days)")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not os.path.basename(args.out) or os.path.isdir(args.out):  # "", "out/", ".": no file name
@@ -43,7 +47,29 @@ def main(argv=None):
                      "--out output/compare (writes output/compare.md, .csv and _curves.png)")
     if args.resamples < 0:
         parser.error(f"--resamples {args.resamples}: must be 0 (no intervals) or more")
+    if args.resamples > MAX_RESAMPLES and not args.many_resamples:
+        parser.error(f"--resamples {args.resamples:,}: more than {MAX_RESAMPLES:,} would run for days; "
+                     "add --many-resamples to allow it")
+    try:  # a folder the outputs can be written to, checked before hours of resampling
+        staging = tempfile.mkdtemp(prefix=".compare-", dir=_made_folder(os.path.dirname(args.out) or "."))
+    except OSError as e:
+        sys.exit(error_line("compare.py", f"--out {args.out}: cannot write there ({e.strerror or e})"))
+    try:
+        written = compare(args, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {', '.join(written)}")
 
+
+def _made_folder(folder):
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def compare(args, staging):
+    """Everything computed first, the files written last: a comparison that fails leaves the
+    previous outputs as they were, one that succeeds leaves none of them behind (an
+    _intervals.md of earlier runs beside the new table would not belong to it)."""
     records, skipped = [], []
     for folder in args.folders:
         try:
@@ -58,9 +84,7 @@ def main(argv=None):
     columns, rows = comparison_rows(records)
     markdown = to_markdown(columns, rows)
     print(markdown)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    atomic_write(args.out + ".md", lambda f: f.write(markdown.encode()))
-    atomic_write(args.out + ".csv", lambda f: f.write(to_csv(columns, rows).encode()))
+    outputs = {".md": markdown.encode(), ".csv": to_csv(columns, rows).encode()}
     intervals = []
     if args.resamples:
         try:
@@ -71,12 +95,20 @@ def main(argv=None):
     if intervals:
         text = intervals_to_markdown(intervals)
         print(text)
-        atomic_write(args.out + "_intervals.md", lambda f: f.write(text.encode()))
-        atomic_write(args.out + "_intervals.csv", lambda f: f.write(to_csv(list(intervals[0]), intervals).encode()))
-    curves = plot_training_curves([r["folder"] for r in records], args.out + "_curves.png",
+        outputs["_intervals.md"] = text.encode()
+        outputs["_intervals.csv"] = to_csv(list(intervals[0]), intervals).encode()
+    curves = plot_training_curves([r["folder"] for r in records], os.path.join(staging, "curves.png"),
                                   groups=setting_names(records))
-    print(f"wrote {args.out}.md, {args.out}.csv, {curves}"
-          + (f", {args.out}_intervals.md, {args.out}_intervals.csv" if intervals else ""))
+    try:
+        for suffix, data in outputs.items():
+            atomic_write(args.out + suffix, lambda f, d=data: f.write(d))
+        os.replace(curves, args.out + "_curves.png")
+        for suffix in ("_intervals.md", "_intervals.csv"):
+            if suffix not in outputs and os.path.isfile(args.out + suffix):
+                os.remove(args.out + suffix)
+    except OSError as e:
+        sys.exit(error_line("compare.py", f"--out {args.out}: {e.strerror or e} writing {e.filename or 'it'}"))
+    return [args.out + suffix for suffix in [*outputs, "_curves.png"]]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from d2_focalstar.evaluation.bootstrap import BootstrapError
+from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.results import RunRecordError
 from d2_focalstar.run.results import load_run
@@ -24,12 +24,17 @@ def main(argv=None):
     parser.add_argument("folders", nargs="+", help="train_net.py OUTPUT_DIRs of one study")
     parser.add_argument("--out", default="output/table1", help="path prefix of the .md")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--many-resamples", action="store_true",
+                        help=f"allow more than {MAX_RESAMPLES:,} resamples (hours to days)")
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not os.path.basename(args.out) or os.path.isdir(args.out):
         parser.error(f"--out {args.out!r} is not a path prefix: give the file's name too, e.g. --out output/table1")
     if args.resamples < 1:
         parser.error(f"--resamples {args.resamples}: must be 1 or more")
+    if args.resamples > MAX_RESAMPLES and not args.many_resamples:
+        parser.error(f"--resamples {args.resamples:,}: more than {MAX_RESAMPLES:,} would run for days; "
+                     "add --many-resamples to allow it")
     records = []
     for folder in args.folders:
         try:

@@ -30,12 +30,16 @@ from .detections import DetectionsError, check_detection_categories, read_detect
 from .safety import log_average_miss_rate, match_detections
 
 __all__ = ["RunEvaluation", "paired_bootstrap", "BOOTSTRAP_METRICS", "detections_file",
-           "load_detections", "BootstrapError"]
+           "load_detections", "BootstrapError", "MAX_RESAMPLES"]
 
 logger = logging.getLogger(__name__)
 
 #: The metrics with intervals: COCO AP, AP50, APs (AP of small objects) and the safety LAMR.
 BOOTSTRAP_METRICS = ("AP", "AP50", "APs", "LAMR")
+
+#: Resamples that the commands compute without being asked twice (--many-resamples): 1,000 take
+#: minutes on a CPU (docs/BENCHMARKS.md), more than this would take days.
+MAX_RESAMPLES = 100_000
 
 
 class BootstrapError(ValueError):
