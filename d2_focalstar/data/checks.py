@@ -154,6 +154,13 @@ def check_datasets(cfg, train=True, num_classes=None):
                 if num_classes and classes > num_classes[1]:
                     raise ConfigError(f"{key}: dataset {name!r} has {classes} classes, but "
                                       f"{num_classes[0]} is {num_classes[1]}: set it to {classes}")
+                if num_classes and classes < num_classes[1] and key == "DATASETS.TRAIN":
+                    # an embedded dataset's class list is fixed: classes beyond it never have an
+                    # instance and only add easy negatives, i.e. change the imbalance under study
+                    raise ConfigError(f"{key}: dataset {name!r} has {classes} classes, but "
+                                      f"{num_classes[0]} is {num_classes[1]}: the other "
+                                      f"{num_classes[1] - classes} would have no instance and only add "
+                                      f"negatives; set it to {classes}")
                 continue
             meta = MetadataCatalog.get(name)
             json_file, image_root = meta.get("json_file"), meta.get("image_root")

@@ -1,0 +1,163 @@
+"""The COCO-imbalance proxy's pieces: its 80 categories, the class-count check, and the trunk
+feature cache (it gives the trunk's own features, is used by training, and is refused in one
+line when it belongs to another trunk or other input settings)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from d2_focalstar.config import ConfigError
+from d2_focalstar.data import EMBEDDED_DATASETS, check_datasets
+from d2_focalstar.modeling.cached_trunk import FeatureCacheError, input_settings, trunk_fingerprint
+from d2_focalstar.run.cli import detector_classes, load_config
+from helpers import REPO, run_here
+
+PROXY = os.path.join(REPO, "configs", "proxy80_flstar.yaml")
+QUICK = os.path.join(REPO, "configs", "quickstart_flstar.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_proxy(tmp_path_factory):
+    """The proxy's generator at a small size (300 training scenes, 4 test ones), registered as a
+    COCO-JSON dataset: the real 16,000 scenes take a minute to make."""
+    import dataclasses
+
+    from detectron2.data.datasets import register_coco_instances
+
+    from d2_focalstar.data import generate_shapes_dataset
+
+    root = tmp_path_factory.mktemp("proxy80")
+    spec = dataclasses.replace(EMBEDDED_DATASETS["focalstar_proxy80"], num_train=300, num_val=4)
+    generate_shapes_dataset(str(root), spec)
+    for split in ("train", "val"):
+        name = f"tiny_proxy80_{split}"
+        if name not in DatasetCatalog.list():
+            register_coco_instances(name, {}, str(root / f"{split}.json"), str(root / split))
+        DatasetCatalog.get(name)  # sets thing_classes
+    return spec
+
+
+def test_proxy_data_has_80_distinct_categories_drawn_alike(tiny_proxy):
+    names = tiny_proxy.class_names()
+    assert len(names) == 80 == len(set(names))
+    assert MetadataCatalog.get("tiny_proxy80_train").thing_classes == names
+    dicts = DatasetCatalog.get("tiny_proxy80_train")
+    per_image = [len(d["annotations"]) for d in dicts]
+    assert min(per_image) >= 1 and max(per_image) <= 2  # 1-2 objects a scene: COCO's imbalance per class
+    counts = np.bincount([a["category_id"] for d in dicts for a in d["annotations"]], minlength=80)
+    # ~450 objects over 80 categories drawn uniformly: nearly all present, none dominating
+    assert (counts > 0).sum() >= 74 and counts.max() <= 20
+
+
+def test_more_classes_than_the_embedded_data_has_is_refused():
+    """NUM_CLASSES 80 on the 4-class quickstart data would add 76 never-positive classes: the
+    imbalance changes silently. One line naming the key, the dataset and the value to use."""
+    cfg = load_config(QUICK, ["MODEL.RETINANET.NUM_CLASSES", "80"])
+    with pytest.raises(ConfigError, match="DATASETS.TRAIN: dataset 'focalstar_shapes_train' has 4 classes, but "
+                                          "MODEL.RETINANET.NUM_CLASSES is 80: the other 76 would have no instance"):
+        check_datasets(cfg, num_classes=detector_classes(cfg))
+
+
+def _subset(name, count):
+    small = f"{name}_first{count}"
+    if small not in DatasetCatalog.list():
+        DatasetCatalog.register(small, lambda: DatasetCatalog.get(name)[:count])
+        MetadataCatalog.get(small).set(thing_classes=MetadataCatalog.get(name).thing_classes)
+    return small
+
+
+def _cached_cfg(folder, *opts):
+    train = _subset("tiny_proxy80_train", 4)
+    return load_config(PROXY, ["MODEL.WEIGHTS", "", "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", "()",
+                               "MODEL.FOCALSTAR.FEATURE_CACHE", str(folder), "SOLVER.IMS_PER_BATCH", "4",
+                               "DATALOADER.NUM_WORKERS", "0", *opts])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_proxy):
+    """A cache of 4 proxy images and their flips, made by tools/cache_features.py's writer for a
+    trunk initialised from seed 0."""
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from cache_features import write_cache
+
+    folder = tmp_path_factory.mktemp("cache") / "features"
+    cfg = _cached_cfg(folder)
+    plain = cfg.clone()
+    plain.defrost()
+    plain.MODEL.FOCALSTAR.FEATURE_CACHE = ""
+    torch.manual_seed(0)
+    model = build_model(plain).eval()
+    write_cache(cfg, model, str(folder), trunk_fingerprint(model.backbone.bottom_up), input_settings(cfg), 8)
+    return folder, model
+
+
+def test_cache_gives_the_trunks_features_and_training_reads_it(cache):
+    from detectron2.data import build_detection_train_loader
+
+    from d2_focalstar.data import CheckedDatasetMapper
+
+    folder, plain = cache
+    assert sorted(os.listdir(folder)) == ["keys.npy", "meta.json", "res3.npy", "res4.npy", "res5.npy"]
+    cfg = _cached_cfg(folder)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = next(iter(build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))))
+    x = model.preprocess_image(batch).tensor
+    got = model.backbone.bottom_up(x)
+    with torch.no_grad():
+        want = plain.backbone.bottom_up(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=2e-3, atol=2e-3)  # fp16 storage
+    forward = model.backbone.bottom_up.forward
+    assert forward.hits == len(batch) and forward.misses == 0  # every training view was cached
+    with EventStorage():
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_a_cache_of_another_trunk_is_refused_in_one_line(cache, tmp_path):
+    folder, _ = cache
+    weights = tmp_path / "other.pth"
+    torch.manual_seed(1)
+    other = build_model(_cached_cfg(""))
+    torch.save({"model": other.state_dict()}, weights)
+    out = tmp_path / "run"
+    proc = run_here("train_net.py", "--config-file", PROXY, "MODEL.WEIGHTS", str(weights),
+                    "DATASETS.TRAIN", f"('{_subset('tiny_proxy80_train', 4)}',)", "DATASETS.TEST", "()",
+                    "MODEL.FOCALSTAR.FEATURE_CACHE", str(folder), "SOLVER.IMS_PER_BATCH", "4",
+                    "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out))
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("train_net.py: error: ") and "Traceback" not in proc.stderr
+    assert f"{os.path.join(str(folder), 'meta.json')}: made by another trunk" in line
+    assert "tools/cache_features.py" in line
+
+
+def test_a_cache_made_for_other_inputs_is_refused_naming_the_setting(cache):
+    folder, plain = cache
+    cfg = _cached_cfg(folder, "INPUT.MIN_SIZE_TEST", "160")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x = torch.zeros(1, 3, 160, 160)
+    with pytest.raises(FeatureCacheError, match=r"meta.json: made for other inputs \(min_size_test: cache 192, config 160\)"):
+        model.backbone.bottom_up(x)
+
+
+def test_a_cache_needs_a_frozen_trunk(tmp_path, tiny_proxy):
+    with pytest.raises(FeatureCacheError, match="needs a trunk that training cannot change: MODEL.BACKBONE.FREEZE_AT 5 "
+                                                r"\(is 2\)"):
+        build_model(_cached_cfg(tmp_path / "c", "MODEL.BACKBONE.FREEZE_AT", "2"))
+
+
+def test_a_folder_that_is_not_a_cache_is_refused(tmp_path, tiny_proxy):
+    (tmp_path / "c").mkdir()
+    torch.manual_seed(0)
+    model = build_model(_cached_cfg(tmp_path / "c"))
+    with pytest.raises(FeatureCacheError, match="not a feature cache .* make it with tools/cache_features.py"):
+        model.backbone.bottom_up(torch.zeros(1, 3, 192, 192))
