@@ -335,3 +335,158 @@ def test_resamples_above_the_bound_are_refused_naming_the_flag(tmp_path, script)
     proc = run_here(script, str(tmp_path / "run"), "--resamples", "1000000000", "--out", str(tmp_path / "c"))
     assert proc.returncode == 2 and "--many-resamples" in proc.stderr.strip().splitlines()[-1]
     assert "1,000,000,000" in proc.stderr and not (tmp_path / "c.md").exists()
+
+
+# ---- 6 and 8. signals: a line, and nothing left running ----------------------------------------
+
+def _wait(predicate, proc, timeout=300):
+    import time
+
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the command ended first"
+        assert time.time() < end, "timed out waiting"
+        time.sleep(0.2)
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text in f.read().decode(errors="replace"):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _signalled(cmd, out, signum, ready, env=None):
+    """Run ``cmd`` as a process of its own, send it ``signum`` once ``ready()``; the finished
+    process with .stderr and .output."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        _wait(ready, proc)
+    finally:
+        proc.send_signal(signum)
+        stdout, proc.stderr = proc.communicate(timeout=120)
+    proc.output = stdout + proc.stderr
+    return proc
+
+
+LONG = [*TINY[:-4], "SOLVER.MAX_ITER", "100000", "SOLVER.CHECKPOINT_PERIOD", "1"]
+
+
+def test_sigterm_to_train_net_is_the_ctrl_c_line_with_status_143(tmp_path):
+    """In this process (the signal reaches the command's handler, which is the point): SIGTERM
+    sent once the first checkpoint is written."""
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "out"
+
+    def terminate_after_first_checkpoint():
+        end = time.time() + 300
+        while not (out / "last_checkpoint").exists() and time.time() < end:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_after_first_checkpoint, daemon=True).start()
+    proc = run_here("train_net.py", *LONG, "OUTPUT_DIR", str(out))
+    assert proc.returncode == 143
+    assert_one_line_error(proc, "train_net.py", "terminated (SIGTERM); the last checkpoint is", str(out),
+                          "continue with --resume")
+
+
+def test_sigterm_to_a_local_slurm_job_stops_its_training_too(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = _signalled(["tools/submit_slurm.py", "--local", "--nodes", "1", "--gpus-per-node", "1", "--time", "30",
+                       "--", *LONG, "OUTPUT_DIR", str(out)], out, signal.SIGTERM,
+                      lambda: (out / "last_checkpoint").exists())
+    assert proc.returncode == 143
+    assert_one_line_error(proc, "submit_slurm.py", "terminated (SIGTERM): the local job was stopped")
+    end = time.time() + 30
+    while _processes_mentioning(str(out)) and time.time() < end:
+        time.sleep(0.5)
+    assert not _processes_mentioning(str(out)), "the job's training lives on"
+
+
+def test_a_preemption_signal_that_names_no_signal_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "BOGUS")
+    proc = run_here("train_net.py", *TINY, "OUTPUT_DIR", str(tmp_path / "out"))
+    assert_one_line_error(proc, "train_net.py", "SUBMITIT_PREEMPT_SIGNAL='BOGUS' names no signal", "USR2")
+
+
+# ---- 7 and 10. the scheduler: hangs, odd answers, arguments out of range -----------------------
+
+def test_an_sbatch_that_hangs_is_one_line_after_the_timeout_and_leaves_no_pickles(tmp_path, monkeypatch):
+    import time
+
+    _fake_scheduler(tmp_path, monkeypatch, sbatch="exec sleep 300")
+    start = time.time()
+    proc = run_here("tools/submit_slurm.py", "--gpus-per-node", "1", "--sbatch-timeout-s", "2", "--", *QUICKSTART,
+                    "OUTPUT_DIR", str(tmp_path / "run"))
+    assert_one_line_error(proc, "submit_slurm.py", "sbatch did not answer within 2 s", "nothing was submitted")
+    assert time.time() - start < 60
+    assert not [f for _, _, fs in os.walk(tmp_path / "run") for f in fs if f.endswith(".pkl")]
+
+
+def test_an_sbatch_answer_without_a_job_id_is_one_line_and_leaves_no_pickles(tmp_path, monkeypatch):
+    _fake_scheduler(tmp_path, monkeypatch, sbatch='echo "Submitted"')
+    proc = run_here("tools/submit_slurm.py", "--gpus-per-node", "1", "--", *QUICKSTART, "OUTPUT_DIR", str(tmp_path / "run"))
+    assert_one_line_error(proc, "submit_slurm.py", "sbatch answered 'Submitted', which holds no job id", "squeue")
+    assert not [f for _, _, fs in os.walk(tmp_path / "run") for f in fs if f.endswith(".pkl")]
+
+
+@pytest.mark.parametrize("script,option,value", [
+    ("tools/submit_slurm.py", "--cpus-per-task", "0"), ("tools/submit_slurm.py", "--cpus-per-task", "-4"),
+    ("tools/submit_slurm.py", "--signal-delay-s", "-100"), ("tools/submit_slurm.py", "--max-timeouts", "-5"),
+    ("tools/sweep.py", "--nodes", "0"), ("tools/sweep.py", "--nodes", "-2"),
+])
+def test_scheduler_options_out_of_range_are_refused_before_sbatch(tmp_path, monkeypatch, script, option, value):
+    sbatch_calls = _fake_scheduler(tmp_path, monkeypatch)
+    if script == "tools/sweep.py":
+        argv = [*QUICKSTART, "--slurm", option, value, "--out", str(tmp_path / "s")]
+    else:
+        argv = ["--gpus-per-node", "1", option, value, "--", *QUICKSTART, "OUTPUT_DIR", str(tmp_path / "run")]
+    proc = run_here(script, *argv)
+    assert proc.returncode == 2 and "Traceback" not in proc.output
+    assert f"{option} {value}: must be at least" in proc.stderr.strip().splitlines()[-1]
+    assert sbatch_calls() == 0
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+@pytest.mark.parametrize("case", ["typo", "invalid", "loop"])
+def test_sweep_on_a_bad_config_is_one_line(tmp_path, case, dry_run):
+    config = tmp_path / "c.yaml"
+    config.write_text({"typo": f'_BASE_: "{QUICKSTART_FILE}"\nSOLVER:\n  MAX_ITERS: 3\n',
+                       "invalid": "SOLVER: [1,\n", "loop": '_BASE_: "c.yaml"\n'}[case])
+    proc = run_here("tools/sweep.py", "--config-file", str(config), *dry_run, "--out", str(tmp_path / "s"))
+    assert_one_line_error(proc, "sweep.py", str(config), {"typo": "did you mean SOLVER.MAX_ITER",
+                                                          "invalid": "not valid YAML", "loop": "loops"}[case])
+
+
+# ---- 9. a checkpoint that cannot be written ----------------------------------------------------
+
+def test_a_checkpoint_over_the_file_size_limit_is_one_line_naming_the_last_complete_one(tmp_path):
+    import resource
+
+    out = tmp_path / "out"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, hard))  # ulimit -f 20000: logs fit, a checkpoint not
+    try:
+        proc = run_here("train_net.py", *TINY[:-4], "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1",
+                        "OUTPUT_DIR", str(out))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert_one_line_error(proc, "train_net.py", f"cannot write checkpoint {out / 'model_0000000.pth'}",
+                          "(EFBIG)", "the last complete checkpoint is none yet", "--resume")
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the partial file went with the failure

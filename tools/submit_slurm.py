@@ -30,15 +30,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from d2_focalstar.run.errors import error_line
-    from d2_focalstar.run.slurm import SlurmError, add_slurm_arguments, sbatch_options
+    from d2_focalstar.run.slurm import SlurmError, add_slurm_arguments, check_slurm_arguments, sbatch_options
 
     add_slurm_arguments(parser)
     args, unknown = parser.parse_known_args(argv)
     if not train_args:
         parser.error("no training: give train_net.py's arguments after '--', e.g. "
                      "-- --config-file configs/retinanet_R50_flstar_1x.yaml")
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        parser.error(f"--nodes ({args.nodes}) and --gpus-per-node ({args.gpus_per_node}) must be at least 1")
+    check_slurm_arguments(parser, args)
     try:
         args.sbatch = sbatch_options(unknown)
         submit_and_report(args, train_args)
@@ -47,19 +46,23 @@ def main(argv=None):
 
 
 def submit_and_report(args, train_args):
-    from d2_focalstar.run.slurm import SlurmError, failure_reason, submit
+    from d2_focalstar.run.errors import Terminated, error_line
+    from d2_focalstar.run.slurm import SlurmError, submit, wait_for_local_jobs
 
     ((submitted, job),) = submit(args, [train_args], os.path.join(REPO, "train_net.py"))
     where = "here (submitit's local executor)" if args.local else "SLURM"
     print(f"[{PROG}] submitted job {submitted.job_id} to {where}: {args.nodes} node(s) x "
           f"{args.gpus_per_node} GPU(s), OUTPUT_DIR {job.output_dir}; log {submitted.paths.stdout}", flush=True)
-    if args.local:  # the job runs under this command: wait for it
-        from submitit.core.utils import FailedJobError, UncompletedJobError
-
+    if args.local:  # the job runs under this command, and stops with it
         try:
-            record = submitted.result()
-        except (FailedJobError, UncompletedJobError) as e:  # they hold the job's traceback
-            raise SlurmError(f"the job failed: {failure_reason(str(e).splitlines())}") from None
+            ((_, record, failed),) = wait_for_local_jobs([submitted])
+        except KeyboardInterrupt as e:
+            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+            print(error_line(PROG, f"{how}: the local job was stopped; the same command continues it from "
+                                   f"its last checkpoint in {job.output_dir}"), file=sys.stderr)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
+        if failed:
+            raise SlurmError(f"the job failed: {failed}")
         print(f"[{PROG}] finished: {os.path.join(job.output_dir, 'results.json')} "
               f"(iteration {record.get('iteration')})")
 

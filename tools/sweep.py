@@ -45,12 +45,12 @@ from d2_focalstar.config import ConfigError
 from d2_focalstar.modeling import loss_config_node
 from d2_focalstar.modeling.losses import LOSS_TYPES
 from d2_focalstar.run.cli import UNSAFE_CONFIG_FLAG, add_unsafe_config_argument, load_config
-from d2_focalstar.run.errors import error_line
+from d2_focalstar.run.errors import Terminated, error_line
 from d2_focalstar.run.lock import RunFolderBusy, run_folder_lock
 from d2_focalstar.run.processes import stop_process_groups
 from d2_focalstar.run.results import run_state
-from d2_focalstar.run.slurm import (SlurmError, add_slurm_arguments, live_jobs, record_jobs, sbatch_options,
-                                    submit)
+from d2_focalstar.run.slurm import (SlurmError, add_slurm_arguments, check_slurm_arguments, live_jobs,
+                                    record_jobs, sbatch_options, submit)
 from d2_focalstar.study.sweep import plan_sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,6 +157,7 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.jobs < 1 or args.num_gpus < 1:
         parser.error(f"--jobs ({args.jobs}) and --num-gpus ({args.num_gpus}) must be at least 1")
+    check_slurm_arguments(parser, args)
 
     values = dict(args.param)
     if args.gammas:
@@ -215,6 +216,19 @@ def main(argv=None):
         for (i, run, folder, state), (job, _) in zip(todo, submitted):
             print(f"[sweep {i}/{total}] {run.name}: submitted, job {job.job_id} (log {job.paths.stdout})",
                   flush=True)
+        if args.local:  # the jobs run under this command, and stop with it
+            try:
+                finished = wait_for_local_jobs([job for job, _ in submitted])
+            except KeyboardInterrupt as e:
+                how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+                print(error_line("sweep.py", f"{how}: the local jobs were stopped; the same command "
+                                             "continues them from their checkpoints"), file=sys.stderr)
+                sys.exit(143 if isinstance(e, Terminated) else 130)
+            failed = [(i, run.name, job.paths.stdout) for (i, run, folder, state), (job, _, why)
+                      in zip(todo, finished) if why]
+            if failed:
+                listed = ", ".join(f"{name} (log {path})" for _, name, path in failed)
+                sys.exit(f"sweep.py: {len(failed)} run(s) failed: {listed} (rerun to retry them)")
         return
 
     # SIGTERM (kill, a job scheduler) stops the sweep like Ctrl-C: its runs are stopped with it

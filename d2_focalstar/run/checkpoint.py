@@ -11,6 +11,7 @@ A DetectionCheckpointer that never leaves a half-written file and never runs cod
 - A folder whose ``last_checkpoint`` was never written (a kill right after the first checkpoint)
   resumes from its newest complete checkpoint.
 """
+import errno
 import logging
 import os
 import pickle
@@ -33,8 +34,26 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint holds Python objects that loading it would have to construct or call."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (disk full, a file-size limit); nothing complete
+    was lost: the message names the last complete checkpoint."""
+
+
 class CheckpointReadError(RuntimeError):
     """A weights file is not a checkpoint at all, or a damaged or truncated one."""
+
+
+def _write_failure(path, e, last):
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None and not isinstance(e, OSError):
+        raise e  # not a failed write
+    cause = cause or e
+    code = errno.errorcode.get(cause.errno, cause.errno) if cause.errno else "no errno"
+    return (f"cannot write checkpoint {path}: {cause.strerror or cause} ({code}); nothing complete was lost: "
+            f"the last complete checkpoint is {last or 'none yet'}. Free disk space (or raise the file-size "
+            "limit, ulimit -f) and continue with --resume")
 
 
 def _first_line(e):
@@ -171,8 +190,12 @@ class SafeCheckpointer(DetectionCheckpointer):
         data.update(kwargs)
         path = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info(f"Saving checkpoint to {path}")
-        atomic_write(path, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(os.path.basename(path))
+        last = self.get_checkpoint_file() if self.has_checkpoint() else None
+        try:
+            atomic_write(path, lambda f: torch.save(data, f))
+            self.tag_last_checkpoint(os.path.basename(path))
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            raise CheckpointWriteError(_write_failure(path, e, last)) from None
 
     def _newest_checkpoint(self):
         """The newest of save_dir's model_*.pth (each is written whole, then renamed into place),

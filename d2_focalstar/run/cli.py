@@ -406,11 +406,13 @@ def prepare_run(args, held=None):
     from ..data import check_datasets, register_coco_json_datasets
     from ..fileio import remove_partial_writes
     from .lock import run_folder_lock
+    from .preemption import preemption_signal
 
     cfg = load_config(args.config_file, args.opts, num_gpus=args.num_gpus, eval_only=args.eval_only,
                       resume=args.resume, num_machines=args.num_machines,
                       allow_unsafe=getattr(args, "unsafe_config", False))
     check_output_dir(cfg)
+    preemption_signal()  # a SUBMITIT_PREEMPT_SIGNAL that names no signal: one line now, not in every process
     draw_seed(cfg, args.num_machines)  # SEED -1: one seed for all processes, recorded in the run's files
     register_coco_json_datasets(cfg)
     # evaluation needs only DATASETS.TEST

@@ -5,9 +5,12 @@ status 1 (130 for Ctrl-C), never a traceback for a fault of the input. The forma
 from its stderr); nothing else spells it.
 """
 import contextlib
+import signal
 import sys
+import threading
 
-__all__ = ["error_line", "reported_message", "reported_errors", "command_errors", "interrupted_message"]
+__all__ = ["error_line", "reported_message", "reported_errors", "command_errors", "interrupted_message",
+           "Terminated", "raise_terminated"]
 
 _FORMAT = "{program}: error: {message}"
 
@@ -29,23 +32,32 @@ def reported_errors():
     do), from any of its processes."""
     from ..config import ConfigError
     from ..data.mapper import EvaluationImageError
-    from .checkpoint import CheckpointReadError, UnsafeCheckpointError
+    from .checkpoint import CheckpointReadError, CheckpointWriteError, UnsafeCheckpointError
     from .processes import ProcessFailed
     from .training import EvaluationFailed, TrainingDiverged
 
     return (ConfigError, TrainingDiverged, EvaluationFailed, EvaluationImageError,
-            UnsafeCheckpointError, CheckpointReadError, ProcessFailed)
+            UnsafeCheckpointError, CheckpointReadError, CheckpointWriteError, ProcessFailed)
 
 
-def interrupted_message(cfg, eval_only):
-    """The line for Ctrl-C: where the run stands and how to go on."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler, timeout) raised the way Ctrl-C is, so that a command stops
+    with a line saying where it stands instead of dying without a word."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def interrupted_message(cfg, eval_only, how="interrupted (Ctrl-C)"):
+    """The line for Ctrl-C (or, with ``how``, SIGTERM): where the run stands and how to go on."""
     from .checkpoint import last_checkpoint
 
     if eval_only:
-        return "interrupted (Ctrl-C) before the evaluation finished: no results.json written"
+        return f"{how} before the evaluation finished: no results.json written"
     last = last_checkpoint(cfg.OUTPUT_DIR)
-    return (f"interrupted (Ctrl-C); the last checkpoint is {last}: continue with --resume" if last
-            else f"interrupted (Ctrl-C) before the first checkpoint in {cfg.OUTPUT_DIR}: "
+    return (f"{how}; the last checkpoint is {last}: continue with --resume" if last
+            else f"{how} before the first checkpoint in {cfg.OUTPUT_DIR}: "
                  "run the command again to start over")
 
 
@@ -57,13 +69,20 @@ class _Command:
 def command_errors(program, eval_only=False):
     """Around a command's work: an error of ``reported_errors()`` becomes its one line and exit
     status 1; Ctrl-C one line saying how to go on (set ``.cfg`` on what this yields once the
-    config is loaded) and status 130."""
+    config is loaded) and status 130; SIGTERM the same line and status 143 (128 + 15, as a
+    process killed by it)."""
     command = _Command()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         yield command
     except reported_errors() as e:
         sys.exit(error_line(program, e))
-    except KeyboardInterrupt:
-        why = interrupted_message(command.cfg, eval_only) if command.cfg is not None else "interrupted"
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        why = interrupted_message(command.cfg, eval_only, how) if command.cfg is not None else how.split(" (")[0]
         print(error_line(program, why), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        if main_thread:  # None: a handler not set from Python, i.e. the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -23,8 +23,16 @@ logger = logging.getLogger(__name__)
 
 
 def preemption_signal():
-    """The signal submitit sends before a job is stopped (its SUBMITIT_PREEMPT_SIGNAL, default USR2)."""
-    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+    """The signal submitit sends before a job is stopped (its SUBMITIT_PREEMPT_SIGNAL, default
+    USR2); a ConfigError for a value that names no signal."""
+    from ..config import ConfigError
+
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    found = getattr(signal, "SIG" + name, None)
+    if not isinstance(found, signal.Signals) or name.startswith("_") or found in (signal.SIGKILL, signal.SIGSTOP):
+        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={name!r} names no signal a job can catch: allowed a name "
+                          "without SIG, e.g. USR2 (the default), USR1, TERM")
+    return found
 
 
 class CheckpointOnSignal(HookBase):
@@ -61,5 +69,7 @@ class CheckpointOnSignal(HookBase):
         last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
         if os.path.basename(last) != f"{name}.pth":  # not just saved by the periodic checkpointer
             self.checkpointer.save(name, iteration=iteration)  # only the main process writes
+        what = ("the job is being stopped; it is requeued and resumes from it" if os.environ.get("SLURM_JOB_ID")
+                else "not a SLURM job: nothing stops it, the training goes on; --resume would continue from it")
         logger.info(f"Checkpoint {name}.pth saved at iteration {iteration} on "
-                    f"{signal.Signals(self.signum).name} (the job is being stopped)")
+                    f"{signal.Signals(self.signum).name} ({what})")

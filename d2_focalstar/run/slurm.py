@@ -37,7 +37,8 @@ from .processes import die_with_parent, stop_process_groups
 from .results import load_run, run_state
 
 __all__ = ["SlurmError", "TrainJob", "add_slurm_arguments", "sbatch_options", "submit", "distributed_args",
-           "failure_reason", "parse_time", "live_jobs", "record_jobs"]
+           "failure_reason", "parse_time", "live_jobs", "record_jobs", "wait_for_local_jobs",
+           "check_slurm_arguments"]
 
 
 class SlurmError(RuntimeError):
@@ -281,6 +282,9 @@ def sbatch_options(unknown):
     return options
 
 
+SBATCH_TIMEOUT_S = 120  # a scheduler that has not answered by then is not going to
+
+
 def add_slurm_arguments(parser, gpus=True):
     """The scheduler options of tools/submit_slurm.py and tools/sweep.py --slurm."""
     group = parser.add_argument_group(
@@ -302,10 +306,22 @@ def add_slurm_arguments(parser, gpus=True):
                        help="seconds before the time limit when the job is told to checkpoint (default 120)")
     group.add_argument("--max-timeouts", type=int, default=10,
                        help="how many times a run is requeued after reaching its time limit (default 10)")
+    group.add_argument("--sbatch-timeout-s", type=int, default=SBATCH_TIMEOUT_S,
+                       help=f"seconds to wait for sbatch's answer (default {SBATCH_TIMEOUT_S})")
     group.add_argument("--local", action="store_true",
                        help="run it here through submitit's local executor (nodes become tasks on this "
                             "machine): to try a job without a cluster")
     return group
+
+
+def check_slurm_arguments(parser, args):
+    """parser.error (one line, status 2) for a scheduler option out of range, before anything is
+    written or submitted: sbatch would get it as it is, or submitit would replace it silently."""
+    for name, least in (("nodes", 1), ("gpus_per_node", 1), ("cpus_per_task", 1), ("signal_delay_s", 0),
+                        ("max_timeouts", 0), ("sbatch_timeout_s", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} {value}: must be at least {least}")
 
 
 _OWN_FLAGS = ("--num-gpus", "--num-machines", "--machine-rank", "--dist-url", "--eval-only")
@@ -401,7 +417,7 @@ def submit(args, runs, script, folder=None, name=None):
     cpus = args.cpus_per_task or args.gpus_per_node * (cfg.DATALOADER.NUM_WORKERS + 1)
     executor = build_executor(args, folder, args.gpus_per_node, cpus,
                               args.job_name or name or os.path.basename(jobs[0].output_dir))
-    return list(zip(submit_jobs(executor, jobs), jobs))
+    return list(zip(submit_jobs(executor, jobs, getattr(args, "sbatch_timeout_s", SBATCH_TIMEOUT_S)), jobs))
 
 
 JOBS_FILE = "jobs.json"  # in the submitit folder: the job id of each run folder submitted from it
@@ -474,17 +490,129 @@ def _scheduler_command(cmd, timeout_s):
     return proc.stdout
 
 
-def submit_jobs(executor, jobs):
-    """Submit ``jobs`` (TrainJobs): one job, or a job array for several. Returns submitit's jobs;
-    the scheduler's refusal is a SlurmError with its own message."""
-    from submitit.core.utils import FailedJobError
+def wait_for_local_jobs(submitted):
+    """Wait for jobs of submitit's local executor, which then live and die with this command:
+    Ctrl-C or SIGTERM here cancels them (their trainings stop, keeping their checkpoints) before
+    it goes on as a KeyboardInterrupt (errors.Terminated for SIGTERM). Returns [(job, its
+    results.json record, or None and the reason it failed)]."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
 
+    from .errors import raise_terminated
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    done = []
     try:
-        if len(jobs) == 1:
-            return [executor.submit(jobs[0])]
-        with executor.batch():
-            submitted = [executor.submit(job) for job in jobs]
-        return submitted
-    except FailedJobError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise SlurmError("sbatch refused the job: " + (" / ".join(lines[:3]) or "no message")) from None
+        for job in submitted:
+            try:
+                done.append((job, job.result(), None))
+            except (FailedJobError, UncompletedJobError) as e:  # they hold the job's traceback
+                done.append((job, None, failure_reason(str(e).splitlines())))
+    except KeyboardInterrupt:
+        for job in submitted:
+            _interrupt_local_tasks(job)
+        for job in submitted:
+            process = getattr(job, "_process", None)
+            if process is not None:
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    return done
+
+
+def _interrupt_local_tasks(job):
+    """SIGINT to the tasks of a local job: each stops its training (TrainJob._run) and exits, and
+    its controller then ends on its own (SIGINT to the controller would print its traceback on
+    this command's terminal)."""
+    process = getattr(job, "_process", None)
+    try:
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+            tasks = [int(p) for p in f.read().split()]
+    except (AttributeError, OSError, ValueError):  # not Linux, or it has ended
+        job.cancel(check=False)
+        return
+    for pid in tasks:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+
+def _files_under(folder):
+    found = set()
+    for root, _, names in os.walk(folder):
+        found.update(os.path.join(root, n) for n in names)
+    return found
+
+
+def submit_jobs(executor, jobs, timeout_s=SBATCH_TIMEOUT_S):
+    """Submit ``jobs`` (TrainJobs): one job, or a job array for several. Returns submitit's jobs.
+    The scheduler's refusal, an answer without a job id, or no answer within ``timeout_s`` is a
+    SlurmError in one line, and the files the failed submission wrote (submitit's pickles of the
+    jobs, its sbatch script) are removed."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    folder = str(executor.folder)
+    before = _files_under(folder)
+    outcome = {}
+
+    def submit_all():  # in a thread: sbatch may hang, and this command must not hang with it
+        try:
+            if len(jobs) == 1:
+                outcome["jobs"] = [executor.submit(jobs[0])]
+            else:
+                with executor.batch():
+                    submitted = [executor.submit(job) for job in jobs]
+                outcome["jobs"] = submitted
+        except BaseException as e:  # noqa: B902 - handed to the waiting thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=submit_all, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    try:
+        if worker.is_alive():
+            _kill_children_of(worker.native_id)  # sbatch, still waited for by the worker
+            worker.join(10)
+            raise SlurmError(f"sbatch did not answer within {timeout_s} s (the scheduler may be overloaded "
+                             "or down): nothing was submitted; try again later")
+        error = outcome.get("error")
+        if isinstance(error, FailedJobError):
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            raise SlurmError("sbatch refused the job: " + (" / ".join(lines[:3]) or "no message"))
+        if isinstance(error, FailedSubmissionError):
+            answer = re.search(r'sbatch output "(.*?)"', str(error), re.S)
+            raise SlurmError(f"sbatch answered {answer.group(1).strip()[:200] if answer else str(error)[:200]!r}, "
+                             "which holds no job id: whether a job was queued is unknown; look with squeue "
+                             "before submitting again")
+        if error is not None:
+            raise error
+        return outcome["jobs"]
+    except BaseException:
+        for path in _files_under(folder) - before:  # what the failed submission wrote
+            if path.endswith((".pkl", ".sh")):
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+        raise
+
+
+def _kill_children_of(thread_id):
+    """SIGKILL the processes that a thread of this process started (Linux: /proc lists a
+    thread's children)."""
+    try:
+        with open(f"/proc/{os.getpid()}/task/{thread_id}/children") as f:
+            children = [int(p) for p in f.read().split()]
+    except (OSError, ValueError, TypeError):
+        return
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -43,8 +43,9 @@ def quiet_reported_errors(*errors):
     cannot be read)."""
     if not errors:
         from ..data.mapper import EvaluationImageError
+        from .checkpoint import CheckpointWriteError
 
-        errors = (FloatingPointError, EvaluationImageError)
+        errors = (FloatingPointError, EvaluationImageError, CheckpointWriteError)
     train_loop = logging.getLogger("detectron2.engine.train_loop")
     if not any(isinstance(f, _ReportedElsewhere) for f in train_loop.filters):
         train_loop.addFilter(_ReportedElsewhere(tuple(errors)))
