@@ -22,6 +22,13 @@
 #   proxy-table1    RetinaNet's Table 1 on the proxy: CE at alpha .25/.5/.75, FL at gamma
 #                   .5/1/2/5, seeds 0 1 2 (21 runs: 9, then 12 at once)         -> OUTDIR/proxy.tgz
 #   proxy-flstar    FL* at gamma .125/.25/.5 on the proxy, seeds 0 1 2  -> OUTDIR/proxy.tgz
+#   proxy80-pretrain  the COCO-imbalance proxy's backbone: configs/proxy80_pretrain.yaml (detection
+#                   on other scenes, FLSTAR_APPENDIX loss), its ResNet kept -> OUTDIR/proxy80_pretrain.tgz
+#   proxy80-table1  Table 1 on configs/proxy80_flstar.yaml (the trunk runs on the GPU, no cache):
+#                   CE alpha .25/.5/.75 and FL gamma .5/1/2/5 (alpha .25), seeds 0-2; CE a.75
+#                   and FL g2 also seeds 3-4 (25 runs, up to 12 at once)  -> OUTDIR/proxy80.tgz
+#   proxy80-flstar  FL* gamma .125/.25/.5 at alpha .25 and .75, seeds 0-4 (30 runs) -> OUTDIR/proxy80.tgz
+#   (the three in one call: a fresh machine keeps nothing from an earlier one)
 # A study's .tgz holds, per run, results.json, metrics.json, config.yaml (the files docs/results/
 # keeps), log.txt and the saved detections (inference/coco_instances_results.json, for the
 # comparison's intervals), and the comparison of all its runs (tools/compare.py). Unpack it with
@@ -33,7 +40,7 @@
 # /tmp/site first, with no index.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS="env test bench bench-loss blocks study study-lr proxy-pretrain proxy-table1 proxy-flstar"
+STEPS="env test bench bench-loss blocks study study-lr proxy-pretrain proxy-table1 proxy-flstar proxy80-pretrain proxy80-table1 proxy80-flstar"
 OUTDIR=${1:?usage: bash tools/gpu_checks.sh OUTDIR STEP... (steps: $STEPS)}
 shift
 [ $# -gt 0 ] || { echo "gpu_checks.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -64,6 +71,9 @@ fi
 
 STUDY_CFG=configs/study_shapes_gpu.yaml
 PROXY_CFG=configs/proxy_flstar.yaml
+PROXY80_CFG=configs/proxy80_flstar.yaml
+# on the GPU the proxy's frozen trunk runs (the feature cache is the CPU's speed lever)
+PROXY80_GPU=(MODEL.DEVICE cuda MODEL.FOCALSTAR.FEATURE_CACHE "" DATALOADER.NUM_WORKERS 2)
 pack_study() {  # folder name -> OUTDIR/name.tgz with the kept files of each run and the comparison
   local name=$1 dir=output/$1
   [ -d "$dir" ] || return 0
@@ -116,6 +126,31 @@ run_step() {
       timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY_CFG --jobs 9 --loss-types FLSTAR \
         --seeds 0 1 2 --out output/proxy
       local rc=$?; pack_study proxy; return $rc ;;
+    proxy80-pretrain)
+      timeout -k 20 "$t" "$PY" train_net.py --config-file configs/proxy80_pretrain.yaml MODEL.DEVICE cuda \
+        DATALOADER.NUM_WORKERS 8 &&
+      "$PY" tools/pretrain_backbone.py --from-detector output/proxy80_pretrain/model_final.pth \
+        --out output/proxy80_backbone
+      local rc=$?
+      (cd output && tar czf - proxy80_pretrain/results.json proxy80_pretrain/metrics.json \
+        proxy80_pretrain/config.yaml proxy80_pretrain/log.txt 2>/dev/null) >"$OUTDIR/proxy80_pretrain.tgz"
+      return $rc ;;
+    proxy80-table1)
+      # CE at each alpha, FL at each gamma (alpha .25, the paper's for gamma 2), then seeds 3-4 of
+      # the pair the calibration turns on
+      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 9 --loss-types CE \
+        --alphas 0.25 0.5 0.75 --seeds 0 1 2 --out output/proxy80 -- "${PROXY80_GPU[@]}" &&
+      timeout -k 20 "$(left)" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 12 --loss-types FL \
+        --param FL.gamma=0.5,1,2,5 --seeds 0 1 2 --out output/proxy80 -- "${PROXY80_GPU[@]}" &&
+      timeout -k 20 "$(left)" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 2 --loss-types CE \
+        --alphas 0.75 --seeds 3 4 --out output/proxy80 -- "${PROXY80_GPU[@]}" &&
+      timeout -k 20 "$(left)" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 2 --loss-types FL \
+        --param FL.gamma=2 --seeds 3 4 --out output/proxy80 -- "${PROXY80_GPU[@]}"
+      local rc=$?; pack_study proxy80; return $rc ;;
+    proxy80-flstar)
+      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 15 --loss-types FLSTAR \
+        --gammas 0.125 0.25 0.5 --alphas 0.25 0.75 --seeds 0 1 2 3 4 --out output/proxy80 -- "${PROXY80_GPU[@]}"
+      local rc=$?; pack_study proxy80; return $rc ;;
   esac
 }
 
