@@ -32,12 +32,13 @@ def reported_errors():
     do), from any of its processes."""
     from ..config import ConfigError
     from ..data.mapper import EvaluationImageError
+    from ..modeling.cached_trunk import FeatureCacheError
     from .checkpoint import CheckpointReadError, CheckpointWriteError, UnsafeCheckpointError
     from .processes import ProcessFailed
     from .training import EvaluationFailed, TrainingDiverged
 
     return (ConfigError, TrainingDiverged, EvaluationFailed, EvaluationImageError,
-            UnsafeCheckpointError, CheckpointReadError, CheckpointWriteError, ProcessFailed)
+            UnsafeCheckpointError, CheckpointReadError, CheckpointWriteError, ProcessFailed, FeatureCacheError)
 
 
 class Terminated(KeyboardInterrupt):
