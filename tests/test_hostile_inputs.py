@@ -490,3 +490,57 @@ def test_a_checkpoint_over_the_file_size_limit_is_one_line_naming_the_last_compl
     assert_one_line_error(proc, "train_net.py", f"cannot write checkpoint {out / 'model_0000000.pth'}",
                           "(EFBIG)", "the last complete checkpoint is none yet", "--resume")
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the partial file went with the failure
+
+
+# ---- 12. weights, inputs and outputs -----------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["train_net.py", "tools/pretrain_backbone.py"])
+def test_a_checkpoint_that_is_a_bare_tensor_is_one_line(tmp_path, script):
+    import torch
+
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.zeros(5), bare)
+    argv = ([*QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(bare), "OUTPUT_DIR", str(tmp_path / "out")]
+            if script == "train_net.py" else ["--from-detector", str(bare), "--out", str(tmp_path / "out")])
+    assert_one_line_error(run_here(script, *argv), os.path.basename(script), f"{bare} cannot be read as a checkpoint",
+                          "it holds a Tensor, not a dict of weights")
+
+
+LOSS_DOC = "# keys\n<!-- loss table: python tools/loss_table.py -->\nold\n<!-- end of loss table -->\nafter\n"
+
+
+@pytest.mark.parametrize("case", ["folder", "missing", "binary"])
+def test_loss_table_write_to_what_is_not_a_markdown_file_is_one_line(tmp_path, case):
+    target = tmp_path / "doc.md"
+    if case == "folder":
+        target.mkdir()
+    elif case == "binary":
+        target.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    proc = run_here("tools/loss_table.py", "--write", str(target))
+    assert proc.returncode == 2 and "Traceback" not in proc.output
+    assert {"folder": "a folder", "missing": "no such file", "binary": "not a text file"}[case] in proc.stderr
+    assert not os.path.isfile(target) or target.read_bytes().startswith(b"\x89PNG")
+
+
+def test_loss_table_write_through_a_symlink_keeps_the_link(tmp_path):
+    (tmp_path / "real.md").write_text(LOSS_DOC)
+    os.symlink(tmp_path / "real.md", tmp_path / "link.md")
+    run_here("tools/loss_table.py", "--write", str(tmp_path / "link.md"), check=True)
+    assert os.path.islink(tmp_path / "link.md")
+    text = (tmp_path / "real.md").read_text()
+    assert "FLSTAR" in text and "old" not in text and text.endswith("after\n")
+
+
+@pytest.mark.parametrize("images", ["0", "-5"])
+def test_anchor_stats_needs_at_least_one_image(images):
+    proc = run_here("tools/anchor_stats.py", *QUICKSTART, "--images", images)
+    assert proc.returncode == 2 and f"--images {images}: must be at least 1" in proc.stderr
+
+
+def test_a_loss_type_with_a_newline_is_not_put_into_the_tables(tmp_path):
+    _finished_run(tmp_path / "run", "SEED: 1\n")
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    (tmp_path / "run" / "results.json").write_text(json.dumps({**record, "loss_type": "FL\n| x | y |"}))
+    proc = run_here("tools/compare.py", str(tmp_path / "run"), "--out", str(tmp_path / "c"))
+    assert "lacks 'loss_type'" in proc.stderr
+    assert_one_line_error(proc, "compare.py", "none of the folders holds a finished run")

@@ -6,6 +6,7 @@ or with --write, put it between the markers of docs/CONFIG.md:
     python tools/loss_table.py --write docs/CONFIG.md
 """
 import argparse
+import os
 
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.modeling.losses import config_table
@@ -20,13 +21,28 @@ def main(argv=None):
     if not args.write:
         print(config_table(), end="")
     else:
-        with open(args.write) as f:
-            text = f.read()
+        # through a symlink to the file it names: the link stays a link
+        target = os.path.realpath(args.write)
+        if os.path.isdir(target):
+            parser.error(f"--write {args.write}: a folder; give the Markdown file, e.g. docs/CONFIG.md")
+        try:
+            with open(target, "rb") as f:
+                text = f.read().decode("utf-8")
+        except FileNotFoundError:
+            parser.error(f"--write {args.write}: no such file; it must exist and hold the markers {BEGIN.strip()} "
+                         f"... {END}")
+        except UnicodeDecodeError:
+            parser.error(f"--write {args.write}: not a text file (not UTF-8)")
+        except OSError as e:
+            parser.error(f"--write {args.write}: cannot be read ({e.strerror or e})")
         if BEGIN not in text or END not in text:
             parser.error(f"{args.write}: no {BEGIN.strip()} ... {END} markers")
         head, rest = text.split(BEGIN, 1)
         new = head + BEGIN + config_table() + END + rest.split(END, 1)[1]
-        atomic_write(args.write, lambda f: f.write(new.encode()))
+        try:
+            atomic_write(target, lambda f: f.write(new.encode()))
+        except OSError as e:
+            parser.error(f"--write {args.write}: cannot be written ({e.strerror or e})")
         print(f"wrote the loss table into {args.write}")
 
 

@@ -256,7 +256,7 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def _torch_load(self, f):
         try:
-            return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+            loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:
             # torch's message explains how to turn the check off; we name only what it found
             found = [line.strip() for line in str(e).splitlines()
@@ -272,6 +272,9 @@ class SafeCheckpointer(DetectionCheckpointer):
                 f"Nothing in it was run.") from None
         except Exception as e:  # a truncated zip, an empty file, bytes that are not a pickle
             raise _not_a_checkpoint(f, e) from None
+        if not isinstance(loaded, dict):  # torch.save(torch.zeros(5), f): a tensor, no weights by name
+            raise _not_a_checkpoint(f, TypeError(f"it holds a {type(loaded).__name__}, not a dict of weights by name"))
+        return loaded
 
 
 def check_checkpoint_file(path):

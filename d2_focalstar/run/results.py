@@ -6,6 +6,7 @@ detectron2's metrics.json of a run, read back one record per iteration.
 import json
 import logging
 import os
+import re
 
 import yaml
 
@@ -76,7 +77,8 @@ def load_run(folder):
     if not isinstance(record, dict):
         raise RunRecordError(f"{path}: a JSON {type(record).__name__}, not a run's record")
     problems = [f"{key!r} ({what})" for key, what, ok in (
-        ("loss_type", "a loss type's name", lambda v: isinstance(v, str)),
+        # a name of the loss table's kind: a newline or a '|' in it would break the tables' rows
+        ("loss_type", "a loss type's name", lambda v: isinstance(v, str) and re.fullmatch(r"[\w.+-]{1,64}", v)),
         ("results", "{task: {metric: value}}",
          lambda v: isinstance(v, dict) and all(isinstance(m, dict) for m in v.values())),
     ) if not ok(record.get(key))]
