@@ -361,6 +361,14 @@ def _processes_mentioning(text):
     return found
 
 
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _signalled(cmd, out, signum, ready, env=None):
     """Run ``cmd`` as a process of its own, send it ``signum`` once ``ready()``; the finished
     process with .stderr and .output."""
@@ -410,7 +418,7 @@ def test_sigterm_to_a_local_slurm_job_stops_its_training_too(tmp_path):
     out = tmp_path / "out"
     proc = _signalled(["tools/submit_slurm.py", "--local", "--nodes", "1", "--gpus-per-node", "1", "--time", "30",
                        "--", *LONG, "OUTPUT_DIR", str(out)], out, signal.SIGTERM,
-                      lambda: (out / "last_checkpoint").exists())
+                      lambda: any("train_net.py" in _cmdline(p) for p in _processes_mentioning(str(out))))
     assert proc.returncode == 143
     assert_one_line_error(proc, "submit_slurm.py", "terminated (SIGTERM): the local job was stopped")
     end = time.time() + 30
