@@ -161,3 +161,25 @@ def test_a_folder_that_is_not_a_cache_is_refused(tmp_path, tiny_proxy):
     model = build_model(_cached_cfg(tmp_path / "c"))
     with pytest.raises(FeatureCacheError, match="not a feature cache .* make it with tools/cache_features.py"):
         model.backbone.bottom_up(torch.zeros(1, 3, 192, 192))
+
+
+def test_proxy_setup_tables_come_from_the_committed_records(tmp_path):
+    """tools/proxy80_tables.py (make results): the imbalance rows from anchor_stats' records,
+    each against the COCO-like estimate, and a record from before issue 23 refused naming it."""
+    stats = sorted(os.path.join(REPO, "docs", "results", "anchor_stats", f)
+                   for f in os.listdir(os.path.join(REPO, "docs", "results", "anchor_stats")))
+    cost = tmp_path / "cost.json"
+    cost.write_text('{"meta": {"date": "d", "cpus": 2, "torch": "t", "ims_per_batch": 16, "max_iter": 3000, '
+                    '"iters": 1, "rounds": 1}, "rows": [{"lever": "x", "threads": 2, "seconds_per_iter": 1.0, '
+                    '"speedup": 1.0, "throughput_speedup": 1.0, "minutes_per_run": 50.0, "hours_for_5_seeds": 4.2}]}')
+    out = tmp_path / "setup.md"
+    run_here("tools/proxy80_tables.py", "--anchor-stats", *stats, "--cost", str(cost), "--out", str(out), check=True)
+    text = out.read_text()
+    assert "| focalstar_proxy80_train (configs/proxy80_flstar.yaml) | 1.49 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| focalstar_proxy80_train"))
+    ratio = float(row.split("|")[-2].strip().rstrip("x"))
+    assert 0.5 <= ratio <= 2  # the proxy's imbalance within 2x of the COCO-like estimate
+    old = tmp_path / "old.txt"
+    old.write_text('{"config": "c", "source": "s", "images": 1}\n')
+    proc = run_here("tools/proxy80_tables.py", "--anchor-stats", str(old), "--cost", str(cost), "--out", str(out))
+    assert proc.returncode != 0 and f"{old}: a record without binary_negatives_per_positive" in proc.stderr

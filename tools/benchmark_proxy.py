@@ -5,10 +5,11 @@ table (seconds per iteration, speed-up over the first row, minutes for one run o
 MAX_ITER, hours for one setting x 5 seeds) and writes it as JSON.
 
     python tools/benchmark_proxy.py --out docs/benchmarks/benchmark_proxy_cpu.json
-    python tools/benchmark_proxy.py --iters 3 --warmup 1 --images 64 --out output/bench_proxy_small.json   # quick
+    python tools/benchmark_proxy.py --iters 1 --rounds 2 --warmup 1 --images 32 --out output/bench_proxy_small.json   # quick
 
 Every lever trains the same detector on the same data with the same loss; none changes what a
-comparison of losses compares. The weights are random (the cost does not depend on them); the
+comparison of losses compares. The levers are timed round robin (each a few iterations per round),
+so that a busy spell of a shared machine falls on all of them; the median round is reported. The weights are random (the cost does not depend on them); the
 trunk is initialised from one seed, so that the cache made here belongs to the trunk that reads it.
 The levers, each row adding to the one before unless it says otherwise:
 
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 from detectron2.modeling import build_model
@@ -67,36 +69,46 @@ def subset(name, count):
     return small
 
 
-def seconds_per_iter(cfg, threads, iters, warmup):
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)  # the same trunk in every row, and the one the cache was made with
-    model = build_model(cfg)
-    model.train()
-    optimizer = build_optimizer(cfg, model)
-    loader = iter(build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True)))
-    with EventStorage():  # the detector logs its anchor counts there
-        for i in range(warmup + iters):
-            if i == warmup:
-                start = time.perf_counter()
-            losses = model(next(loader))
-            optimizer.zero_grad()
-            sum(losses.values()).backward()
-            optimizer.step()
-    seconds = (time.perf_counter() - start) / iters
-    forward = model.backbone.bottom_up.forward
-    hits = (getattr(forward, "hits", None), getattr(forward, "misses", None))
-    return seconds, hits
+class Lever:
+    """One lever's detector, optimizer and loader, stepped a few iterations at a time."""
+
+    def __init__(self, cfg, threads):
+        self.threads = threads
+        torch.manual_seed(0)  # the same trunk in every row, and the one the cache was made with
+        self.model = build_model(cfg)
+        self.model.train()
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.loader = iter(build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True)))
+        self.seconds = []
+
+    def step(self, iters, timed=True):
+        torch.set_num_threads(self.threads)
+        batches = [next(self.loader) for _ in range(iters)]  # loading is the workers' and not timed
+        start = time.perf_counter()
+        with EventStorage():  # the detector logs its anchor counts there
+            for batch in batches:
+                losses = self.model(batch)
+                self.optimizer.zero_grad()
+                sum(losses.values()).backward()
+                self.optimizer.step()
+        if timed:
+            self.seconds.append((time.perf_counter() - start) / iters)
+
+    def cache_counts(self):
+        forward = self.model.backbone.bottom_up.forward
+        return getattr(forward, "hits", None), getattr(forward, "misses", None)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", default="configs/proxy80_flstar.yaml")
-    p.add_argument("--iters", type=int, default=15, help="timed iterations per lever")
+    p.add_argument("--iters", type=int, default=4, help="timed iterations per lever and round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds; every lever is timed in each")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--images", type=int, default=512, help="training images the levers draw from (and cache)")
     p.add_argument("--out", default="output/benchmark_proxy.json")
     args = p.parse_args(argv)
-    for flag in ("iters", "images"):
+    for flag in ("iters", "rounds", "images"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     logging.basicConfig(level=logging.WARNING)
@@ -105,7 +117,7 @@ def main(argv=None):
     train = subset(base.DATASETS.TRAIN[0], args.images)
     max_iter, batch = base.SOLVER.MAX_ITER, base.SOLVER.IMS_PER_BATCH
     cache = tempfile.mkdtemp(prefix="proxy-cache-")
-    rows = []
+    rows, levers = [], []
     try:
         for name, opts, threads, cached in LEVERS:
             cfg = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TEST", "()",
@@ -120,10 +132,20 @@ def main(argv=None):
                 model = build_model(plain).eval()
                 trunk = model.backbone.bottom_up
                 write_cache(cfg, model, os.path.join(cache, "c"), trunk_fingerprint(trunk), input_settings(cfg), 32)
-            seconds, (hits, misses) = seconds_per_iter(cfg, threads, args.iters, args.warmup)
-            rows.append(dict(lever=name, threads=threads, seconds_per_iter=seconds, cache_hits=hits,
-                             cache_misses=misses))
-            print(f"  {name}: {seconds:.3f} s/iteration", file=sys.stderr, flush=True)
+            lever = Lever(cfg, threads)
+            lever.step(args.warmup, timed=False)
+            levers.append((name, lever))
+        # round robin: every lever timed in every round, so that a busy spell of the machine
+        # falls on all of them; the median round is reported
+        for r in range(args.rounds):
+            for name, lever in levers:
+                lever.step(args.iters)
+            print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{lever.seconds[-1]:.2f}" for _, lever in levers)
+                  + " s/iteration", file=sys.stderr, flush=True)
+        for name, lever in levers:
+            hits, misses = lever.cache_counts()
+            rows.append(dict(lever=name, threads=lever.threads, seconds_per_iter=float(np.median(lever.seconds)),
+                             rounds=lever.seconds, cache_hits=hits, cache_misses=misses))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     first = rows[0]["seconds_per_iter"]
@@ -135,7 +157,8 @@ def main(argv=None):
         r["hours_for_5_seeds"] = 5 * r["minutes_per_run"] / 60 / runs_at_once
     meta = dict(date=datetime.date.today().isoformat(), machine=platform.machine(), cpus=os.cpu_count(),
                 python=platform.python_version(), torch=torch.__version__, config=args.config_file,
-                max_iter=max_iter, ims_per_batch=batch, iters=args.iters, warmup=args.warmup, images=args.images)
+                max_iter=max_iter, ims_per_batch=batch, iters=args.iters, rounds=args.rounds, warmup=args.warmup,
+                images=args.images)
     print(f"\n{meta}\n")
     print(f"| lever | threads | s / iteration (batch {batch}) | speed-up | throughput speed-up (2 cores) | "
           f"minutes per run ({max_iter} it) | hours for 5 seeds | cache hits / misses |")
