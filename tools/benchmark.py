@@ -271,7 +271,7 @@ def detector_class(config_file):
 
     cfg = get_cfg()
     add_focalstar_config(cfg)
-    cfg.merge_from_file(config_file)
+    cfg.merge_from_file(config_file, allow_unsafe=False)  # a Python tag in a config is refused, not run
     return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
 
 
@@ -286,7 +286,7 @@ def detectron2_model(config_file, device, sizes, fused, loss_type="FLSTAR", chan
 
     cfg = get_cfg()
     add_focalstar_config(cfg)
-    cfg.merge_from_file(config_file)
+    cfg.merge_from_file(config_file, allow_unsafe=False)  # a Python tag in a config is refused, not run
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = str(device)
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = fused
