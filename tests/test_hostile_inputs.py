@@ -552,3 +552,23 @@ def test_a_loss_type_with_a_newline_is_not_put_into_the_tables(tmp_path):
     proc = run_here("tools/compare.py", str(tmp_path / "run"), "--out", str(tmp_path / "c"))
     assert "lacks 'loss_type'" in proc.stderr
     assert_one_line_error(proc, "compare.py", "none of the folders holds a finished run")
+
+
+def test_the_preemption_signal_outside_slurm_says_the_training_goes_on(tmp_path, monkeypatch):
+    import signal
+    import threading
+    import time
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    previous = signal.getsignal(signal.SIGUSR2)
+
+    def signal_once_the_hook_listens():
+        end = time.time() + 300
+        while signal.getsignal(signal.SIGUSR2) == previous and time.time() < end:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    threading.Thread(target=signal_once_the_hook_listens, daemon=True).start()
+    proc = run_here("train_net.py", *TINY[:-4], "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(tmp_path / "out"),
+                    check=True)
+    assert "on SIGUSR2 (not a SLURM job: nothing stops it, the training goes on" in proc.output
