@@ -39,6 +39,11 @@ def add_focalstar_config(cfg):
     # channels_last (NHWC) layout that tensor cores prefer: same maths, other cuDNN kernels
     # (rounding may differ), faster train steps (docs/BENCHMARKS.md). Ignored on the CPU.
     cfg.MODEL.FOCALSTAR.CHANNELS_LAST = True
+    # On the CPU, compile the reference loss with torch.compile (inductor, which needs a C++
+    # compiler; a few seconds at the first step): the same formula in fewer memory passes, a
+    # CPU-scale study's speed lever (docs/BENCHMARKS.md). Where it cannot compile, one warning
+    # and the uncompiled functions. CUDA uses the fused kernel instead.
+    cfg.MODEL.FOCALSTAR.COMPILE_LOSS = False
     # A cache of the frozen ResNet trunk's features (tools/cache_features.py), read by the backbone
     # build_cached_trunk_retinanet_fpn_backbone instead of running the trunk: a CPU-scale study's
     # speed lever (docs/BENCHMARKS.md). "" = none.

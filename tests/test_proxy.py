@@ -183,3 +183,45 @@ def test_proxy_setup_tables_come_from_the_committed_records(tmp_path):
     old.write_text('{"config": "c", "source": "s", "images": 1}\n')
     proc = run_here("tools/proxy80_tables.py", "--anchor-stats", str(old), "--cost", str(cost), "--out", str(out))
     assert proc.returncode != 0 and f"{old}: a record without binary_negatives_per_positive" in proc.stderr
+
+
+def test_compiled_cpu_loss_equals_the_reference_on_extreme_logits_and_ignored_anchors():
+    """MODEL.FOCALSTAR.COMPILE_LOSS (a CPU speed lever): the compiled loss and its gradient equal
+    the uncompiled reference functions, at logits of +-60, with ignored and background anchors."""
+    from d2_focalstar.modeling.classification import ClassificationLoss
+    from d2_focalstar.modeling.losses import sigmoid_classification_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 5, generator=g) * 8
+    logits[:5] = torch.tensor([60.0, -60.0, 30.0, -30.0, 0.0])
+    labels = torch.randint(-1, 6, (300,), generator=g)  # -1 ignored, 5 background
+    for loss_type, params in (("FLSTAR", {"gamma": 0.25}), ("FL", {"gamma": 2.0})):
+        values = []
+        for compiled in (False, True):
+            x = logits.clone().requires_grad_()
+            loss = ClassificationLoss(5, loss_type, 0.25, params, fused_kernel=False, compile_on_cpu=compiled)
+            value = loss(x, labels)
+            value.backward()
+            values.append((value.detach(), x.grad))
+            if compiled:  # compiled indeed, not fallen back to the uncompiled functions
+                assert loss._compiled is not None and loss._compiled is not sigmoid_classification_loss
+        torch.testing.assert_close(values[1][0], values[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values[1][1], values[0][1], rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(values[1][1]).all()
+
+
+def test_a_loss_that_cannot_be_compiled_warns_once_and_is_computed_uncompiled(monkeypatch, caplog):
+    from d2_focalstar.modeling import classification
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+    monkeypatch.setattr(classification.torch, "compile", lambda fn, **kw: broken)
+    loss = classification.ClassificationLoss(3, "FLSTAR", 0.25, {"gamma": 0.5}, fused_kernel=False, compile_on_cpu=True)
+    reference = classification.ClassificationLoss(3, "FLSTAR", 0.25, {"gamma": 0.5}, fused_kernel=False)
+    logits, labels = torch.randn(20, 3), torch.randint(-1, 4, (20,))
+    with caplog.at_level("WARNING", logger="d2_focalstar.modeling.classification"):
+        first, second = loss(logits, labels), loss(logits, labels)
+    assert first == second == reference(logits, labels)
+    warnings_ = [r.getMessage() for r in caplog.records if "COMPILE_LOSS" in r.getMessage()]
+    assert len(warnings_) == 1 and "(RuntimeError: InvalidCxxCompiler: No working C++ compiler found); the uncompiled" in warnings_[0]

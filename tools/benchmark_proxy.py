@@ -17,8 +17,9 @@ The levers, each row adding to the one before unless it says otherwise:
 2. the trunk frozen (FREEZE_AT 5, FrozenBN): no trunk backward, the trunk still runs forward;
 3. the trunk's features read from the cache (tools/cache_features.py; made here for --images
    images of the training set and their flips): the trunk does not run;
-4. one thread per run: a run is slower, but two runs side by side on the 2 cores finish two
-   results in that time (the throughput column counts it).
+4. one thread per run: two runs side by side on the 2 cores finish two results in the time of
+   one row (the throughput column counts it);
+5. the loss compiled by torch.compile (MODEL.FOCALSTAR.COMPILE_LOSS; compiled in the warm-up).
 """
 import warnings
 
@@ -56,6 +57,7 @@ LEVERS = (
     ("+ trunk frozen (FREEZE_AT 5, FrozenBN)", [], 2, False),
     ("+ trunk features from the cache", [], 2, True),
     ("+ 1 thread per run (two runs side by side)", [], 1, True),
+    ("+ the loss compiled (MODEL.FOCALSTAR.COMPILE_LOSS)", ["MODEL.FOCALSTAR.COMPILE_LOSS", "True"], 1, True),
 )
 
 

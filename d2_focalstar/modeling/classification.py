@@ -35,7 +35,7 @@ class ClassificationLoss:
     """The summed sigmoid classification loss of one setting (type, alpha, the type's parameters)."""
 
     def __init__(self, num_classes, loss_type="FLSTAR", alpha=ALPHA.default, params=None,
-                 fused_kernel=True):
+                 fused_kernel=True, compile_on_cpu=False):
         """
         Args:
             num_classes: K, the number of foreground classes.
@@ -43,11 +43,16 @@ class ClassificationLoss:
                 takes them (``params`` a dict of the type's parameters; defaults from the table).
             fused_kernel: use the fused kernel where it runs (CUDA; Triton's interpreter in the
                 tests) and the type has a branch in it.
+            compile_on_cpu: compute CPU logits' loss with the reference functions compiled by
+                ``torch.compile`` (MODEL.FOCALSTAR.COMPILE_LOSS); uncompiled, with one warning,
+                where they cannot be compiled.
         """
         self.num_classes = num_classes
         self.entry, self.params = check_loss_arguments(loss_type, alpha, params or {})
         self.alpha = alpha
         self.fused_kernel = fused_kernel
+        self.compile_on_cpu = compile_on_cpu
+        self._compiled = None
         self._told_no_kernel = False
 
     @classmethod
@@ -58,7 +63,7 @@ class ClassificationLoss:
         with the keys' names: d2_focalstar.config.check_focalstar_config)."""
         setting = loss_setting(cfg, node)
         return cls(num_classes, setting.loss_type, setting.alpha, setting.params,
-                   cfg.MODEL.FOCALSTAR.FUSED_KERNEL)
+                   cfg.MODEL.FOCALSTAR.FUSED_KERNEL, cfg.MODEL.FOCALSTAR.COMPILE_LOSS)
 
     def __repr__(self):
         params = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
@@ -97,8 +102,24 @@ class ClassificationLoss:
         valid = labels >= 0
         # one-hot without the background column: background anchors are all-negative rows
         targets = F.one_hot(labels[valid], num_classes=self.num_classes + 1)[:, :-1]
-        return sigmoid_classification_loss(logits[valid], targets, self.entry.name, self.alpha,
-                                           "sum", **self.params)
+        args = (logits[valid], targets, self.entry.name, self.alpha, "sum")
+        if self.compile_on_cpu and not logits.is_cuda:
+            return self._compiled_loss(*args)
+        return sigmoid_classification_loss(*args, **self.params)
+
+    def _compiled_loss(self, *args):
+        if self._compiled is None:
+            # dynamic shapes: the number of valid anchors changes every step
+            self._compiled = torch.compile(sigmoid_classification_loss, dynamic=True)
+        if self._compiled is not sigmoid_classification_loss:
+            try:
+                return self._compiled(*args, **self.params)
+            except Exception as e:  # noqa: BLE001  (inductor's errors have no common base)
+                logger.warning(f"MODEL.FOCALSTAR.COMPILE_LOSS: torch.compile cannot compile the loss here "
+                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); the "
+                               "uncompiled functions compute it (same numbers, slower)")
+                self._compiled = sigmoid_classification_loss
+        return sigmoid_classification_loss(*args, **self.params)
 
 
 def add_classification_loss(detector, cls_loss=None, channels_last=False):
