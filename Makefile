@@ -18,7 +18,7 @@ install: $(STAMP)
 results: $(STAMP)
 	bash tools/rebuild_results.sh
 
-$(STAMP): tools/setup_env.sh requirements.txt setup.py
+$(STAMP): tools/setup_env.sh tools/constraints-mirror.txt requirements.txt setup.py
 	bash tools/setup_env.sh
 
 clean-venv:

@@ -1,5 +1,7 @@
 """d2-focalstar: one-stage detectors (RetinaNet, FCOS) with the modified focal loss FL* and its
 relatives, on detectron2. docs/ARCHITECTURE.md says what each subpackage owns."""
+__version__ = "0.1.0"  # the single source: setup.py reads it, results.json records it
+
 from .config import add_focalstar_config, check_focalstar_config
 from .data import register_coco_json_datasets, register_embedded_datasets
 from .modeling import (LOSS_TYPES, ClassificationLoss, FCOSFLStar, RetinaNetFLStar, loss_setting,  # registers
