@@ -138,3 +138,17 @@ def test_install_keeps_a_users_newer_torch_and_their_cv2(user_environment):
     # the same resolver with the old caps would replace the user's torch: the test can fail
     planned = _dry_run(user_environment, "torch>=2.1,<=2.14.1", "torchvision>=0.16,<=0.29.1")
     assert planned["torch"]["version"] == "2.14.1" and planned["torchvision"]["version"] == "0.29.1"
+
+
+def test_licence_citation_and_changelog_agree_with_the_version():
+    import yaml
+
+    import d2_focalstar
+
+    with open(os.path.join(REPO, "CITATION.cff"), encoding="utf-8") as f:
+        citation = yaml.safe_load(f)
+    assert str(citation["version"]) == d2_focalstar.__version__
+    assert citation["license"] == "Apache-2.0"
+    with open(os.path.join(REPO, "LICENSE"), encoding="utf-8") as f:
+        assert "Apache License" in f.read(200)
+    assert os.path.isfile(os.path.join(REPO, "CHANGELOG.md"))
