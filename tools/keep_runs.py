@@ -9,6 +9,7 @@ else (checkpoints and events stay out).
 Only regular files are copied: a symlink (results.json -> a file elsewhere) is refused and named.
 A run already kept in --to is not replaced without --overwrite.
 """
+
 import argparse
 import gzip
 import os
@@ -35,7 +36,8 @@ def _read_regular(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
-        raise Refused(f"{path}: {'a symlink: only regular files are copied' if os.path.islink(path) else e.strerror}") from None
+        why = "a symlink: only regular files are copied" if os.path.islink(path) else e.strerror
+        raise Refused(f"{path}: {why}") from None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise Refused(f"{path}: not a regular file: only regular files are copied")
@@ -50,20 +52,26 @@ def plan(folder, to):
     sources = {f: os.path.join(folder, f) for f in KEPT if os.path.lexists(os.path.join(folder, f))}
     det = detections_file(folder)
     if det is None and os.path.islink(os.path.join(folder, "inference")):
-        raise Refused(f"{os.path.join(folder, 'inference')}: a symlink: only regular files are copied")
+        raise Refused(
+            f"{os.path.join(folder, 'inference')}: a symlink: only regular files are copied"
+        )
     if det:
         if os.path.islink(os.path.dirname(det)):
             raise Refused(f"{os.path.dirname(det)}: a symlink: only regular files are copied")
         sources[DETECTIONS] = det
     for path in sources.values():
         if os.path.islink(path) or not os.path.isfile(path):
-            raise Refused(f"{path}: {'a symlink' if os.path.islink(path) else 'not a regular file'}: "
-                          "only regular files are copied")
+            raise Refused(
+                f"{path}: {'a symlink' if os.path.islink(path) else 'not a regular file'}: "
+                "only regular files are copied"
+            )
     return dest, sources
 
 
 def keep(dest, sources):
-    data = {name: _read_regular(path) for name, path in sources.items()}  # all read before any write
+    data = {
+        name: _read_regular(path) for name, path in sources.items()
+    }  # all read before any write
     for name, content in data.items():
         if name == DETECTIONS:
             if not sources[name].endswith(".json"):
@@ -93,7 +101,9 @@ def main(argv=None):
         except Refused as e:
             refused.append(str(e))
             continue
-        if not args.overwrite and any(os.path.lexists(os.path.join(dest, n)) for n in (*KEPT, DETECTIONS)):
+        if not args.overwrite and any(
+            os.path.lexists(os.path.join(dest, n)) for n in (*KEPT, DETECTIONS)
+        ):
             refused.append(f"{folder}: already kept in {dest}; --overwrite replaces it")
             continue
         plans.append((folder, dest, sources))

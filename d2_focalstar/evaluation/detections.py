@@ -5,6 +5,7 @@ NaN, infinite or negative score, a box that is not four finite numbers, a record
 ``image_id``. pycocotools would accept them and every interval computed from them would be
 wrong without a word.
 """
+
 import gzip
 import json
 import math
@@ -34,9 +35,17 @@ def _problem(d):
     if not _number(score) or not math.isfinite(score) or score < 0:
         return f"score {score!r:.40}: allowed a finite number >= 0"
     box = d.get("bbox")
-    if not (isinstance(box, list) and len(box) == 4 and all(_number(v) and math.isfinite(v) for v in box)
-            and box[2] >= 0 and box[3] >= 0):
-        return f"bbox {box!r:.80}: allowed [x, y, width, height], finite numbers, width and height >= 0"
+    if not (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(_number(v) and math.isfinite(v) for v in box)
+        and box[2] >= 0
+        and box[3] >= 0
+    ):
+        return (
+            f"bbox {box!r:.80}: allowed [x, y, width, height], finite numbers, "
+            "width and height >= 0"
+        )
     return None
 
 
@@ -54,15 +63,21 @@ def read_detections(path):
     except RecursionError:
         raise DetectionsError(f"{path}: JSON nested too deep to be detections") from None
     except (ValueError, OSError) as e:  # not UTF-8, not JSON, unreadable
-        raise DetectionsError(f"{path}: not a detections JSON file ({str(e).splitlines()[0][:120]})") from None
+        raise DetectionsError(
+            f"{path}: not a detections JSON file ({str(e).splitlines()[0][:120]})"
+        ) from None
     if not isinstance(detections, list):
-        raise DetectionsError(f"{path}: a JSON {type(detections).__name__}, where a list of detections "
-                              "(COCO results format) is expected")
+        raise DetectionsError(
+            f"{path}: a JSON {type(detections).__name__}, where a list of detections "
+            "(COCO results format) is expected"
+        )
     for i, d in enumerate(detections):
         problem = _problem(d)
         if problem:
-            raise DetectionsError(f"{path}: detection {i} ({json.dumps(d)[:120]}): {problem}; no detector "
-                                  "writes this: not used")
+            raise DetectionsError(
+                f"{path}: detection {i} ({json.dumps(d)[:120]}): {problem}; no detector "
+                "writes this: not used"
+            )
     return detections
 
 
@@ -71,6 +86,8 @@ def check_detection_categories(detections, gt, where):
     known = {c["id"] for c in gt.get("categories", [])}
     for i, d in enumerate(detections):
         if d["category_id"] not in known:
-            raise DetectionsError(f"{where}: detection {i} has category_id {d['category_id']}, which the ground "
-                                  f"truth does not have (it has {', '.join(map(str, sorted(known))) or 'none'}): "
-                                  "detections of another dataset?")
+            raise DetectionsError(
+                f"{where}: detection {i} has category_id {d['category_id']}, which the ground "
+                f"truth does not have (it has {', '.join(map(str, sorted(known))) or 'none'}): "
+                "detections of another dataset?"
+            )

@@ -5,6 +5,7 @@ there. Two trainings in one OUTPUT_DIR would interleave log.txt and metrics.json
 event files. The operating system drops the lock when its process ends, however it ends, so a
 killed run never blocks the next one; the file's text only says who holds it.
 """
+
 import contextlib
 import json
 import os
@@ -46,12 +47,21 @@ def run_folder_lock(folder, what="OUTPUT_DIR"):
         try:
             portalocker.lock(f, portalocker.LOCK_EX | portalocker.LOCK_NB)
         except portalocker.LockException:
-            raise RunFolderBusy(f"{what} {folder} is in use by {_holder(path)}: wait until it ends, or "
-                                f"choose another {what}") from None
+            raise RunFolderBusy(
+                f"{what} {folder} is in use by {_holder(path)}: wait until it ends, or "
+                f"choose another {what}"
+            ) from None
         f.seek(0)
         f.truncate()
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
-                   "command": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"}, f)
+        json.dump(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "time": time.time(),
+                "command": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python",
+            },
+            f,
+        )
         f.flush()
         try:
             yield
