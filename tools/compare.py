@@ -28,7 +28,7 @@ from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to
 from d2_focalstar.study.intervals import interval_rows, intervals_to_markdown
 from d2_focalstar.run.results import load_run
 from d2_focalstar.study.curves import plot_training_curves
-from d2_focalstar.run.errors import error_line
+from d2_focalstar.run.errors import error_line, warnings_on_stderr
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -55,7 +55,8 @@ def main(argv=None):
     except OSError as e:
         sys.exit(error_line("compare.py", f"--out {args.out}: cannot write there ({e.strerror or e})"))
     try:
-        written = compare(args, staging)
+        with warnings_on_stderr():
+            written = compare(args, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {', '.join(written)}")

@@ -5,12 +5,13 @@ status 1 (130 for Ctrl-C), never a traceback for a fault of the input. The forma
 from its stderr); nothing else spells it.
 """
 import contextlib
+import logging
 import signal
 import sys
 import threading
 
 __all__ = ["error_line", "reported_message", "reported_errors", "command_errors", "interrupted_message",
-           "Terminated", "raise_terminated"]
+           "Terminated", "raise_terminated", "warnings_on_stderr"]
 
 _FORMAT = "{program}: error: {message}"
 
@@ -18,6 +19,21 @@ _FORMAT = "{program}: error: {message}"
 def error_line(program, message):
     """The line a command ends with when it fails: 'train_net.py: error: <message>'."""
     return _FORMAT.format(program=program, message=message)
+
+
+@contextlib.contextmanager
+def warnings_on_stderr():
+    """While a study tool runs, the package's warnings (a damaged metrics.json, a run left out)
+    as plain lines on stderr, whatever else configured logging: its stdout is the table."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    project = logging.getLogger("d2_focalstar")
+    project.addHandler(handler)
+    try:
+        yield
+    finally:
+        project.removeHandler(handler)
 
 
 def reported_message(line, program):
