@@ -74,6 +74,12 @@ def add_focalstar_config(cfg):
     cfg.TEST.SAFETY.FP_PER_IMAGE = 0.1
     # IoU at which a detection matches a ground-truth box for these metrics.
     cfg.TEST.SAFETY.IOU_THRESHOLD = 0.5
+    # Which ground truth the miss rate counts (d2_focalstar.evaluation.safety.SAFETY_SETUPS):
+    # "all", every box of the class (this project's); "reasonable", CityPersons' and Caltech's
+    # published MR-2 subset (height >= 50 px, visibility >= 0.65 where annotations carry
+    # "vis_ratio", "ignore" regions, as CityPersons' evaluation script); "reasonable_small",
+    # "heavy_occlusion", "citypersons_all": that script's other setups.
+    cfg.TEST.SAFETY.SETUP = "all"
 
     # More COCO-format datasets, registered by name at start-up without code:
     # a list of [name, json_file, image_root], e.g. [["mine_train", "a/train.json", "a/images"]].
@@ -98,6 +104,11 @@ def check_focalstar_config(cfg, node=None):
         problems.append(f"TEST.SAFETY.FP_PER_IMAGE={safety.FP_PER_IMAGE!r}: allowed a number > 0")
     if not (isinstance(safety.IOU_THRESHOLD, (int, float)) and 0 < safety.IOU_THRESHOLD <= 1):
         problems.append(f"TEST.SAFETY.IOU_THRESHOLD={safety.IOU_THRESHOLD!r}: allowed (0, 1]")
+    from .evaluation.safety import SAFETY_SETUPS  # the setups' one table
+
+    if safety.SETUP not in SAFETY_SETUPS:
+        problems.append(f"TEST.SAFETY.SETUP={safety.SETUP!r}: allowed "
+                        f"{', '.join(map(repr, SAFETY_SETUPS))}")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     return warnings

@@ -3,15 +3,46 @@ The datasets' names in detectron2's catalogs: the embedded shapes datasets (``<n
 ``<name>_val``, generated on first use), registered when the package is imported, and the
 COCO-format datasets that a config names in DATASETS.COCO_JSON, registered from the config.
 """
+import json
 import os
+import tempfile
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, register_coco_instances
+from detectron2.data.datasets import load_coco_json
 
 from ..config import ConfigError
 from .shapes import EMBEDDED_DATASETS, dataset_root, ensure_shapes_dataset
 
 __all__ = ["register_embedded_datasets", "register_coco_json_datasets"]
+
+
+#: Annotation keys of a COCO JSON kept beside detectron2's, for TEST.SAFETY.SETUP.
+SAFETY_ANNOTATION_KEYS = ("vis_ratio",)
+
+
+def load_pedestrian_aware_coco_json(json_file, image_root, dataset_name):
+    """
+    detectron2's ``load_coco_json``, keeping CityPersons' per-annotation "vis_ratio" and reading
+    its "ignore" flag (ignore regions, riders, groups) as COCO's "iscrowd": detectron2 refuses
+    "ignore" with an assertion, and "iscrowd" is what it leaves out of training targets and what
+    the safety setups ignore. The file itself is not changed.
+    """
+    with open(json_file, "rb") as f:
+        has_ignore = b'"ignore"' in f.read()
+    if not has_ignore:
+        return load_coco_json(json_file, image_root, dataset_name,
+                              extra_annotation_keys=list(SAFETY_ANNOTATION_KEYS))
+    with open(json_file, "rb") as f:
+        data = json.load(f)
+    for a in data.get("annotations", []):
+        if isinstance(a, dict) and a.pop("ignore", 0):
+            a["iscrowd"] = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = os.path.join(tmp, os.path.basename(json_file))
+        with open(folded, "w") as f:
+            json.dump(data, f)
+        return load_coco_json(folded, image_root, dataset_name,
+                              extra_annotation_keys=list(SAFETY_ANNOTATION_KEYS))
 
 
 def register_embedded_datasets(root=None):
@@ -50,4 +81,8 @@ def register_coco_json_datasets(cfg):
                 continue  # registered by an earlier setup() in this process
             raise ConfigError(f"{key}: dataset name {name!r} is already registered "
                               "(a detectron2 builtin or another entry): choose another name")
-        register_coco_instances(name, {}, json_file, image_root)
+        # As register_coco_instances, reading pedestrian benchmarks' annotations too.
+        DatasetCatalog.register(name, lambda j=json_file, r=image_root, n=name:
+                                load_pedestrian_aware_coco_json(j, r, n))
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root,
+                                      evaluator_type="coco")
