@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from d2_focalstar import register_coco_json_datasets
+from d2_focalstar import register_config_datasets
 from d2_focalstar.config import ConfigError
 from d2_focalstar.modeling import loss_config_node
 from d2_focalstar.run.cli import load_config
@@ -145,10 +145,11 @@ def dataset_metadata(cfg):
     if not cfg.DATASETS.TEST:
         return MetadataCatalog.get("__unused")
     name = cfg.DATASETS.TEST[0]
-    own = [entry[0] for entry in cfg.DATASETS.COCO_JSON]
+    own = [entry[0] for key in ("COCO_JSON", "YOLO", "VOC_STYLE") for entry in cfg.DATASETS[key]]
     if not MetadataCatalog.get(name).get("thing_classes") and name in own:
-        register_coco_json_datasets(cfg)
-        DatasetCatalog.get(name)  # load_coco_json sets thing_classes
+        register_config_datasets(cfg)  # a YOLO or VOC-style folder's classes: from its files
+        if not MetadataCatalog.get(name).get("thing_classes"):
+            DatasetCatalog.get(name)  # load_coco_json sets thing_classes
     return MetadataCatalog.get(name)
 
 

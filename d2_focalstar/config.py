@@ -84,6 +84,35 @@ def add_focalstar_config(cfg):
     # More COCO-format datasets, registered by name at start-up without code:
     # a list of [name, json_file, image_root], e.g. [["mine_train", "a/train.json", "a/images"]].
     cfg.DATASETS.COCO_JSON = []
+    # YOLO-format folders (one split each), as annotation tools export them: a list of
+    # [name, images_dir, labels_dir, names], names being a file (one class a line, or a data.yaml
+    # with 'names') or a comma-separated list; datasets/README.md.
+    cfg.DATASETS.YOLO = []
+    # Pascal VOC-style folders (root/Annotations/*.xml, root/JPEGImages/*.jpg,
+    # root/ImageSets/Main/<image_set>.txt): a list of [name, root, image_set] or
+    # [name, root, image_set, classes] (a file or a comma-separated list; without it, the sorted
+    # object names of all of root/Annotations/*.xml); datasets/README.md.
+    cfg.DATASETS.VOC_STYLE = []
+
+
+#: The shapes of DATASETS.YOLO's and DATASETS.VOC_STYLE's entries: key -> (allowed lengths, fields).
+FOLDER_DATASET_KEYS = {
+    "YOLO": ((4,), "[name, images_dir, labels_dir, names]"),
+    "VOC_STYLE": ((3, 4), "[name, root, image_set] or [name, root, image_set, classes]"),
+}
+
+
+def _folder_entry_problems(cfg: CN) -> list:
+    """What is wrong with the shape of DATASETS.YOLO's and DATASETS.VOC_STYLE's entries (their
+    files are checked when they are registered)."""
+    problems = []
+    for key, (lengths, fields) in FOLDER_DATASET_KEYS.items():
+        for i, item in enumerate(cfg.DATASETS[key]):
+            if not (isinstance(item, (list, tuple)) and len(item) in lengths
+                    and all(isinstance(s, str) and s for s in item)):
+                problems.append(f"DATASETS.{key}[{i}]={item!r}: allowed {fields}, "
+                                "non-empty strings")
+    return problems
 
 
 def check_focalstar_config(cfg, node=None):
@@ -97,6 +126,7 @@ def check_focalstar_config(cfg, node=None):
                 and all(isinstance(s, str) and s for s in item)):
             problems.append(f"DATASETS.COCO_JSON[{i}]={item!r}: allowed "
                             "[name, json_file, image_root], three non-empty strings")
+    problems += _folder_entry_problems(cfg)
     safety = cfg.TEST.SAFETY
     if not (isinstance(safety.CLASSES, (list, tuple)) and all(isinstance(c, str) for c in safety.CLASSES)):
         problems.append(f"TEST.SAFETY.CLASSES={safety.CLASSES!r}: allowed a list of class names")

@@ -32,7 +32,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from d2_focalstar.config import ConfigError
-from d2_focalstar.data import register_coco_json_datasets
+from d2_focalstar.data import register_config_datasets
 from d2_focalstar.modeling.cached_trunk import (KEYS, META, FeatureCacheError, TrunkFeatureCache, input_digest,
                                                 input_settings, trunk_fingerprint)
 from d2_focalstar.run.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
@@ -69,7 +69,7 @@ def main(argv=None):
         if not folder:
             raise ConfigError(f"{args.config_file}: MODEL.FOCALSTAR.FEATURE_CACHE is empty: name the "
                               "cache folder to write")
-        register_coco_json_datasets(cfg)
+        register_config_datasets(cfg)
         model = build_model(cfg).eval()  # refuses a trunk that is not frozen (FeatureCacheError)
         checkpointer = SafeCheckpointer(model)
         checkpointer.load(cfg.MODEL.WEIGHTS)

@@ -11,6 +11,8 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import ConfigError
+from .catalog import FOLDER_FORMAT
+from .folders import check_voc_folder
 from .shapes import EMBEDDED_DATASETS, ensure_shapes_dataset
 
 __all__ = ["check_coco_json", "check_datasets"]
@@ -132,8 +134,9 @@ def _check_annotations(where, annotations):
 def check_datasets(cfg, train=True, num_classes=None):
     """
     At start-up, for every dataset in DATASETS.TRAIN (unless ``train`` is False: evaluation only)
-    and DATASETS.TEST: it is registered, and if it is a COCO-format one, its JSON and image folder
-    exist and the JSON is sound; with ``num_classes`` (the detector's key and value, e.g.
+    and DATASETS.TEST: it is registered; if it is a COCO-format one, its JSON and image folder
+    exist and the JSON is sound; if it is a YOLO, VOC-style or Pascal VOC folder, its files are
+    sound (folders.py) and its class list is that of the config's other datasets; with ``num_classes`` (the detector's key and value, e.g.
     ("MODEL.RETINANET.NUM_CLASSES", 80)), it has no more classes than that. Raises ConfigError
     naming the key, the dataset and the file. Reads each JSON once (COCO train: ~0.5 GB, some
     seconds); call it in one process, not in every worker.
@@ -145,8 +148,8 @@ def check_datasets(cfg, train=True, num_classes=None):
                 raise ConfigError(
                     f"{key}: dataset {name!r} is not registered. Use an embedded one "
                     f"({', '.join(n + '_train/_val' for n in EMBEDDED_DATASETS)}), a detectron2 "
-                    "builtin such as coco_2017_train, or add yours with DATASETS.COCO_JSON "
-                    "(datasets/README.md)")
+                    "builtin such as coco_2017_train or voc_2007_trainval, or add yours with "
+                    "DATASETS.COCO_JSON, DATASETS.YOLO or DATASETS.VOC_STYLE (datasets/README.md)")
             base = name.rsplit("_", 1)[0]
             if base in EMBEDDED_DATASETS:
                 ensure_shapes_dataset(base)
@@ -163,6 +166,9 @@ def check_datasets(cfg, train=True, num_classes=None):
                                       f"negatives; set it to {classes}")
                 continue
             meta = MetadataCatalog.get(name)
+            if meta.get(FOLDER_FORMAT) or meta.get("evaluator_type") == "pascal_voc":
+                _check_folder_dataset(cfg, key, name, num_classes)
+                continue
             json_file, image_root = meta.get("json_file"), meta.get("image_root")
             if json_file is None:
                 continue  # not a COCO-JSON dataset: nothing we know how to check
@@ -173,3 +179,35 @@ def check_datasets(cfg, train=True, num_classes=None):
             if image_root and not os.path.isdir(image_root):
                 raise ConfigError(f"{key}: dataset {name!r}: image folder {image_root} does not exist")
             check_coco_json(json_file, name, num_classes, training=key == "DATASETS.TRAIN")
+
+
+def _check_folder_dataset(cfg, key, name, num_classes):
+    """A YOLO, VOC-style or Pascal VOC dataset of ``key``: its files read as training will read
+    them (folders.py: one ConfigError naming the file and line), no more classes than the
+    detector's, the class list of the config's other datasets, and something to train on."""
+    meta = MetadataCatalog.get(name)
+    classes = list(meta.thing_classes)
+    if meta.get(FOLDER_FORMAT) == "yolo":
+        objects = sum(len(d["annotations"]) for d in DatasetCatalog.get(name))  # reads every file
+    else:  # detectron2's load_voc_instances and Pascal VOC evaluation read the XMLs
+        objects = check_voc_folder(meta.dirname, meta.split, classes, name,
+                                   evaluation=key == "DATASETS.TEST")[1]
+    if num_classes and len(classes) > num_classes[1]:
+        raise ConfigError(f"{key}: dataset {name!r} has {len(classes)} classes, but "
+                          f"{num_classes[0]} is {num_classes[1]}: set it to {len(classes)}")
+    for other in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+        theirs = (MetadataCatalog.get(other).get("thing_classes")
+                  if other in DatasetCatalog.list() else None)
+        if theirs is not None and list(theirs) != classes:
+            raise ConfigError(f"{key}: dataset {name!r} has classes {_few(classes)} but {other!r} "
+                              f"has {_few(theirs)}: a class index would mean another class in "
+                              "one of them; give both the same class list")
+    if key == "DATASETS.TRAIN" and not objects:
+        raise ConfigError(f"{key}: dataset {name!r} has no object in any image: "
+                          "DATALOADER.FILTER_EMPTY_ANNOTATIONS would remove them all, and without "
+                          "it there is nothing to learn")
+
+
+def _few(names):
+    names = list(names)
+    return ", ".join(names[:6]) + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
