@@ -21,8 +21,8 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import DatasetEvaluators, verify_results
 
-from d2_focalstar.data import CheckedDatasetMapper, register_coco_json_datasets
-from d2_focalstar.evaluation import FastCOCOEvaluator, build_safety_evaluator
+from d2_focalstar.data import CheckedDatasetMapper, register_config_datasets
+from d2_focalstar.evaluation import build_dataset_evaluator, build_safety_evaluator
 from d2_focalstar.run import (SafeCheckpointer, command_errors, default_argument_parser_for, die_with_launcher,
                               enable_cpu_ddp, launch_processes, prepare_run, project_hooks,
                               quiet_reported_errors, reported_errors, setup_project_logger, training_errors,
@@ -62,8 +62,9 @@ class Trainer(DefaultTrainer):
         if output_folder is None:  # a folder per test dataset: none overwrites another's
             several = len(cfg.DATASETS.TEST) > 1
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", *([dataset_name] if several else []))
-        # detectron2's COCOEvaluator, on faster-coco-eval where detectron2's _C is missing
-        evaluators = [FastCOCOEvaluator(dataset_name, output_dir=output_folder),
+        # by the dataset's evaluator_type: COCO's (on faster-coco-eval where detectron2's _C is
+        # missing) or detectron2's Pascal VOC; the safety metrics beside it
+        evaluators = [build_dataset_evaluator(dataset_name, output_folder),
                       build_safety_evaluator(cfg, dataset_name, output_folder)]
         return DatasetEvaluators([e for e in evaluators if e is not None])
 
@@ -74,7 +75,7 @@ def fault_log(cfg):
 
 def main(cfg, args):
     """One process of the run: ``cfg`` is the config checked once by prepare_run."""
-    register_coco_json_datasets(cfg)  # catalogs are per process
+    register_config_datasets(cfg)  # catalogs are per process
     default_setup(cfg, args)  # detectron2's and fvcore's loggers, the config dump, the seed
     setup_project_logger(cfg.OUTPUT_DIR, comm.get_rank())  # ours: to the console and log.txt
     if args.eval_only:

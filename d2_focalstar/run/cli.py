@@ -403,7 +403,8 @@ def prepare_run(args, held=None):
     checkpoint error (one line) for bad input. ``held``: a contextlib.ExitStack that keeps the
     output folder's lock (run/lock.py) until the command ends (machine 0 only: the machines of one
     run share the folder)."""
-    from ..data import check_datasets, register_coco_json_datasets
+    from ..data import check_datasets, register_config_datasets
+    from ..evaluation import EvaluatorTypeError, evaluator_type_of
     from ..fileio import remove_partial_writes
     from .lock import run_folder_lock
     from .preemption import preemption_signal
@@ -414,9 +415,14 @@ def prepare_run(args, held=None):
     check_output_dir(cfg)
     preemption_signal()  # a SUBMITIT_PREEMPT_SIGNAL that names no signal: one line now, not in every process
     draw_seed(cfg, args.num_machines)  # SEED -1: one seed for all processes, recorded in the run's files
-    register_coco_json_datasets(cfg)
+    register_config_datasets(cfg)
     # evaluation needs only DATASETS.TEST
     check_datasets(cfg, train=not args.eval_only, num_classes=detector_classes(cfg))
+    for name in cfg.DATASETS.TEST:  # an evaluator for each, known before the training
+        try:
+            evaluator_type_of(name)
+        except EvaluatorTypeError as e:
+            raise ConfigError(f"DATASETS.TEST: {e}") from None
     # several processes: a bad weights file is one line, not N tracebacks
     check_weights_file(cfg, args.eval_only, args.resume, args.num_gpus * args.num_machines)
     if held is not None and args.machine_rank == 0:  # before removing files another run may be writing

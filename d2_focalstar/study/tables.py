@@ -21,13 +21,16 @@ COCO_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
 def metrics_of(record):
-    """The metrics of a run's record: COCO's six, then the safety means (NaN where missing)."""
+    """The metrics of a run's record: COCO's six, or those of them its evaluator reports
+    (detectron2's Pascal VOC evaluator: AP, AP50, AP75), then the safety means (NaN where
+    missing)."""
     res = record["results"]
     if "bbox" not in res and res and all(isinstance(v, dict) and "bbox" in v for v in res.values()):
         # several DATASETS.TEST: detectron2 nests the results by dataset; the first one counts
         first = (record.get("datasets", {}).get("test") or list(res))[0]
         res = res.get(first, next(iter(res.values())))
-    out = OrderedDict((k, res.get("bbox", {}).get(k)) for k in COCO_METRICS)
+    bbox = res.get("bbox", {})
+    out = OrderedDict((k, bbox.get(k)) for k in COCO_METRICS if k in bbox or not bbox)
     for k, v in res.get("safety", {}).items():
         if "-" not in k:  # the means; per-class values stay in the run's own files
             out[k] = v
