@@ -136,10 +136,11 @@ def check_datasets(cfg, train=True, num_classes=None):
     At start-up, for every dataset in DATASETS.TRAIN (unless ``train`` is False: evaluation only)
     and DATASETS.TEST: it is registered; if it is a COCO-format one, its JSON and image folder
     exist and the JSON is sound; if it is a YOLO, VOC-style or Pascal VOC folder, its files are
-    sound (folders.py) and its class list is that of the config's other datasets; with ``num_classes`` (the detector's key and value, e.g.
-    ("MODEL.RETINANET.NUM_CLASSES", 80)), it has no more classes than that. Raises ConfigError
-    naming the key, the dataset and the file. Reads each JSON once (COCO train: ~0.5 GB, some
-    seconds); call it in one process, not in every worker.
+    sound (folders.py) and its class list is that of the config's other datasets; with
+    ``num_classes`` (the detector's key and value, e.g. ("MODEL.RETINANET.NUM_CLASSES", 80)), it
+    has no more classes than that. Raises ConfigError naming the key, the dataset and the file.
+    Reads each JSON once (COCO train: ~0.5 GB, some seconds); call it in one process, not in
+    every worker.
     """
     keys = [("DATASETS.TRAIN", cfg.DATASETS.TRAIN)] if train else []
     for key, names in keys + [("DATASETS.TEST", cfg.DATASETS.TEST)]:

@@ -7,10 +7,15 @@ for the difference between two settings (``bootstrap``: a paired bootstrap over 
 """
 from .bootstrap import BOOTSTRAP_METRICS, BootstrapError, RunEvaluation, paired_bootstrap
 from .coco import FastCOCOEvaluator, evaluate_coco
-from .evaluators import EVALUATOR_TYPES, EvaluatorTypeError, build_dataset_evaluator, evaluator_type_of
+from .evaluators import (
+    EVALUATOR_TYPES,
+    EvaluatorTypeError,
+    build_dataset_evaluator,
+    evaluator_type_of,
+)
 from .safety import SafetyEvaluator, build_safety_evaluator, log_average_miss_rate
 
 __all__ = ["BOOTSTRAP_METRICS", "BootstrapError", "RunEvaluation", "paired_bootstrap",
            "FastCOCOEvaluator", "evaluate_coco", "SafetyEvaluator", "build_safety_evaluator",
-           "log_average_miss_rate", "EVALUATOR_TYPES", "EvaluatorTypeError", "build_dataset_evaluator",
-           "evaluator_type_of"]
+           "log_average_miss_rate", "EVALUATOR_TYPES", "EvaluatorTypeError",
+           "build_dataset_evaluator", "evaluator_type_of"]
