@@ -258,3 +258,16 @@ def test_sweep_submits_the_runs_not_done_as_one_job_array(tmp_path, scheduler):
 def test_sweep_refuses_scheduler_options_without_slurm(tmp_path):
     proc = run_here("tools/sweep.py", *QUICKSTART, "--qos", "high", "--out", str(tmp_path))
     assert proc.returncode == 2 and "unrecognized arguments: --qos high" in proc.stderr
+
+
+def test_sweep_slurm_local_waits_for_its_runs_and_they_finish(tmp_path):
+    """sweep --slurm --local runs the array under the command and returns when the runs are done
+    (it once named a function it had not imported and crashed after submitting)."""
+    out = tmp_path / "sweep"
+    proc = run_here("tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "--alphas", "0.75", "--seeds", "0",
+                    "--slurm", "--local", "--out", str(out), "--", *TINY[2:], "SOLVER.MAX_ITER", "2",
+                    "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0")
+    assert proc.returncode == 0, proc.output[-3000:]
+    (run,) = [p for p in out.iterdir() if p.is_dir() and p.name != "slurm"]
+    assert (run / "results.json").is_file() and (run / "model_final.pth").is_file()
+    assert f"[sweep 1/1] {run.name}: finished" in proc.stdout, proc.stdout[-2000:]

@@ -50,7 +50,7 @@ from d2_focalstar.run.lock import RunFolderBusy, run_folder_lock
 from d2_focalstar.run.processes import stop_process_groups
 from d2_focalstar.run.results import run_state
 from d2_focalstar.run.slurm import (SlurmError, add_slurm_arguments, check_slurm_arguments, live_jobs,
-                                    record_jobs, sbatch_options, submit)
+                                    record_jobs, sbatch_options, submit, wait_for_local_jobs)
 from d2_focalstar.study.sweep import plan_sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,6 +224,9 @@ def main(argv=None):
                 print(error_line("sweep.py", f"{how}: the local jobs were stopped; the same command "
                                              "continues them from their checkpoints"), file=sys.stderr)
                 sys.exit(143 if isinstance(e, Terminated) else 130)
+            for (i, run, folder, state), (job, _, why) in zip(todo, finished):
+                print(f"[sweep {i}/{total}] {run.name}: {'failed' if why else 'finished'}",
+                      flush=True)
             failed = [(i, run.name, job.paths.stdout) for (i, run, folder, state), (job, _, why)
                       in zip(todo, finished) if why]
             if failed:
