@@ -6,6 +6,7 @@ them: no requirement here has an upper cap on torch or torchvision, and OpenCV i
 distribution name (opencv-python, opencv-python-headless and the contrib builds all provide cv2
 and overwrite each other; detectron2's own setup.py does not list it either).
 """
+
 import os
 import re
 

@@ -8,10 +8,13 @@ Examples:
   python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8 --resume
   python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
 """
+
 import warnings
 
 # fvcore jit-scripts its losses when detectron2 imports it, which recent torch deprecates loudly
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import contextlib
 import os
@@ -23,10 +26,21 @@ from detectron2.evaluation import DatasetEvaluators, verify_results
 
 from d2_focalstar.data import CheckedDatasetMapper, register_config_datasets
 from d2_focalstar.evaluation import build_dataset_evaluator, build_safety_evaluator
-from d2_focalstar.run import (SafeCheckpointer, command_errors, default_argument_parser_for, die_with_launcher,
-                              enable_cpu_ddp, launch_processes, prepare_run, project_hooks,
-                              quiet_reported_errors, reported_errors, setup_project_logger, training_errors,
-                              write_results)
+from d2_focalstar.run import (
+    SafeCheckpointer,
+    command_errors,
+    default_argument_parser_for,
+    die_with_launcher,
+    enable_cpu_ddp,
+    launch_processes,
+    prepare_run,
+    project_hooks,
+    quiet_reported_errors,
+    reported_errors,
+    setup_project_logger,
+    training_errors,
+    write_results,
+)
 
 if __name__ == "__mp_main__":  # a process of detectron2's launch: it dies with the launcher
     die_with_launcher()
@@ -50,22 +64,30 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         # bad images are skipped and bad boxes clipped or removed, each recorded in the fault log
-        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True, fault_log(cfg)))
+        return build_detection_train_loader(
+            cfg, mapper=CheckedDatasetMapper(cfg, True, fault_log(cfg))
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         # a test image that cannot be read stops the evaluation naming it (skipping it would change the AP)
-        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:  # a folder per test dataset: none overwrites another's
             several = len(cfg.DATASETS.TEST) > 1
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", *([dataset_name] if several else []))
+            output_folder = os.path.join(
+                cfg.OUTPUT_DIR, "inference", *([dataset_name] if several else [])
+            )
         # by the dataset's evaluator_type: COCO's (on faster-coco-eval where detectron2's _C is
         # missing) or detectron2's Pascal VOC; the safety metrics beside it
-        evaluators = [build_dataset_evaluator(dataset_name, output_folder),
-                      build_safety_evaluator(cfg, dataset_name, output_folder)]
+        evaluators = [
+            build_dataset_evaluator(dataset_name, output_folder),
+            build_safety_evaluator(cfg, dataset_name, output_folder),
+        ]
         return DatasetEvaluators([e for e in evaluators if e is not None])
 
 
@@ -108,7 +130,10 @@ def command(args):
     """Check everything once, then run ``main`` in args.num_gpus x args.num_machines processes;
     bad input and failures are one line (docs/RELIABILITY.md)."""
     print("Command Line Args:", args)
-    with command_errors("train_net.py", eval_only=args.eval_only) as run, contextlib.ExitStack() as held:
+    with (
+        command_errors("train_net.py", eval_only=args.eval_only) as run,
+        contextlib.ExitStack() as held,
+    ):
         setup_project_logger()
         # config, output folder (locked: one run at a time in it), seed, datasets, weights
         run.cfg = cfg = prepare_run(args, held)

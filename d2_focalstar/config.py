@@ -3,9 +3,17 @@ The config of d2-focalstar: every key it adds (``add_focalstar_config``) and the
 values (``check_focalstar_config``). Loading a config from a command line is
 ``d2_focalstar.run.cli.load_config``.
 """
+
 from detectron2.config import CfgNode as CN
 
-from .modeling.losses import ALPHA, DEFAULT_NODE, FL_GAMMA, LOSS_TYPES, config_value, loss_config_problems
+from .modeling.losses import (
+    ALPHA,
+    DEFAULT_NODE,
+    FL_GAMMA,
+    LOSS_TYPES,
+    config_value,
+    loss_config_problems,
+)
 
 __all__ = ["ConfigError", "add_focalstar_config", "check_focalstar_config", "config_value"]
 
@@ -69,8 +77,16 @@ def add_focalstar_config(cfg):
     # positives per image in [1e-2, 1e0] and the recall at FP_PER_IMAGE false positives per image.
     cfg.TEST.SAFETY = CN()
     cfg.TEST.SAFETY.ENABLED = True
-    cfg.TEST.SAFETY.CLASSES = ["person", "bicycle", "car", "motorcycle", "bus", "truck",
-                               "traffic light", "stop sign"]
+    cfg.TEST.SAFETY.CLASSES = [
+        "person",
+        "bicycle",
+        "car",
+        "motorcycle",
+        "bus",
+        "truck",
+        "traffic light",
+        "stop sign",
+    ]
     cfg.TEST.SAFETY.FP_PER_IMAGE = 0.1
     # IoU at which a detection matches a ground-truth box for these metrics.
     cfg.TEST.SAFETY.IOU_THRESHOLD = 0.5
@@ -108,10 +124,14 @@ def _folder_entry_problems(cfg: CN) -> list:
     problems = []
     for key, (lengths, fields) in FOLDER_DATASET_KEYS.items():
         for i, item in enumerate(cfg.DATASETS[key]):
-            if not (isinstance(item, (list, tuple)) and len(item) in lengths
-                    and all(isinstance(s, str) and s for s in item)):
-                problems.append(f"DATASETS.{key}[{i}]={item!r}: allowed {fields}, "
-                                "non-empty strings")
+            if not (
+                isinstance(item, (list, tuple))
+                and len(item) in lengths
+                and all(isinstance(s, str) and s for s in item)
+            ):
+                problems.append(
+                    f"DATASETS.{key}[{i}]={item!r}: allowed {fields}, non-empty strings"
+                )
     return problems
 
 
@@ -122,13 +142,21 @@ def check_focalstar_config(cfg, node=None):
     warnings to show: a parameter that the loss type does not use, set away from its default."""
     problems, warnings = loss_config_problems(cfg, node or DEFAULT_NODE)
     for i, item in enumerate(cfg.DATASETS.COCO_JSON):
-        if not (isinstance(item, (list, tuple)) and len(item) == 3
-                and all(isinstance(s, str) and s for s in item)):
-            problems.append(f"DATASETS.COCO_JSON[{i}]={item!r}: allowed "
-                            "[name, json_file, image_root], three non-empty strings")
+        if not (
+            isinstance(item, (list, tuple))
+            and len(item) == 3
+            and all(isinstance(s, str) and s for s in item)
+        ):
+            problems.append(
+                f"DATASETS.COCO_JSON[{i}]={item!r}: allowed "
+                "[name, json_file, image_root], three non-empty strings"
+            )
     problems += _folder_entry_problems(cfg)
     safety = cfg.TEST.SAFETY
-    if not (isinstance(safety.CLASSES, (list, tuple)) and all(isinstance(c, str) for c in safety.CLASSES)):
+    if not (
+        isinstance(safety.CLASSES, (list, tuple))
+        and all(isinstance(c, str) for c in safety.CLASSES)
+    ):
         problems.append(f"TEST.SAFETY.CLASSES={safety.CLASSES!r}: allowed a list of class names")
     if not (isinstance(safety.FP_PER_IMAGE, (int, float)) and safety.FP_PER_IMAGE > 0):
         problems.append(f"TEST.SAFETY.FP_PER_IMAGE={safety.FP_PER_IMAGE!r}: allowed a number > 0")
@@ -137,8 +165,9 @@ def check_focalstar_config(cfg, node=None):
     from .evaluation.safety import SAFETY_SETUPS  # the setups' one table
 
     if safety.SETUP not in SAFETY_SETUPS:
-        problems.append(f"TEST.SAFETY.SETUP={safety.SETUP!r}: allowed "
-                        f"{', '.join(map(repr, SAFETY_SETUPS))}")
+        problems.append(
+            f"TEST.SAFETY.SETUP={safety.SETUP!r}: allowed {', '.join(map(repr, SAFETY_SETUPS))}"
+        )
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     return warnings

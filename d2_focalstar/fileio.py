@@ -1,6 +1,7 @@
 """
 Writing files so that a crash, a kill or a power loss leaves the old file or the new one, whole.
 """
+
 import json
 import logging
 import math
@@ -49,8 +50,10 @@ def remove_partial_writes(folder):
         except OSError:
             pass
     if names:
-        logger.info(f"Removed {len(names)} partial file(s) of an interrupted save from {folder} "
-                    f"({size / 2**20:.1f} MiB): {', '.join(sorted(names)[:5])}")
+        logger.info(
+            f"Removed {len(names)} partial file(s) of an interrupted save from {folder} "
+            f"({size / 2**20:.1f} MiB): {', '.join(sorted(names)[:5])}"
+        )
     return names
 
 

@@ -1,6 +1,7 @@
 """Which code and which libraries produced a record (results.json): the project's version, the git
 commit of the checkout it runs from (and whether that tree had uncommitted changes), and the
 torch, detectron2 and CUDA versions. Readers accept records without it (older ones)."""
+
 import os
 import platform
 import subprocess
@@ -16,8 +17,9 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _git(args, cwd):
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
-                          check=False)
+    proc = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+    )
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 

@@ -43,6 +43,17 @@ def quickstart_model(tmp_path_factory):
     from helpers import QUICKSTART, run_here
 
     out = tmp_path_factory.mktemp("quickstart")
-    proc = run_here("train_net.py", *QUICKSTART, "SOLVER.MAX_ITER", str(QUICKSTART_ITERS), "SOLVER.STEPS",
-                    "(150, 180)", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(out), check=True)
+    proc = run_here(
+        "train_net.py",
+        *QUICKSTART,
+        "SOLVER.MAX_ITER",
+        str(QUICKSTART_ITERS),
+        "SOLVER.STEPS",
+        "(150, 180)",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100",
+        "OUTPUT_DIR",
+        str(out),
+        check=True,
+    )
     return out, proc.output

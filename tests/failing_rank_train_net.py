@@ -1,4 +1,5 @@
 """train_net.py in which rank 1 raises at iteration 3: the whole job must end, not hang."""
+
 import os
 import sys
 

@@ -1,4 +1,5 @@
 """Shared by the end-to-end tests: run the repo's commands, as processes or in this one."""
+
 import contextlib
 import importlib.util
 import io
@@ -11,14 +12,23 @@ import types
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = ["--config-file", "configs/quickstart_flstar.yaml"]
 # A few seconds of CPU training: small batches, frequent checkpoints, no evaluation.
-FAST = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "DATALOADER.NUM_WORKERS", "0",
-        "DATASETS.TEST", "()"]
+FAST = [
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "DATASETS.TEST",
+    "()",
+]
 
 
 def run(script, *args, timeout=600, check=None):
     """Run a script of the repo (or tests/) with the venv's Python; returns CompletedProcess."""
-    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     proc.output = proc.stdout + proc.stderr
     if check is not None:
         assert (proc.returncode == 0) == check, proc.output[-5000:]
@@ -40,7 +50,9 @@ def _entry_point(script):
         else:  # the repo root is on sys.path (conftest.py): the module that spawned processes import
             module = importlib.import_module(name)
         if script == "train_net.py":
-            _ENTRY_POINTS[script] = lambda argv: module.command(module.argument_parser().parse_args(argv))
+            _ENTRY_POINTS[script] = lambda argv: module.command(
+                module.argument_parser().parse_args(argv)
+            )
         else:
             _ENTRY_POINTS[script] = module.main
     return _ENTRY_POINTS[script]
@@ -92,12 +104,20 @@ def run_here(script, *args, check=None, interpreter=False):
     it prints, logs or passes to sys.exit is captured. ``interpreter``: let the fused kernel run
     in Triton's interpreter, as a command that sets TRITON_INTERPRET=1 itself does."""
     out, err, code = io.StringIO(), io.StringIO(), 0
-    cwd, environ, argv = os.getcwd(), dict(os.environ), sys.argv  # a command may set them for its process
+    cwd, environ, argv = (
+        os.getcwd(),
+        dict(os.environ),
+        sys.argv,
+    )  # a command may set them for its process
     os.chdir(REPO)
     sys.argv = [script, *args]  # argparse names the program after it
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _fresh_loggers(), \
-                _kernel_interpreter(interpreter):
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            _fresh_loggers(),
+            _kernel_interpreter(interpreter),
+        ):
             try:
                 _entry_point(script)(list(args))
             except SystemExit as e:

@@ -1,6 +1,7 @@
 """train_net.py whose second checkpoint write stalls half-way (after touching $SLOW_SAVE_MARKER),
 so that a test can SIGKILL the process in the middle of writing a checkpoint; with
 SLOW_SAVE_WHICH=last_checkpoint, the first write of last_checkpoint stalls instead."""
+
 import io
 import os
 import runpy

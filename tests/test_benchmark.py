@@ -1,5 +1,6 @@
 """tools/benchmark.py --cpu-smoke (every variant runs and computes the same loss as the reference), and
 the other speed tools: the offline instruction count and the GPU-session script."""
+
 import json
 import os
 
@@ -12,7 +13,9 @@ from helpers import assert_one_line_error, run, run_here
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = run_here("tools/benchmark.py", "--cpu-smoke", "--out", str(out), check=True, interpreter=True)
+    proc = run_here(
+        "tools/benchmark.py", "--cpu-smoke", "--out", str(out), check=True, interpreter=True
+    )
     with open(out) as f:
         return json.load(f), proc.stdout
 
@@ -22,13 +25,18 @@ def test_every_loss_variant_agrees_with_the_reference(smoke):
     rows = report["loss"]
     assert not [r for r in rows if "error" in r]
     variants = {r["variant"] for r in rows}
-    assert {"detectron2 stock FL (fvcore jit, one-hot)", "torchvision FL (one-hot)",
-            "fused FL (Triton)", "fused FL* (Triton)"} <= variants
+    assert {
+        "detectron2 stock FL (fvcore jit, one-hot)",
+        "torchvision FL (one-hot)",
+        "fused FL (Triton)",
+        "fused FL* (Triton)",
+    } <= variants
     assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16"}
     compared = [r for r in rows if r["agrees_with_reference"] is not None]
     assert len(compared) == 4 * 3  # stock, torchvision, fused FL, fused FL*, in each dtype
-    assert all(r["agrees_with_reference"] for r in compared), [r["variant"] for r in compared
-                                                               if not r["agrees_with_reference"]]
+    assert all(r["agrees_with_reference"] for r in compared), [
+        r["variant"] for r in compared if not r["agrees_with_reference"]
+    ]
     n, a, k = report["meta"]["logits_shape"]  # images x anchors x classes
     itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}
     for r in rows:
@@ -38,21 +46,31 @@ def test_every_loss_variant_agrees_with_the_reference(smoke):
         assert r["loss_shape_bytes"] == n * a * k * itemsize[r["dtype"]]
         assert r["gpu_ms"] is None  # CUDA events only on a GPU: the GB/s come from the wall time
         assert r["effective_gbs"] == pytest.approx(
-            3 * n * a * k * itemsize[r["dtype"]] / (r["ms"] / 1e3) / 1e9, rel=1e-6)
-        assert r["pct_of_copy"] == pytest.approx(100 * r["effective_gbs"] / report["meta"]["copy_gbs"])
+            3 * n * a * k * itemsize[r["dtype"]] / (r["ms"] / 1e3) / 1e9, rel=1e-6
+        )
+        assert r["pct_of_copy"] == pytest.approx(
+            100 * r["effective_gbs"] / report["meta"]["copy_gbs"]
+        )
 
 
 def test_detectors_are_timed_and_projected(smoke):
     report, stdout = smoke
     rows = {r["system"]: r for r in report["detector"]}
     assert len(rows) == 8 and "torchvision RetinaNet" in rows
-    assert {"RetinaNetFLStar (FL*, + cudnn.benchmark)", "RetinaNetFLStar (FL*, CHANNELS_LAST off)",
-            "detectron2 RetinaNet (stock, + channels_last)"} <= set(rows)
+    assert {
+        "RetinaNetFLStar (FL*, + cudnn.benchmark)",
+        "RetinaNetFLStar (FL*, CHANNELS_LAST off)",
+        "detectron2 RetinaNet (stock, + channels_last)",
+    } <= set(rows)
     for r in rows.values():
-        assert r["train_img_s"] == pytest.approx(report["meta"]["sizes"]["train_batch"] / r["train_s_per_iter"])
+        assert r["train_img_s"] == pytest.approx(
+            report["meta"]["sizes"]["train_batch"] / r["train_s_per_iter"]
+        )
         assert r["coco_1x_hours"] == pytest.approx(90000 * 16 / r["train_img_s"] / 3600)
     assert rows["detectron2 RetinaNet (stock)"]["train_vs_stock"] == 1.0
-    assert "| system | train img/s |" in stdout and "| variant | dtype | GPU ms | wall ms |" in stdout
+    assert (
+        "| system | train img/s |" in stdout and "| variant | dtype | GPU ms | wall ms |" in stdout
+    )
 
 
 def test_fl_mode_with_the_fused_kernel_equals_stock_detectron2(smoke):
@@ -63,14 +81,18 @@ def test_fl_mode_with_the_fused_kernel_equals_stock_detectron2(smoke):
     assert check["losses_ours"]["loss_cls"] > 0
     assert max(check["rel_diff"].values()) < 1e-5, check
     # the kernel passed its self-check before that model used it (the JSON says so)
-    assert report["fused_self_check"] and all(c["disagreement"] is None for c in report["fused_self_check"])
+    assert report["fused_self_check"] and all(
+        c["disagreement"] is None for c in report["fused_self_check"]
+    )
     assert "failed its self-check" not in stdout
     assert "FL mode vs stock detectron2 RetinaNet" in stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the full benchmark runs on a GPU")
 def test_full_benchmark_without_a_gpu_says_so():
-    assert_one_line_error(run_here("tools/benchmark.py"), "tools/benchmark.py", "no CUDA device", "--cpu-smoke")
+    assert_one_line_error(
+        run_here("tools/benchmark.py"), "tools/benchmark.py", "no CUDA device", "--cpu-smoke"
+    )
 
 
 def test_sass_stats_counts_the_fused_kernels_without_a_gpu(tmp_path):
@@ -82,8 +104,17 @@ def test_sass_stats_counts_the_fused_kernels_without_a_gpu(tmp_path):
     Each kernel keeps to 32 registers without spilling, so that an SM holds 2048 threads."""
     out = tmp_path / "sass.json"
     # a process of its own: this one runs the kernel in Triton's interpreter, which cannot compile it
-    proc = run("tools/fused_sass_stats.py", "--loss-types", "FLSTAR", "CE", "--dtypes", "fp32",
-               "--out", str(out), check=True)
+    proc = run(
+        "tools/fused_sass_stats.py",
+        "--loss-types",
+        "FLSTAR",
+        "CE",
+        "--dtypes",
+        "fp32",
+        "--out",
+        str(out),
+        check=True,
+    )
     assert "| forward | FLSTAR | fp32 |" in proc.stdout
     rows = {(r["kernel"], r["loss_type"]): r for r in json.loads(out.read_text())}
     assert len(rows) == 4
@@ -109,13 +140,28 @@ def test_gpu_checks_script_refuses_unknown_steps_and_logs_the_ones_it_runs(tmp_p
     from helpers import REPO
 
     env = dict(os.environ, PYTHON=sys.executable)
-    bad = subprocess.run(["bash", "tools/gpu_checks.sh", str(tmp_path / "bad"), "env", "bench", "benhc"],
-                         cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    bad = subprocess.run(
+        ["bash", "tools/gpu_checks.sh", str(tmp_path / "bad"), "env", "bench", "benhc"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert bad.returncode == 2
-    assert "unknown step 'benhc' (allowed: env test bench bench-loss blocks study study-lr proxy-pretrain" in bad.stderr
+    assert (
+        "unknown step 'benhc' (allowed: env test bench bench-loss blocks study study-lr proxy-pretrain"
+        in bad.stderr
+    )
     assert not (tmp_path / "bad").exists()
-    ok = subprocess.run(["bash", "tools/gpu_checks.sh", str(tmp_path / "ok"), "env"], cwd=REPO,
-                        capture_output=True, text=True, env=env, timeout=300)
+    ok = subprocess.run(
+        ["bash", "tools/gpu_checks.sh", str(tmp_path / "ok"), "env"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     log = (tmp_path / "ok" / "gpu_checks.log").read_text()
     assert "torch" in log and "detectron2" in log and "[gpu_checks] all steps passed" in log
@@ -125,12 +171,25 @@ def test_benchmark_takes_an_fcos_config_unchanged(tmp_path):
     """The detector rows of an FCOS config: FCOSFLStar against stock detectron2 FCOS (no
     torchvision row), and its FL mode equal to stock FCOS's losses."""
     out = tmp_path / "fcos.json"
-    run_here("tools/benchmark.py", "--cpu-smoke", "--sections", "detector", "--config-file",
-        "configs/fcos_R50_flstar_1x.yaml", "--out", str(out), check=True, interpreter=True)
+    run_here(
+        "tools/benchmark.py",
+        "--cpu-smoke",
+        "--sections",
+        "detector",
+        "--config-file",
+        "configs/fcos_R50_flstar_1x.yaml",
+        "--out",
+        str(out),
+        check=True,
+        interpreter=True,
+    )
     report = json.loads(out.read_text())
     rows = {r["system"]: r for r in report["detector"]}
-    assert {"FCOSFLStar (FL*, this project)", "FCOSFLStar (FL, this project)",
-            "detectron2 FCOS (stock)"} <= set(rows) and "torchvision RetinaNet" not in rows
+    assert {
+        "FCOSFLStar (FL*, this project)",
+        "FCOSFLStar (FL, this project)",
+        "detectron2 FCOS (stock)",
+    } <= set(rows) and "torchvision RetinaNet" not in rows
     assert rows["detectron2 FCOS (stock)"]["train_vs_stock"] == 1.0
     check = report["fl_mode_check"]
     assert set(check["rel_diff"]) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}

@@ -1,4 +1,5 @@
 """The embedded dataset and the registration of COCO-format datasets from the config."""
+
 import filecmp
 import json
 import multiprocessing as mp
@@ -14,26 +15,45 @@ from pycocotools.coco import COCO
 
 from d2_focalstar import add_focalstar_config, register_coco_json_datasets
 from d2_focalstar.config import ConfigError
-from d2_focalstar.data.shapes import (EMBEDDED_DATASETS, SHAPE_CLASSES, ShapesSpec, ensure_shapes_dataset, generate_shapes_dataset)
+from d2_focalstar.data.shapes import (
+    EMBEDDED_DATASETS,
+    SHAPE_CLASSES,
+    ShapesSpec,
+    ensure_shapes_dataset,
+    generate_shapes_dataset,
+)
 from test_model import quickstart_cfg
 
-TINY = ShapesSpec(num_train=6, num_val=3, image_size=96, min_objects=2, max_objects=5,
-                  min_size=10, max_size=24, seed=7)
+TINY = ShapesSpec(
+    num_train=6,
+    num_val=3,
+    image_size=96,
+    min_objects=2,
+    max_objects=5,
+    min_size=10,
+    max_size=24,
+    seed=7,
+)
 
 
 def test_generation_is_deterministic(tmp_path):
     generate_shapes_dataset(tmp_path / "a", TINY)
     generate_shapes_dataset(tmp_path / "b", TINY)
     for split in ("train", "val"):
-        assert (tmp_path / "a" / f"{split}.json").read_text() == (tmp_path / "b" / f"{split}.json").read_text()
+        assert (tmp_path / "a" / f"{split}.json").read_text() == (
+            tmp_path / "b" / f"{split}.json"
+        ).read_text()
         names = sorted(os.listdir(tmp_path / "a" / split))
         assert len(names) == {"train": 6, "val": 3}[split]
-        _, mismatch, errors = filecmp.cmpfiles(tmp_path / "a" / split, tmp_path / "b" / split,
-                                               names, shallow=False)
+        _, mismatch, errors = filecmp.cmpfiles(
+            tmp_path / "a" / split, tmp_path / "b" / split, names, shallow=False
+        )
         assert not mismatch and not errors
     other = ShapesSpec(**{**TINY.__dict__, "seed": 8})
     generate_shapes_dataset(tmp_path / "c", other)
-    assert (tmp_path / "a" / "train.json").read_text() != (tmp_path / "c" / "train.json").read_text()
+    assert (tmp_path / "a" / "train.json").read_text() != (
+        tmp_path / "c" / "train.json"
+    ).read_text()
 
 
 def test_generated_json_is_valid_coco_with_boxes_inside_images(tmp_path):
@@ -70,7 +90,9 @@ def test_generated_dataset_folder_has_the_usual_permissions(tmp_path, monkeypatc
     monkeypatch.setitem(EMBEDDED_DATASETS, "tiny_shapes", TINY)
     folder = ensure_shapes_dataset("tiny_shapes", str(tmp_path))
     os.mkdir(tmp_path / "plain")
-    assert stat.S_IMODE(os.stat(folder).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+    assert stat.S_IMODE(os.stat(folder).st_mode) == stat.S_IMODE(
+        os.stat(tmp_path / "plain").st_mode
+    )
 
 
 def test_embedded_dataset_is_registered_and_foreground_anchors_are_rare():
@@ -86,14 +108,21 @@ def test_embedded_dataset_is_registered_and_foreground_anchors_are_rare():
 
     model = build_model(quickstart_cfg())
     s = spec.image_size
-    feats = {f: torch.zeros(1, 1, s // st, s // st)
-             for f, st in zip(model.head_in_features, (8, 16, 32, 64, 128))}
+    feats = {
+        f: torch.zeros(1, 1, s // st, s // st)
+        for f, st in zip(model.head_in_features, (8, 16, 32, 64, 128))
+    }
     anchors = model.anchor_generator([feats[f] for f in model.head_in_features])
     fg, total = 0, 0
     for d in dicts[:16]:
-        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]]
-        inst = Instances((s, s), gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)),
-                         gt_classes=torch.tensor([a["category_id"] for a in d["annotations"]]))
+        boxes = [
+            BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]
+        ]
+        inst = Instances(
+            (s, s),
+            gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)),
+            gt_classes=torch.tensor([a["category_id"] for a in d["annotations"]]),
+        )
         labels, _ = model.label_anchors(anchors, [inst])
         fg += ((labels[0] >= 0) & (labels[0] != 4)).sum().item()
         total += labels[0].numel()

@@ -2,6 +2,7 @@
 pycocotools to 1e-6, on a synthetic COCO-like set and through detectron2's COCOEvaluator on the
 embedded data; pycocotools when faster-coco-eval is missing; detectron2's own fast path kept
 where its _C is built."""
+
 import contextlib
 import io
 
@@ -35,7 +36,9 @@ def test_faster_coco_eval_gives_pycocotools_twelve_numbers_on_a_synthetic_set():
     official = evaluate_coco(_coco(gt), [dict(d) for d in dets], "pycocotools")
     fast = evaluate_coco(_coco(gt), [dict(d) for d in dets], "fast")
     assert len(official) == len(fast) == 12
-    assert 0.05 < official[0] < 0.95 and 0.05 < official[8] < 1  # AP and AR100: not a degenerate case
+    assert (
+        0.05 < official[0] < 0.95 and 0.05 < official[8] < 1
+    )  # AP and AR100: not a degenerate case
     np.testing.assert_allclose(fast, official, rtol=0, atol=1e-6)
 
 
@@ -97,12 +100,16 @@ def test_coco_evaluator_on_the_embedded_data_gives_the_same_numbers_fast_and_off
     official_results = _run(official, inputs, outputs)
     assert not calls
 
-    np.testing.assert_allclose(fast.coco_stats["bbox"], official.coco_stats["bbox"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        fast.coco_stats["bbox"], official.coco_stats["bbox"], rtol=0, atol=1e-6
+    )
     assert 5 < official_results["bbox"]["AP"] < 95
     # the results dict detectron2 reports (AP..APl and per-class AP, in percent) agrees too
     assert fast_results["bbox"].keys() == official_results["bbox"].keys()
     for key, value in official_results["bbox"].items():
-        assert fast_results["bbox"][key] == pytest.approx(value, abs=1e-4, nan_ok=True), key  # APl: none
+        assert fast_results["bbox"][key] == pytest.approx(value, abs=1e-4, nan_ok=True), (
+            key
+        )  # APl: none
     # and stock detectron2's evaluator (pycocotools here, without _C) says the same
     stock = _run(COCOEvaluator("focalstar_shapes_val"), inputs, outputs)
     assert stock["bbox"]["AP"] == pytest.approx(fast_results["bbox"]["AP"], abs=1e-4)
@@ -133,8 +140,16 @@ def test_benchmark_times_both_implementations_and_checks_they_agree(tmp_path):
     from helpers import run_here
 
     out = tmp_path / "cocoeval.json"
-    proc = run_here("tools/benchmark_eval.py", "--sections", "cocoeval", "--images", "30", "--out", str(out),
-               check=True)
+    proc = run_here(
+        "tools/benchmark_eval.py",
+        "--sections",
+        "cocoeval",
+        "--images",
+        "30",
+        "--out",
+        str(out),
+        check=True,
+    )
     assert "| COCO evaluation of one run (COCOEvaluator's 12 numbers) | 30 |" in proc.stdout
     report = json.loads(out.read_text())
     assert "bootstrap" not in report

@@ -1,6 +1,7 @@
 """FCOSFLStar: detectron2's FCOS as a yacs meta-architecture with the loss table's losses. Its
 1x configs against detectron2's LazyConfig, its FL mode against stock FCOS, and a short CPU
 training that learns and that --eval-only reproduces."""
+
 import math
 import os
 
@@ -41,8 +42,15 @@ def _pair(*opts):
 
 def test_registered_and_built_from_config():
     assert META_ARCH_REGISTRY.get("FCOSFLStar") is FCOSFLStar
-    model = build_model(fcos_cfg("quickstart_fcos_flstar.yaml", "MODEL.FOCALSTAR.GAMMA", "0.5",
-                                 "MODEL.FCOS.FOCAL_LOSS_ALPHA", "0.5"))
+    model = build_model(
+        fcos_cfg(
+            "quickstart_fcos_flstar.yaml",
+            "MODEL.FOCALSTAR.GAMMA",
+            "0.5",
+            "MODEL.FCOS.FOCAL_LOSS_ALPHA",
+            "0.5",
+        )
+    )
     assert isinstance(model, FCOS) and model.num_classes == 4
     assert model.cls_loss.entry.name == "FLSTAR" and model.cls_loss.params["gamma"] == 0.5
     assert model.cls_loss.alpha == 0.5  # the FCOS node's alpha, not RetinaNet's
@@ -53,8 +61,14 @@ def test_registered_and_built_from_config():
 def test_fl_mode_equals_stock_fcos_losses(gamma, fused):
     if fused:
         pytest.importorskip("d2_focalstar.modeling.fused")
-    ours, stock = _pair("MODEL.FOCALSTAR.LOSS_TYPE", "FL", "MODEL.FCOS.FOCAL_LOSS_GAMMA", str(gamma),
-                        "MODEL.FOCALSTAR.FUSED_KERNEL", str(fused))
+    ours, stock = _pair(
+        "MODEL.FOCALSTAR.LOSS_TYPE",
+        "FL",
+        "MODEL.FCOS.FOCAL_LOSS_GAMMA",
+        str(gamma),
+        "MODEL.FOCALSTAR.FUSED_KERNEL",
+        str(fused),
+    )
     assert ours.cls_loss.fused_kernel == fused
     batch = synthetic_batch()
     with EventStorage():
@@ -88,7 +102,10 @@ def test_1x_configs_build_detectron2s_lazy_fcos_except_the_loss():
     for name, loss_type in [("fcos_R50_flstar_1x.yaml", "FLSTAR"), ("fcos_R50_fl_1x.yaml", "FL")]:
         cfg = fcos_cfg(name)
         ours = build_model(cfg)
-        assert ours.cls_loss.entry.name == loss_type and ours.cls_loss.alpha == lazy.model.focal_loss_alpha
+        assert (
+            ours.cls_loss.entry.name == loss_type
+            and ours.cls_loss.alpha == lazy.model.focal_loss_alpha
+        )
         if loss_type == "FL":
             assert ours.cls_loss.params == {"gamma": lazy.model.focal_loss_gamma}
         a, b = ours.state_dict(), theirs.state_dict()
@@ -97,16 +114,25 @@ def test_1x_configs_build_detectron2s_lazy_fcos_except_the_loss():
         assert ours.backbone.top_block.in_feature == "p5" == theirs.backbone.top_block.in_feature
         frozen = {n for n, p in ours.named_parameters() if not p.requires_grad}
         assert frozen == {n for n, p in theirs.named_parameters() if not p.requires_grad}
-        for attr in ("head_in_features", "center_sampling_radius", "test_score_thresh",
-                     "test_topk_candidates", "test_nms_thresh", "max_detections_per_image",
-                     "num_classes"):
+        for attr in (
+            "head_in_features",
+            "center_sampling_radius",
+            "test_score_thresh",
+            "test_topk_candidates",
+            "test_nms_thresh",
+            "max_detections_per_image",
+            "num_classes",
+        ):
             assert getattr(ours, attr) == getattr(theirs, attr), attr
         assert ours.pixel_mean.tolist() == theirs.pixel_mean.tolist()
         assert ours.pixel_std.tolist() == theirs.pixel_std.tolist()
         assert type(ours.head.cls_subnet[1]) is type(theirs.head.cls_subnet[1])  # GroupNorm
         assert cfg.MODEL.WEIGHTS == lazy.train.init_checkpoint
         # solver and schedule: lr, momentum, weight decay, 90k steps with decays at 60k and 80k
-        assert cfg.SOLVER.BASE_LR == lazy.optimizer.lr and cfg.SOLVER.MOMENTUM == lazy.optimizer.momentum
+        assert (
+            cfg.SOLVER.BASE_LR == lazy.optimizer.lr
+            and cfg.SOLVER.MOMENTUM == lazy.optimizer.momentum
+        )
         assert cfg.SOLVER.WEIGHT_DECAY == lazy.optimizer.weight_decay
         assert cfg.SOLVER.WEIGHT_DECAY_NORM == lazy.optimizer.params.weight_decay_norm
         sched = lazy.lr_multiplier
@@ -126,13 +152,29 @@ def trunk(quickstart_model, tmp_path_factory):
     """The ResNet-18 of the test run's quickstart RetinaNet (conftest.py) as MODEL.WEIGHTS: FCOS
     trains its FPN and head on a trained trunk, as the 1x configs do on ImageNet's."""
     out = tmp_path_factory.mktemp("trunk")
-    run_here("tools/pretrain_backbone.py", "--from-detector", str(quickstart_model[0] / "model_final.pth"),
-             "--out", str(out), check=True)
+    run_here(
+        "tools/pretrain_backbone.py",
+        "--from-detector",
+        str(quickstart_model[0] / "model_final.pth"),
+        "--out",
+        str(out),
+        check=True,
+    )
     return str(out / "backbone.pth")
 
 
-FCOS_SHORT = ["SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(80, 90)", "SOLVER.WARMUP_ITERS", "20",
-              "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.SAFETY.ENABLED", "False"]
+FCOS_SHORT = [
+    "SOLVER.MAX_ITER",
+    "100",
+    "SOLVER.STEPS",
+    "(80, 90)",
+    "SOLVER.WARMUP_ITERS",
+    "20",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "1000",
+    "TEST.SAFETY.ENABLED",
+    "False",
+]
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +186,21 @@ def trained(trunk, tmp_path_factory):
 
 def test_short_cpu_training_learns(trained, trunk, tmp_path):
     out, log = trained
-    untrained = coco_ap(train_net(*FCOS_QUICKSTART, "MODEL.WEIGHTS", trunk, "SOLVER.MAX_ITER", "1",
-                                  "SOLVER.BASE_LR", "0.0", "TEST.SAFETY.ENABLED", "False", "OUTPUT_DIR",
-                                  str(tmp_path)))
+    untrained = coco_ap(
+        train_net(
+            *FCOS_QUICKSTART,
+            "MODEL.WEIGHTS",
+            trunk,
+            "SOLVER.MAX_ITER",
+            "1",
+            "SOLVER.BASE_LR",
+            "0.0",
+            "TEST.SAFETY.ENABLED",
+            "False",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        )
+    )
     learned = coco_ap(log)
     assert not untrained["AP"] >= 2.0  # nan when no score passes the test threshold
     # 100 iterations of FPN and head on the trained trunk; FCOS's test threshold of 0.2 is on
@@ -156,8 +210,18 @@ def test_short_cpu_training_learns(trained, trunk, tmp_path):
 
 def test_eval_only_reproduces_the_trained_ap(trained, tmp_path):
     out, log = trained
-    again = coco_ap(train_net(*FCOS_QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
-                              "TEST.SAFETY.ENABLED", "False", "OUTPUT_DIR", str(tmp_path)))
+    again = coco_ap(
+        train_net(
+            *FCOS_QUICKSTART,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(out / "model_final.pth"),
+            "TEST.SAFETY.ENABLED",
+            "False",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        )
+    )
     for k, v in coco_ap(log).items():
         if not math.isnan(v):
             assert again[k] == pytest.approx(v, abs=1e-3), k

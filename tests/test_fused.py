@@ -1,5 +1,6 @@
 """The fused Triton kernel against the reference loss functions. Without a GPU it runs in
 Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1)."""
+
 import math
 
 import pytest
@@ -10,13 +11,21 @@ from detectron2.utils.events import EventStorage
 from d2_focalstar.modeling.losses import LOSS_TYPES
 from test_losses import classification_loss
 
-fused = pytest.importorskip("d2_focalstar.modeling.fused")  # needs triton, which torch's wheel brings
+fused = pytest.importorskip(
+    "d2_focalstar.modeling.fused"
+)  # needs triton, which torch's wheel brings
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SETTINGS = [("FLSTAR", 0.125), ("FLSTAR", 0.25), ("FLSTAR", 0.5), ("FL", 2.0), ("CE", 0.0),
-            ("FLSTAR_APPENDIX", 2.0)]
+SETTINGS = [
+    ("FLSTAR", 0.125),
+    ("FLSTAR", 0.25),
+    ("FLSTAR", 0.5),
+    ("FL", 2.0),
+    ("CE", 0.0),
+    ("FLSTAR_APPENDIX", 2.0),
+]
 
 
 def _inputs(R=203, K=80, scale=6.0, seed=0):
@@ -43,7 +52,9 @@ def _params(loss_type, gamma, max_factor=100.0):
 def _both(x, labels, loss_type, gamma, grad_scale=0.5, alpha=0.25, max_factor=100.0):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     kw = dict(alpha=alpha, max_factor=max_factor)
-    a = fused.fused_classification_loss(xa, labels, loss_type, alpha, **_params(loss_type, gamma, max_factor))
+    a = fused.fused_classification_loss(
+        xa, labels, loss_type, alpha, **_params(loss_type, gamma, max_factor)
+    )
     (a * grad_scale).backward()
     b = _reference(xb, labels, loss_type, gamma, **kw)
     (b * grad_scale).backward()
@@ -61,8 +72,17 @@ def test_fused_fp32_matches_reference(loss_type, gamma, scale):
     assert torch.isfinite(ga).all()
 
 
-@pytest.mark.parametrize("R,K,wide", [(301, 4, False), (7, 1, False), (57, 6, False), (33, 24, False),
-                                      (41, 3, False), (203, 80, True)])
+@pytest.mark.parametrize(
+    "R,K,wide",
+    [
+        (301, 4, False),
+        (7, 1, False),
+        (57, 6, False),
+        (33, 24, False),
+        (41, 3, False),
+        (203, 80, True),
+    ],
+)
 def test_fused_other_shapes_and_64bit_offsets(R, K, wide, monkeypatch):
     """Class counts that make every label-group size (K=1, 3: 1; 6: 2; 4: 4; 24: 8; 80: 16), and
     the 64-bit offset path (forced: real use needs 2**31 logits)."""
@@ -77,7 +97,9 @@ def test_fused_other_shapes_and_64bit_offsets(R, K, wide, monkeypatch):
     assert torch.isfinite(ga).all()
 
 
-@pytest.mark.parametrize("block,iters", [(64, {"forward": 3, "backward": 2}), (256, {"forward": 1, "backward": 4})])
+@pytest.mark.parametrize(
+    "block,iters", [(64, {"forward": 3, "backward": 2}), (256, {"forward": 1, "backward": 4})]
+)
 def test_fused_programs_over_several_blocks(block, iters, monkeypatch):
     """Each program runs over ITERS blocks one after another (the forward sums them before its one
     reduction): small blocks, so that the 203 x 80 logits take many programs, the last one partly
@@ -170,7 +192,9 @@ def test_empty_input():
 def test_bad_arguments():
     x = torch.zeros(2, 3, device=DEVICE)  # on the test's device: CPU tensors on a GPU fail earlier
     with pytest.raises(ValueError, match="loss_type='FOCAL'"):
-        fused.fused_classification_loss(x, torch.zeros(2, dtype=torch.int64, device=DEVICE), "FOCAL")
+        fused.fused_classification_loss(
+            x, torch.zeros(2, dtype=torch.int64, device=DEVICE), "FOCAL"
+        )
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(3,\)"):
         fused.fused_classification_loss(x, torch.zeros(3, dtype=torch.int64, device=DEVICE))
     # the reference's checks, not a kernel that would divide by 0 or weight outside [0, 1]
@@ -225,7 +249,9 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
 def test_self_check_passes_for_the_kernel_as_it_is(monkeypatch, loss_type, gamma, dtype):
     monkeypatch.setattr(fused, "_verdicts", {})
     with torch.no_grad():  # as when losses are computed for a validation loss
-        assert fused.agrees_with_reference(DEVICE, dtype, 80, loss_type, 0.25, _params(loss_type, gamma)), fused._verdicts
+        assert fused.agrees_with_reference(
+            DEVICE, dtype, 80, loss_type, 0.25, _params(loss_type, gamma)
+        ), fused._verdicts
 
 
 PARAMS = {"gamma": 0.25, "max_factor": 100.0}
@@ -271,11 +297,15 @@ def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypat
 
     torch.manual_seed(0)
     # on DEVICE: a CPU model uses the kernel only under the interpreter, as without a GPU
-    model = build_model(quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "True", "MODEL.DEVICE", DEVICE))
-    reference_model = build_model(quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "False",
-                                                 "MODEL.DEVICE", DEVICE))
+    model = build_model(
+        quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "True", "MODEL.DEVICE", DEVICE)
+    )
+    reference_model = build_model(
+        quickstart_cfg("MODEL.FOCALSTAR.FUSED_KERNEL", "False", "MODEL.DEVICE", DEVICE)
+    )
     reference_model.load_state_dict(model.state_dict())
     batch = synthetic_batch(num_classes=model.num_classes)
+
     def loss_cls(m):  # each call moves the normaliser's EMA: start each from its initial value
         m.__dict__.pop("loss_normalizer", None)
         return m(batch)["loss_cls"]
@@ -295,7 +325,9 @@ def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypat
     assert len(calls) == 1  # the check only
     for loss in got:
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
-    warnings = [r.getMessage() for r in caplog.records if "disagrees with the reference" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if "disagrees with the reference" in r.getMessage()
+    ]
     assert len(warnings) == 1 and "FLSTAR" in warnings[0] and "loss" in warnings[0]
 
 
@@ -310,8 +342,15 @@ def test_a_type_without_a_kernel_branch_uses_the_reference_with_one_info_line(ca
     with caplog.at_level("INFO", logger="d2_focalstar.modeling.classification"):
         got = [loss(x, labels) for _ in range(2)]
     valid = labels >= 0
-    want = classification_loss(x[valid], F.one_hot(labels[valid], 81)[:, :-1], "POLY1_FL", 0.25, 2.0,
-                               eps=1.0, reduction="sum")
+    want = classification_loss(
+        x[valid],
+        F.one_hot(labels[valid], 81)[:, :-1],
+        "POLY1_FL",
+        0.25,
+        2.0,
+        eps=1.0,
+        reduction="sum",
+    )
     for g in got:
         torch.testing.assert_close(g, want)
     said = [r for r in caplog.records if "no fused-kernel branch" in r.getMessage()]

@@ -1,6 +1,7 @@
 """tools/benchmark_loader.py: the COCO-like files it makes, the loader and step it times (at a tiny
 size: the timings of docs/BENCHMARKS.md come from its full-size command, not from tests), and the
 arithmetic of its projection."""
+
 import importlib.util
 import json
 import os
@@ -10,7 +11,9 @@ from PIL import Image
 
 from helpers import REPO, run_here
 
-_spec = importlib.util.spec_from_file_location("benchmark_loader", os.path.join(REPO, "tools", "benchmark_loader.py"))
+_spec = importlib.util.spec_from_file_location(
+    "benchmark_loader", os.path.join(REPO, "tools", "benchmark_loader.py")
+)
 bl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bl)
 
@@ -31,10 +34,36 @@ def test_loader_and_step_are_timed_and_the_coco_hours_projected(tmp_path):
     runs on the loader's batches (on the CPU here: fp32, no AMP); the projection has a table for 1
     and 8 GPUs whose total is the sum of its parts."""
     out = tmp_path / "loader.json"
-    proc = run_here("tools/benchmark_loader.py", "--config-file", "configs/quickstart_flstar.yaml", "--images", "6",
-               "--workers", "0", "1", "--batches", "2", "--warmup", "1", "--step", "--step-batch", "2",
-               "--step-iters", "1", "--step-warmup", "0", "--out", str(out), "MODEL.RETINANET.NUM_CLASSES", "80",
-               "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", check=True)
+    proc = run_here(
+        "tools/benchmark_loader.py",
+        "--config-file",
+        "configs/quickstart_flstar.yaml",
+        "--images",
+        "6",
+        "--workers",
+        "0",
+        "1",
+        "--batches",
+        "2",
+        "--warmup",
+        "1",
+        "--step",
+        "--step-batch",
+        "2",
+        "--step-iters",
+        "1",
+        "--step-warmup",
+        "0",
+        "--out",
+        str(out),
+        "MODEL.RETINANET.NUM_CLASSES",
+        "80",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64,)",
+        "INPUT.MAX_SIZE_TRAIN",
+        "96",
+        check=True,
+    )
     report = json.loads(out.read_text())
     rows = {r["workers"]: r for r in report["loader"]}
     assert set(rows) == {0, 1}
@@ -44,8 +73,13 @@ def test_loader_and_step_are_timed_and_the_coco_hours_projected(tmp_path):
     assert report["meta"]["mean_file_kb"] > 0 and report["meta"]["cpu"]
     step = report["step"]
     assert (step["device"], step["amp"], step["batch"], step["workers"]) == ("cpu", False, 2, 1)
-    assert step["img_s"] == pytest.approx(2 / step["s_per_iter"]) and 0 <= step["data_wait_share"] < 1
-    assert report["workers_per_gpu"]["workers"] >= 1 and report["workers_per_gpu"]["how"] in ("measured", "projected")
+    assert (
+        step["img_s"] == pytest.approx(2 / step["s_per_iter"]) and 0 <= step["data_wait_share"] < 1
+    )
+    assert report["workers_per_gpu"]["workers"] >= 1 and report["workers_per_gpu"]["how"] in (
+        "measured",
+        "projected",
+    )
     assert "1 GPU(s), 2 workers per GPU" in report["coco_1x_hours"]  # the quickstart config's own
     for parts in report["coco_1x_hours"].values():
         assert parts[-1]["part"] == "total"
@@ -63,8 +97,11 @@ def test_step_runs_on_the_gpu_with_amp_where_cuda_is_reported(monkeypatch):
 
 
 def test_workers_needed_is_the_fewest_that_keep_up_else_projected():
-    rows = [dict(workers=1, img_s=30.0, img_s_per_worker=30.0), dict(workers=2, img_s=55.0, img_s_per_worker=27.5),
-            dict(workers=4, img_s=100.0, img_s_per_worker=25.0)]
+    rows = [
+        dict(workers=1, img_s=30.0, img_s_per_worker=30.0),
+        dict(workers=2, img_s=55.0, img_s_per_worker=27.5),
+        dict(workers=4, img_s=100.0, img_s_per_worker=25.0),
+    ]
     assert bl.workers_needed(rows, 50) == (2, "measured")
     assert bl.workers_needed(rows, 123.6) == (5, "projected")  # 123.6 / 25 per worker, rounded up
     assert bl.loader_rate(rows, 4) == (100.0, "measured with 4 workers")
@@ -74,11 +111,18 @@ def test_workers_needed_is_the_fewest_that_keep_up_else_projected():
 def test_projection_of_a_coco_1x_run():
     """Steps: 90,000 x 16 images at the step rate, over the GPUs; data: what a slower loader adds;
     evaluation: COCO val's inference and the COCO API."""
-    one = dict((part, hours) for part, hours, _ in bl.project_coco_1x(123.6, 102.3, 36.0, 1, (60.0, "x"), 2))
+    one = dict(
+        (part, hours)
+        for part, hours, _ in bl.project_coco_1x(123.6, 102.3, 36.0, 1, (60.0, "x"), 2)
+    )
     assert one["training steps"] == pytest.approx(90000 * 16 / 123.6 / 3600)
     assert one["waiting for data (2 loader workers per GPU)"] == pytest.approx(
-        (90000 * 16 / 60.0 - 90000 * 16 / 123.6) / 3600)
+        (90000 * 16 / 60.0 - 90000 * 16 / 123.6) / 3600
+    )
     assert one["evaluation: COCO API (faster-coco-eval)"] == pytest.approx(0.01)
-    eight = dict((part, hours) for part, hours, _ in bl.project_coco_1x(123.6, 102.3, None, 8, (500.0, "x"), 8))
+    eight = dict(
+        (part, hours)
+        for part, hours, _ in bl.project_coco_1x(123.6, 102.3, None, 8, (500.0, "x"), 8)
+    )
     assert eight["training steps"] == pytest.approx(one["training steps"] / 8)
     assert eight["waiting for data (8 loader workers per GPU)"] == 0  # the loader keeps up

@@ -1,18 +1,30 @@
 """The loss functions against an independent float64 reference of the formulas as written."""
+
 import math
 
 import pytest
 import torch
 from fvcore.nn import sigmoid_focal_loss as fvcore_focal_loss
 
-from d2_focalstar.modeling.losses import (LOSS_TYPES, sigmoid_ce_loss, sigmoid_classification_loss, sigmoid_flstar_loss, sigmoid_focal_loss)
+from d2_focalstar.modeling.losses import (
+    LOSS_TYPES,
+    sigmoid_ce_loss,
+    sigmoid_classification_loss,
+    sigmoid_flstar_loss,
+    sigmoid_focal_loss,
+)
 
 
-def classification_loss(x, t, loss_type, alpha, gamma=None, max_factor=None, reduction="none", eps=None):
+def classification_loss(
+    x, t, loss_type, alpha, gamma=None, max_factor=None, reduction="none", eps=None
+):
     """sigmoid_classification_loss with those of gamma, max_factor and eps that the type takes."""
     takes = {p.name for p in LOSS_TYPES[loss_type].params}
-    given = {k: v for k, v in (("gamma", gamma), ("max_factor", max_factor), ("eps", eps))
-             if k in takes and v is not None}
+    given = {
+        k: v
+        for k, v in (("gamma", gamma), ("max_factor", max_factor), ("eps", eps))
+        if k in takes and v is not None
+    }
     return sigmoid_classification_loss(x, t, loss_type, alpha, reduction, **given)
 
 
@@ -43,10 +55,12 @@ def grid(n=4001, lo=-12.0, hi=12.0):
 
 
 # The seed's Fig. 4 settings (alpha = 1 there) and the study's alpha = 0.25, plus no weighting.
-SETTINGS = [("CE", a, 0.0) for a in (1.0, 0.25, -1)] + [
-    ("FL", a, 2.0) for a in (1.0, 0.25, -1)] + [
-    ("FLSTAR", a, g) for a in (1.0, 0.25, -1) for g in (0.125, 0.25, 0.5, 1.0)] + [
-    ("POLY1_FL", a, g) for a in (1.0, 0.25, -1) for g in (2.0, 1.0)]
+SETTINGS = (
+    [("CE", a, 0.0) for a in (1.0, 0.25, -1)]
+    + [("FL", a, 2.0) for a in (1.0, 0.25, -1)]
+    + [("FLSTAR", a, g) for a in (1.0, 0.25, -1) for g in (0.125, 0.25, 0.5, 1.0)]
+    + [("POLY1_FL", a, g) for a in (1.0, 0.25, -1) for g in (2.0, 1.0)]
+)
 
 
 @pytest.mark.parametrize("loss_type,alpha,gamma", SETTINGS)
@@ -54,8 +68,9 @@ def test_values_match_float64_reference(loss_type, alpha, gamma):
     x, t = grid()
     ours = classification_loss(x, t, loss_type, alpha, gamma, max_factor=0)
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours.double(), reference(x, t, loss_type, alpha, gamma),
-                               rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(
+        ours.double(), reference(x, t, loss_type, alpha, gamma), rtol=1e-5, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize("loss_type,alpha,gamma", SETTINGS)
@@ -68,13 +83,16 @@ def test_gradients_match_float64_reference(loss_type, alpha, gamma):
     torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss_type,gamma", [("FLSTAR", 0.25), ("FL", 2.0), ("CE", 0.0), ("POLY1_FL", 2.0)])
+@pytest.mark.parametrize(
+    "loss_type,gamma", [("FLSTAR", 0.25), ("FL", 2.0), ("CE", 0.0), ("POLY1_FL", 2.0)]
+)
 def test_gradcheck_float64(loss_type, gamma):
-    x = (torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4
     t = (torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.7).double()
     x.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda v: classification_loss(v, t, loss_type, 0.25, gamma, reduction="sum"), (x,))
+        lambda v: classification_loss(v, t, loss_type, 0.25, gamma, reduction="sum"), (x,)
+    )
 
 
 @pytest.mark.parametrize("gamma", [0.125, 0.25, 0.5, 2.0])
@@ -100,10 +118,12 @@ def test_gamma_zero_is_alpha_balanced_ce(loss_type):
     # against the literal formula -a_t log(p_t) in float64, and near 0 the factor tends to 1
     x, t = grid()
     ce = reference(x, t, "CE", 0.25, 0.0)
-    torch.testing.assert_close(classification_loss(x, t, loss_type, 0.25, 0.0).double(), ce,
-                               rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(classification_loss(x, t, loss_type, 0.25, 1e-6).double(), ce,
-                               rtol=2e-5, atol=1e-8)
+    torch.testing.assert_close(
+        classification_loss(x, t, loss_type, 0.25, 0.0).double(), ce, rtol=1e-5, atol=1e-8
+    )
+    torch.testing.assert_close(
+        classification_loss(x, t, loss_type, 0.25, 1e-6).double(), ce, rtol=2e-5, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1, 2.0), (0.5, 1.0)])
@@ -111,9 +131,12 @@ def test_focal_loss_equals_fvcore(alpha, gamma):
     x = torch.randn(64, 80, generator=torch.Generator().manual_seed(0)) * 5
     t = (torch.rand(64, 80, generator=torch.Generator().manual_seed(1)) > 0.95).float()
     for reduction in ("none", "sum", "mean"):
-        torch.testing.assert_close(sigmoid_focal_loss(x, t, alpha, gamma, reduction),
-                                   fvcore_focal_loss(x, t, alpha, gamma, reduction),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            sigmoid_focal_loss(x, t, alpha, gamma, reduction),
+            fvcore_focal_loss(x, t, alpha, gamma, reduction),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_max_factor_caps_factor_and_turns_gradient_into_scaled_ce():
@@ -127,8 +150,10 @@ def test_max_factor_caps_factor_and_turns_gradient_into_scaled_ce():
     torch.testing.assert_close(x.grad, -alpha * cap * torch.sigmoid(-x.detach()))
     # below the threshold the cap does not act
     y = torch.tensor([-9.0, 0.0, 5.0], dtype=torch.float64)
-    torch.testing.assert_close(sigmoid_flstar_loss(y, torch.ones(3), gamma=gamma, max_factor=cap),
-                               reference(y, torch.ones(3), "FLSTAR", 0.25, gamma))
+    torch.testing.assert_close(
+        sigmoid_flstar_loss(y, torch.ones(3), gamma=gamma, max_factor=cap),
+        reference(y, torch.ones(3), "FLSTAR", 0.25, gamma),
+    )
 
 
 @pytest.mark.parametrize("gamma", [0.125, 0.25, 0.5, 1.0, 2.0, 4.0])
@@ -143,8 +168,11 @@ def test_capped_gradient_is_bounded_as_documented(gamma):
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-EXTREME_SETTINGS = [("FLSTAR", g) for g in (0.125, 0.25, 0.5, 1.0)] + [("FL", 2.0), ("CE", 0.0),
-                                                                       ("POLY1_FL", 2.0)]
+EXTREME_SETTINGS = [("FLSTAR", g) for g in (0.125, 0.25, 0.5, 1.0)] + [
+    ("FL", 2.0),
+    ("CE", 0.0),
+    ("POLY1_FL", 2.0),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -178,10 +206,13 @@ def test_extreme_logits_give_finite_loss_and_gradient(dtype, loss_type, gamma):
     ref = classification_loss(x.detach().float(), t.float(), loss_type, 0.25, gamma)
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-6, atol=0)
 
+
 def test_without_cap_fp16_gradient_overflows_which_is_why_the_cap_is_default():
     # README: uncapped, g = 0.5, a = 0.25, the fp16 gradient overflows from x_t ~ -21 on
     x = torch.tensor([-20.0, -21.0, -100.0], dtype=torch.float16, requires_grad=True)
-    sigmoid_flstar_loss(x, torch.ones(3, dtype=torch.float16), gamma=0.5, max_factor=0).sum().backward()
+    sigmoid_flstar_loss(
+        x, torch.ones(3, dtype=torch.float16), gamma=0.5, max_factor=0
+    ).sum().backward()
     assert torch.isfinite(x.grad[0]) and torch.isinf(x.grad[1:]).all()
     x.grad = None
     sigmoid_flstar_loss(x, torch.ones(3, dtype=torch.float16), gamma=0.5).sum().backward()
@@ -196,16 +227,19 @@ def test_empty_input():
     assert x.grad.shape == (0, 80)
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(loss_type="FLSTARR"), "loss_type='FLSTARR'"),
-    (dict(gamma=-0.5), "gamma=-0.5"),
-    (dict(gamma=float("nan")), "gamma=nan"),
-    (dict(alpha=1.5), "alpha=1.5"),
-    (dict(max_factor=0.5), "max_factor=0.5"),
-    (dict(loss_type="POLY1_FL", eps=-2.0), "eps=-2.0 must be a finite number >= -1"),
-    (dict(loss_type="CE", gamma=2.0), "CE takes no parameter but alpha; not gamma"),
-    (dict(reduction="avg"), "reduction='avg'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(loss_type="FLSTARR"), "loss_type='FLSTARR'"),
+        (dict(gamma=-0.5), "gamma=-0.5"),
+        (dict(gamma=float("nan")), "gamma=nan"),
+        (dict(alpha=1.5), "alpha=1.5"),
+        (dict(max_factor=0.5), "max_factor=0.5"),
+        (dict(loss_type="POLY1_FL", eps=-2.0), "eps=-2.0 must be a finite number >= -1"),
+        (dict(loss_type="CE", gamma=2.0), "CE takes no parameter but alpha; not gamma"),
+        (dict(reduction="avg"), "reduction='avg'"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, needle):
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
@@ -225,8 +259,9 @@ def test_appendix_flstar_equals_fvcore_sigmoid_focal_loss_star(alpha, gamma):
     t = (torch.rand(64, 80, generator=torch.Generator().manual_seed(3)) > 0.95).float()
     for reduction in ("none", "sum"):
         ours = classification_loss(x, t, "FLSTAR_APPENDIX", alpha, gamma, reduction=reduction)
-        torch.testing.assert_close(ours, sigmoid_focal_loss_star(x, t, alpha, gamma, reduction),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            ours, sigmoid_focal_loss_star(x, t, alpha, gamma, reduction), rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -253,7 +288,9 @@ def test_a_term_weighted_zero_stays_zero_without_cap(alpha):
     zero = t == 1 if alpha == 0 else t == 0
     assert (loss[zero] == 0).all() and (x.grad[zero] == 0).all()
     kept = ~zero & (x.abs() == 1)  # an ordinary term keeps its value
-    torch.testing.assert_close(loss[kept].double(), reference(x[kept].detach(), t[kept], "FLSTAR", alpha, 0.5))
+    torch.testing.assert_close(
+        loss[kept].double(), reference(x[kept].detach(), t[kept], "FLSTAR", alpha, 0.5)
+    )
 
 
 def test_gamma_must_be_finite():
@@ -268,9 +305,15 @@ def test_docs_key_table_is_the_loss_tables():
 
     from d2_focalstar.modeling.losses import config_table
 
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONFIG.md")) as f:
+    with open(
+        os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONFIG.md"
+        )
+    ) as f:
         doc = f.read()
-    block = doc.split("<!-- loss table: python tools/loss_table.py -->\n")[1].split("<!-- end of loss table -->")[0]
+    block = doc.split("<!-- loss table: python tools/loss_table.py -->\n")[1].split(
+        "<!-- end of loss table -->"
+    )[0]
     assert block == config_table()
 
 
@@ -284,7 +327,9 @@ def test_poly1_is_focal_loss_plus_an_unweighted_eps_term(eps):
     poly = sigmoid_poly1_focal_loss(x, t, alpha=0.25, gamma=2.0, eps=eps)
     fl = sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0)
     p_t = torch.where(t > 0, torch.sigmoid(x.double()), torch.sigmoid(-x.double()))
-    torch.testing.assert_close(poly.double() - fl.double(), eps * (1 - p_t) ** 3, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        poly.double() - fl.double(), eps * (1 - p_t) ** 3, rtol=1e-5, atol=1e-6
+    )
     if eps == 0:
         assert torch.equal(poly, fl)
     # eps >= -1 keeps the loss non-negative only with a_t = 1 (the paper's bound is for CE)

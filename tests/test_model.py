@@ -1,4 +1,5 @@
 """RetinaNetFLStar: registration, config keys, and its losses against stock RetinaNet's."""
+
 import os
 
 import pytest
@@ -30,16 +31,20 @@ def synthetic_batch(num_classes=4):
         image = torch.randint(0, 256, (3, h, w), generator=g).float()
         xy = torch.rand(n_obj, 2, generator=g) * torch.tensor([w - 40, h - 40])
         wh = 8 + torch.rand(n_obj, 2, generator=g) * 30
-        inst = Instances((h, w), gt_boxes=Boxes(torch.cat([xy, xy + wh], 1)),
-                         gt_classes=torch.randint(0, num_classes, (n_obj,), generator=g))
+        inst = Instances(
+            (h, w),
+            gt_boxes=Boxes(torch.cat([xy, xy + wh], 1)),
+            gt_classes=torch.randint(0, num_classes, (n_obj,), generator=g),
+        )
         batch.append({"image": image, "instances": inst, "height": h, "width": w})
     return batch
 
 
 def test_meta_arch_is_registered_and_built_from_config():
     assert META_ARCH_REGISTRY.get("RetinaNetFLStar") is RetinaNetFLStar
-    model = build_model(quickstart_cfg("MODEL.FOCALSTAR.GAMMA", "0.125",
-                                       "MODEL.FOCALSTAR.MAX_FACTOR", "50.0"))
+    model = build_model(
+        quickstart_cfg("MODEL.FOCALSTAR.GAMMA", "0.125", "MODEL.FOCALSTAR.MAX_FACTOR", "50.0")
+    )
     assert type(model) is RetinaNetFLStar and isinstance(model, RetinaNet)
     assert model.cls_loss.entry.name == "FLSTAR"
     assert model.cls_loss.params == {"gamma": 0.125, "max_factor": 50.0}
@@ -56,17 +61,20 @@ def test_config_defaults():
     check_focalstar_config(cfg)  # defaults are valid
 
 
-@pytest.mark.parametrize("key,value,allowed", [
-    ("MODEL.FOCALSTAR.LOSS_TYPE", "FOCAL", "FLSTAR, FL, CE, FLSTAR_APPENDIX"),
-    ("MODEL.FOCALSTAR.GAMMA", -0.25, ">= 0"),
-    ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", -2.0, ">= 0"),
-    ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", 1.5, "[0, 1]"),
-    ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", -0.5, "-1 for no weighting"),
-    ("MODEL.FOCALSTAR.MAX_FACTOR", 0.5, ">= 1"),
-    ("MODEL.FOCALSTAR.APPENDIX_GAMMA", 0.0, "> 0"),
-    ("TEST.SAFETY.FP_PER_IMAGE", 0.0, "> 0"),
-    ("TEST.SAFETY.IOU_THRESHOLD", 1.5, "(0, 1]"),
-])
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("MODEL.FOCALSTAR.LOSS_TYPE", "FOCAL", "FLSTAR, FL, CE, FLSTAR_APPENDIX"),
+        ("MODEL.FOCALSTAR.GAMMA", -0.25, ">= 0"),
+        ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", -2.0, ">= 0"),
+        ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", 1.5, "[0, 1]"),
+        ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", -0.5, "-1 for no weighting"),
+        ("MODEL.FOCALSTAR.MAX_FACTOR", 0.5, ">= 1"),
+        ("MODEL.FOCALSTAR.APPENDIX_GAMMA", 0.0, "> 0"),
+        ("TEST.SAFETY.FP_PER_IMAGE", 0.0, "> 0"),
+        ("TEST.SAFETY.IOU_THRESHOLD", 1.5, "(0, 1]"),
+    ],
+)
 def test_bad_config_value_names_key_value_and_allowed(key, value, allowed):
     """The start-up check names every bad key; a model built from a bad loss setting (its own
     keys, not the whole config) names it too."""
@@ -112,22 +120,37 @@ def test_coco_1x_configs_match_detectron2_model_zoo():
 
     zoo = get_cfg()
     zoo.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
-    for name, loss_type in [("retinanet_R50_flstar_1x.yaml", "FLSTAR"),
-                            ("retinanet_R50_fl_1x.yaml", "FL")]:
+    for name, loss_type in [
+        ("retinanet_R50_flstar_1x.yaml", "FLSTAR"),
+        ("retinanet_R50_fl_1x.yaml", "FL"),
+    ]:
         cfg = get_cfg()
         add_focalstar_config(cfg)
         cfg.merge_from_file(os.path.join(CONFIGS, name))
         assert cfg.MODEL.META_ARCHITECTURE == "RetinaNetFLStar"
         assert cfg.MODEL.FOCALSTAR.LOSS_TYPE == loss_type
         # everything detectron2 defines is as in its zoo config, but the meta-arch and output dir
-        for key in ("MODEL.RESNETS", "MODEL.FPN", "MODEL.RETINANET", "MODEL.BACKBONE",
-                    "MODEL.WEIGHTS", "MODEL.PIXEL_MEAN", "DATASETS", "SOLVER", "INPUT", "TEST"):
+        for key in (
+            "MODEL.RESNETS",
+            "MODEL.FPN",
+            "MODEL.RETINANET",
+            "MODEL.BACKBONE",
+            "MODEL.WEIGHTS",
+            "MODEL.PIXEL_MEAN",
+            "DATASETS",
+            "SOLVER",
+            "INPUT",
+            "TEST",
+        ):
             ours, theirs = cfg, zoo
             for part in key.split("."):
                 ours, theirs = ours[part], theirs[part]
             if isinstance(ours, dict):  # drop the keys only we add
-                ours = {k: v for k, v in ours.items()
-                        if k not in ("COCO_JSON", "YOLO", "VOC_STYLE", "SAFETY")}
+                ours = {
+                    k: v
+                    for k, v in ours.items()
+                    if k not in ("COCO_JSON", "YOLO", "VOC_STYLE", "SAFETY")
+                }
             assert ours == theirs, key
         for ours, theirs in zip(cfg.MODEL.ANCHOR_GENERATOR.SIZES, zoo.MODEL.ANCHOR_GENERATOR.SIZES):
             assert ours == pytest.approx(theirs, rel=1e-12)
@@ -149,8 +172,14 @@ def _pair(*opts):
 @pytest.mark.parametrize("fused", [False, True])  # the reference functions, the Triton kernel
 @pytest.mark.parametrize("gamma", [2.0, 1.0])
 def test_fl_mode_equals_stock_retinanet_losses(gamma, fused):
-    ours, stock = _pair("MODEL.FOCALSTAR.LOSS_TYPE", "FL", "MODEL.RETINANET.FOCAL_LOSS_GAMMA", str(gamma),
-                        "MODEL.FOCALSTAR.FUSED_KERNEL", str(fused))
+    ours, stock = _pair(
+        "MODEL.FOCALSTAR.LOSS_TYPE",
+        "FL",
+        "MODEL.RETINANET.FOCAL_LOSS_GAMMA",
+        str(gamma),
+        "MODEL.FOCALSTAR.FUSED_KERNEL",
+        str(fused),
+    )
     batch = synthetic_batch()
     with EventStorage():
         got = ours(batch)
@@ -184,20 +213,36 @@ def _tiny_losses_inputs(gt, num_classes=3):
     return anchors, logits, list(gt), deltas, gt_boxes
 
 
-@pytest.mark.parametrize("loss_type,gamma", [("FLSTAR", 0.25), ("FLSTAR", 0.5), ("FL", 2.0), ("CE", 0.0)])
+@pytest.mark.parametrize(
+    "loss_type,gamma", [("FLSTAR", 0.25), ("FLSTAR", 0.5), ("FL", 2.0), ("CE", 0.0)]
+)
 def test_losses_value_skips_ignored_anchors_and_normalises_by_ema_of_positives(loss_type, gamma):
-    model = build_model(quickstart_cfg("MODEL.FOCALSTAR.LOSS_TYPE", loss_type,
-                                       "MODEL.FOCALSTAR.GAMMA", str(gamma),
-                                       "MODEL.RETINANET.NUM_CLASSES", "3",
-                                       "MODEL.RETINANET.FOCAL_LOSS_GAMMA", str(gamma)))
+    model = build_model(
+        quickstart_cfg(
+            "MODEL.FOCALSTAR.LOSS_TYPE",
+            loss_type,
+            "MODEL.FOCALSTAR.GAMMA",
+            str(gamma),
+            "MODEL.RETINANET.NUM_CLASSES",
+            "3",
+            "MODEL.RETINANET.FOCAL_LOSS_GAMMA",
+            str(gamma),
+        )
+    )
     gt = torch.tensor([[0, 3, -1, 3, 2, -1, 3, 1], [3, 3, 3, -1, 3, 3, 3, 3]])  # 3 = background
     anchors, logits, labels, deltas, gt_boxes = _tiny_losses_inputs(gt)
     with EventStorage():
         loss = model.losses(anchors, logits, labels, deltas, gt_boxes)["loss_cls"]
     valid = gt >= 0
     targets = torch.nn.functional.one_hot(gt[valid], 4)[:, :3].float()
-    expected = reference(logits[0].detach()[valid], targets, loss_type, 0.25, gamma,
-                         100.0 if loss_type == "FLSTAR" else 0.0).sum()
+    expected = reference(
+        logits[0].detach()[valid],
+        targets,
+        loss_type,
+        0.25,
+        gamma,
+        100.0 if loss_type == "FLSTAR" else 0.0,
+    ).sum()
     normalizer = 0.9 * 100 + 0.1 * 3  # the EMA of 3 positive anchors, started at 100
     torch.testing.assert_close(loss.double(), expected / normalizer, rtol=1e-5, atol=1e-8)
     loss.backward()
@@ -221,7 +266,9 @@ def test_channels_last_layout_gives_the_same_losses(device):
     from detectron2.layers import Conv2d  # noqa: F401 (detectron2's convs are nn.Conv2d)
 
     torch.manual_seed(0)
-    nchw = build_model(quickstart_cfg("MODEL.FOCALSTAR.CHANNELS_LAST", "False", "MODEL.DEVICE", device))
+    nchw = build_model(
+        quickstart_cfg("MODEL.FOCALSTAR.CHANNELS_LAST", "False", "MODEL.DEVICE", device)
+    )
     default = build_model(quickstart_cfg("MODEL.DEVICE", device))
     args = RetinaNetFLStar.from_config(quickstart_cfg("MODEL.DEVICE", device))
     args["channels_last"] = True
@@ -229,10 +276,16 @@ def test_channels_last_layout_gives_the_same_losses(device):
     nhwc.load_state_dict(nchw.state_dict())  # copies into the params: their layout stays
 
     def layouts(model):
-        return {p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1)}
+        return {
+            p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            for p in model.parameters()
+            if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1)
+        }
+
     assert layouts(nhwc) == {True} and layouts(nchw) == {False}
-    assert layouts(default) == ({True} if device == "cuda" else {False})  # the key's default: on, CUDA only
+    assert layouts(default) == (
+        {True} if device == "cuda" else {False}
+    )  # the key's default: on, CUDA only
     batch = synthetic_batch()
     for d in batch:
         d["image"], d["instances"] = d["image"].to(device), d["instances"].to(device)

@@ -1,6 +1,7 @@
 """Packaging: the declared requirements say what was tested, and installing the project into a
 user's environment leaves their torch, torchvision and cv2 alone (pip's resolver in --dry-run
 mode against stand-in distributions: nothing is downloaded or installed)."""
+
 import json
 import os
 import re
@@ -33,8 +34,12 @@ def setup_requirement_lines():
     """The lines of setup.py that hold a requirement string (in install_requires or an extra)."""
     with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
         lines = f.read().splitlines()
-    return [(line if re.match(r'\s*"[A-Za-z][\w.-]*(\[[\w,-]+\])?\s*[<>=!~]', line) else "")
-            if not line.strip().startswith("#") else line for line in lines]
+    return [
+        (line if re.match(r'\s*"[A-Za-z][\w.-]*(\[[\w,-]+\])?\s*[<>=!~]', line) else "")
+        if not line.strip().startswith("#")
+        else line
+        for line in lines
+    ]
 
 
 def test_every_upper_cap_names_its_break():
@@ -66,11 +71,14 @@ def _wheel(folder, name, version):
     dist = f"{name.replace('-', '_')}-{version}"
     path = os.path.join(folder, f"{dist}-py3-none-any.whl")
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(f"{dist}.dist-info/METADATA",
-                   f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        z.writestr(f"{dist}.dist-info/WHEEL",
-                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                   "Tag: py3-none-any\n")
+        z.writestr(
+            f"{dist}.dist-info/METADATA",
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        )
+        z.writestr(
+            f"{dist}.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         z.writestr(f"{dist}.dist-info/RECORD", "")
 
 
@@ -88,9 +96,22 @@ def _dry_run(tmp_path, *targets):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(PIP_CONFIG_FILE=os.devnull, PYTHONPATH=str(tmp_path / "site"), PIP_NO_INPUT="1")
     report = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
-           "--no-index", "--find-links", str(tmp_path / "wheels"), "--no-build-isolation",
-           "--disable-pip-version-check", *targets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--quiet",
+        "--report",
+        str(report),
+        "--no-index",
+        "--find-links",
+        str(tmp_path / "wheels"),
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        *targets,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(report) as f:
@@ -104,11 +125,18 @@ def user_environment(tmp_path):
     opencv-python-headless's cv2; the index (find-links) offers the versions an old capped
     requirement would pick, and opencv-python."""
     (tmp_path / "wheels").mkdir()
-    for name, version in (("torch", "2.14.1"), ("torchvision", "0.29.1"),
-                          ("opencv-python", "4.10.0.84"), ("opencv-python-headless", "4.10.0.84")):
+    for name, version in (
+        ("torch", "2.14.1"),
+        ("torchvision", "0.29.1"),
+        ("opencv-python", "4.10.0.84"),
+        ("opencv-python-headless", "4.10.0.84"),
+    ):
         _wheel(str(tmp_path / "wheels"), name, version)
-    for name, version in (("torch", "99.0"), ("torchvision", "99.1"),
-                          ("opencv-python-headless", "4.9.0.80")):
+    for name, version in (
+        ("torch", "99.0"),
+        ("torchvision", "99.1"),
+        ("opencv-python-headless", "4.9.0.80"),
+    ):
         _installed(str(tmp_path / "site"), name, version)
     # the project's metadata is built from a copy: nothing is written into the checkout
     src = tmp_path / "src"

@@ -1,6 +1,7 @@
 """Fractal pretraining: the generator is deterministic and well-formed; the command writes a
 backbone that MODEL.WEIGHTS loads into a FrozenBN detector, resumes after a kill to the same
 weights, and reuses a finished output."""
+
 import os
 import signal
 import subprocess
@@ -14,8 +15,23 @@ import torch
 from d2_focalstar.study.pretrain import FractalSet, FractalSpec, random_ifs, render_ifs
 from helpers import REPO, run_here
 
-SMALL = ["--iterations", "12", "--batch-size", "4", "--image-size", "48", "--object-sizes", "8", "20", "--eval-images", "16",
-         "--classes", "8", "--checkpoint-every", "4"]
+SMALL = [
+    "--iterations",
+    "12",
+    "--batch-size",
+    "4",
+    "--image-size",
+    "48",
+    "--object-sizes",
+    "8",
+    "20",
+    "--eval-images",
+    "16",
+    "--classes",
+    "8",
+    "--checkpoint-every",
+    "4",
+]
 
 
 def test_fractals_are_deterministic_and_multi_label():
@@ -45,8 +61,15 @@ def test_random_ifs_is_contractive_and_its_fractal_fills_its_box():
 
 
 def pretrain_args(out, *extra):
-    return ["tools/pretrain_backbone.py", "--config-file", "configs/proxy_flstar.yaml", "--out", str(out),
-            *SMALL, *extra]
+    return [
+        "tools/pretrain_backbone.py",
+        "--config-file",
+        "configs/proxy_flstar.yaml",
+        "--out",
+        str(out),
+        *SMALL,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +85,9 @@ def test_progress_eta_and_record(pretrained):
     import json
 
     record = json.loads((out / "pretrain.json").read_text())
-    assert record["settings"]["iterations"] == 12 and record["depth"] == 18 and record["seconds"] > 0
+    assert (
+        record["settings"]["iterations"] == 12 and record["depth"] == 18 and record["seconds"] > 0
+    )
     assert 0 <= record["held_out_mAP"] <= 100 and "chance_mAP" in record
     assert not (out / "pretrain_state.pth").exists()  # the resume state is gone once finished
 
@@ -78,7 +103,10 @@ def test_model_weights_load_it_into_the_proxys_frozen_backbone(pretrained):
 
     out, _ = pretrained
     weights = str(out / "backbone.pth")
-    cfg = load_config(os.path.join(REPO, "configs/proxy_flstar.yaml"), ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu"])
+    cfg = load_config(
+        os.path.join(REPO, "configs/proxy_flstar.yaml"),
+        ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu"],
+    )
     model = build_model(cfg)
     checkpointer = SafeCheckpointer(model)
     checkpointer.load(weights)
@@ -87,17 +115,31 @@ def test_model_weights_load_it_into_the_proxys_frozen_backbone(pretrained):
     saved = torch.load(weights, weights_only=True)["model"]
     norm = model.backbone.bottom_up.res3[0].conv1.norm
     assert isinstance(norm, FrozenBatchNorm2d)
-    torch.testing.assert_close(norm.running_var, saved["backbone.bottom_up.res3.0.conv1.norm.running_var"])
-    torch.testing.assert_close(model.backbone.bottom_up.stem.conv1.weight,
-                               saved["backbone.bottom_up.stem.conv1.weight"])
+    torch.testing.assert_close(
+        norm.running_var, saved["backbone.bottom_up.res3.0.conv1.norm.running_var"]
+    )
+    torch.testing.assert_close(
+        model.backbone.bottom_up.stem.conv1.weight, saved["backbone.bottom_up.stem.conv1.weight"]
+    )
 
 
-def test_a_killed_pretraining_resumes_to_the_same_weights_and_a_finished_one_is_reused(pretrained, tmp_path):
+def test_a_killed_pretraining_resumes_to_the_same_weights_and_a_finished_one_is_reused(
+    pretrained, tmp_path
+):
     out, _ = pretrained
-    proc = subprocess.Popen([sys.executable, *pretrain_args(tmp_path)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *pretrain_args(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
-    while not (tmp_path / "pretrain_state.pth").exists() and proc.poll() is None and time.time() < deadline:
+    while (
+        not (tmp_path / "pretrain_state.pth").exists()
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.2)
     assert proc.poll() is None, "finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
@@ -123,13 +165,27 @@ def test_the_resnet_of_a_trained_detector_becomes_a_backbone_checkpoint(tmp_path
     cfg = load_config(os.path.join(REPO, "configs/quickstart_flstar.yaml"), ["MODEL.DEVICE", "cpu"])
     detector = build_model(cfg)
     SafeCheckpointer(detector, save_dir=str(tmp_path)).save("model_final")
-    proc = run_here("tools/pretrain_backbone.py", "--from-detector", str(tmp_path / "model_final.pth"),
-                    "--out", str(tmp_path / "bb"))
+    proc = run_here(
+        "tools/pretrain_backbone.py",
+        "--from-detector",
+        str(tmp_path / "model_final.pth"),
+        "--out",
+        str(tmp_path / "bb"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = torch.load(tmp_path / "bb" / "backbone.pth", weights_only=True)["model"]
     assert saved and all(k.startswith("backbone.bottom_up.") for k in saved)
-    torch.testing.assert_close(saved["backbone.bottom_up.res4.0.conv1.weight"],
-                               detector.backbone.bottom_up.res4[0].conv1.weight)
-    bad = run_here("tools/pretrain_backbone.py", "--from-detector", str(tmp_path / "nope.pth"),
-                   "--out", str(tmp_path / "x"))
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("pretrain_backbone.py: error:")
+    torch.testing.assert_close(
+        saved["backbone.bottom_up.res4.0.conv1.weight"],
+        detector.backbone.bottom_up.res4[0].conv1.weight,
+    )
+    bad = run_here(
+        "tools/pretrain_backbone.py",
+        "--from-detector",
+        str(tmp_path / "nope.pth"),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(
+        "pretrain_backbone.py: error:"
+    )

@@ -1,5 +1,6 @@
 """results.json's provenance: which code and libraries produced a record; readers take records
 with and without it."""
+
 import json
 import re
 import subprocess
@@ -33,16 +34,21 @@ def test_git_state_says_whether_the_tree_had_uncommitted_changes(tmp_path):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(repo)]
     for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "x"]):
         subprocess.run(git + args, check=True, capture_output=True)
-    head = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    head = subprocess.run(
+        git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     assert git_state(str(repo / "d2_focalstar")) == {"commit": head, "dirty": False}
     init.write_text('__version__ = "1"\n')
     assert git_state(str(repo / "d2_focalstar")) == {"commit": head, "dirty": True}
 
 
 def test_readers_take_records_with_and_without_provenance(tmp_path):
-    record = {"loss_type": "FLSTAR", "params": {"gamma": 0.25}, "alpha": 0.25,
-              "results": {"bbox": {"AP": 12.5}}}
+    record = {
+        "loss_type": "FLSTAR",
+        "params": {"gamma": 0.25},
+        "alpha": 0.25,
+        "results": {"bbox": {"AP": 12.5}},
+    }
     old, new = tmp_path / "old", tmp_path / "new"
     for folder, rec in ((old, dict(record)), (new, add_provenance(dict(record)))):
         folder.mkdir()

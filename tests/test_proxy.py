@@ -1,6 +1,7 @@
 """The COCO-imbalance proxy's pieces: its 80 categories, the class-count check, and the trunk
 feature cache (it gives the trunk's own features, is used by training, and is refused in one
 line when it belongs to another trunk or other input settings)."""
+
 import os
 
 import numpy as np
@@ -47,7 +48,9 @@ def test_proxy_data_has_80_distinct_categories_drawn_alike(tiny_proxy):
     assert MetadataCatalog.get("tiny_proxy80_train").thing_classes == names
     dicts = DatasetCatalog.get("tiny_proxy80_train")
     per_image = [len(d["annotations"]) for d in dicts]
-    assert min(per_image) >= 1 and max(per_image) <= 2  # 1-2 objects a scene: COCO's imbalance per class
+    assert (
+        min(per_image) >= 1 and max(per_image) <= 2
+    )  # 1-2 objects a scene: COCO's imbalance per class
     counts = np.bincount([a["category_id"] for d in dicts for a in d["annotations"]], minlength=80)
     # ~450 objects over 80 categories drawn uniformly: nearly all present, none dominating
     assert (counts > 0).sum() >= 74 and counts.max() <= 20
@@ -57,8 +60,11 @@ def test_more_classes_than_the_embedded_data_has_is_refused():
     """NUM_CLASSES 80 on the 4-class quickstart data would add 76 never-positive classes: the
     imbalance changes silently. One line naming the key, the dataset and the value to use."""
     cfg = load_config(QUICK, ["MODEL.RETINANET.NUM_CLASSES", "80"])
-    with pytest.raises(ConfigError, match="DATASETS.TRAIN: dataset 'focalstar_shapes_train' has 4 classes, but "
-                                          "MODEL.RETINANET.NUM_CLASSES is 80: the other 76 would have no instance"):
+    with pytest.raises(
+        ConfigError,
+        match="DATASETS.TRAIN: dataset 'focalstar_shapes_train' has 4 classes, but "
+        "MODEL.RETINANET.NUM_CLASSES is 80: the other 76 would have no instance",
+    ):
         check_datasets(cfg, num_classes=detector_classes(cfg))
 
 
@@ -72,9 +78,24 @@ def _subset(name, count):
 
 def _cached_cfg(folder, *opts):
     train = _subset("tiny_proxy80_train", 4)
-    return load_config(PROXY, ["MODEL.WEIGHTS", "", "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", "()",
-                               "MODEL.FOCALSTAR.FEATURE_CACHE", str(folder), "SOLVER.IMS_PER_BATCH", "4",
-                               "DATALOADER.NUM_WORKERS", "0", *opts])
+    return load_config(
+        PROXY,
+        [
+            "MODEL.WEIGHTS",
+            "",
+            "DATASETS.TRAIN",
+            f"('{train}',)",
+            "DATASETS.TEST",
+            "()",
+            "MODEL.FOCALSTAR.FEATURE_CACHE",
+            str(folder),
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            *opts,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +114,9 @@ def cache(tmp_path_factory, tiny_proxy):
     plain.MODEL.FOCALSTAR.FEATURE_CACHE = ""
     torch.manual_seed(0)
     model = build_model(plain).eval()
-    write_cache(cfg, model, str(folder), trunk_fingerprint(model.backbone.bottom_up), input_settings(cfg), 8)
+    write_cache(
+        cfg, model, str(folder), trunk_fingerprint(model.backbone.bottom_up), input_settings(cfg), 8
+    )
     return folder, model
 
 
@@ -103,7 +126,13 @@ def test_cache_gives_the_trunks_features_and_training_reads_it(cache):
     from d2_focalstar.data import CheckedDatasetMapper
 
     folder, plain = cache
-    assert sorted(os.listdir(folder)) == ["keys.npy", "meta.json", "res3.npy", "res4.npy", "res5.npy"]
+    assert sorted(os.listdir(folder)) == [
+        "keys.npy",
+        "meta.json",
+        "res3.npy",
+        "res4.npy",
+        "res5.npy",
+    ]
     cfg = _cached_cfg(folder)
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -128,10 +157,27 @@ def test_a_cache_of_another_trunk_is_refused_in_one_line(cache, tmp_path):
     other = build_model(_cached_cfg(""))
     torch.save({"model": other.state_dict()}, weights)
     out = tmp_path / "run"
-    proc = run_here("train_net.py", "--config-file", PROXY, "MODEL.WEIGHTS", str(weights),
-                    "DATASETS.TRAIN", f"('{_subset('tiny_proxy80_train', 4)}',)", "DATASETS.TEST", "()",
-                    "MODEL.FOCALSTAR.FEATURE_CACHE", str(folder), "SOLVER.IMS_PER_BATCH", "4",
-                    "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out))
+    proc = run_here(
+        "train_net.py",
+        "--config-file",
+        PROXY,
+        "MODEL.WEIGHTS",
+        str(weights),
+        "DATASETS.TRAIN",
+        f"('{_subset('tiny_proxy80_train', 4)}',)",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.FOCALSTAR.FEATURE_CACHE",
+        str(folder),
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.MAX_ITER",
+        "1",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "OUTPUT_DIR",
+        str(out),
+    )
     assert proc.returncode == 1
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("train_net.py: error: ") and "Traceback" not in proc.stderr
@@ -145,13 +191,19 @@ def test_a_cache_made_for_other_inputs_is_refused_naming_the_setting(cache):
     torch.manual_seed(0)
     model = build_model(cfg)
     x = torch.zeros(1, 3, 160, 160)
-    with pytest.raises(FeatureCacheError, match=r"meta.json: made for other inputs \(min_size_test: cache 192, config 160\)"):
+    with pytest.raises(
+        FeatureCacheError,
+        match=r"meta.json: made for other inputs \(min_size_test: cache 192, config 160\)",
+    ):
         model.backbone.bottom_up(x)
 
 
 def test_a_cache_needs_a_frozen_trunk(tmp_path, tiny_proxy):
-    with pytest.raises(FeatureCacheError, match="needs a trunk that training cannot change: MODEL.BACKBONE.FREEZE_AT 5 "
-                                                r"\(is 2\)"):
+    with pytest.raises(
+        FeatureCacheError,
+        match="needs a trunk that training cannot change: MODEL.BACKBONE.FREEZE_AT 5 "
+        r"\(is 2\)",
+    ):
         build_model(_cached_cfg(tmp_path / "c", "MODEL.BACKBONE.FREEZE_AT", "2"))
 
 
@@ -159,21 +211,36 @@ def test_a_folder_that_is_not_a_cache_is_refused(tmp_path, tiny_proxy):
     (tmp_path / "c").mkdir()
     torch.manual_seed(0)
     model = build_model(_cached_cfg(tmp_path / "c"))
-    with pytest.raises(FeatureCacheError, match="not a feature cache .* make it with tools/cache_features.py"):
+    with pytest.raises(
+        FeatureCacheError, match="not a feature cache .* make it with tools/cache_features.py"
+    ):
         model.backbone.bottom_up(torch.zeros(1, 3, 192, 192))
 
 
 def test_proxy_setup_tables_come_from_the_committed_records(tmp_path):
     """tools/proxy80_tables.py (make results): the imbalance rows from anchor_stats' records,
     each against the COCO-like estimate, and a record from before issue 23 refused naming it."""
-    stats = sorted(os.path.join(REPO, "docs", "results", "anchor_stats", f)
-                   for f in os.listdir(os.path.join(REPO, "docs", "results", "anchor_stats")))
+    stats = sorted(
+        os.path.join(REPO, "docs", "results", "anchor_stats", f)
+        for f in os.listdir(os.path.join(REPO, "docs", "results", "anchor_stats"))
+    )
     cost = tmp_path / "cost.json"
-    cost.write_text('{"meta": {"date": "d", "cpus": 2, "torch": "t", "ims_per_batch": 16, "max_iter": 3000, '
-                    '"iters": 1, "rounds": 1}, "rows": [{"lever": "x", "threads": 2, "seconds_per_iter": 1.0, '
-                    '"speedup": 1.0, "throughput_speedup": 1.0, "minutes_per_run": 50.0, "hours_for_5_seeds": 4.2}]}')
+    cost.write_text(
+        '{"meta": {"date": "d", "cpus": 2, "torch": "t", "ims_per_batch": 16, "max_iter": 3000, '
+        '"iters": 1, "rounds": 1}, "rows": [{"lever": "x", "threads": 2, "seconds_per_iter": 1.0, '
+        '"speedup": 1.0, "throughput_speedup": 1.0, "minutes_per_run": 50.0, "hours_for_5_seeds": 4.2}]}'
+    )
     out = tmp_path / "setup.md"
-    run_here("tools/proxy80_tables.py", "--anchor-stats", *stats, "--cost", str(cost), "--out", str(out), check=True)
+    run_here(
+        "tools/proxy80_tables.py",
+        "--anchor-stats",
+        *stats,
+        "--cost",
+        str(cost),
+        "--out",
+        str(out),
+        check=True,
+    )
     text = out.read_text()
     assert "| focalstar_proxy80_train (configs/proxy80_flstar.yaml) | 1.49 |" in text
     row = next(line for line in text.splitlines() if line.startswith("| focalstar_proxy80_train"))
@@ -181,8 +248,19 @@ def test_proxy_setup_tables_come_from_the_committed_records(tmp_path):
     assert 0.5 <= ratio <= 2  # the proxy's imbalance within 2x of the COCO-like estimate
     old = tmp_path / "old.txt"
     old.write_text('{"config": "c", "source": "s", "images": 1}\n')
-    proc = run_here("tools/proxy80_tables.py", "--anchor-stats", str(old), "--cost", str(cost), "--out", str(out))
-    assert proc.returncode != 0 and f"{old}: a record without binary_negatives_per_positive" in proc.stderr
+    proc = run_here(
+        "tools/proxy80_tables.py",
+        "--anchor-stats",
+        str(old),
+        "--cost",
+        str(cost),
+        "--out",
+        str(out),
+    )
+    assert (
+        proc.returncode != 0
+        and f"{old}: a record without binary_negatives_per_positive" in proc.stderr
+    )
 
 
 def test_compiled_cpu_loss_equals_the_reference_on_extreme_logits_and_ignored_anchors():
@@ -199,12 +277,16 @@ def test_compiled_cpu_loss_equals_the_reference_on_extreme_logits_and_ignored_an
         values = []
         for compiled in (False, True):
             x = logits.clone().requires_grad_()
-            loss = ClassificationLoss(5, loss_type, 0.25, params, fused_kernel=False, compile_on_cpu=compiled)
+            loss = ClassificationLoss(
+                5, loss_type, 0.25, params, fused_kernel=False, compile_on_cpu=compiled
+            )
             value = loss(x, labels)
             value.backward()
             values.append((value.detach(), x.grad))
             if compiled:  # compiled indeed, not fallen back to the uncompiled functions
-                assert loss._compiled is not None and loss._compiled is not sigmoid_classification_loss
+                assert (
+                    loss._compiled is not None and loss._compiled is not sigmoid_classification_loss
+                )
         torch.testing.assert_close(values[1][0], values[0][0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(values[1][1], values[0][1], rtol=1e-5, atol=1e-6)
         assert torch.isfinite(values[1][1]).all()
@@ -217,11 +299,19 @@ def test_a_loss_that_cannot_be_compiled_warns_once_and_is_computed_uncompiled(mo
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
 
     monkeypatch.setattr(classification.torch, "compile", lambda fn, **kw: broken)
-    loss = classification.ClassificationLoss(3, "FLSTAR", 0.25, {"gamma": 0.5}, fused_kernel=False, compile_on_cpu=True)
-    reference = classification.ClassificationLoss(3, "FLSTAR", 0.25, {"gamma": 0.5}, fused_kernel=False)
+    loss = classification.ClassificationLoss(
+        3, "FLSTAR", 0.25, {"gamma": 0.5}, fused_kernel=False, compile_on_cpu=True
+    )
+    reference = classification.ClassificationLoss(
+        3, "FLSTAR", 0.25, {"gamma": 0.5}, fused_kernel=False
+    )
     logits, labels = torch.randn(20, 3), torch.randint(-1, 4, (20,))
     with caplog.at_level("WARNING", logger="d2_focalstar.modeling.classification"):
         first, second = loss(logits, labels), loss(logits, labels)
     assert first == second == reference(logits, labels)
     warnings_ = [r.getMessage() for r in caplog.records if "COMPILE_LOSS" in r.getMessage()]
-    assert len(warnings_) == 1 and "(RuntimeError: InvalidCxxCompiler: No working C++ compiler found); the uncompiled" in warnings_[0]
+    assert (
+        len(warnings_) == 1
+        and "(RuntimeError: InvalidCxxCompiler: No working C++ compiler found); the uncompiled"
+        in warnings_[0]
+    )

@@ -1,5 +1,6 @@
 """Faults provoked for real: bad command lines and configs, untrusted checkpoints, divergence,
 SIGKILL during training and during a checkpoint write, and a failing rank in a 2-process run."""
+
 import json
 import os
 import pickle
@@ -24,6 +25,7 @@ def assert_one_line_error(proc, *needles):
 
 # ---- bad command lines and configs ------------------------------------------------------------
 
+
 def test_help_describes_this_project():
     proc = run_here("train_net.py", "--help", check=True)
     assert "RetinaNetFLStar" in proc.stdout and "configs/quickstart_flstar.yaml" in proc.stdout
@@ -35,54 +37,79 @@ def test_missing_config_file_argument():
 
 
 def test_config_file_that_does_not_exist():
-    assert_one_line_error(run_here("train_net.py", "--config-file", "configs/nope.yaml"),
-                          "configs/nope.yaml: no such file")
+    assert_one_line_error(
+        run_here("train_net.py", "--config-file", "configs/nope.yaml"),
+        "configs/nope.yaml: no such file",
+    )
 
 
 def test_typo_in_opts_key_is_named_with_a_suggestion():
     proc = run_here("train_net.py", *QUICKSTART, "MODEL.FOCALSTAR.GAMA", "0.5")
-    assert_one_line_error(proc, "unknown config key 'MODEL.FOCALSTAR.GAMA'", "MODEL.FOCALSTAR.GAMMA")
+    assert_one_line_error(
+        proc, "unknown config key 'MODEL.FOCALSTAR.GAMA'", "MODEL.FOCALSTAR.GAMMA"
+    )
 
 
 def test_typo_in_config_file_key_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f'_BASE_: "{REPO}/configs/quickstart_flstar.yaml"\nSOLVER:\n  BASE_LRR: 0.1\n')
-    assert_one_line_error(run_here("train_net.py", "--config-file", str(bad)),
-                          str(bad), "SOLVER.BASE_LRR", "SOLVER.BASE_LR")
+    assert_one_line_error(
+        run_here("train_net.py", "--config-file", str(bad)),
+        str(bad),
+        "SOLVER.BASE_LRR",
+        "SOLVER.BASE_LR",
+    )
 
 
-@pytest.mark.parametrize("kind,content,needle", [
-    ("binary", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a YAML config (not UTF-8 text)"),
-    ("broken", b"MODEL:\n  WEIGHTS: [\n", "not valid YAML at line 3, column 1"),
-    ("empty", b"", "empty; a config sets keys or a _BASE_"),
-    ("list", b"- MODEL\n- SOLVER\n", "a YAML list, where a mapping of config keys"),
-    ("loop", b'_BASE_: "other.yaml"\n', "its _BASE_ chain loops"),
-    ("type", b"SOLVER:\n  BASE_LR: fast\n", "SOLVER.BASE_LR has type str, where a float is expected"),
-])
+@pytest.mark.parametrize(
+    "kind,content,needle",
+    [
+        ("binary", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a YAML config (not UTF-8 text)"),
+        ("broken", b"MODEL:\n  WEIGHTS: [\n", "not valid YAML at line 3, column 1"),
+        ("empty", b"", "empty; a config sets keys or a _BASE_"),
+        ("list", b"- MODEL\n- SOLVER\n", "a YAML list, where a mapping of config keys"),
+        ("loop", b'_BASE_: "other.yaml"\n', "its _BASE_ chain loops"),
+        (
+            "type",
+            b"SOLVER:\n  BASE_LR: fast\n",
+            "SOLVER.BASE_LR has type str, where a float is expected",
+        ),
+    ],
+)
 def test_config_file_that_is_no_config_is_one_line_naming_it(tmp_path, kind, content, needle):
     bad = tmp_path / f"{kind}.yaml"
     bad.write_bytes(content)
-    (tmp_path / "other.yaml").write_text(f'_BASE_: "{kind}.yaml"\n')  # the loop: bad -> other -> bad
+    (tmp_path / "other.yaml").write_text(
+        f'_BASE_: "{kind}.yaml"\n'
+    )  # the loop: bad -> other -> bad
     if kind in ("binary", "loop"):  # as a command: one line, not ~3,000 of RecursionError
         assert_one_line_error(run_here("train_net.py", "--config-file", str(bad)), str(bad), needle)
     else:  # what train_net.py's one line is made of, without a process per case
         from d2_focalstar.config import ConfigError
         from d2_focalstar.run.cli import load_config
+
         with pytest.raises(ConfigError, match=re.escape(f"{bad}: {needle}")):
             load_config(str(bad))
 
 
-@pytest.mark.parametrize("opts,needle", [
-    (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER=0: allowed a whole number >= 1"),
-    (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH=0: allowed a whole number >= 1"),
-    (["MODEL.RETINANET.NUM_CLASSES", "0"], "MODEL.RETINANET.NUM_CLASSES=0: allowed a whole number >= 1"),
-])
+@pytest.mark.parametrize(
+    "opts,needle",
+    [
+        (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER=0: allowed a whole number >= 1"),
+        (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH=0: allowed a whole number >= 1"),
+        (
+            ["MODEL.RETINANET.NUM_CLASSES", "0"],
+            "MODEL.RETINANET.NUM_CLASSES=0: allowed a whole number >= 1",
+        ),
+    ],
+)
 def test_detectron2_keys_out_of_range_are_one_line(opts, needle, monkeypatch):
     if opts[0] == "SOLVER.MAX_ITER":  # as a command
         assert_one_line_error(run_here("train_net.py", *QUICKSTART, *FAST, *opts), needle)
     else:  # the same check, without a process each
         from d2_focalstar.config import ConfigError
         from d2_focalstar.run.cli import load_config
+
         monkeypatch.chdir(REPO)
         with pytest.raises(ConfigError, match=re.escape(needle)):
             load_config(QUICKSTART[1], [*FAST, "SOLVER.MAX_ITER", "1", *opts])
@@ -91,20 +118,28 @@ def test_detectron2_keys_out_of_range_are_one_line(opts, needle, monkeypatch):
 def test_the_class_count_checked_is_the_detectors_own(monkeypatch):
     from d2_focalstar.config import ConfigError
     from d2_focalstar.run.cli import load_config
+
     monkeypatch.chdir(REPO)
     fcos = "configs/quickstart_fcos_flstar.yaml"
     load_config(fcos, ["MODEL.RETINANET.NUM_CLASSES", "0"])  # not FCOS's: unused
     with pytest.raises(ConfigError, match="MODEL.FCOS.NUM_CLASSES=0: allowed a whole number >= 1"):
         load_config(fcos, ["MODEL.FCOS.NUM_CLASSES", "0"])
-    with pytest.raises(ConfigError, match="SOLVER.IMS_PER_BATCH=3: allowed a multiple of the 2 processes"):
+    with pytest.raises(
+        ConfigError, match="SOLVER.IMS_PER_BATCH=3: allowed a multiple of the 2 processes"
+    ):
         load_config(fcos, ["SOLVER.IMS_PER_BATCH", "3"], num_gpus=2)
     # the batch is split over every machine's processes: 2 per machine x 2 machines do not divide 6
     load_config(fcos, ["SOLVER.IMS_PER_BATCH", "6"], num_gpus=2)
-    with pytest.raises(ConfigError, match=r"IMS_PER_BATCH=6: allowed a multiple of the 4 processes \(2 per machine x 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"IMS_PER_BATCH=6: allowed a multiple of the 4 processes \(2 per machine x 2",
+    ):
         load_config(fcos, ["SOLVER.IMS_PER_BATCH", "6"], num_gpus=2, num_machines=2)
 
 
-def test_output_dir_that_cannot_hold_the_run_is_one_line_before_anything_starts(tmp_path, monkeypatch):
+def test_output_dir_that_cannot_hold_the_run_is_one_line_before_anything_starts(
+    tmp_path, monkeypatch
+):
     from d2_focalstar.config import ConfigError
     from d2_focalstar.run.cli import check_output_dir
     from test_model import quickstart_cfg
@@ -131,24 +166,34 @@ def test_whole_number_for_a_float_key_means_that_float(monkeypatch):
     # yacs alone refuses "MODEL.FOCALSTAR.MAX_FACTOR 10" (int for a float key)
     from d2_focalstar.config import ConfigError
     from d2_focalstar.run.cli import load_config
+
     monkeypatch.chdir(REPO)
-    cfg = load_config(QUICKSTART[1], ["MODEL.FOCALSTAR.MAX_FACTOR", "10", "SOLVER.BASE_LR", "1",
-                                      "SOLVER.MAX_ITER", "7"])
-    assert cfg.MODEL.FOCALSTAR.MAX_FACTOR == 10.0 and isinstance(cfg.MODEL.FOCALSTAR.MAX_FACTOR, float)
+    cfg = load_config(
+        QUICKSTART[1],
+        ["MODEL.FOCALSTAR.MAX_FACTOR", "10", "SOLVER.BASE_LR", "1", "SOLVER.MAX_ITER", "7"],
+    )
+    assert cfg.MODEL.FOCALSTAR.MAX_FACTOR == 10.0 and isinstance(
+        cfg.MODEL.FOCALSTAR.MAX_FACTOR, float
+    )
     assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
     assert cfg.SOLVER.MAX_ITER == 7 and isinstance(cfg.SOLVER.MAX_ITER, int)
-    with pytest.raises(ConfigError, match="command line"):  # a fraction for an int key stays an error
+    with pytest.raises(
+        ConfigError, match="command line"
+    ):  # a fraction for an int key stays an error
         load_config(QUICKSTART[1], ["SOLVER.MAX_ITER", "10.5"])
 
 
 def test_eval_only_without_weights():
-    assert_one_line_error(run_here("train_net.py", *QUICKSTART, "--eval-only"),
-                          "--eval-only needs weights")
+    assert_one_line_error(
+        run_here("train_net.py", *QUICKSTART, "--eval-only"), "--eval-only needs weights"
+    )
 
 
 def test_weights_path_that_does_not_exist():
-    assert_one_line_error(run_here("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", "nope/model.pth"),
-                          "MODEL.WEIGHTS='nope/model.pth': no such file")
+    assert_one_line_error(
+        run_here("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", "nope/model.pth"),
+        "MODEL.WEIGHTS='nope/model.pth': no such file",
+    )
 
 
 def test_resume_with_a_last_checkpoint_that_is_gone_names_it_and_what_is_there(tmp_path):
@@ -156,8 +201,9 @@ def test_resume_with_a_last_checkpoint_that_is_gone_names_it_and_what_is_there(t
     (tmp_path / "model_0000004.pth").write_bytes(b"")
     (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
     proc = run_here("train_net.py", *QUICKSTART, "--resume", "OUTPUT_DIR", str(tmp_path))
-    assert_one_line_error(proc, f"names {tmp_path / 'model_0000009.pth'}, which does not exist",
-                          "model_0000004.pth")
+    assert_one_line_error(
+        proc, f"names {tmp_path / 'model_0000009.pth'}, which does not exist", "model_0000004.pth"
+    )
 
 
 def _backbone_only_checkpoint(path):
@@ -175,18 +221,36 @@ def test_eval_only_refuses_weights_without_the_detectors_heads(tmp_path):
     weights = tmp_path / "backbone.pth"
     _backbone_only_checkpoint(weights)
     for processes in ("1", "2"):  # checked before any process starts: one line, nothing written
-        proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "--num-gpus", processes,
-                   "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out"))
-        assert_one_line_error(proc, f"{weights} is not a trained detector for this config",
-                              "head.cls_subnet.0.weight")
+        proc = run_here(
+            "train_net.py",
+            *QUICKSTART,
+            "--eval-only",
+            "--num-gpus",
+            processes,
+            "MODEL.WEIGHTS",
+            str(weights),
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        )
+        assert_one_line_error(
+            proc, f"{weights} is not a trained detector for this config", "head.cls_subnet.0.weight"
+        )
         assert not (tmp_path / "out").exists()
     photos = tmp_path / "photos"
     photos.mkdir()
     import cv2
 
     cv2.imwrite(str(photos / "a.png"), np.full((64, 64, 3), 128, np.uint8))
-    proc = run_here("demo.py", *QUICKSTART, "--input", str(photos), "--output", str(tmp_path / "demo"),
-               "MODEL.WEIGHTS", str(weights))
+    proc = run_here(
+        "demo.py",
+        *QUICKSTART,
+        "--input",
+        str(photos),
+        "--output",
+        str(tmp_path / "demo"),
+        "MODEL.WEIGHTS",
+        str(weights),
+    )
     helpers.assert_one_line_error(proc, "demo.py", f"{weights} is not a trained detector")
 
 
@@ -203,13 +267,30 @@ def test_eval_only_refuses_weights_that_are_not_finite_and_says_which_weights_re
     (out / "last_checkpoint").write_text("model_0000009.pth")
     other = tmp_path / "other.pth"
     torch.save({"model": model.state_dict()}, other)
-    proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(other),
-               "OUTPUT_DIR", str(tmp_path / "eval"))
+    proc = run_here(
+        "train_net.py",
+        *QUICKSTART,
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        str(other),
+        "OUTPUT_DIR",
+        str(tmp_path / "eval"),
+    )
     assert_one_line_error(proc, f"{other} holds weights that are not finite", "head.cls_score.bias")
-    proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "--resume", "MODEL.WEIGHTS", str(other),
-               "OUTPUT_DIR", str(out))
-    assert (f"--eval-only --resume evaluates {out / 'model_0000009.pth'}, the last checkpoint of "
-            f"{out}, not MODEL.WEIGHTS {other}") in proc.output
+    proc = run_here(
+        "train_net.py",
+        *QUICKSTART,
+        "--eval-only",
+        "--resume",
+        "MODEL.WEIGHTS",
+        str(other),
+        "OUTPUT_DIR",
+        str(out),
+    )
+    assert (
+        f"--eval-only --resume evaluates {out / 'model_0000009.pth'}, the last checkpoint of "
+        f"{out}, not MODEL.WEIGHTS {other}"
+    ) in proc.output
     assert_one_line_error(proc, f"{out / 'model_0000009.pth'} holds weights that are not finite")
     assert not (out / "eval_model_0000009").exists()
 
@@ -218,6 +299,7 @@ def test_more_processes_than_gpus_is_refused_before_launch(monkeypatch):
     # detectron2's launch would assert in every process
     from d2_focalstar.config import ConfigError
     from d2_focalstar.run.cli import load_config
+
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -235,9 +317,12 @@ def test_num_gpus_beyond_the_cpu_cores_or_below_one_is_refused_before_launch(mon
     from d2_focalstar.run.cli import load_config
 
     cores = len(os.sched_getaffinity(0))
-    proc = run_here("train_net.py", *QUICKSTART, "--num-gpus", str(cores + 1), *FAST, "SOLVER.MAX_ITER", "1")
-    assert_one_line_error(proc, f"--num-gpus {cores + 1}: without CUDA each is a CPU process",
-                          f"allowed 1 to {cores}")
+    proc = run_here(
+        "train_net.py", *QUICKSTART, "--num-gpus", str(cores + 1), *FAST, "SOLVER.MAX_ITER", "1"
+    )
+    assert_one_line_error(
+        proc, f"--num-gpus {cores + 1}: without CUDA each is a CPU process", f"allowed 1 to {cores}"
+    )
     monkeypatch.chdir(REPO)
     for bad in (0, -1):  # detectron2's launch would run 0 processes as 1
         with pytest.raises(ConfigError, match=f"--num-gpus {bad}: .* allowed 1 to {cores}"):
@@ -247,15 +332,20 @@ def test_num_gpus_beyond_the_cpu_cores_or_below_one_is_refused_before_launch(mon
 def test_num_gpus_with_cuda_reported_present_is_bounded_by_the_gpus_not_the_cores(monkeypatch):
     from d2_focalstar.config import ConfigError
     from d2_focalstar.run.cli import load_config
+
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one core: not the bound here
     # detectron2's launch requires the GPUs whatever MODEL.DEVICE says
     for device in ("cuda", "cpu"):
-        assert load_config(QUICKSTART[1], ["MODEL.DEVICE", device], num_gpus=4).MODEL.DEVICE == device
+        assert (
+            load_config(QUICKSTART[1], ["MODEL.DEVICE", device], num_gpus=4).MODEL.DEVICE == device
+        )
         for bad in (5, 0):
-            with pytest.raises(ConfigError, match=f"--num-gpus {bad}: this machine has 4 GPU.*allowed 1 to 4"):
+            with pytest.raises(
+                ConfigError, match=f"--num-gpus {bad}: this machine has 4 GPU.*allowed 1 to 4"
+            ):
                 load_config(QUICKSTART[1], ["MODEL.DEVICE", device], num_gpus=bad)
 
 
@@ -282,14 +372,30 @@ def _descendants(pid, table):
     return found
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc: Linux")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="parent-death signal and /proc: Linux"
+)
 def test_no_process_outlives_a_killed_launcher(tmp_path):
     """The launcher of a 2-process CPU run is SIGKILLed (the OOM killer's way) while its
     processes are still starting: none of them may live on, orphaned, to rendezvous and train."""
-    proc = subprocess.Popen([sys.executable, "train_net.py", *QUICKSTART, "--num-gpus", "2", *FAST,
-                             "SOLVER.MAX_ITER", "100000", "OUTPUT_DIR", str(tmp_path)],
-                            cwd=REPO, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),  # CPU processes
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train_net.py",
+            *QUICKSTART,
+            "--num-gpus",
+            "2",
+            *FAST,
+            "SOLVER.MAX_ITER",
+            "100000",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),  # CPU processes
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     seen = set()
     try:
         end = time.time() + 120
@@ -303,7 +409,9 @@ def test_no_process_outlives_a_killed_launcher(tmp_path):
     end = time.time() + 90
     while True:
         table = _process_table()
-        alive = [p for p, start in seen if p in table and table[p][1] == start and table[p][2] != "Z"]
+        alive = [
+            p for p, start in seen if p in table and table[p][1] == start and table[p][2] != "Z"
+        ]
         if not alive or time.time() > end:
             break
         time.sleep(0.5)
@@ -324,6 +432,7 @@ def test_seed_minus_one_is_drawn_once_for_all_processes_and_recorded(monkeypatch
     """The launcher draws the seed into the one config that every process receives (and that
     config.yaml and results.json record); several machines keep detectron2's per-process draw."""
     from d2_focalstar.run.cli import draw_seed, load_config
+
     monkeypatch.chdir(REPO)
     cfg = load_config(QUICKSTART[1], ["SEED", "-1"])
     draw_seed(cfg)
@@ -349,21 +458,38 @@ def test_the_config_is_built_once_and_every_process_runs_that_one(tmp_path, monk
     monkeypatch.setattr(cli, "load_config", lambda *a, **k: calls.append(a) or real_load(*a, **k))
     monkeypatch.setattr(train_net, "main", lambda cfg, args: seen.append(cfg))
     args = train_net.argument_parser().parse_args(
-        [*QUICKSTART, *FAST, "SEED", "-1", "MODEL.FOCALSTAR.APPENDIX_GAMMA", "3.0", "OUTPUT_DIR", str(tmp_path)])
+        [
+            *QUICKSTART,
+            *FAST,
+            "SEED",
+            "-1",
+            "MODEL.FOCALSTAR.APPENDIX_GAMMA",
+            "3.0",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ]
+    )
     warned = []
     monkeypatch.setattr(cli.logger, "warning", lambda message, *a, **k: warned.append(message))
     train_net.command(args)
     assert len(calls) == 1 and len(seen) == 1
     assert seen[0].SEED >= 0 and seen[0].is_frozen()
-    assert sum("APPENDIX_GAMMA=3.0 is set but LOSS_TYPE FLSTAR does not use it" in w for w in warned) == 1
+    assert (
+        sum("APPENDIX_GAMMA=3.0 is set but LOSS_TYPE FLSTAR does not use it" in w for w in warned)
+        == 1
+    )
 
 
 def test_unregistered_dataset_name():
-    assert_one_line_error(run_here("train_net.py", *QUICKSTART, "DATASETS.TRAIN", "('shapes_trian',)"),
-                          "DATASETS.TRAIN", "'shapes_trian' is not registered")
+    assert_one_line_error(
+        run_here("train_net.py", *QUICKSTART, "DATASETS.TRAIN", "('shapes_trian',)"),
+        "DATASETS.TRAIN",
+        "'shapes_trian' is not registered",
+    )
 
 
 # ---- untrusted checkpoint files ---------------------------------------------------------------
+
 
 class _Evil:
     """Unpickling this creates a file: what a malicious checkpoint could do."""
@@ -391,7 +517,9 @@ def _evil_files(tmp_path):
     pth, pkl = tmp_path / "evil.pth", tmp_path / "evil.pkl"
     torch.save({"model": {"w": torch.zeros(1)}, "extra": _SystemCall(marker)}, pth)
     with open(pkl, "wb") as f:
-        pickle.dump({"model": {"w": np.zeros(1)}, "__author__": "x", "extra": _Evil(marker)}, f, protocol=2)
+        pickle.dump(
+            {"model": {"w": np.zeros(1)}, "__author__": "x", "extra": _Evil(marker)}, f, protocol=2
+        )
     return marker, pth, pkl
 
 
@@ -399,7 +527,9 @@ def test_crafted_checkpoint_does_not_run_code_when_loaded(tmp_path):
     marker, pth, pkl = _evil_files(tmp_path)
     model = torch.nn.Linear(1, 1)
     for path in (pth, pkl):
-        with pytest.raises(UnsafeCheckpointError, match=f"Refusing to load {path}.*Nothing in it was run"):
+        with pytest.raises(
+            UnsafeCheckpointError, match=f"Refusing to load {path}.*Nothing in it was run"
+        ):
             SafeCheckpointer(model).load(str(path))
     assert not os.path.exists(marker)
 
@@ -410,11 +540,18 @@ def test_files_that_are_not_checkpoints_are_told_apart_from_unsafe_ones(tmp_path
     model = torch.nn.Linear(1, 1)
     good = tmp_path / "good.pth"
     torch.save({"model": model.state_dict()}, good)
-    files = {"notes.pth": b"hello world\n", "photo.pth": b"\xff\xd8\xff\xe0" + bytes(100),
-             "empty.pth": b"", "cut.pth": good.read_bytes()[:1000], "notes.pkl": b"hello\n"}
+    files = {
+        "notes.pth": b"hello world\n",
+        "photo.pth": b"\xff\xd8\xff\xe0" + bytes(100),
+        "empty.pth": b"",
+        "cut.pth": good.read_bytes()[:1000],
+        "notes.pkl": b"hello\n",
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(CheckpointReadError, match=f"{tmp_path / name} cannot be read as a checkpoint"):
+        with pytest.raises(
+            CheckpointReadError, match=f"{tmp_path / name} cannot be read as a checkpoint"
+        ):
             SafeCheckpointer(model).load(str(tmp_path / name))
     marker, pth, _ = _evil_files(tmp_path)
     with pytest.raises(UnsafeCheckpointError, match="Unsupported global") as e:
@@ -426,8 +563,15 @@ def test_files_that_are_not_checkpoints_are_told_apart_from_unsafe_ones(tmp_path
 def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
     marker, pth, pkl = _evil_files(tmp_path)
     for path in (pth, pkl):
-        proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(path),
-                   "OUTPUT_DIR", str(tmp_path / "out"))
+        proc = run_here(
+            "train_net.py",
+            *QUICKSTART,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(path),
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        )
         assert_one_line_error(proc, f"Refusing to load {path}")
     # --resume reads whatever last_checkpoint names, with or without an extension
     out = tmp_path / "resume"
@@ -435,18 +579,39 @@ def test_crafted_checkpoint_through_train_net_gives_clear_error(tmp_path):
     (out / "model_0000009").write_bytes(pth.read_bytes())
     (out / "last_checkpoint").write_text("model_0000009")
     proc = run_here("train_net.py", *QUICKSTART, "--resume", *FAST, "OUTPUT_DIR", str(out))
-    assert_one_line_error(proc, f"Refusing to load {out / 'model_0000009'}", "Nothing in it was run")
+    assert_one_line_error(
+        proc, f"Refusing to load {out / 'model_0000009'}", "Nothing in it was run"
+    )
     assert not os.path.exists(marker)
     notes = tmp_path / "log.txt"
     notes.write_text("not weights\n")
-    proc = run_here("train_net.py", *QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(notes),
-               "OUTPUT_DIR", str(tmp_path / "out"))
+    proc = run_here(
+        "train_net.py",
+        *QUICKSTART,
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        str(notes),
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
+    )
     assert_one_line_error(proc, f"{notes} cannot be read as a checkpoint")
     # several processes: the launching process reads the file first, so still one line
-    for path, message in ((pkl, f"Refusing to load {pkl}"), (pth, f"Refusing to load {pth}"),
-                          (notes, f"{notes} cannot be read")):
-        proc = run_here("train_net.py", *QUICKSTART, "--num-gpus", "2", *FAST, "MODEL.WEIGHTS", str(path),
-                   "OUTPUT_DIR", str(tmp_path / "two"))
+    for path, message in (
+        (pkl, f"Refusing to load {pkl}"),
+        (pth, f"Refusing to load {pth}"),
+        (notes, f"{notes} cannot be read"),
+    ):
+        proc = run_here(
+            "train_net.py",
+            *QUICKSTART,
+            "--num-gpus",
+            "2",
+            *FAST,
+            "MODEL.WEIGHTS",
+            str(path),
+            "OUTPUT_DIR",
+            str(tmp_path / "two"),
+        )
         assert_one_line_error(proc, message)
     assert not os.path.exists(marker)
 
@@ -457,8 +622,11 @@ def test_a_pickle_that_calls_os_system_is_refused_whatever_the_file_is_called(tm
     marker = tmp_path / "pwned"
     for name in ("evil.pth", "evil.pt", "evil"):
         torch.save({"model": {"w": torch.zeros(1)}, "x": _SystemCall(marker)}, tmp_path / name)
-        with pytest.raises(UnsafeCheckpointError, match=rf"Refusing to load {tmp_path / name}: .*"
-                                                        r"posix.system.*Nothing in it was run"):
+        with pytest.raises(
+            UnsafeCheckpointError,
+            match=rf"Refusing to load {tmp_path / name}: .*"
+            r"posix.system.*Nothing in it was run",
+        ):
             SafeCheckpointer(torch.nn.Linear(1, 1)).load(str(tmp_path / name))
     assert not marker.exists()
 
@@ -467,13 +635,20 @@ def test_a_pickle_that_calls_os_system_is_refused_whatever_the_file_is_called(tm
 def test_model_zoo_pkl_written_by_this_numpy_loads_with_every_pickle_protocol(tmp_path, protocol):
     """numpy 2 pickles arrays through numpy._core.numeric._frombuffer (protocol 5) and empty
     ones through bytes() (protocols 0-2): harmless, and needed to rebuild the arrays."""
-    arrays = {"weight": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.ones(2, np.float32),
-              "empty": np.zeros(0, np.uint8), "fortran": np.asfortranarray(np.ones((2, 3))),
-              "half": np.ones(2, np.float16), "flags": np.array([True, False])}
+    arrays = {
+        "weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "bias": np.ones(2, np.float32),
+        "empty": np.zeros(0, np.uint8),
+        "fortran": np.asfortranarray(np.ones((2, 3))),
+        "half": np.ones(2, np.float16),
+        "flags": np.array([True, False]),
+    }
     extra = {"scalar": np.float64(2.5), "big_endian": np.arange(3, dtype=">f4")}  # not weights
     path = tmp_path / "zoo.pkl"
-    data = pickle.dumps({"model": arrays, "__author__": "zoo", "matching_heuristics": True,
-                         "extra": extra}, protocol=protocol)
+    data = pickle.dumps(
+        {"model": arrays, "__author__": "zoo", "matching_heuristics": True, "extra": extra},
+        protocol=protocol,
+    )
     path.write_bytes(data)
     loaded = SafeCheckpointer(torch.nn.Module())._load_file(str(path))
     expected = pickle.loads(data, encoding="latin1")  # what a plain unpickler makes of it
@@ -488,8 +663,11 @@ def test_model_zoo_pkl_written_by_this_numpy_loads_with_every_pickle_protocol(tm
 
 def test_model_zoo_style_pkl_of_numpy_arrays_still_loads(tmp_path):
     model = torch.nn.Linear(3, 2)
-    blobs = {"weight": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.ones(2, np.float32),
-             "bias_momentum": np.zeros(2, np.float32)}
+    blobs = {
+        "weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "bias": np.ones(2, np.float32),
+        "bias_momentum": np.zeros(2, np.float32),
+    }
     with open(tmp_path / "zoo.pkl", "wb") as f:
         pickle.dump({"blobs": blobs}, f, protocol=2)
     SafeCheckpointer(model).load(str(tmp_path / "zoo.pkl"))
@@ -497,24 +675,53 @@ def test_model_zoo_style_pkl_of_numpy_arrays_still_loads(tmp_path):
 
 
 def test_checkpoints_of_a_training_run_load_with_weights_only(tmp_path):
-    run_here("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2",
-        "OUTPUT_DIR", str(tmp_path), check=True)
+    run_here(
+        "train_net.py",
+        *QUICKSTART,
+        *FAST,
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        check=True,
+    )
     state = torch.load(tmp_path / "model_final.pth", weights_only=True)
     assert state["iteration"] == 2 and "optimizer" in state["trainer"]["_trainer"]
 
 
 # ---- divergence -------------------------------------------------------------------------------
 
+
 def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_path):
-    proc = run("train_net.py", *QUICKSTART, *FAST, "SOLVER.BASE_LR", "50.0", "SOLVER.WARMUP_ITERS", "0",
-               "SOLVER.CLIP_GRADIENTS.ENABLED", "False", "SOLVER.CHECKPOINT_PERIOD", "1",
-               "SOLVER.MAX_ITER", "50", "OUTPUT_DIR", str(tmp_path))
+    proc = run(
+        "train_net.py",
+        *QUICKSTART,
+        *FAST,
+        "SOLVER.BASE_LR",
+        "50.0",
+        "SOLVER.WARMUP_ITERS",
+        "0",
+        "SOLVER.CLIP_GRADIENTS.ENABLED",
+        "False",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1",
+        "SOLVER.MAX_ITER",
+        "50",
+        "OUTPUT_DIR",
+        str(tmp_path),
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.output, proc.output[-3000:]  # the message alone, no tracebacks
-    msg = proc.stderr[proc.stderr.index("train_net.py: error: "):]
+    msg = proc.stderr[proc.stderr.index("train_net.py: error: ") :]
     assert "Training diverged at iteration" in msg and "loss_cls" in msg and "loss_box_reg" in msg
-    for setting in ("MODEL.FOCALSTAR.GAMMA=0.25", "MODEL.FOCALSTAR.MAX_FACTOR=100.0",
-                    "SOLVER.BASE_LR=50.0", "SOLVER.CLIP_GRADIENTS.ENABLED=False"):
+    for setting in (
+        "MODEL.FOCALSTAR.GAMMA=0.25",
+        "MODEL.FOCALSTAR.MAX_FACTOR=100.0",
+        "SOLVER.BASE_LR=50.0",
+        "SOLVER.CLIP_GRADIENTS.ENABLED=False",
+    ):
         assert setting in msg
     last = (tmp_path / "last_checkpoint").read_text().strip()
     assert f"Last good checkpoint: {tmp_path / last}" in msg
@@ -524,15 +731,21 @@ def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_pa
     assert "lower MODEL.FOCALSTAR.MAX_FACTOR" in msg and "enable gradient clipping" in msg
 
 
-@pytest.mark.parametrize("loss_type,named,not_named", [
-    ("FL", "MODEL.RETINANET.FOCAL_LOSS_GAMMA=2.0", "MAX_FACTOR"),
-    ("FLSTAR_APPENDIX", "MODEL.FOCALSTAR.APPENDIX_GAMMA=2.0", "FOCAL_LOSS_GAMMA"),
-    ("CE", "LOSS_TYPE=CE", "GAMMA")])
+@pytest.mark.parametrize(
+    "loss_type,named,not_named",
+    [
+        ("FL", "MODEL.RETINANET.FOCAL_LOSS_GAMMA=2.0", "MAX_FACTOR"),
+        ("FLSTAR_APPENDIX", "MODEL.FOCALSTAR.APPENDIX_GAMMA=2.0", "FOCAL_LOSS_GAMMA"),
+        ("CE", "LOSS_TYPE=CE", "GAMMA"),
+    ],
+)
 def test_divergence_message_names_the_settings_of_its_loss_type(loss_type, named, not_named):
     from d2_focalstar.run.training import divergence_message
     from test_model import quickstart_cfg
 
-    cfg = quickstart_cfg("MODEL.FOCALSTAR.LOSS_TYPE", loss_type, "SOLVER.CLIP_GRADIENTS.ENABLED", "True")
+    cfg = quickstart_cfg(
+        "MODEL.FOCALSTAR.LOSS_TYPE", loss_type, "SOLVER.CLIP_GRADIENTS.ENABLED", "True"
+    )
     msg = divergence_message(cfg, 7, FloatingPointError("Loss became infinite or NaN"), None)
     assert named in msg and not_named not in msg
     assert "lower SOLVER.CLIP_GRADIENTS.CLIP_VALUE" in msg and "enable gradient clipping" not in msg
@@ -568,13 +781,21 @@ def test_write_json_writes_strict_json_with_null_for_missing_values(tmp_path):
     def no_constants(name):
         raise ValueError(f"not strict JSON: {name}")
 
-    record = {"bbox": {"AP": 37.25, "APl": float("nan"), "APs": np.float64("nan")},
-              "safety": [float("inf"), -float("inf"), 1e-300], "iteration": None, "name": "x"}
+    record = {
+        "bbox": {"AP": 37.25, "APl": float("nan"), "APs": np.float64("nan")},
+        "safety": [float("inf"), -float("inf"), 1e-300],
+        "iteration": None,
+        "name": "x",
+    }
     path = tmp_path / "results.json"
     write_json(str(path), record)
     read = json.loads(path.read_text(), parse_constant=no_constants)
-    assert read == {"bbox": {"AP": 37.25, "APl": None, "APs": None},
-                    "safety": [None, None, 1e-300], "iteration": None, "name": "x"}
+    assert read == {
+        "bbox": {"AP": 37.25, "APl": None, "APs": None},
+        "safety": [None, None, 1e-300],
+        "iteration": None,
+        "name": "x",
+    }
 
 
 # ---- interruption -----------------------------------------------------------------------------
@@ -600,8 +821,15 @@ def _assert_checkpoints_complete(folder):
 
 
 def _resume_and_finish(folder):
-    proc = run_here("train_net.py", *QUICKSTART, "--resume", *INTERRUPTIBLE, "OUTPUT_DIR", str(folder),
-                    check=True)
+    proc = run_here(
+        "train_net.py",
+        *QUICKSTART,
+        "--resume",
+        *INTERRUPTIBLE,
+        "OUTPUT_DIR",
+        str(folder),
+        check=True,
+    )
     assert "Loading checkpoint from" in proc.output or "Loading from" in proc.output
     assert torch.load(folder / "model_final.pth", weights_only=True)["iteration"] == MAX_ITER - 1
     with open(folder / "metrics.json") as f:
@@ -610,8 +838,12 @@ def _resume_and_finish(folder):
 
 
 def test_sigkill_during_training_then_resume(tmp_path):
-    proc = subprocess.Popen([sys.executable, "train_net.py", *QUICKSTART, *INTERRUPTIBLE, "OUTPUT_DIR", str(tmp_path)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "train_net.py", *QUICKSTART, *INTERRUPTIBLE, "OUTPUT_DIR", str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(lambda: (tmp_path / "last_checkpoint").exists(), proc)
         time.sleep(0.7)  # somewhere in the following iterations
@@ -628,9 +860,24 @@ def test_sigkill_during_training_then_resume(tmp_path):
 def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path):
     out = tmp_path / "out"
     with open(tmp_path / "stdout", "w+") as stdout, open(tmp_path / "stderr", "w+") as stderr:
-        proc = subprocess.Popen([sys.executable, "train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER",
-                                 "100000", "SOLVER.CHECKPOINT_PERIOD", "1", "OUTPUT_DIR", str(out)],
-                                cwd=REPO, stdout=stdout, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "train_net.py",
+                *QUICKSTART,
+                *FAST,
+                "SOLVER.MAX_ITER",
+                "100000",
+                "SOLVER.CHECKPOINT_PERIOD",
+                "1",
+                "OUTPUT_DIR",
+                str(out),
+            ],
+            cwd=REPO,
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+        )
         try:
             _wait_for(lambda: (out / "last_checkpoint").exists(), proc)
         finally:
@@ -639,8 +886,9 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path):
     proc.stderr = (tmp_path / "stderr").read_text()
     proc.output = (tmp_path / "stdout").read_text() + proc.stderr
     assert proc.returncode == 130
-    assert_one_line_error(proc, "interrupted (Ctrl-C); the last checkpoint is", str(out),
-                          "continue with --resume")
+    assert_one_line_error(
+        proc, "interrupted (Ctrl-C); the last checkpoint is", str(out), "continue with --resume"
+    )
 
 
 def test_sigkill_during_the_first_last_checkpoint_write_then_resume(tmp_path):
@@ -649,9 +897,20 @@ def test_sigkill_during_the_first_last_checkpoint_write_then_resume(tmp_path):
     marker = tmp_path / "tagging"
     env = dict(os.environ, SLOW_SAVE_MARKER=str(marker), SLOW_SAVE_WHICH="last_checkpoint")
     opts = [*FAST, "SOLVER.CHECKPOINT_PERIOD", "1", "OUTPUT_DIR", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "tests/slow_checkpoint_train_net.py", *QUICKSTART, *opts,
-                             "SOLVER.MAX_ITER", "100000"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "tests/slow_checkpoint_train_net.py",
+            *QUICKSTART,
+            *opts,
+            "SOLVER.MAX_ITER",
+            "100000",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(marker.exists, proc)
     finally:
@@ -660,7 +919,9 @@ def test_sigkill_during_the_first_last_checkpoint_write_then_resume(tmp_path):
     names = os.listdir(tmp_path)
     assert "model_0000000.pth" in names and "last_checkpoint" not in names
     assert [n for n in names if n.startswith(".last_checkpoint.") and n.endswith(".tmp")]
-    resumed = run_here("train_net.py", *QUICKSTART, "--resume", *opts, "SOLVER.MAX_ITER", "2", check=True)
+    resumed = run_here(
+        "train_net.py", *QUICKSTART, "--resume", *opts, "SOLVER.MAX_ITER", "2", check=True
+    )
     assert "Starting training from iteration 1" in resumed.output  # not from 0
     assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == 1
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
@@ -669,9 +930,20 @@ def test_sigkill_during_the_first_last_checkpoint_write_then_resume(tmp_path):
 def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path):
     marker = tmp_path / "saving"
     env = dict(os.environ, SLOW_SAVE_MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, "tests/slow_checkpoint_train_net.py", *QUICKSTART, *INTERRUPTIBLE,
-                             "OUTPUT_DIR", str(tmp_path)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "tests/slow_checkpoint_train_net.py",
+            *QUICKSTART,
+            *INTERRUPTIBLE,
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(marker.exists, proc)  # half of the second checkpoint is on disk
     finally:
@@ -679,7 +951,11 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path):
         proc.wait()
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000003.pth"
     assert not (tmp_path / "model_0000007.pth").exists()
-    partial = [n for n in os.listdir(tmp_path) if n.startswith(".model_0000007.pth.") and n.endswith(".tmp")]
+    partial = [
+        n
+        for n in os.listdir(tmp_path)
+        if n.startswith(".model_0000007.pth.") and n.endswith(".tmp")
+    ]
     assert len(partial) == 1  # half of it, hidden
     _assert_checkpoints_complete(tmp_path)
     _resume_and_finish(tmp_path)
@@ -688,10 +964,23 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path):
 
 # ---- failing workers --------------------------------------------------------------------------
 
+
 def test_one_failing_rank_ends_the_whole_job(tmp_path):
     start = time.time()
-    proc = run("tests/failing_rank_train_net.py", *QUICKSTART, "--num-gpus", "2", "--dist-url",
-               "auto", *FAST, "SOLVER.MAX_ITER", "50", "OUTPUT_DIR", str(tmp_path), timeout=300)
+    proc = run(
+        "tests/failing_rank_train_net.py",
+        *QUICKSTART,
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        *FAST,
+        "SOLVER.MAX_ITER",
+        "50",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "injected fault on rank 1 at iteration 3" in proc.output
     assert time.time() - start < 240

@@ -1,4 +1,5 @@
 """Safety metrics (LAMR, recall at a FPPI budget) against values computed by hand."""
+
 import json
 import logging
 import math
@@ -11,12 +12,20 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from d2_focalstar import add_focalstar_config
-from d2_focalstar.evaluation.safety import (SafetyEvaluator, build_safety_evaluator, log_average_miss_rate, match_detections, miss_rate_fppi_curve, recall_at_fppi)
+from d2_focalstar.evaluation.safety import (
+    SafetyEvaluator,
+    build_safety_evaluator,
+    log_average_miss_rate,
+    match_detections,
+    miss_rate_fppi_curve,
+    recall_at_fppi,
+)
 
 # The 9 reference FPPI: 0.01, 0.0178, 0.0316, 0.0562, 0.1, 0.178, 0.316, 0.562, 1.
 
 
 # ---------------------------------------------------------------------------- matching
+
 
 def test_match_greedy_by_score_with_duplicate_as_false_positive():
     gt = [[0, 0, 10, 10], [20, 0, 30, 10]]
@@ -34,8 +43,9 @@ def test_match_takes_the_ground_truth_of_highest_iou():
     # det 1 [2,0,12,10]: IoU A = 80/120 = .667, IoU B = 90/110 = .818 -> takes B.
     # det 2 [-1,0,9,10]: IoU A = 90/110 = .818, IoU B = 60/140 = .43 -> takes A: TP.
     # Had det 1 taken A (the first above threshold), det 2 would be left with B at .43: FP.
-    _, is_tp, _ = match_detections([[2, 0, 12, 10], [-1, 0, 9, 10]], [0.9, 0.8], gt,
-                                   [False, False], 0.5)
+    _, is_tp, _ = match_detections(
+        [[2, 0, 12, 10], [-1, 0, 9, 10]], [0.9, 0.8], gt, [False, False], 0.5
+    )
     assert is_tp.tolist() == [True, True]
 
 
@@ -51,8 +61,9 @@ def test_match_drops_detection_on_crowd_instead_of_false_positive():
 
 
 def test_match_without_ground_truth_or_detections():
-    scores, is_tp, num_gt = match_detections(np.zeros((2, 4)) + [0, 0, 5, 5], [0.3, 0.5],
-                                             np.zeros((0, 4)), [], 0.5)
+    scores, is_tp, num_gt = match_detections(
+        np.zeros((2, 4)) + [0, 0, 5, 5], [0.3, 0.5], np.zeros((0, 4)), [], 0.5
+    )
     assert scores.tolist() == [0.5, 0.3] and is_tp.tolist() == [False, False] and num_gt == 0
     scores, is_tp, num_gt = match_detections(np.zeros((0, 4)), [], [[0, 0, 5, 5]], [False], 0.5)
     assert len(scores) == len(is_tp) == 0 and num_gt == 1
@@ -126,23 +137,43 @@ CLASSES = ["person", "car", "tree"]
 
 
 def _ann(xywh, cls, iscrowd=0):
-    return {"bbox": xywh, "bbox_mode": BoxMode.XYWH_ABS, "category_id": CLASSES.index(cls),
-            "iscrowd": iscrowd}
+    return {
+        "bbox": xywh,
+        "bbox_mode": BoxMode.XYWH_ABS,
+        "category_id": CLASSES.index(cls),
+        "iscrowd": iscrowd,
+    }
 
 
 # Ground truth, XYWH (XYXY in the comments).
 RECORDS = [
-    {"image_id": 1, "height": 200, "width": 200, "annotations": [
-        _ann([0, 0, 10, 20], "person"),      # P1 [0,0,10,20]
-        _ann([50, 0, 10, 20], "person"),     # P2 [50,0,60,20], never detected
-        _ann([100, 100, 40, 20], "car"),     # C1 [100,100,140,120]
-        _ann([0, 50, 10, 10], "tree")]},
-    {"image_id": 2, "height": 200, "width": 200, "annotations": [
-        _ann([0, 0, 10, 20], "person"),      # P3
-        _ann([100, 0, 100, 100], "person", iscrowd=1)]},  # crowd [100,0,200,100]
+    {
+        "image_id": 1,
+        "height": 200,
+        "width": 200,
+        "annotations": [
+            _ann([0, 0, 10, 20], "person"),  # P1 [0,0,10,20]
+            _ann([50, 0, 10, 20], "person"),  # P2 [50,0,60,20], never detected
+            _ann([100, 100, 40, 20], "car"),  # C1 [100,100,140,120]
+            _ann([0, 50, 10, 10], "tree"),
+        ],
+    },
+    {
+        "image_id": 2,
+        "height": 200,
+        "width": 200,
+        "annotations": [
+            _ann([0, 0, 10, 20], "person"),  # P3
+            _ann([100, 0, 100, 100], "person", iscrowd=1),
+        ],
+    },  # crowd [100,0,200,100]
     {"image_id": 3, "height": 200, "width": 200, "annotations": []},
-    {"image_id": 4, "height": 200, "width": 200, "annotations": [
-        _ann([0, 0, 20, 20], "car")]},       # C2, never detected
+    {
+        "image_id": 4,
+        "height": 200,
+        "width": 200,
+        "annotations": [_ann([0, 0, 20, 20], "car")],
+    },  # C2, never detected
 ]
 
 
@@ -156,14 +187,18 @@ def _output(*dets):
 
 
 OUTPUTS = {
-    1: _output(([0, 0, 10, 20], 0.9, "person"),       # TP on P1
-               ([1, 0, 11, 20], 0.8, "person"),       # IoU 180/220 with P1, taken: FP
-               ([100, 100, 140, 120], 0.95, "car"),   # TP on C1
-               ([0, 50, 10, 60], 0.99, "tree")),      # not a safety class here
-    2: _output(([120, 10, 130, 30], 0.85, "person"),  # inside the crowd: dropped
-               ([0, 0, 10, 20], 0.6, "person")),      # TP on P3
-    3: _output(),                                     # no detections, still an image
-    4: _output(([50, 50, 70, 70], 0.7, "car")),       # FP
+    1: _output(
+        ([0, 0, 10, 20], 0.9, "person"),  # TP on P1
+        ([1, 0, 11, 20], 0.8, "person"),  # IoU 180/220 with P1, taken: FP
+        ([100, 100, 140, 120], 0.95, "car"),  # TP on C1
+        ([0, 50, 10, 60], 0.99, "tree"),
+    ),  # not a safety class here
+    2: _output(
+        ([120, 10, 130, 30], 0.85, "person"),  # inside the crowd: dropped
+        ([0, 0, 10, 20], 0.6, "person"),
+    ),  # TP on P3
+    3: _output(),  # no detections, still an image
+    4: _output(([50, 50, 70, 70], 0.7, "car")),  # FP
 }
 
 
@@ -191,13 +226,23 @@ def test_evaluator_end_to_end(dataset, tmp_path):
     #   LAMR = (2/3)^(6/9) (1/3)^(3/9) = 0.52913; recall at .1 FPPI: the first point, 1/3.
     # car, 2 GT: .95 TP, .7 FP -> miss 1/2 1/2 at FPPI 0 .25: LAMR 1/2, recall at .1 = 1/2.
     # "bicycle" is not in the dataset: skipped.
-    evaluator = SafetyEvaluator(dataset, ["person", "bicycle", "car"], fp_per_image=0.1,
-                                iou_threshold=0.5, output_dir=str(tmp_path / "out"))
+    evaluator = SafetyEvaluator(
+        dataset,
+        ["person", "bicycle", "car"],
+        fp_per_image=0.1,
+        iou_threshold=0.5,
+        output_dir=str(tmp_path / "out"),
+    )
     results = _run(evaluator, [1, 2, 3, 4])
     lamr_person = 100 * (2 / 3) ** (2 / 3) * (1 / 3) ** (1 / 3)
-    expected = {"LAMR": (lamr_person + 50) / 2, "R@0.1FPPI": (100 / 3 + 50) / 2,
-                "LAMR-person": lamr_person, "R@0.1FPPI-person": 100 / 3,
-                "LAMR-car": 50.0, "R@0.1FPPI-car": 50.0}
+    expected = {
+        "LAMR": (lamr_person + 50) / 2,
+        "R@0.1FPPI": (100 / 3 + 50) / 2,
+        "LAMR-person": lamr_person,
+        "R@0.1FPPI-person": 100 / 3,
+        "LAMR-car": 50.0,
+        "R@0.1FPPI-car": 50.0,
+    }
     assert lamr_person == pytest.approx(52.913, abs=1e-3)
     assert list(results) == ["safety"]
     assert results["safety"] == pytest.approx(expected)
@@ -250,7 +295,11 @@ def test_classes_missing_from_the_dataset_are_skipped_with_one_warning(dataset, 
     warnings = [r.getMessage() for r in safety_log.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "'bicycle'" in warnings[0] and "'stop sign'" in warnings[0]
     assert sorted(_run(evaluator, [1])["safety"]) == [
-        "LAMR", "LAMR-person", "R@0.1FPPI", "R@0.1FPPI-person"]
+        "LAMR",
+        "LAMR-person",
+        "R@0.1FPPI",
+        "R@0.1FPPI-person",
+    ]
 
 
 def test_no_safety_class_in_the_dataset_gives_no_results(dataset, safety_log):

@@ -4,6 +4,7 @@ the numbers of CityPersons' own evaluation script on a fixture of scenes and det
 (tests/data/citypersons: make_fixture.py writes it; expected.json holds the script's numbers and
 how they were obtained, outside this repository).
 """
+
 import json
 import os
 
@@ -47,8 +48,9 @@ def _detections_as_outputs():
         mine = [d for d in detections if d["image_id"] == image_id]
         xywh = np.array([d["bbox"] for d in mine], dtype=np.float64).reshape(-1, 4)
         inst = Instances((512, 1024))
-        inst.pred_boxes = Boxes(torch.from_numpy(
-            BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)))
+        inst.pred_boxes = Boxes(
+            torch.from_numpy(BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+        )
         inst.scores = torch.tensor([d["score"] for d in mine], dtype=torch.float64)
         inst.pred_classes = torch.zeros(len(mine), dtype=torch.int64)
         inputs.append({"image_id": image_id})
@@ -56,13 +58,13 @@ def _detections_as_outputs():
     return inputs, outputs
 
 
-@pytest.mark.parametrize("setup", ["reasonable", "reasonable_small", "heavy_occlusion",
-                                   "citypersons_all"])
+@pytest.mark.parametrize(
+    "setup", ["reasonable", "reasonable_small", "heavy_occlusion", "citypersons_all"]
+)
 def test_citypersons_setups_give_the_official_scripts_numbers(citypersons_dataset, setup):
     with open(os.path.join(FIXTURE, "expected.json")) as f:
         expected = json.load(f)["lamr"][setup]
-    evaluator = SafetyEvaluator(citypersons_dataset, ["pedestrian"], distributed=False,
-                                setup=setup)
+    evaluator = SafetyEvaluator(citypersons_dataset, ["pedestrian"], distributed=False, setup=setup)
     evaluator.process(*_detections_as_outputs())
     lamr = evaluator.evaluate()["safety"]["LAMR-pedestrian"]
     assert lamr == pytest.approx(expected, abs=0.01)
@@ -72,8 +74,9 @@ def test_reasonable_differs_from_all_on_the_fixture(citypersons_dataset):
     """The fixture makes the setups disagree, so the comparison above tests the rules."""
     lamrs = {}
     for setup in ("all", "reasonable"):
-        evaluator = SafetyEvaluator(citypersons_dataset, ["pedestrian"], distributed=False,
-                                    setup=setup)
+        evaluator = SafetyEvaluator(
+            citypersons_dataset, ["pedestrian"], distributed=False, setup=setup
+        )
         evaluator.process(*_detections_as_outputs())
         lamrs[setup] = evaluator.evaluate()["safety"]["LAMR-pedestrian"]
     assert abs(lamrs["all"] - lamrs["reasonable"]) > 5
@@ -86,9 +89,14 @@ def _one_image(gt_boxes_xywh, detections_xyxy, scores, **annotation_keys):
         a.update({k: v[i] for k, v in annotation_keys.items()})
         anns.append(a)
     records = {1: {"image_id": 1, "annotations": anns}}
-    predictions = [{"image_id": 1, "boxes": np.array(detections_xyxy, dtype=np.float64),
-                    "scores": np.array(scores, dtype=np.float64),
-                    "classes": np.zeros(len(scores), dtype=np.int64)}]
+    predictions = [
+        {
+            "image_id": 1,
+            "boxes": np.array(detections_xyxy, dtype=np.float64),
+            "scores": np.array(scores, dtype=np.float64),
+            "classes": np.zeros(len(scores), dtype=np.int64),
+        }
+    ]
     return records, predictions
 
 
@@ -96,10 +104,16 @@ def test_reasonable_ignores_short_and_occluded_pedestrians_and_flagged_regions()
     # gt: 49 px tall (too short), 100 px at visibility 0.5 (too occluded), a flagged region,
     # and one reasonable pedestrian; one detection on each, and a 39 px detection elsewhere.
     gt = [[0, 0, 20, 49], [100, 0, 41, 100], [200, 0, 150, 150], [400, 0, 41, 100]]
-    dets = [[0, 0, 20, 49], [100, 0, 141, 100], [220, 10, 260, 110], [400, 0, 441, 100],
-            [600, 0, 616, 39]]
-    records, predictions = _one_image(gt, dets, [0.9, 0.8, 0.7, 0.6, 0.95],
-                                      vis_ratio=[1.0, 0.5, 1.0, 0.9], ignore=[0, 0, 1, 0])
+    dets = [
+        [0, 0, 20, 49],
+        [100, 0, 141, 100],
+        [220, 10, 260, 110],
+        [400, 0, 441, 100],
+        [600, 0, 616, 39],
+    ]
+    records, predictions = _one_image(
+        gt, dets, [0.9, 0.8, 0.7, 0.6, 0.95], vis_ratio=[1.0, 0.5, 1.0, 0.9], ignore=[0, 0, 1, 0]
+    )
     mr, fppi, num_gt = class_miss_rate_curve(records, predictions, 0, SAFETY_SETUPS["reasonable"])
     # Counted: the one reasonable pedestrian, found by the only detection left that is neither
     # on ignored ground truth nor under 40 px (the 49 px one is 49 px tall: kept, and ignored).
@@ -126,6 +140,9 @@ def test_a_bad_setup_names_the_key_and_the_allowed_values():
     cfg = get_cfg()
     add_focalstar_config(cfg)
     cfg.TEST.SAFETY.SETUP = "caltech"
-    with pytest.raises(ConfigError, match=r"TEST\.SAFETY\.SETUP='caltech': allowed 'all', "
-                                          r"'reasonable'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"TEST\.SAFETY\.SETUP='caltech': allowed 'all', "
+        r"'reasonable'",
+    ):
         check_focalstar_config(cfg)

@@ -2,6 +2,7 @@
 tools/sweep.py --slurm), without a cluster: the jobs run through submitit's local executor (a
 2-process CPU training preempted, requeued and finished; a job whose rank fails), the
 submissions go to stand-ins for sbatch and srun that check their options as sbatch does."""
+
 import argparse
 import json
 import os
@@ -28,8 +29,19 @@ TINY = [*QUICKSTART, *FAST, "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRA
 def _local_args(tmp_path, nodes, gpus):
     parser = argparse.ArgumentParser()
     add_slurm_arguments(parser)
-    args = parser.parse_args(["--local", "--nodes", str(nodes), "--gpus-per-node", str(gpus), "--time", "30",
-                              "--slurm-folder", str(tmp_path / "slurm")])
+    args = parser.parse_args(
+        [
+            "--local",
+            "--nodes",
+            str(nodes),
+            "--gpus-per-node",
+            str(gpus),
+            "--time",
+            "30",
+            "--slurm-folder",
+            str(tmp_path / "slurm"),
+        ]
+    )
     args.sbatch = {}
     return args
 
@@ -60,9 +72,21 @@ def test_preempted_job_saves_a_checkpoint_is_requeued_and_finishes_where_it_stop
     finishes at MAX_ITER with results.json. No periodic checkpoint falls in the run
     (CHECKPOINT_PERIOD 1000): the one it resumes from is the one saved on the signal."""
     out, max_iter = tmp_path / "run", 6
-    ((job, _),) = submit(_local_args(tmp_path, nodes=1, gpus=2),
-                         [[*TINY, "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "1000",
-                           "OUTPUT_DIR", str(out)]], os.path.join(REPO, "train_net.py"))
+    ((job, _),) = submit(
+        _local_args(tmp_path, nodes=1, gpus=2),
+        [
+            [
+                *TINY,
+                "SOLVER.MAX_ITER",
+                str(max_iter),
+                "SOLVER.CHECKPOINT_PERIOD",
+                "1000",
+                "OUTPUT_DIR",
+                str(out),
+            ]
+        ],
+        os.path.join(REPO, "train_net.py"),
+    )
     _wait_for(lambda: "Starting training from iteration 0" in _text(out / "log.txt"), job)
     time.sleep(1)
     assert not (out / "results.json").exists()
@@ -74,7 +98,7 @@ def test_preempted_job_saves_a_checkpoint_is_requeued_and_finishes_where_it_stop
     log = _text(out / "log.txt")
     saved = [n for n in os.listdir(out) if n.startswith("model_") and n != "model_final.pth"]
     assert len(saved) == 1, saved  # the checkpoint saved on the signal, and no other
-    k = int(saved[0][len("model_"):-len(".pth")])
+    k = int(saved[0][len("model_") : -len(".pth")])
     assert 0 <= k < max_iter - 1  # mid-run
     assert f"Checkpoint {saved[0]} saved at iteration {k} on SIGUSR2" in log
     assert f"[Checkpointer] Loading from {out / saved[0]}" in log
@@ -91,14 +115,21 @@ def test_job_whose_rank_fails_fails_with_that_ranks_error(tmp_path):
     fail, each with that error, not with machine 0's broken connection that followed."""
     out = tmp_path / "run"
     start = time.time()
-    ((job, _),) = submit(_local_args(tmp_path, nodes=2, gpus=1),
-                         [[*TINY, "SOLVER.MAX_ITER", "50", "OUTPUT_DIR", str(out)]],
-                         os.path.join(REPO, "tests", "failing_rank_train_net.py"))
-    with pytest.raises(submitit.core.utils.FailedJobError, match="injected fault on rank 1 at iteration 3"):
+    ((job, _),) = submit(
+        _local_args(tmp_path, nodes=2, gpus=1),
+        [[*TINY, "SOLVER.MAX_ITER", "50", "OUTPUT_DIR", str(out)]],
+        os.path.join(REPO, "tests", "failing_rank_train_net.py"),
+    )
+    with pytest.raises(
+        submitit.core.utils.FailedJobError, match="injected fault on rank 1 at iteration 3"
+    ):
         job.result()
     for task in range(2):
         message = str(job.task(task).exception())
-        assert "RuntimeError: machine 1 failed: RuntimeError: injected fault on rank 1 at iteration 3" in message
+        assert (
+            "RuntimeError: machine 1 failed: RuntimeError: injected fault on rank 1 at iteration 3"
+            in message
+        )
     assert "--num-machines 2 --machine-rank 1 --dist-url tcp://" in job.task(1).stdout()
     assert not (out / "results.json").exists()
     assert time.time() - start < 240
@@ -109,8 +140,16 @@ def test_distributed_settings_come_from_the_slurm_environment(monkeypatch):
     the same port on both nodes (drawn from the job id); one node: detectron2's own free port."""
     for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_", "MASTER_"))]:
         monkeypatch.delenv(key)
-    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NODEID": "1", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+    env = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NODEID": "1",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     args = distributed_args(submitit.JobEnvironment(), 8)
@@ -121,7 +160,12 @@ def test_distributed_settings_come_from_the_slurm_environment(monkeypatch):
     assert distributed_args(submitit.JobEnvironment(), 8)[5:] == ["0", "--dist-url", args[7]]
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
-    assert distributed_args(submitit.JobEnvironment(), 4) == ["--num-gpus", "4", "--dist-url", "auto"]
+    assert distributed_args(submitit.JobEnvironment(), 4) == [
+        "--num-gpus",
+        "4",
+        "--dist-url",
+        "auto",
+    ]
 
 
 def test_local_job_with_cuda_reported_present_gets_the_gpus(tmp_path, monkeypatch):
@@ -137,10 +181,19 @@ def test_local_job_with_cuda_reported_present_gets_the_gpus(tmp_path, monkeypatc
 
 
 def test_failure_reason_is_the_one_line_error_else_the_last_exception():
-    assert failure_reason(["x", "train_net.py: error: SOLVER.BASE_LR=0: allowed > 0", ""]) == "SOLVER.BASE_LR=0: allowed > 0"
-    trace = ["Traceback (most recent call last):", "torch.multiprocessing.spawn.ProcessRaisedException:",
-             "-- Process 0 terminated with the following error:", "Traceback (most recent call last):",
-             '  File "x.py", line 3, in f', "RuntimeError: injected fault", "  "]
+    assert (
+        failure_reason(["x", "train_net.py: error: SOLVER.BASE_LR=0: allowed > 0", ""])
+        == "SOLVER.BASE_LR=0: allowed > 0"
+    )
+    trace = [
+        "Traceback (most recent call last):",
+        "torch.multiprocessing.spawn.ProcessRaisedException:",
+        "-- Process 0 terminated with the following error:",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 3, in f',
+        "RuntimeError: injected fault",
+        "  ",
+    ]
     assert failure_reason(trace) == "RuntimeError: injected fault"
 
 
@@ -175,28 +228,61 @@ def scheduler(tmp_path):
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
     for tool in ("sbatch", "srun"):
         (bin_dir / tool).chmod(stat.S_IRWXU)
-    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                FAKE_SBATCH_COPY=str(tmp_path / "submitted.sh"))
+    return dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FAKE_SBATCH_COPY=str(tmp_path / "submitted.sh"),
+    )
 
 
 def _tool(env, *args):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     proc.output = proc.stdout + proc.stderr
     return proc
 
 
 def test_submission_passes_every_scheduler_option_to_sbatch(tmp_path, scheduler):
     out = tmp_path / "run"
-    proc = _tool(scheduler, "tools/submit_slurm.py", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu",
-                 "--time", "1-12:00:00", "--account", "proj", "--qos", "high", "--exclusive", "--", *QUICKSTART,
-                 "SOLVER.IMS_PER_BATCH", "8", "OUTPUT_DIR", str(out))
+    proc = _tool(
+        scheduler,
+        "tools/submit_slurm.py",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu",
+        "--time",
+        "1-12:00:00",
+        "--account",
+        "proj",
+        "--qos",
+        "high",
+        "--exclusive",
+        "--",
+        *QUICKSTART,
+        "SOLVER.IMS_PER_BATCH",
+        "8",
+        "OUTPUT_DIR",
+        str(out),
+    )
     assert proc.returncode == 0, proc.output[-3000:]
     assert f"submitted job 4242 to SLURM: 2 node(s) x 4 GPU(s), OUTPUT_DIR {out}" in proc.stdout
     script = (tmp_path / "submitted.sh").read_text()
-    for line in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4", "--partition=gpu", "--time=2160",
-                 "--account=proj", "--qos=high", "--exclusive\n", "--signal=USR2@120",
-                 "--cpus-per-task=12"):  # 4 GPUs x (2 loader workers + 1)
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--time=2160",
+        "--account=proj",
+        "--qos=high",
+        "--exclusive\n",
+        "--signal=USR2@120",
+        "--cpus-per-task=12",
+    ):  # 4 GPUs x (2 loader workers + 1)
         assert f"#SBATCH {line}" in script, line
     assert "srun --unbuffered" in script
     # what the job will run: train_net.py with the training's arguments and an absolute OUTPUT_DIR
@@ -206,10 +292,22 @@ def test_submission_passes_every_scheduler_option_to_sbatch(tmp_path, scheduler)
 
 
 def test_an_option_sbatch_does_not_know_is_passed_on_and_its_error_shown(tmp_path, scheduler):
-    proc = _tool(scheduler, "tools/submit_slurm.py", "--gpus-per-node", "1", "--bogus-option=3", "--", *QUICKSTART,
-                 "OUTPUT_DIR", str(tmp_path / "run"))
-    assert_one_line_error(proc, "submit_slurm.py", "sbatch refused the job: sbatch: unrecognized option "
-                                                   "'--bogus-option=3'")
+    proc = _tool(
+        scheduler,
+        "tools/submit_slurm.py",
+        "--gpus-per-node",
+        "1",
+        "--bogus-option=3",
+        "--",
+        *QUICKSTART,
+        "OUTPUT_DIR",
+        str(tmp_path / "run"),
+    )
+    assert_one_line_error(
+        proc,
+        "submit_slurm.py",
+        "sbatch refused the job: sbatch: unrecognized option '--bogus-option=3'",
+    )
     assert "#SBATCH --bogus-option=3" in (tmp_path / "submitted.sh").read_text()
 
 
@@ -217,19 +315,37 @@ def test_without_sbatch_or_submitit_it_says_so_in_one_line(tmp_path):
     no_slurm = dict(os.environ, PATH=str(tmp_path))  # no sbatch, no srun
     proc = _tool(no_slurm, "tools/submit_slurm.py", "--", *QUICKSTART)
     assert_one_line_error(proc, "submit_slurm.py", "no sbatch or srun on this machine", "--local")
-    without = ("import runpy, sys; sys.modules['submitit'] = None; sys.argv = ['tools/submit_slurm.py', '--', "
-               "'--config-file', 'configs/quickstart_flstar.yaml']; "
-               "runpy.run_path('tools/submit_slurm.py', run_name='__main__')")
+    without = (
+        "import runpy, sys; sys.modules['submitit'] = None; sys.argv = ['tools/submit_slurm.py', '--', "
+        "'--config-file', 'configs/quickstart_flstar.yaml']; "
+        "runpy.run_path('tools/submit_slurm.py', run_name='__main__')"
+    )
     proc = _tool(dict(os.environ), "-c", without)
-    assert_one_line_error(proc, "submit_slurm.py", "submitit is not installed: pip install submitit")
+    assert_one_line_error(
+        proc, "submit_slurm.py", "submitit is not installed: pip install submitit"
+    )
 
 
 def test_the_training_arguments_are_checked_before_anything_is_queued(tmp_path, scheduler):
-    proc = _tool(scheduler, "tools/submit_slurm.py", "--nodes", "3", "--gpus-per-node", "1", "--", *QUICKSTART,
-                 "OUTPUT_DIR", str(tmp_path / "run"))  # 8 images per batch over 3 processes
-    assert_one_line_error(proc, "submit_slurm.py", "SOLVER.IMS_PER_BATCH=8: allowed a multiple of the 3 processes")
+    proc = _tool(
+        scheduler,
+        "tools/submit_slurm.py",
+        "--nodes",
+        "3",
+        "--gpus-per-node",
+        "1",
+        "--",
+        *QUICKSTART,
+        "OUTPUT_DIR",
+        str(tmp_path / "run"),
+    )  # 8 images per batch over 3 processes
+    assert_one_line_error(
+        proc, "submit_slurm.py", "SOLVER.IMS_PER_BATCH=8: allowed a multiple of the 3 processes"
+    )
     proc = _tool(scheduler, "tools/submit_slurm.py", "--", *QUICKSTART, "--num-gpus", "2")
-    assert_one_line_error(proc, "submit_slurm.py", "--num-gpus in the training's arguments: the job sets it")
+    assert_one_line_error(
+        proc, "submit_slurm.py", "--num-gpus in the training's arguments: the job sets it"
+    )
     assert not (tmp_path / "submitted.sh").exists()
 
 
@@ -238,18 +354,43 @@ def test_sweep_submits_the_runs_not_done_as_one_job_array(tmp_path, scheduler):
     done = out / "ce_s0"
     done.mkdir(parents=True)
     (done / "results.json").write_text("{}")
-    proc = _tool(scheduler, "tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "FLSTAR", "--gammas", "0.25",
-                 "--num-gpus", "2", "--slurm", "--partition", "gpu", "--qos", "high", "--out", str(out), "--",
-                 "SOLVER.MAX_ITER", "100")
+    proc = _tool(
+        scheduler,
+        "tools/sweep.py",
+        *QUICKSTART,
+        "--loss-types",
+        "CE",
+        "FL",
+        "FLSTAR",
+        "--gammas",
+        "0.25",
+        "--num-gpus",
+        "2",
+        "--slurm",
+        "--partition",
+        "gpu",
+        "--qos",
+        "high",
+        "--out",
+        str(out),
+        "--",
+        "SOLVER.MAX_ITER",
+        "100",
+    )
     assert proc.returncode == 0, proc.output[-3000:]
     script = (tmp_path / "submitted.sh").read_text()
     assert "#SBATCH --array=0-1%2" in script and "#SBATCH --qos=high" in script
     assert "#SBATCH --gpus-per-node=2" in script
     assert proc.stdout.count("submitted, job 4242_") == 2 and "ce_s0: done" in proc.stdout
-    jobs = [submitit.helpers.DelayedSubmission.load(out / "slurm" / f"4242_{i}_submitted.pkl").function
-            for i in range(2)]
+    jobs = [
+        submitit.helpers.DelayedSubmission.load(out / "slurm" / f"4242_{i}_submitted.pkl").function
+        for i in range(2)
+    ]
     assert sorted(os.path.basename(j.output_dir) for j in jobs) == sorted(
-        line.split(": ")[0].split("] ")[1] for line in proc.stdout.splitlines() if "submitted, job" in line)
+        line.split(": ")[0].split("] ")[1]
+        for line in proc.stdout.splitlines()
+        if "submitted, job" in line
+    )
     for job in jobs:
         assert job.train_args[-2:] == ["SOLVER.MAX_ITER", "100"] and job.gpus_per_node == 2
     assert json.loads((done / "results.json").read_text()) == {}  # untouched
@@ -264,9 +405,28 @@ def test_sweep_slurm_local_waits_for_its_runs_and_they_finish(tmp_path):
     """sweep --slurm --local runs the array under the command and returns when the runs are done
     (it once named a function it had not imported and crashed after submitting)."""
     out = tmp_path / "sweep"
-    proc = run_here("tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "--alphas", "0.75", "--seeds", "0",
-                    "--slurm", "--local", "--out", str(out), "--", *TINY[2:], "SOLVER.MAX_ITER", "2",
-                    "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0")
+    proc = run_here(
+        "tools/sweep.py",
+        *QUICKSTART,
+        "--loss-types",
+        "CE",
+        "--alphas",
+        "0.75",
+        "--seeds",
+        "0",
+        "--slurm",
+        "--local",
+        "--out",
+        str(out),
+        "--",
+        *TINY[2:],
+        "SOLVER.MAX_ITER",
+        "2",
+        "DATASETS.TEST",
+        "()",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+    )
     assert proc.returncode == 0, proc.output[-3000:]
     (run,) = [p for p in out.iterdir() if p.is_dir() and p.name != "slurm"]
     assert (run / "results.json").is_file() and (run / "model_final.pth").is_file()

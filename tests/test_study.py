@@ -1,5 +1,6 @@
 """The study tools: Fig. 4 from the loss functions, sweeps that skip and resume, and Table 2
 from result folders."""
+
 import csv
 import io
 import json
@@ -45,44 +46,104 @@ def test_fig4_plot_writes_png_and_svg(tmp_path):
 
 def test_sweep_plan():
     runs = plan_sweep(["CE", "FL", "FLSTAR"], [0, 1], {("FLSTAR", "gamma"): [0.125, 0.5]})
-    assert [r.name for r in runs] == ["ce_s0", "ce_s1", "fl_g2_s0", "fl_g2_s1", "flstar_g0.125_s0",
-                                      "flstar_g0.125_s1", "flstar_g0.5_s0", "flstar_g0.5_s1"]
+    assert [r.name for r in runs] == [
+        "ce_s0",
+        "ce_s1",
+        "fl_g2_s0",
+        "fl_g2_s1",
+        "flstar_g0.125_s0",
+        "flstar_g0.125_s1",
+        "flstar_g0.5_s0",
+        "flstar_g0.5_s1",
+    ]
     # without values: the table's (FL*: the proposal's gammas; FL: its default gamma)
     assert [r.name for r in plan_sweep(["FLSTAR", "FL"], [0])] == [
-        "flstar_g0.125_s0", "flstar_g0.25_s0", "flstar_g0.5_s0", "fl_g2_s0"]
+        "flstar_g0.125_s0",
+        "flstar_g0.25_s0",
+        "flstar_g0.5_s0",
+        "fl_g2_s0",
+    ]
     assert SweepRun("FLSTAR", (("gamma", 0.5),), 1).opts() == [
-        "MODEL.FOCALSTAR.LOSS_TYPE", "FLSTAR", "SEED", "1", "MODEL.FOCALSTAR.GAMMA", "0.5"]
-    assert SweepRun("FL", (("gamma", 2.0),), 0).opts()[-2:] == ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "2.0"]
+        "MODEL.FOCALSTAR.LOSS_TYPE",
+        "FLSTAR",
+        "SEED",
+        "1",
+        "MODEL.FOCALSTAR.GAMMA",
+        "0.5",
+    ]
+    assert SweepRun("FL", (("gamma", 2.0),), 0).opts()[-2:] == [
+        "MODEL.RETINANET.FOCAL_LOSS_GAMMA",
+        "2.0",
+    ]
     # another detector's keys: its own node
     assert SweepRun("FL", (("gamma", 1.0),), 0, alpha=0.75).opts("MODEL.FCOS")[-4:] == [
-        "MODEL.FCOS.FOCAL_LOSS_GAMMA", "1.0", "MODEL.FCOS.FOCAL_LOSS_ALPHA", "0.75"]
+        "MODEL.FCOS.FOCAL_LOSS_GAMMA",
+        "1.0",
+        "MODEL.FCOS.FOCAL_LOSS_ALPHA",
+        "0.75",
+    ]
 
 
 def test_sweep_plan_of_table_1_alphas_and_any_parameter():
     """RetinaNet's Table 1: CE at three alphas, FL at four gammas; names say what differs."""
     runs = plan_sweep(["CE", "FL"], [0], {("FL", "gamma"): [0.5, 5]}, alphas=[0.25, 0.75])
-    assert [r.name for r in runs] == ["ce_a0.25_s0", "ce_a0.75_s0", "fl_g0.5_a0.25_s0",
-                                      "fl_g5_a0.25_s0", "fl_g0.5_a0.75_s0", "fl_g5_a0.75_s0"]
+    assert [r.name for r in runs] == [
+        "ce_a0.25_s0",
+        "ce_a0.75_s0",
+        "fl_g0.5_a0.25_s0",
+        "fl_g5_a0.25_s0",
+        "fl_g0.5_a0.75_s0",
+        "fl_g5_a0.75_s0",
+    ]
     assert runs[1].opts()[-2:] == ["MODEL.RETINANET.FOCAL_LOSS_ALPHA", "0.75"]
     capped = plan_sweep(["FLSTAR"], [0], {("FLSTAR", "max_factor"): [10]})
-    assert [r.name for r in capped] == ["flstar_g0.125_cap10_s0", "flstar_g0.25_cap10_s0",
-                                        "flstar_g0.5_cap10_s0"]
+    assert [r.name for r in capped] == [
+        "flstar_g0.125_cap10_s0",
+        "flstar_g0.25_cap10_s0",
+        "flstar_g0.5_cap10_s0",
+    ]
 
 
-def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None, max_factor=100.0, lr=None, weights=None,
-              datasets=None, amp=None):
+def _fake_run(
+    folder,
+    loss_type,
+    gamma,
+    seed,
+    ap,
+    lamr=None,
+    max_factor=100.0,
+    lr=None,
+    weights=None,
+    datasets=None,
+    amp=None,
+):
     """A finished run's folder; weights, datasets ((train, test) lists) and amp are left out of
     results.json where None, as in files written before they were recorded."""
     os.makedirs(folder)
     if lr is not None:  # the solver settings as detectron2's config.yaml of the run has them
         with open(os.path.join(folder, "config.yaml"), "w") as f:
-            f.write(f"MODEL:\n  DEVICE: cpu\nSOLVER:\n  BASE_LR: {lr}\n  IMS_PER_BATCH: 8\n  MAX_ITER: 600\n")
-    results = {"bbox": {"AP": ap, "AP50": ap + 20, "AP75": ap - 5, "APs": ap - 10, "APm": ap + 5,
-                        "APl": float("nan")}}
+            f.write(
+                f"MODEL:\n  DEVICE: cpu\nSOLVER:\n  BASE_LR: {lr}\n  IMS_PER_BATCH: 8\n  MAX_ITER: 600\n"
+            )
+    results = {
+        "bbox": {
+            "AP": ap,
+            "AP50": ap + 20,
+            "AP75": ap - 5,
+            "APs": ap - 10,
+            "APm": ap + 5,
+            "APl": float("nan"),
+        }
+    }
     if lamr is not None:
         results["safety"] = {"LAMR": lamr, "R@0.1FPPI": 100 - lamr, "LAMR-person": lamr}
-    record = {"loss_type": loss_type, "gamma": gamma, "seed": seed, "max_factor": max_factor,
-              "results": results}
+    record = {
+        "loss_type": loss_type,
+        "gamma": gamma,
+        "seed": seed,
+        "max_factor": max_factor,
+        "results": results,
+    }
     if weights is not None:
         record["weights"] = weights
     if datasets is not None:
@@ -93,8 +154,17 @@ def _fake_run(folder, loss_type, gamma, seed, ap, lamr=None, max_factor=100.0, l
         json.dump(record, f)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         for it in range(0, 40, 10):
-            f.write(json.dumps({"iteration": it, "loss_cls": 1.0 / (it + 1), "loss_box_reg": 0.5,
-                                "total_loss": 1.5}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "iteration": it,
+                        "loss_cls": 1.0 / (it + 1),
+                        "loss_box_reg": 0.5,
+                        "total_loss": 1.5,
+                    }
+                )
+                + "\n"
+            )
         f.write(json.dumps({"iteration": 39, "bbox/AP": ap}) + "\n")
         f.write('{"iteration": 40, "loss_c')  # a line cut by a kill is ignored
 
@@ -110,7 +180,9 @@ def runs(tmp_path):
 
 
 def test_comparison_means_spread_and_difference_to_fl(runs):
-    records = [load_run(str(runs / n)) for n in ("fl_s0", "fl_s1", "flstar_s0", "flstar_s1", "ce_s0")]
+    records = [
+        load_run(str(runs / n)) for n in ("fl_s0", "fl_s1", "flstar_s0", "flstar_s1", "ce_s0")
+    ]
     columns, rows = comparison_rows(records)
     assert columns[:9] == ["run", "setting", "seeds", "AP", "AP50", "AP75", "APs", "APm", "APl"]
     assert "LAMR" in columns and "R@0.1FPPI" in columns and "LAMR-person" not in columns
@@ -128,7 +200,11 @@ def test_comparison_means_spread_and_difference_to_fl(runs):
     table = list(csv.DictReader(io.StringIO(to_csv(columns, rows))))
     assert len(table) == 5 + 3
     assert {r["setting"] for r in table if r["run"] == "mean"} == {"CE", "FL g=2", "FLSTAR g=0.25"}
-    assert [r["AP"] for r in table if r["setting"] == "FLSTAR g=0.25"] == ["31.00", "35.00", "33.00"]
+    assert [r["AP"] for r in table if r["setting"] == "FLSTAR g=0.25"] == [
+        "31.00",
+        "35.00",
+        "33.00",
+    ]
 
 
 def test_a_non_default_cap_is_a_setting_of_its_own(runs):
@@ -139,8 +215,14 @@ def test_a_non_default_cap_is_a_setting_of_its_own(runs):
 
 
 def test_compare_command_on_fixture_folders(runs, tmp_path):
-    proc = run_here("tools/compare.py", *[str(runs / n) for n in ("fl_s0", "fl_s1", "flstar_s0", "flstar_s1")],
-               str(tmp_path / "not_a_run"), "--out", str(tmp_path / "cmp" / "table"), check=True)
+    proc = run_here(
+        "tools/compare.py",
+        *[str(runs / n) for n in ("fl_s0", "fl_s1", "flstar_s0", "flstar_s1")],
+        str(tmp_path / "not_a_run"),
+        "--out",
+        str(tmp_path / "cmp" / "table"),
+        check=True,
+    )
     assert "| mean | FLSTAR g=0.25 |" in proc.stdout
     assert "skipped" in proc.stderr and "not_a_run" in proc.stderr
     for ext in (".md", ".csv", "_curves.png"):
@@ -156,16 +238,32 @@ def test_compare_skips_runs_whose_files_are_cut_short_or_not_a_record_naming_the
     (runs / "keyless" / "results.json").write_text('{"seed": 0}')
     with open(runs / "fl_s1" / "metrics.json", "a") as f:
         f.write("\nnull\n")
-    proc = run_here("tools/compare.py", *[str(runs / n) for n in ("fl_s0", "fl_s1", "half", "keyless", "flstar_s0")],
-               "--resamples", "0", "--out", str(tmp_path / "cmp" / "table"), check=True)
+    proc = run_here(
+        "tools/compare.py",
+        *[str(runs / n) for n in ("fl_s0", "fl_s1", "half", "keyless", "flstar_s0")],
+        "--resamples",
+        "0",
+        "--out",
+        str(tmp_path / "cmp" / "table"),
+        check=True,
+    )
     assert "| mean | FLSTAR g=0.25 |" in proc.stdout and "| fl_s1 |" in proc.stdout
     lines = proc.stderr.splitlines()
-    assert any(f"skipped {runs / 'half' / 'results.json'}: not valid JSON" in line for line in lines)
-    assert any(f"skipped {runs / 'keyless' / 'results.json'}: lacks 'loss_type'" in line for line in lines)
-    assert any(f"{runs / 'fl_s1' / 'metrics.json'}: 1 line(s) that are not the record" in line for line in lines)
+    assert any(
+        f"skipped {runs / 'half' / 'results.json'}: not valid JSON" in line for line in lines
+    )
+    assert any(
+        f"skipped {runs / 'keyless' / 'results.json'}: lacks 'loss_type'" in line for line in lines
+    )
+    assert any(
+        f"{runs / 'fl_s1' / 'metrics.json'}: 1 line(s) that are not the record" in line
+        for line in lines
+    )
     assert os.path.getsize(tmp_path / "cmp" / "table_curves.png") > 100
     (runs / "odd").mkdir()  # keys of the wrong type: refused by load_run, not a crash in the table
-    (runs / "odd" / "results.json").write_text('{"loss_type": "FL", "results": {}, "params": [2], "seed": "a"}')
+    (runs / "odd" / "results.json").write_text(
+        '{"loss_type": "FL", "results": {}, "params": [2], "seed": "a"}'
+    )
     with pytest.raises(RunRecordError, match=r"odd/results.json: 'params' is \[2\], 'seed' is 'a'"):
         load_run(str(runs / "odd"))
 
@@ -180,13 +278,17 @@ def test_training_curves_use_the_last_record_of_each_iteration(tmp_path, monkeyp
     from d2_focalstar.study.curves import plot_training_curves
 
     lines = [{"iteration": i, "total_loss": 10.0 - i / 10} for i in range(0, 30, 5)]  # first run
-    lines += [{"iteration": i, "total_loss": 1.0 - i / 100} for i in range(20, 40, 5)]  # resumed at 20
+    lines += [
+        {"iteration": i, "total_loss": 1.0 - i / 100} for i in range(20, 40, 5)
+    ]  # resumed at 20
     (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in lines))
     rows = read_metrics(str(tmp_path))
     assert [r["iteration"] for r in rows] == [0, 5, 10, 15, 20, 25, 30, 35]
     assert [r["total_loss"] for r in rows][3:6] == [8.5, 0.8, 0.75]  # 20 and 25: the resumed run's
     drawn = []
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y))))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y)))
+    )
     plot_training_curves([str(tmp_path)], str(tmp_path / "curves.png"))
     assert drawn == [([r["iteration"] for r in rows], [r["total_loss"] for r in rows])]
 
@@ -207,7 +309,9 @@ def test_compare_needs_a_file_name_in_its_prefix(tmp_path, out):
 
 def test_run_state(tmp_path):
     assert run_state(str(tmp_path / "absent")) == "new"
-    (tmp_path / "model_0000004.pth").write_bytes(b"")  # killed before its last_checkpoint was written
+    (tmp_path / "model_0000004.pth").write_bytes(
+        b""
+    )  # killed before its last_checkpoint was written
     assert run_state(str(tmp_path)) == "interrupted"
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
     assert run_state(str(tmp_path)) == "interrupted"
@@ -217,8 +321,23 @@ def test_run_state(tmp_path):
 
 def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
     out = tmp_path / "sweep"
-    sweep = ["tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--seeds", "0",
-             "--out", str(out), "--", *FAST, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1"]
+    sweep = [
+        "tools/sweep.py",
+        *QUICKSTART,
+        "--loss-types",
+        "CE",
+        "FL",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--",
+        *FAST,
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1",
+    ]
     first = run_here(*sweep, check=True)
     assert "ce_s0: new" in first.stdout and "fl_g2_s0: new" in first.stdout
     for name, loss_type in (("ce_s0", "CE"), ("fl_g2_s0", "FL")):
@@ -234,7 +353,7 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
     assert "ce_s0: done" in again.stdout and "fl_g2_s0: interrupted" in again.stdout
     assert load_run(str(fl))["iteration"] == 2
     log = (fl / "log.txt").read_text()
-    resumed = log[log.rindex("Command line arguments"):]  # the second train_net.py of this folder
+    resumed = log[log.rindex("Command line arguments") :]  # the second train_net.py of this folder
     assert "resume=True" in resumed and "model_0000000.pth" in resumed
     assert "Starting training from iteration 1" in resumed
 
@@ -272,9 +391,29 @@ def test_stopping_a_sweep_stops_its_runs_and_it_reports_their_progress(tmp_path)
 
     out = tmp_path / "sweep"
     sweep = subprocess.Popen(
-        [sys.executable, "tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--jobs", "2",
-         "--status-every", "1", "--out", str(out), "--", *FAST, "SOLVER.MAX_ITER", "100000"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "tools/sweep.py",
+            *QUICKSTART,
+            "--loss-types",
+            "CE",
+            "FL",
+            "--jobs",
+            "2",
+            "--status-every",
+            "1",
+            "--out",
+            str(out),
+            "--",
+            *FAST,
+            "SOLVER.MAX_ITER",
+            "100000",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     logs = [out / "ce_s0" / "sweep.log", out / "fl_g2_s0" / "sweep.log"]
     deadline = time.time() + 300
     while time.time() < deadline and not all(p.exists() and "iter:" in p.read_text() for p in logs):
@@ -304,8 +443,10 @@ def test_a_seed_without_a_value_is_counted_in_the_mean_row(runs):
     _fake_run(runs / "collapsed_s1", "FLSTAR", 0.5, 1, 0.5)
     _fake_run(runs / "collapsed_s2", "FLSTAR", 0.5, 2, float("nan"))
     assert '"AP": NaN' in (runs / "collapsed_s2" / "results.json").read_text()
-    records = [load_run(str(runs / n)) for n in ("fl_s0", "fl_s1", "collapsed_s0", "collapsed_s1",
-                                                 "collapsed_s2")]
+    records = [
+        load_run(str(runs / n))
+        for n in ("fl_s0", "fl_s1", "collapsed_s0", "collapsed_s1", "collapsed_s2")
+    ]
     columns, rows = comparison_rows(records)
     means = {r["setting"]: r for r in rows if r["run"] == "mean"}
     assert means["FLSTAR g=0.5"]["AP"] == 0.5 and means["FLSTAR g=0.5"]["AP n"] == 1
@@ -334,19 +475,29 @@ def test_runs_that_differ_in_learning_rate_are_not_seeds_of_one_setting(runs):
     _fake_run(runs / "lr_b_s0", "FLSTAR", 0.5, 0, 40.0, lr=0.005)
     records = [load_run(str(runs / n)) for n in ("fl_s0", "lr_a_s0", "lr_a_s1", "lr_b_s0")]
     assert records[1]["solver"] == {"base_lr": 0.02, "max_iter": 600, "ims_per_batch": 8}
-    assert setting_names(records) == ["FL g=2", "FLSTAR g=0.5", "FLSTAR g=0.5", "FLSTAR g=0.5 lr=0.005"]
+    assert setting_names(records) == [
+        "FL g=2",
+        "FLSTAR g=0.5",
+        "FLSTAR g=0.5",
+        "FLSTAR g=0.5 lr=0.005",
+    ]
     means = {r["setting"]: r for r in comparison_rows(records)[1] if r["run"] == "mean"}
     assert means["FLSTAR g=0.5"]["AP"] == 11.0 and means["FLSTAR g=0.5 lr=0.005"]["AP"] == 40.0
 
 
 def test_results_json_records_the_solver_settings(tmp_path):
     from d2_focalstar.run.results import write_results
+
     cfg = get_cfg()
     add_focalstar_config(cfg)
     cfg.OUTPUT_DIR, cfg.SOLVER.BASE_LR = str(tmp_path), 0.005
     write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
-    assert load_run(str(tmp_path))["solver"] == {"base_lr": 0.005, "max_iter": cfg.SOLVER.MAX_ITER,
-                                                 "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "amp": False}
+    assert load_run(str(tmp_path))["solver"] == {
+        "base_lr": 0.005,
+        "max_iter": cfg.SOLVER.MAX_ITER,
+        "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+        "amp": False,
+    }
     cfg.SOLVER.AMP.ENABLED = True
     write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
     assert load_run(str(tmp_path))["solver"]["amp"] is True
@@ -361,13 +512,22 @@ def test_runs_that_differ_in_weights_are_not_seeds_of_one_setting(runs):
     for seed in (2, 3):
         _fake_run(runs / f"scratch_s{seed}", "FLSTAR", 0.25, seed, 30.0, weights="")
     for seed in (0, 1):
-        _fake_run(runs / f"imagenet_s{seed}", "FLSTAR", 0.25, seed, 50.0,
-                  weights="detectron2://ImageNetPretrained/MSRA/R-50.pkl")
+        _fake_run(
+            runs / f"imagenet_s{seed}",
+            "FLSTAR",
+            0.25,
+            seed,
+            50.0,
+            weights="detectron2://ImageNetPretrained/MSRA/R-50.pkl",
+        )
     _fake_run(runs / "finetune_s0", "FLSTAR", 0.25, 0, 60.0, weights="output/coco/model_final.pth")
     names = ("flstar_s0", "scratch_s2", "scratch_s3", "imagenet_s0", "imagenet_s1", "finetune_s0")
     records = [load_run(str(runs / n)) for n in names]
-    assert setting_names(records) == ["FLSTAR g=0.25"] * 3 + ["FLSTAR g=0.25 weights=R-50.pkl"] * 2 + [
-        "FLSTAR g=0.25 weights=model_final.pth"]  # flstar_s0 does not say: no setting of its own
+    assert setting_names(records) == ["FLSTAR g=0.25"] * 3 + [
+        "FLSTAR g=0.25 weights=R-50.pkl"
+    ] * 2 + [
+        "FLSTAR g=0.25 weights=model_final.pth"
+    ]  # flstar_s0 does not say: no setting of its own
     means = _means(records)
     assert means["FLSTAR g=0.25 weights=R-50.pkl"]["AP"] == 50.0
     assert means["FLSTAR g=0.25"]["seeds"] == "3"
@@ -375,8 +535,10 @@ def test_runs_that_differ_in_weights_are_not_seeds_of_one_setting(runs):
     # two files of one name are two initialisations: their names tell them apart
     _fake_run(runs / "other_s0", "FLSTAR", 0.25, 0, 70.0, weights="output/voc/model_final.pth")
     names = setting_names(records + [load_run(str(runs / "other_s0"))])
-    assert names[-2:] == ["FLSTAR g=0.25 weights=output/coco/model_final.pth",
-                          "FLSTAR g=0.25 weights=output/voc/model_final.pth"]
+    assert names[-2:] == [
+        "FLSTAR g=0.25 weights=output/coco/model_final.pth",
+        "FLSTAR g=0.25 weights=output/voc/model_final.pth",
+    ]
 
 
 def test_runs_that_differ_in_datasets_are_not_seeds_of_one_setting(runs):
@@ -386,11 +548,19 @@ def test_runs_that_differ_in_datasets_are_not_seeds_of_one_setting(runs):
     _fake_run(runs / "ab_s0", "FL", 2.0, 0, 40.0, datasets=(["a_train", "b_train"], ["a_val"]))
     _fake_run(runs / "b_s0", "FL", 2.0, 0, 50.0, datasets=(["a_train"], ["b_val"]))
     records = [load_run(str(runs / n)) for n in ("a_s0", "a_s1", "ab_s0", "b_s0", "fl_s1")]
-    assert setting_names(records) == ["FL g=2", "FL g=2", "FL g=2 train=a_train+b_train",
-                                      "FL g=2 test=b_val", "FL g=2"]
+    assert setting_names(records) == [
+        "FL g=2",
+        "FL g=2",
+        "FL g=2 train=a_train+b_train",
+        "FL g=2 test=b_val",
+        "FL g=2",
+    ]
     means = _means(records)
     assert means["FL g=2"]["AP"] == pytest.approx((30 + 32 + 32) / 3)  # fl_s1 does not say: usual
-    assert means["FL g=2 train=a_train+b_train"]["AP"] == 40.0 and means["FL g=2 test=b_val"]["AP"] == 50.0
+    assert (
+        means["FL g=2 train=a_train+b_train"]["AP"] == 40.0
+        and means["FL g=2 test=b_val"]["AP"] == 50.0
+    )
 
 
 def test_mixed_precision_runs_are_not_seeds_of_one_setting(runs):
@@ -410,10 +580,14 @@ def test_mixed_precision_runs_are_not_seeds_of_one_setting(runs):
 
 def test_each_setting_is_compared_with_fl_at_its_own_knobs(tmp_path):
     for name, loss, gamma, seed, ap, lr in (
-            ("fl_s0", "FL", 2.0, 0, 30.0, 0.02), ("fl_g1_s0", "FL", 1.0, 0, 50.0, 0.02),
-            ("ce_s0", "CE", 0.0, 0, 40.0, 0.02), ("ce_s1", "CE", 0.0, 1, 42.0, 0.02),
-            ("fl_lo_s0", "FL", 2.0, 0, 10.0, 0.005), ("ce_lo_s0", "CE", 0.0, 0, 25.0, 0.005),
-            ("flstar_x_s0", "FLSTAR", 0.25, 0, 33.0, 0.001)):
+        ("fl_s0", "FL", 2.0, 0, 30.0, 0.02),
+        ("fl_g1_s0", "FL", 1.0, 0, 50.0, 0.02),
+        ("ce_s0", "CE", 0.0, 0, 40.0, 0.02),
+        ("ce_s1", "CE", 0.0, 1, 42.0, 0.02),
+        ("fl_lo_s0", "FL", 2.0, 0, 10.0, 0.005),
+        ("ce_lo_s0", "CE", 0.0, 0, 25.0, 0.005),
+        ("flstar_x_s0", "FLSTAR", 0.25, 0, 33.0, 0.001),
+    ):
         _fake_run(tmp_path / name, loss, gamma, seed, ap, lamr=60.0, lr=lr)
     records = [load_run(str(p)) for p in sorted(tmp_path.iterdir())]
     columns, rows = comparison_rows(records)
@@ -463,7 +637,10 @@ def test_sweep_warns_when_its_runs_will_share_gpus(monkeypatch):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         return run_here("tools/sweep.py", *QUICKSTART, *more, "--dry-run", "--out", "unused")
 
-    assert dry_run("0,1", "--jobs", "3").stdout.count("3 GPUs wanted, 2 visible: runs will share GPUs") == 1
+    assert (
+        dry_run("0,1", "--jobs", "3").stdout.count("3 GPUs wanted, 2 visible: runs will share GPUs")
+        == 1
+    )
     assert "warning" not in dry_run("", "--jobs", "3").stdout
     # more GPUs per run than there are: every run would fail, so the sweep does not start
     proc = dry_run("0,1", "--num-gpus", "4")
@@ -486,20 +663,42 @@ def test_a_failed_run_shows_its_reason_and_log(tmp_path):
     sweep's order (not the order they happened to end in)."""
     out = tmp_path / "sweep"
     # a config the sweep accepts (it checks the file and opts), whose runs fail at their start
-    proc = run_here("tools/sweep.py", *QUICKSTART, "--loss-types", "CE", "FL", "--jobs", "2", "--out", str(out),
-                    "--", *FAST, "DATASETS.TRAIN", "('nope_train',)", check=False)
+    proc = run_here(
+        "tools/sweep.py",
+        *QUICKSTART,
+        "--loss-types",
+        "CE",
+        "FL",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+        "--",
+        *FAST,
+        "DATASETS.TRAIN",
+        "('nope_train',)",
+        check=False,
+    )
     logs = [out / "ce_s0" / "sweep.log", out / "fl_g2_s0" / "sweep.log"]
     for name, log in zip(("ce_s0", "fl_g2_s0"), logs):
-        assert (f"{name}: failed, {log} ends: train_net.py: error: DATASETS.TRAIN: dataset "
-                "'nope_train' is not registered") in proc.stdout, proc.output[-3000:]
+        assert (
+            f"{name}: failed, {log} ends: train_net.py: error: DATASETS.TRAIN: dataset "
+            "'nope_train' is not registered"
+        ) in proc.stdout, proc.output[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"sweep.py: 2 run(s) failed: ce_s0 (log {logs[0]}), fl_g2_s0 (log {logs[1]}) (rerun to retry them)")
+        f"sweep.py: 2 run(s) failed: ce_s0 (log {logs[0]}), fl_g2_s0 (log {logs[1]}) (rerun to retry them)"
+    )
 
 
 def test_evaluations_of_each_runs_own_checkpoint_stay_seeds_of_one_setting(tmp_path):
     """--eval-only records the checkpoint it evaluated as its weights, a different file for each
     run: that is not a setting, so the seeds are still averaged and compared with FL."""
-    for loss, gamma, seed in (("FL", 2.0, 0), ("FL", 2.0, 1), ("FLSTAR", 0.25, 0), ("FLSTAR", 0.25, 1)):
+    for loss, gamma, seed in (
+        ("FL", 2.0, 0),
+        ("FL", 2.0, 1),
+        ("FLSTAR", 0.25, 0),
+        ("FLSTAR", 0.25, 1),
+    ):
         folder = tmp_path / f"{loss}_s{seed}"
         _fake_run(folder, loss, gamma, seed, 30.0 + seed)
         path = folder / "results.json"
@@ -512,15 +711,25 @@ def test_evaluations_of_each_runs_own_checkpoint_stay_seeds_of_one_setting(tmp_p
     assert means["FLSTAR g=0.25"]["seeds"] == "2" and means["FLSTAR g=0.25"]["AP vs FL"] == 0.0
 
 
-@pytest.mark.parametrize("study, table", [("study_cpu", "compare_cpu"), ("study_gpu", "compare_gpu"),
-                                          ("proxy_shapes", "proxy_shapes_vs_ce"),
-                                          ("proxy_shapes_long", "proxy_shapes_long_vs_ce")])
+@pytest.mark.parametrize(
+    "study, table",
+    [
+        ("study_cpu", "compare_cpu"),
+        ("study_gpu", "compare_gpu"),
+        ("proxy_shapes", "proxy_shapes_vs_ce"),
+        ("proxy_shapes_long", "proxy_shapes_long_vs_ce"),
+    ],
+)
 def test_committed_study_tables_rebuild_from_their_result_files(study, table):
     """docs/RESULTS.md's tables come from docs/results/<table>.md, which the comparison code must
     rebuild, unchanged, from the committed per-run files (as tools/rebuild_results.sh does)."""
     docs = os.path.join(os.path.dirname(__file__), "..", "docs", "results")
     folder = os.path.join(docs, study)
-    runs = sorted(os.path.join(folder, d) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    runs = sorted(
+        os.path.join(folder, d)
+        for d in os.listdir(folder)
+        if os.path.isdir(os.path.join(folder, d))
+    )
     assert len(runs) >= 6
     columns, rows = comparison_rows([load_run(r) for r in runs])
     with open(os.path.join(docs, f"{table}.md")) as f:
@@ -529,28 +738,59 @@ def test_committed_study_tables_rebuild_from_their_result_files(study, table):
 
 def test_sweep_takes_an_fcos_config_unchanged():
     """The same sweep command on an FCOS config sets the FCOS node's keys."""
-    proc = run_here("tools/sweep.py", "--config-file", "configs/quickstart_fcos_flstar.yaml", "--loss-types",
-                    "FL", "CE", "--fl-gamma", "1", "--alphas", "0.5", "--dry-run", check=True)
-    assert "fl_g1_a0.5_s0: new (MODEL.FOCALSTAR.LOSS_TYPE FL SEED 0 MODEL.FCOS.FOCAL_LOSS_GAMMA 1.0 " \
-           "MODEL.FCOS.FOCAL_LOSS_ALPHA 0.5)" in proc.stdout
+    proc = run_here(
+        "tools/sweep.py",
+        "--config-file",
+        "configs/quickstart_fcos_flstar.yaml",
+        "--loss-types",
+        "FL",
+        "CE",
+        "--fl-gamma",
+        "1",
+        "--alphas",
+        "0.5",
+        "--dry-run",
+        check=True,
+    )
+    assert (
+        "fl_g1_a0.5_s0: new (MODEL.FOCALSTAR.LOSS_TYPE FL SEED 0 MODEL.FCOS.FOCAL_LOSS_GAMMA 1.0 "
+        "MODEL.FCOS.FOCAL_LOSS_ALPHA 0.5)" in proc.stdout
+    )
     assert "ce_a0.5_s0: new" in proc.stdout and "RETINANET" not in proc.stdout
 
 
-def _run_with_detections(folder, loss_type, gamma, seed, gt_file, detections, test="synth_val", gz=False,
-                         alpha=0.25):
+def _run_with_detections(
+    folder, loss_type, gamma, seed, gt_file, detections, test="synth_val", gz=False, alpha=0.25
+):
     """A finished run whose config registers its test set from ``gt_file`` (DATASETS.COCO_JSON)
     and whose COCOEvaluator saved ``detections`` (None: saved nothing)."""
     import gzip
 
     os.makedirs(folder / "inference")
     params = {"gamma": gamma} if loss_type != "CE" else {}
-    record = {"loss_type": loss_type, "params": params, "gamma": gamma, "seed": seed, "alpha": alpha,
-              "datasets": {"train": ["synth_train"], "test": [test]},
-              "results": {"bbox": {"AP": 10.0 + seed, "AP50": 20.0, "AP75": 5.0, "APs": 1.0, "APm": 2.0, "APl": 3.0}}}
+    record = {
+        "loss_type": loss_type,
+        "params": params,
+        "gamma": gamma,
+        "seed": seed,
+        "alpha": alpha,
+        "datasets": {"train": ["synth_train"], "test": [test]},
+        "results": {
+            "bbox": {
+                "AP": 10.0 + seed,
+                "AP50": 20.0,
+                "AP75": 5.0,
+                "APs": 1.0,
+                "APm": 2.0,
+                "APl": 3.0,
+            }
+        },
+    }
     (folder / "results.json").write_text(json.dumps(record))
     (folder / "config.yaml").write_text(
         f"DATASETS:\n  COCO_JSON: [[{test}, {gt_file}, {os.path.dirname(gt_file)}]]\n"
-        "TEST:\n  SAFETY:\n    ENABLED: true\n    CLASSES: [class1]\n    IOU_THRESHOLD: 0.5\n")
+        "TEST:\n  SAFETY:\n    ENABLED: true\n    CLASSES: [class1]\n    IOU_THRESHOLD: 0.5\n"
+    )
     if detections is not None:
         path = folder / "inference" / ("coco_instances_results.json" + (".gz" if gz else ""))
         data = json.dumps(detections).encode()
@@ -569,21 +809,41 @@ def runs_with_detections(tmp_path_factory):
     other = {**gt, "images": gt["images"][:40]}
     (root / "other.json").write_text(json.dumps(other))
     _run_with_detections(root / "flstar_s0", "FLSTAR", 0.25, 0, str(root / "gt.json"), dets)
-    _run_with_detections(root / "flstar_s1", "FLSTAR", 0.25, 1, str(root / "gt.json"), dets, gz=True)
+    _run_with_detections(
+        root / "flstar_s1", "FLSTAR", 0.25, 1, str(root / "gt.json"), dets, gz=True
+    )
     _run_with_detections(root / "fl_s0", "FL", 2.0, 0, str(root / "gt.json"), worse)
     _run_with_detections(root / "fl_s1", "FL", 2.0, 1, str(root / "gt.json"), worse)
     _run_with_detections(root / "ce_s0", "CE", 0.0, 0, str(root / "gt.json"), None)  # saved nothing
-    _run_with_detections(root / "elsewhere_s0", "CE", 0.0, 0, str(root / "other.json"),
-                         [d for d in dets if d["image_id"] <= 40], test="other_val")
+    _run_with_detections(
+        root / "elsewhere_s0",
+        "CE",
+        0.0,
+        0,
+        str(root / "other.json"),
+        [d for d in dets if d["image_id"] <= 40],
+        test="other_val",
+    )
     return root
 
 
-def test_compare_adds_paired_bootstrap_intervals_from_saved_detections(runs_with_detections, tmp_path):
+def test_compare_adds_paired_bootstrap_intervals_from_saved_detections(
+    runs_with_detections, tmp_path
+):
     root = runs_with_detections
-    proc = run_here("tools/compare.py", *[str(root / n) for n in ("flstar_s0", "flstar_s1", "fl_s0", "fl_s1", "ce_s0")],
-               "--resamples", "100", "--out", str(tmp_path / "cmp"), check=True)
+    proc = run_here(
+        "tools/compare.py",
+        *[str(root / n) for n in ("flstar_s0", "flstar_s1", "fl_s0", "fl_s1", "ce_s0")],
+        "--resamples",
+        "100",
+        "--out",
+        str(tmp_path / "cmp"),
+        check=True,
+    )
     text = (tmp_path / "cmp_intervals.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| FLSTAR g=0.25 | FL g=2 | 2 vs 2 |"))
+    row = next(
+        line for line in text.splitlines() if line.startswith("| FLSTAR g=0.25 | FL g=2 | 2 vs 2 |")
+    )
     diff, interval = row.split(" | ")[3].split(" ", 1)
     low, high = (float(v) for v in interval.strip("[]").split(", "))
     assert float(diff) > 0 and 0 < low <= float(diff) <= high  # the better detections, by a margin
@@ -596,15 +856,38 @@ def test_compare_adds_paired_bootstrap_intervals_from_saved_detections(runs_with
 def test_intervals_against_a_chosen_setting_and_refusals(runs_with_detections, tmp_path):
     root = runs_with_detections
     folders = [str(root / n) for n in ("flstar_s0", "fl_s0", "fl_s1")]
-    proc = run_here("tools/compare.py", *folders, "--versus", "FLSTAR g=0.25", "--resamples", "20",
-               "--out", str(tmp_path / "v"), check=True)
+    proc = run_here(
+        "tools/compare.py",
+        *folders,
+        "--versus",
+        "FLSTAR g=0.25",
+        "--resamples",
+        "20",
+        "--out",
+        str(tmp_path / "v"),
+        check=True,
+    )
     assert "| FL g=2 | FLSTAR g=0.25 | 2 vs 1 | -" in (tmp_path / "v_intervals.md").read_text()
-    assert_one_line_error(run_here("tools/compare.py", *folders, "--versus", "CE alpha=0.75", "--out",
-                              str(tmp_path / "x")), "compare.py", "--versus 'CE alpha=0.75' is not one of the settings")
+    assert_one_line_error(
+        run_here(
+            "tools/compare.py", *folders, "--versus", "CE alpha=0.75", "--out", str(tmp_path / "x")
+        ),
+        "compare.py",
+        "--versus 'CE alpha=0.75' is not one of the settings",
+    )
     # runs on another dataset: their difference gets no interval, said in one line naming both
-    proc = run_here("tools/compare.py", str(root / "flstar_s0"), str(root / "elsewhere_s0"), "--versus",
-               "FLSTAR g=0.25", "--out", str(tmp_path / "y"))
-    assert_one_line_error(proc, "compare.py", "evaluated on different datasets", "other_val", "synth_val")
+    proc = run_here(
+        "tools/compare.py",
+        str(root / "flstar_s0"),
+        str(root / "elsewhere_s0"),
+        "--versus",
+        "FLSTAR g=0.25",
+        "--out",
+        str(tmp_path / "y"),
+    )
+    assert_one_line_error(
+        proc, "compare.py", "evaluated on different datasets", "other_val", "synth_val"
+    )
 
 
 def _drop_confident(dets, share, seed):
@@ -622,19 +905,34 @@ def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
 
     gt, dets = synthetic_coco(num_images=80, num_categories=4, seed=3)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    quality = {("CE", None, 0.25): 0.6, ("CE", None, 0.75): 0.3, ("FL", 1.0, 0.25): 0.2,
-               ("FL", 2.0, 0.25): 0.0 if fl_better else 0.7}
+    quality = {
+        ("CE", None, 0.25): 0.6,
+        ("CE", None, 0.75): 0.3,
+        ("FL", 1.0, 0.25): 0.2,
+        ("FL", 2.0, 0.25): 0.0 if fl_better else 0.7,
+    }
     for (loss, gamma, alpha), share in quality.items():
         for seed in (0, 1):
             folder = tmp_path / "runs" / f"{loss}_{gamma}_{alpha}_s{seed}"
             kept = _drop_confident(dets, share, seed)
-            _run_with_detections(folder, loss, gamma, seed, str(tmp_path / "gt.json"), kept, alpha=alpha)
-            record = json.loads((folder / "results.json").read_text())  # its AP: that of its detections
+            _run_with_detections(
+                folder, loss, gamma, seed, str(tmp_path / "gt.json"), kept, alpha=alpha
+            )
+            record = json.loads(
+                (folder / "results.json").read_text()
+            )  # its AP: that of its detections
             record["results"]["bbox"]["AP"] = RunEvaluation(gt, kept).metrics()["AP"]
             (folder / "results.json").write_text(json.dumps(record))
     out = tmp_path / "t1"
-    proc = run_here("tools/table1.py", *map(str, sorted((tmp_path / "runs").iterdir())), "--resamples", "200",
-               "--out", str(out), check=True)
+    proc = run_here(
+        "tools/table1.py",
+        *map(str, sorted((tmp_path / "runs").iterdir())),
+        "--resamples",
+        "200",
+        "--out",
+        str(out),
+        check=True,
+    )
     text = (tmp_path / "t1.md").read_text()
     assert text in proc.stdout
     assert "| CE |  | 0.75 | 31.1 | +0.0 | 0.75 | 2 |" in text and "best CE |" in text
@@ -644,6 +942,11 @@ def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
     fl2 = next(line for line in text.splitlines() if line.startswith("- FL g=2 above the best CE"))
     low = float(fl2.split("[")[1].split(",")[0])
     if fl_better:
-        assert "**met**" in fl2 and low > 0 and "best gamma 2" in text and "Calibrated: **yes**" in text
+        assert (
+            "**met**" in fl2
+            and low > 0
+            and "best gamma 2" in text
+            and "Calibrated: **yes**" in text
+        )
     else:
         assert "**not met**" in fl2 and "best gamma 1" in text and "Calibrated: **no**" in text

@@ -1,5 +1,6 @@
 """End to end through train_net.py: a short CPU training learns, --eval-only reproduces it,
 and a 2-process run goes through detectron2's launch (gloo without a GPU)."""
+
 import json
 import math
 import os
@@ -37,8 +38,17 @@ def trained(quickstart_model):
 def test_short_cpu_training_learns(trained, tmp_path):
     out, log = trained
     # the same model and evaluation after one step at learning rate 0
-    untrained = coco_ap(train_net(*QUICKSTART, "SOLVER.MAX_ITER", "1", "SOLVER.BASE_LR", "0.0",
-                                  "OUTPUT_DIR", str(tmp_path)))
+    untrained = coco_ap(
+        train_net(
+            *QUICKSTART,
+            "SOLVER.MAX_ITER",
+            "1",
+            "SOLVER.BASE_LR",
+            "0.0",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        )
+    )
     learned = coco_ap(log)
     assert not untrained["AP"] >= 2.0  # nan when no score passes the test threshold
     assert learned["AP"] > 20.0 and learned["AP50"] > 40.0, learned
@@ -47,12 +57,15 @@ def test_short_cpu_training_learns(trained, tmp_path):
 
 def test_results_json_holds_the_final_evaluation(trained):
     out, log = trained
+
     def no_constants(name):  # NaN / Infinity: Python reads them, strict JSON readers do not
         raise ValueError(f"results.json is not strict JSON: {name}")
 
     with open(out / "results.json") as f:
         record = json.load(f, parse_constant=no_constants)
-    assert record["loss_type"] == "FLSTAR" and record["gamma"] == 0.25 and record["iteration"] == ITERS
+    assert (
+        record["loss_type"] == "FLSTAR" and record["gamma"] == 0.25 and record["iteration"] == ITERS
+    )
     assert record["results"]["bbox"]["AP"] == pytest.approx(coco_ap(log)["AP"], abs=1e-3)
     assert set(record["results"]["safety"]) >= {"LAMR", "R@0.1FPPI", "LAMR-triangle", "LAMR-cross"}
 
@@ -73,8 +86,16 @@ def test_the_projects_own_log_lines_reach_console_and_log_file(trained):
 
 def test_eval_only_reproduces_the_trained_ap(trained, tmp_path):
     out, log = trained
-    again = coco_ap(train_net(*QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
-                              "OUTPUT_DIR", str(tmp_path)))
+    again = coco_ap(
+        train_net(
+            *QUICKSTART,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(out / "model_final.pth"),
+            "OUTPUT_DIR",
+            str(tmp_path),
+        )
+    )
     for k, v in coco_ap(log).items():
         if not math.isnan(v):
             assert again[k] == pytest.approx(v, abs=1e-3), k
@@ -89,8 +110,16 @@ def test_eval_only_in_the_trainings_folder_leaves_its_files_alone(trained):
     kept = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".pth")]
     assert {"results.json", "config.yaml", "coco_instances_results.json"} <= {p.name for p in kept}
     before = {p: p.read_bytes() for p in kept}
-    again = coco_ap(train_net(*QUICKSTART, "--eval-only", "MODEL.WEIGHTS", str(out / "model_0000099.pth"),
-                              "OUTPUT_DIR", str(out)))
+    again = coco_ap(
+        train_net(
+            *QUICKSTART,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(out / "model_0000099.pth"),
+            "OUTPUT_DIR",
+            str(out),
+        )
+    )
     assert {p: p.read_bytes() for p in kept} == before
     with open(out / "eval_model_0000099" / "results.json") as f:
         record = json.load(f)
@@ -113,8 +142,14 @@ def test_several_test_datasets_get_a_folder_each(tmp_path):
 
     generate_shapes_dataset(tmp_path / "tiny", ShapesSpec(2, 2, 64, 1, 2, 12, 20, seed=1))
     json_file, images = str(tmp_path / "tiny" / "val.json"), str(tmp_path / "tiny" / "val")
-    cfg = quickstart_cfg("DATASETS.COCO_JSON", str([[f"tiny_{k}_val", json_file, images] for k in "ab"]),
-                         "DATASETS.TEST", "('tiny_a_val', 'tiny_b_val')", "OUTPUT_DIR", str(tmp_path))
+    cfg = quickstart_cfg(
+        "DATASETS.COCO_JSON",
+        str([[f"tiny_{k}_val", json_file, images] for k in "ab"]),
+        "DATASETS.TEST",
+        "('tiny_a_val', 'tiny_b_val')",
+        "OUTPUT_DIR",
+        str(tmp_path),
+    )
     register_coco_json_datasets(cfg)
     folders = []
     for name in cfg.DATASETS.TEST:
@@ -122,8 +157,9 @@ def test_several_test_datasets_get_a_folder_each(tmp_path):
         folders.append({e._output_dir for e in evaluators})
     assert folders == [{str(tmp_path / "inference" / name)} for name in cfg.DATASETS.TEST]
     one = quickstart_cfg("DATASETS.TEST", "('tiny_a_val',)", "OUTPUT_DIR", str(tmp_path))
-    assert {e._output_dir for e in train_net.Trainer.build_evaluator(one, "tiny_a_val")._evaluators} \
-        == {str(tmp_path / "inference")}
+    assert {
+        e._output_dir for e in train_net.Trainer.build_evaluator(one, "tiny_a_val")._evaluators
+    } == {str(tmp_path / "inference")}
 
 
 def test_default_flstar_training_does_not_diverge(trained):
@@ -141,9 +177,24 @@ def test_default_flstar_training_does_not_diverge(trained):
 
 
 def test_two_process_cpu_run_through_launch(tmp_path):
-    log = train_net(*QUICKSTART, "--num-gpus", "2", "--dist-url", "auto",
-                    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2",
-                    "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path), here=False)
+    log = train_net(
+        *QUICKSTART,
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.MAX_ITER",
+        "6",
+        "SOLVER.WARMUP_ITERS",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        here=False,
+    )
     assert "World size: 2" in log
     with open(tmp_path / "log.txt.rank1") as f:
         assert "Rank of current process: 1. World size: 2" in f.read()
@@ -152,12 +203,40 @@ def test_two_process_cpu_run_through_launch(tmp_path):
     assert "Start inference on 32 batches" in log or "on 2 devices" in log
     assert not math.isnan(coco_ap(log)["AP"])
     # with weights to load (read first by the launching process): resume, and evaluate
-    train_net(*QUICKSTART, "--num-gpus", "2", "--dist-url", "auto", "--resume",
-              "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "8", "SOLVER.WARMUP_ITERS", "2",
-              "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path), here=False)
+    train_net(
+        *QUICKSTART,
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        "--resume",
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.MAX_ITER",
+        "8",
+        "SOLVER.WARMUP_ITERS",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        here=False,
+    )
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["iteration"] == 8
-    log = train_net(*QUICKSTART, "--num-gpus", "2", "--dist-url", "auto", "--eval-only",
-                    "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval"),
-                    here=False)
+    log = train_net(
+        *QUICKSTART,
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        str(tmp_path / "model_final.pth"),
+        "OUTPUT_DIR",
+        str(tmp_path / "eval"),
+        here=False,
+    )
     assert not math.isnan(coco_ap(log)["AP"])

@@ -10,6 +10,7 @@ the 1x configs' 800-pixel scale: an estimate of COCO's imbalance, not a measurem
     python tools/anchor_stats.py --config-file configs/proxy_flstar.yaml
     python tools/anchor_stats.py --config-file configs/retinanet_R50_fl_1x.yaml --coco-like
 """
+
 import argparse
 import json
 import sys
@@ -34,9 +35,14 @@ def coco_like(num_images, seed=0):
         lo, hi = np.array([8, 32, 96])[kind], np.array([32, 96, 400])[kind]
         side = np.exp(rng.uniform(np.log(lo), np.log(hi)))
         aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=n))
-        bw, bh = np.minimum(side * np.sqrt(aspect), w - 1), np.minimum(side / np.sqrt(aspect), h - 1)
+        bw, bh = (
+            np.minimum(side * np.sqrt(aspect), w - 1),
+            np.minimum(side / np.sqrt(aspect), h - 1),
+        )
         x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-        out.append((round(h * scale), round(w * scale), np.stack([x, y, x + bw, y + bh], 1) * scale))
+        out.append(
+            (round(h * scale), round(w * scale), np.stack([x, y, x + bw, y + bh], 1) * scale)
+        )
     return out
 
 
@@ -49,9 +55,18 @@ def dataset_images(cfg, num_images):
     out = []
     for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:num_images]:
         h, w = d["height"], d["width"]
-        nh, nw = resize.get_transform(np.zeros((h, w, 1), np.uint8)).apply_image(np.zeros((h, w, 1), np.uint8)).shape[:2]
-        boxes = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]
-                          if not a.get("iscrowd", 0)]).reshape(-1, 4) * [nw / w, nh / h, nw / w, nh / h]
+        nh, nw = (
+            resize.get_transform(np.zeros((h, w, 1), np.uint8))
+            .apply_image(np.zeros((h, w, 1), np.uint8))
+            .shape[:2]
+        )
+        boxes = np.array(
+            [
+                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                for a in d["annotations"]
+                if not a.get("iscrowd", 0)
+            ]
+        ).reshape(-1, 4) * [nw / w, nh / h, nw / w, nh / h]
         out.append((nh, nw, boxes))
     return out
 
@@ -65,11 +80,19 @@ def anchor_counts(model, images):
             x = torch.zeros(1, 3, -(-h // div) * div, -(-w // div) * div)
             features = model.backbone(x)
             anchors = model.anchor_generator([features[f] for f in model.head_in_features])
-            inst = Instances((h, w), gt_boxes=Boxes(torch.as_tensor(boxes, dtype=torch.float32)),
-                             gt_classes=torch.zeros(len(boxes), dtype=torch.int64))
+            inst = Instances(
+                (h, w),
+                gt_boxes=Boxes(torch.as_tensor(boxes, dtype=torch.float32)),
+                gt_classes=torch.zeros(len(boxes), dtype=torch.int64),
+            )
             labels = model.label_anchors(anchors, [inst])[0][0]
-            rows.append((len(labels), int(((labels >= 0) & (labels < model.num_classes)).sum()),
-                         int((labels < 0).sum())))
+            rows.append(
+                (
+                    len(labels),
+                    int(((labels >= 0) & (labels < model.num_classes)).sum()),
+                    int((labels < 0).sum()),
+                )
+            )
     return np.array(rows, dtype=np.float64)
 
 
@@ -85,9 +108,12 @@ def main(argv=None):
         p.error(f"--images {args.images}: must be at least 1")
     try:
         # random weights, the trunk run (its features only give the anchors their places)
-        cfg = load_config(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
-                                                              "MODEL.FOCALSTAR.FEATURE_CACHE", ""],
-                          allow_unsafe=args.unsafe_config)
+        cfg = load_config(
+            args.config_file,
+            list(args.opts)
+            + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.FOCALSTAR.FEATURE_CACHE", ""],
+            allow_unsafe=args.unsafe_config,
+        )
     except ConfigError as e:
         sys.exit(error_line("anchor_stats.py", e))
     from detectron2.modeling import build_model
@@ -99,18 +125,30 @@ def main(argv=None):
     objects = float(np.mean([len(b) for _, _, b in images]))
     background = anchors - fg - ignored
     k = model.num_classes
-    record = dict(config=args.config_file, source="coco-like synthetic boxes" if args.coco_like else cfg.DATASETS.TRAIN[0],
-                  images=len(images), objects_per_image=objects, anchors_per_image=anchors,
-                  foreground_per_image=fg, ignored_per_image=ignored, foreground_fraction=fg / anchors,
-                  background_per_foreground=background / max(fg, 1e-9), num_classes=k,
-                  # what a sigmoid loss sums: K binary problems per anchor, normalised by the positives
-                  binary_negatives_per_positive=(background * k + fg * (k - 1)) / max(fg, 1e-9))
-    print("| source | images | objects / image | anchors / image | foreground / image | foreground fraction "
-          "| background per foreground | classes K | binary negatives per positive |")
+    record = dict(
+        config=args.config_file,
+        source="coco-like synthetic boxes" if args.coco_like else cfg.DATASETS.TRAIN[0],
+        images=len(images),
+        objects_per_image=objects,
+        anchors_per_image=anchors,
+        foreground_per_image=fg,
+        ignored_per_image=ignored,
+        foreground_fraction=fg / anchors,
+        background_per_foreground=background / max(fg, 1e-9),
+        num_classes=k,
+        # what a sigmoid loss sums: K binary problems per anchor, normalised by the positives
+        binary_negatives_per_positive=(background * k + fg * (k - 1)) / max(fg, 1e-9),
+    )
+    print(
+        "| source | images | objects / image | anchors / image | foreground / image | foreground fraction "
+        "| background per foreground | classes K | binary negatives per positive |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {record['source']} | {len(images)} | {objects:.2f} | {anchors:.0f} | {fg:.1f} | "
-          f"{100 * record['foreground_fraction']:.3f}% | {record['background_per_foreground']:.0f} | {k} | "
-          f"{record['binary_negatives_per_positive']:,.0f} |")
+    print(
+        f"| {record['source']} | {len(images)} | {objects:.2f} | {anchors:.0f} | {fg:.1f} | "
+        f"{100 * record['foreground_fraction']:.3f}% | {record['background_per_foreground']:.0f} | {k} | "
+        f"{record['binary_negatives_per_positive']:,.0f} |"
+    )
     print(json.dumps(record))
 
 

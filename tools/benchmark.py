@@ -22,6 +22,7 @@ Speed, side by side in one process, on whatever device it finds:
 
 It prints Markdown tables and writes everything to --out as JSON.
 """
+
 import argparse
 import datetime
 import math
@@ -35,25 +36,57 @@ import torch
 import torch.nn.functional as F
 
 COCO_1X_IMAGES = 90000 * 16
-FULL = dict(images=16, anchors=201600, classes=80, positives=150, train_size=(800, 1333),
-            train_batch=16, infer_batch=8, boxes=7, copy_bytes=2 << 30, loss_iters=20, det_iters=10,
-            warmup=3)
-SMOKE = dict(images=2, anchors=160, classes=8, positives=10, train_size=(64, 96),
-             train_batch=2, infer_batch=2, boxes=3, copy_bytes=16 << 20, loss_iters=1, det_iters=1,
-             warmup=1)
+FULL = dict(
+    images=16,
+    anchors=201600,
+    classes=80,
+    positives=150,
+    train_size=(800, 1333),
+    train_batch=16,
+    infer_batch=8,
+    boxes=7,
+    copy_bytes=2 << 30,
+    loss_iters=20,
+    det_iters=10,
+    warmup=3,
+)
+SMOKE = dict(
+    images=2,
+    anchors=160,
+    classes=8,
+    positives=10,
+    train_size=(64, 96),
+    train_batch=2,
+    infer_batch=2,
+    boxes=3,
+    copy_bytes=16 << 20,
+    loss_iters=1,
+    det_iters=1,
+    warmup=1,
+)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny sizes on the CPU; the fused kernel runs under TRITON_INTERPRET=1")
-    p.add_argument("--sections", nargs="+", default=["loss", "detector"], choices=["loss", "detector"])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny sizes on the CPU; the fused kernel runs under TRITON_INTERPRET=1",
+    )
+    p.add_argument(
+        "--sections", nargs="+", default=["loss", "detector"], choices=["loss", "detector"]
+    )
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--no-amp", action="store_true", help="fp32 train step on CUDA")
-    p.add_argument("--config-file", default="configs/retinanet_R50_flstar_1x.yaml",
-                   help="the detector's config (RetinaNetFLStar or FCOSFLStar); the stock detectron2 "
-                        "class it extends is built from the same one (weights are random either way)")
+    p.add_argument(
+        "--config-file",
+        default="configs/retinanet_R50_flstar_1x.yaml",
+        help="the detector's config (RetinaNetFLStar or FCOSFLStar); the stock detectron2 "
+        "class it extends is built from the same one (weights are random either way)",
+    )
     p.add_argument("--out", default="output/benchmark.json")
     return p.parse_args(argv)
 
@@ -125,7 +158,9 @@ def make_labels(sizes, device, seed=0):
         idx = torch.randperm(r, generator=g)
         pos = idx[: sizes["positives"]]
         labels[i, pos] = torch.randint(0, k, (len(pos),), generator=g)
-        labels[i, idx[sizes["positives"]: 2 * sizes["positives"]]] = -1  # between the IoU thresholds
+        labels[
+            i, idx[sizes["positives"] : 2 * sizes["positives"]]
+        ] = -1  # between the IoU thresholds
     return labels.reshape(-1).to(device)
 
 
@@ -155,15 +190,20 @@ def loss_variants(device, fused_ok, compile_ok):
         def fn(logits, labels):
             x, t = one_hot(logits, labels)
             return sigmoid_classification_loss(x, t, loss_type, alpha, "sum", **params)
+
         return fn
 
     variants = {
         "detectron2 stock FL (fvcore jit, one-hot)": ("FL", stock),
         "torchvision FL (one-hot)": ("FL", torchvision_fl),
         "reference FL (d2_focalstar.modeling.losses)": ("FL", reference("FL", gamma=fl_gamma)),
-        "reference FL* (d2_focalstar.modeling.losses)": ("FLSTAR", reference("FLSTAR", gamma=flstar_gamma, max_factor=cap)),
+        "reference FL* (d2_focalstar.modeling.losses)": (
+            "FLSTAR",
+            reference("FLSTAR", gamma=flstar_gamma, max_factor=cap),
+        ),
     }
     if compile_ok:
+
         def labels_direct(logits, labels):  # no one-hot tensor, ignored anchors masked
             k = logits.shape[1]
             x = logits.float()
@@ -173,15 +213,21 @@ def loss_variants(device, fused_ok, compile_ok):
             a_t = torch.where(t, alpha, 1 - alpha)
             loss = a_t * factor * F.softplus(-x_t)
             return torch.where((labels >= 0)[:, None], loss, 0.0).sum()
+
         variants["torch.compile FL* (labels-direct)"] = ("FLSTAR", torch.compile(labels_direct))
     if fused_ok:
         from d2_focalstar.modeling.fused import fused_classification_loss
 
         variants["fused FL (Triton)"] = (
-            "FL", lambda x, y: fused_classification_loss(x, y, "FL", alpha, gamma=fl_gamma))
+            "FL",
+            lambda x, y: fused_classification_loss(x, y, "FL", alpha, gamma=fl_gamma),
+        )
         variants["fused FL* (Triton)"] = (
-            "FLSTAR", lambda x, y: fused_classification_loss(x, y, "FLSTAR", alpha, gamma=flstar_gamma,
-                                                             max_factor=cap))
+            "FLSTAR",
+            lambda x, y: fused_classification_loss(
+                x, y, "FLSTAR", alpha, gamma=flstar_gamma, max_factor=cap
+            ),
+        )
     return variants
 
 
@@ -199,6 +245,7 @@ def bench_losses(args, sizes, device, timer, copy_gbs):
         grad_bytes = logits.numel() * logits.element_size()
         reference = {}  # loss type -> (loss, grad) of the reference in this dtype
         for name, (loss_type, fn) in variants.items():
+
             def step():
                 logits.grad = None
                 loss = fn(logits, labels)
@@ -215,8 +262,10 @@ def bench_losses(args, sizes, device, timer, copy_gbs):
                 agrees = None
             else:  # half precision: the one-hot paths round the loss terms to fp16/bf16
                 rtol = 1e-4 if dtype == torch.float32 else 2e-2
-                agrees = bool(torch.allclose(loss.detach().float(), ref_loss, rtol=rtol)
-                              and torch.allclose(grad, ref_grad, rtol=rtol, atol=rtol * ref_grad.abs().max()))
+                agrees = bool(
+                    torch.allclose(loss.detach().float(), ref_loss, rtol=rtol)
+                    and torch.allclose(grad, ref_grad, rtol=rtol, atol=rtol * ref_grad.abs().max())
+                )
             try:
                 seconds = timer(step, iters=sizes["loss_iters"])
                 gpu_s = gpu_seconds(device, step)
@@ -226,16 +275,34 @@ def bench_losses(args, sizes, device, timer, copy_gbs):
             logits.grad = None  # the gradient counts in the extra memory
             extra = peak_extra_bytes(device, step)
             effective = 3 * grad_bytes / (gpu_s or seconds) / 1e9
-            rows.append(dict(
-                variant=name, dtype=dtype_name, loss_type=loss_type, ms=seconds * 1e3,
-                gpu_ms=None if gpu_s is None else gpu_s * 1e3, loss_shape_bytes=grad_bytes,
-                effective_gbs=effective, pct_of_copy=100 * effective / copy_gbs,
-                extra_peak_bytes=extra, extra_peak_vs_grad=None if extra is None else extra / grad_bytes,
-                loss=float(loss.detach()), agrees_with_reference=agrees))
+            rows.append(
+                dict(
+                    variant=name,
+                    dtype=dtype_name,
+                    loss_type=loss_type,
+                    ms=seconds * 1e3,
+                    gpu_ms=None if gpu_s is None else gpu_s * 1e3,
+                    loss_shape_bytes=grad_bytes,
+                    effective_gbs=effective,
+                    pct_of_copy=100 * effective / copy_gbs,
+                    extra_peak_bytes=extra,
+                    extra_peak_vs_grad=None if extra is None else extra / grad_bytes,
+                    loss=float(loss.detach()),
+                    agrees_with_reference=agrees,
+                )
+            )
         del logits
     for r in rows:  # how many times faster than torch.compile, by GPU time (else wall time)
-        ref = next((c for c in rows if c["variant"].startswith("torch.compile") and c["dtype"] == r["dtype"]
-                    and "error" not in c), None)
+        ref = next(
+            (
+                c
+                for c in rows
+                if c["variant"].startswith("torch.compile")
+                and c["dtype"] == r["dtype"]
+                and "error" not in c
+            ),
+            None,
+        )
         if ref is not None and "error" not in r:
             r["vs_compile"] = (ref["gpu_ms"] or ref["ms"]) / (r["gpu_ms"] or r["ms"])
     return rows
@@ -257,7 +324,9 @@ def synthetic_batch(sizes, n, device, seed=0):
         boxes = torch.cat([xy, xy + wh], dim=1)
         classes = torch.randint(0, 80, (sizes["boxes"],), generator=g)
         inst = Instances((h, w), gt_boxes=Boxes(boxes), gt_classes=classes)
-        batch.append({"image": image.to(device), "instances": inst.to(device), "height": h, "width": w})
+        batch.append(
+            {"image": image.to(device), "instances": inst.to(device), "height": h, "width": w}
+        )
     return batch
 
 
@@ -271,12 +340,15 @@ def detector_class(config_file):
 
     cfg = get_cfg()
     add_focalstar_config(cfg)
-    cfg.merge_from_file(config_file, allow_unsafe=False)  # a Python tag in a config is refused, not run
+    cfg.merge_from_file(
+        config_file, allow_unsafe=False
+    )  # a Python tag in a config is refused, not run
     return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
 
 
-def detectron2_model(config_file, device, sizes, fused, loss_type="FLSTAR", channels_last=True,
-                     stock=False):
+def detectron2_model(
+    config_file, device, sizes, fused, loss_type="FLSTAR", channels_last=True, stock=False
+):
     """The config's detector; with ``stock``, the detectron2 class it extends (RetinaNet, FCOS)
     built from the same config, with detectron2's own loss."""
     from detectron2.config import get_cfg
@@ -286,13 +358,18 @@ def detectron2_model(config_file, device, sizes, fused, loss_type="FLSTAR", chan
 
     cfg = get_cfg()
     add_focalstar_config(cfg)
-    cfg.merge_from_file(config_file, allow_unsafe=False)  # a Python tag in a config is refused, not run
+    cfg.merge_from_file(
+        config_file, allow_unsafe=False
+    )  # a Python tag in a config is refused, not run
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = str(device)
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = fused
     cfg.MODEL.FOCALSTAR.LOSS_TYPE = loss_type
     cfg.MODEL.FOCALSTAR.CHANNELS_LAST = channels_last  # RetinaNetFLStar's key (CUDA only)
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = sizes["train_size"][0], sizes["train_size"][1]
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = (
+        sizes["train_size"][0],
+        sizes["train_size"][1],
+    )
     if not stock:
         return build_model(cfg)
     ours = detector_class(config_file)
@@ -308,8 +385,9 @@ def torchvision_model(device, sizes):
     from torchvision.models.detection import retinanet_resnet50_fpn
 
     h, w = sizes["train_size"]
-    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=80,
-                                   min_size=h, max_size=w)
+    model = retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=80, min_size=h, max_size=w
+    )
     model.backbone = FrozenBatchNorm2d.convert_frozen_batchnorm(model.backbone)
     body = model.backbone.body
     for module in (body.conv1, body.layer1):
@@ -319,7 +397,10 @@ def torchvision_model(device, sizes):
 
 def torchvision_inputs(batch):
     images = [d["image"].float() / 255 for d in batch]
-    targets = [{"boxes": d["instances"].gt_boxes.tensor, "labels": d["instances"].gt_classes} for d in batch]
+    targets = [
+        {"boxes": d["instances"].gt_boxes.tensor, "labels": d["instances"].gt_classes}
+        for d in batch
+    ]
     return images, targets
 
 
@@ -337,8 +418,12 @@ def fl_mode_check(args, sizes, device, batch):
         got, want = ours(batch), stock(batch)
     diff = {k: abs(float(got[k]) - float(want[k])) / max(abs(float(want[k])), 1e-12) for k in want}
     del ours, stock
-    return dict(fused_kernel=fused, losses_ours={k: float(v) for k, v in got.items()},
-                losses_stock={k: float(v) for k, v in want.items()}, rel_diff=diff)
+    return dict(
+        fused_kernel=fused,
+        losses_ours={k: float(v) for k, v in got.items()},
+        losses_stock={k: float(v) for k, v in want.items()},
+        rel_diff=diff,
+    )
 
 
 def bench_detectors(args, sizes, device, timer):
@@ -348,32 +433,50 @@ def bench_detectors(args, sizes, device, timer):
     cuda = device.type == "cuda"
     batch = synthetic_batch(sizes, sizes["train_batch"], device)
     tv_images, tv_targets = torchvision_inputs(batch)
-    infer_batch = [{k: v for k, v in d.items() if k != "instances"} for d in batch[: sizes["infer_batch"]]]
+    infer_batch = [
+        {k: v for k, v in d.items() if k != "instances"} for d in batch[: sizes["infer_batch"]]
+    ]
     ours = detector_class(args.config_file).__name__
     base = detector_class(args.config_file).__bases__[0].__name__
     stock_name = f"detectron2 {base} (stock)"
     systems = {
         f"{ours} (FL*, this project)": (
-            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=cuda)),
+            "d2",
+            lambda: detectron2_model(args.config_file, device, sizes, fused=cuda),
+        ),
         f"{ours} (FL, this project)": (  # the same loss as stock: the code path alone differs
-            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=cuda, loss_type="FL")),
+            "d2",
+            lambda: detectron2_model(args.config_file, device, sizes, fused=cuda, loss_type="FL"),
+        ),
         f"{ours} (FL*, FUSED_KERNEL off)": (  # how much of the difference the kernel makes
-            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=False)),
+            "d2",
+            lambda: detectron2_model(args.config_file, device, sizes, fused=False),
+        ),
         # the rest of the step, one change at a time, each on top of the project's defaults:
         # channels_last weights (MODEL.FOCALSTAR.CHANNELS_LAST, on by default on CUDA) and
         # cuDNN's autotuner (detectron2's CUDNN_BENCHMARK; the batch is one fixed size here)
         f"{ours} (FL*, CHANNELS_LAST off)": (
-            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=cuda,
-                                           channels_last=False)),
+            "d2",
+            lambda: detectron2_model(
+                args.config_file, device, sizes, fused=cuda, channels_last=False
+            ),
+        ),
         f"{ours} (FL*, + cudnn.benchmark)": (
-            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=cuda),
-            dict(cudnn_benchmark=True)),
+            "d2",
+            lambda: detectron2_model(args.config_file, device, sizes, fused=cuda),
+            dict(cudnn_benchmark=True),
+        ),
         stock_name: (
-            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=False, stock=True)),
+            "d2",
+            lambda: detectron2_model(args.config_file, device, sizes, fused=False, stock=True),
+        ),
         # how much of the gain is the layout alone, which the stock detector could have too
         f"{stock_name[:-1]}, + channels_last)": (
-            "d2", lambda: detectron2_model(args.config_file, device, sizes, fused=False, stock=True
-                                           ).to(memory_format=torch.channels_last)),
+            "d2",
+            lambda: detectron2_model(args.config_file, device, sizes, fused=False, stock=True).to(
+                memory_format=torch.channels_last
+            ),
+        ),
     }
     if base == "RetinaNet":
         systems["torchvision RetinaNet"] = ("tv", lambda: torchvision_model(device, sizes))
@@ -407,9 +510,17 @@ def bench_detectors(args, sizes, device, timer):
         model.eval()
         infer_s = timer(infer, iters=sizes["det_iters"])
         train_ips = sizes["train_batch"] / train_s
-        rows.append(dict(system=name, amp=amp, train_s_per_iter=train_s, train_img_s=train_ips,
-                         train_peak_bytes=train_peak, infer_img_s=sizes["infer_batch"] / infer_s,
-                         coco_1x_hours=COCO_1X_IMAGES / train_ips / 3600))
+        rows.append(
+            dict(
+                system=name,
+                amp=amp,
+                train_s_per_iter=train_s,
+                train_img_s=train_ips,
+                train_peak_bytes=train_peak,
+                infer_img_s=sizes["infer_batch"] / infer_s,
+                coco_1x_hours=COCO_1X_IMAGES / train_ips / 3600,
+            )
+        )
         del model, opt
         torch.backends.cudnn.benchmark = cudnn_benchmark
         if cuda:
@@ -434,11 +545,15 @@ def gib(b):
 
 def print_tables(report):
     meta = report["meta"]
-    print(f"\n{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}")
+    print(
+        f"\n{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}"
+    )
     print(f"copy bandwidth: {meta['copy_gbs']:.0f} GB/s | logits {meta['logits_shape']}\n")
     if report.get("loss"):
-        print("| variant | dtype | GPU ms | wall ms | vs torch.compile | effective GB/s | % of copy | "
-              "extra peak GiB | x grad size | agrees |")
+        print(
+            "| variant | dtype | GPU ms | wall ms | vs torch.compile | effective GB/s | % of copy | "
+            "extra peak GiB | x grad size | agrees |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in report["loss"]:
             if "error" in r:
@@ -446,65 +561,100 @@ def print_tables(report):
                 continue
             agrees = {None: "(reference)", True: "yes", False: "NO"}[r["agrees_with_reference"]]
             vs = r.get("vs_compile")
-            print(f"| {r['variant']} | {r['dtype']} | {fmt(r['gpu_ms'], '.3f')} | {r['ms']:.3f} | "
-                  f"{'n/a' if vs is None else f'{vs:.2f}x'} | {r['effective_gbs']:.0f} | "
-                  f"{r['pct_of_copy']:.0f}% | {fmt(gib(r['extra_peak_bytes']), '.2f')} | "
-                  f"{fmt(r['extra_peak_vs_grad'], '.2f')} | {agrees} |")
+            print(
+                f"| {r['variant']} | {r['dtype']} | {fmt(r['gpu_ms'], '.3f')} | {r['ms']:.3f} | "
+                f"{'n/a' if vs is None else f'{vs:.2f}x'} | {r['effective_gbs']:.0f} | "
+                f"{r['pct_of_copy']:.0f}% | {fmt(gib(r['extra_peak_bytes']), '.2f')} | "
+                f"{fmt(r['extra_peak_vs_grad'], '.2f')} | {agrees} |"
+            )
         print()
     if report.get("fl_mode_check"):
         c = report["fl_mode_check"]
-        print("FL mode vs stock detectron2 RetinaNet, same weights and batch, fp32"
-              f" (fused kernel {'on' if c['fused_kernel'] else 'off'}): relative difference "
-              + ", ".join(f"{k} {v:.1e}" for k, v in c["rel_diff"].items()) + "\n")
+        print(
+            "FL mode vs stock detectron2 RetinaNet, same weights and batch, fp32"
+            f" (fused kernel {'on' if c['fused_kernel'] else 'off'}): relative difference "
+            + ", ".join(f"{k} {v:.1e}" for k, v in c["rel_diff"].items())
+            + "\n"
+        )
     failed = [c for c in report.get("fused_self_check", []) if c["disagreement"]]
     for c in failed:
-        print(f"WARNING: the fused kernel failed its self-check ({', '.join(c['setting'])}: "
-              f"{c['disagreement']}); the rows of this project timed the reference functions\n")
+        print(
+            f"WARNING: the fused kernel failed its self-check ({', '.join(c['setting'])}: "
+            f"{c['disagreement']}); the rows of this project timed the reference functions\n"
+        )
     if report.get("detector"):
-        print("| system | train img/s | s/iter | peak GiB | vs stock (train) | vs stock (peak) | "
-              "inference img/s | COCO 1x hours (1 device) |")
+        print(
+            "| system | train img/s | s/iter | peak GiB | vs stock (train) | vs stock (peak) | "
+            "inference img/s | COCO 1x hours (1 device) |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in report["detector"]:
-            print(f"| {r['system']} | {r['train_img_s']:.1f} | {r['train_s_per_iter']:.3f} | "
-                  f"{fmt(gib(r['train_peak_bytes']), '.1f')} | {r['train_vs_stock']:.3f}x | "
-                  f"{fmt(r.get('peak_vs_stock'), '.3f')} | {r['infer_img_s']:.1f} | {r['coco_1x_hours']:.1f} |")
+            print(
+                f"| {r['system']} | {r['train_img_s']:.1f} | {r['train_s_per_iter']:.3f} | "
+                f"{fmt(gib(r['train_peak_bytes']), '.1f')} | {r['train_vs_stock']:.3f}x | "
+                f"{fmt(r.get('peak_vs_stock'), '.3f')} | {r['infer_img_s']:.1f} | {r['coco_1x_hours']:.1f} |"
+            )
         print()
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.cpu_smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when d2_focalstar.modeling.fused is imported
+        os.environ.setdefault(
+            "TRITON_INTERPRET", "1"
+        )  # read when d2_focalstar.modeling.fused is imported
         device = torch.device("cpu")
         sizes = SMOKE
     else:
         if not torch.cuda.is_available():
             from d2_focalstar.run.errors import error_line
 
-            sys.exit(error_line("tools/benchmark.py", "no CUDA device; use --cpu-smoke for the CPU smoke run"))
+            sys.exit(
+                error_line(
+                    "tools/benchmark.py", "no CUDA device; use --cpu-smoke for the CPU smoke run"
+                )
+            )
         device = torch.device("cuda")
         sizes = FULL  # cudnn.benchmark stays off (detectron2's CUDNN_BENCHMARK default) but in its own row
     timer = Timer(device, sizes["warmup"])
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    copy_gbs = copy_bandwidth(device, sizes["copy_bytes"], timer)  # what the GPU ms are held against
-    report = {"meta": dict(
-        command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__, triton=triton_version, cpu_smoke=args.cpu_smoke, sizes=sizes,
-        copy_gbs=copy_gbs, logits_shape=[sizes["images"], sizes["anchors"], sizes["classes"]])}
+    copy_gbs = copy_bandwidth(
+        device, sizes["copy_bytes"], timer
+    )  # what the GPU ms are held against
+    report = {
+        "meta": dict(
+            command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+            date=datetime.datetime.now().isoformat(timespec="seconds"),
+            device_name=torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu",
+            torch=torch.__version__,
+            triton=triton_version,
+            cpu_smoke=args.cpu_smoke,
+            sizes=sizes,
+            copy_gbs=copy_gbs,
+            logits_shape=[sizes["images"], sizes["anchors"], sizes["classes"]],
+        )
+    }
     if "loss" in args.sections:
         report["loss"] = bench_losses(args, sizes, device, timer, copy_gbs)
     if "detector" in args.sections:
-        report["fl_mode_check"] = fl_mode_check(args, sizes, device, synthetic_batch(sizes, sizes["train_batch"], device))
+        report["fl_mode_check"] = fl_mode_check(
+            args, sizes, device, synthetic_batch(sizes, sizes["train_batch"], device)
+        )
         report["detector"] = bench_detectors(args, sizes, device, timer)
-        if "d2_focalstar.modeling.fused" in sys.modules:  # a kernel that failed its self-check was not timed
-            report["fused_self_check"] = [dict(setting=[str(k) for k in key], disagreement=verdict)
-                                          for key, verdict in sys.modules["d2_focalstar.modeling.fused"]._verdicts.items()]
+        if (
+            "d2_focalstar.modeling.fused" in sys.modules
+        ):  # a kernel that failed its self-check was not timed
+            report["fused_self_check"] = [
+                dict(setting=[str(k) for k in key], disagreement=verdict)
+                for key, verdict in sys.modules["d2_focalstar.modeling.fused"]._verdicts.items()
+            ]
     print_tables(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     from d2_focalstar.fileio import write_json

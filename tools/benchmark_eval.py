@@ -10,6 +10,7 @@ faster-coco-eval (d2_focalstar/evaluation/coco.py). Prints Markdown tables and w
     python tools/benchmark_eval.py --sections cocoeval --out output/benchmark_cocoeval.json
     python tools/benchmark_eval.py --images 200 --resamples 20 --out output/bench_eval_small.json   # quick
 """
+
 import argparse
 import datetime
 import os
@@ -31,7 +32,9 @@ def bench_bootstrap(args):
     (what tools/compare.py uses); the intervals must be the same."""
     gt, dets_a = synthetic_coco(args.images, seed=0)
     rng = np.random.default_rng(1)
-    dets_b = [d for d in dets_a if rng.random() > 0.1]  # another "run": a tenth of its detections lost
+    dets_b = [
+        d for d in dets_a if rng.random() > 0.1
+    ]  # another "run": a tenth of its detections lost
     start = time.perf_counter()
     a = RunEvaluation(gt, dets_a, ["class1", "class2"], name="a")
     b = RunEvaluation(gt, dets_b, ["class1", "class2"], name="b")
@@ -39,16 +42,27 @@ def bench_bootstrap(args):
     seconds, results = {}, {}
     for path, batch in (("one at a time", 0), ("batched", args.batch)):
         start = time.perf_counter()
-        results[path] = paired_bootstrap([a], [b], num_resamples=args.resamples, seed=0, batch=batch)
+        results[path] = paired_bootstrap(
+            [a], [b], num_resamples=args.resamples, seed=0, batch=batch
+        )
         seconds[path] = time.perf_counter() - start
     res = results["batched"]
     same = results["batched"] == results["one at a time"]
-    return dict(images=args.images, boxes=len(gt["annotations"]), detections=len(dets_a),
-                resamples=args.resamples, matching_s_two_runs=match_s,
-                reference_bootstrap_s=seconds["one at a time"], bootstrap_s=seconds["batched"],
-                batch=args.batch, speedup=seconds["one at a time"] / seconds["batched"], same_numbers=same,
-                per_resample_ms=1000 * seconds["batched"] / max(args.resamples, 1),
-                ap_diff=res["AP"]["diff"], ap_interval=[res["AP"]["low"], res["AP"]["high"]])
+    return dict(
+        images=args.images,
+        boxes=len(gt["annotations"]),
+        detections=len(dets_a),
+        resamples=args.resamples,
+        matching_s_two_runs=match_s,
+        reference_bootstrap_s=seconds["one at a time"],
+        bootstrap_s=seconds["batched"],
+        batch=args.batch,
+        speedup=seconds["one at a time"] / seconds["batched"],
+        same_numbers=same,
+        per_resample_ms=1000 * seconds["batched"] / max(args.resamples, 1),
+        ap_diff=res["AP"]["diff"],
+        ap_interval=[res["AP"]["low"], res["AP"]["high"]],
+    )
 
 
 def bench_cocoeval(args):
@@ -70,44 +84,69 @@ def bench_cocoeval(args):
         start = time.perf_counter()
         stats[impl] = evaluate_coco(coco, copies, impl)
         seconds[impl] = time.perf_counter() - start
-    return dict(images=args.images, boxes=len(gt["annotations"]), detections=len(dets),
-                pycocotools_s=seconds["pycocotools"], faster_coco_eval_s=seconds["fast"],
-                faster_coco_eval=coco_eval_implementation()[0],
-                speedup=seconds["pycocotools"] / seconds["fast"], ap=stats["fast"][0],
-                max_abs_diff=max(abs(a - b) for a, b in zip(stats["pycocotools"], stats["fast"])))
+    return dict(
+        images=args.images,
+        boxes=len(gt["annotations"]),
+        detections=len(dets),
+        pycocotools_s=seconds["pycocotools"],
+        faster_coco_eval_s=seconds["fast"],
+        faster_coco_eval=coco_eval_implementation()[0],
+        speedup=seconds["pycocotools"] / seconds["fast"],
+        ap=stats["fast"][0],
+        max_abs_diff=max(abs(a - b) for a, b in zip(stats["pycocotools"], stats["fast"])),
+    )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--resamples", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=50, help="resamples scored at once by the batched path")
+    p.add_argument(
+        "--batch", type=int, default=50, help="resamples scored at once by the batched path"
+    )
     p.add_argument("--out", default="output/benchmark_eval.json")
-    p.add_argument("--sections", nargs="+", default=["bootstrap", "cocoeval"],
-                   choices=["bootstrap", "cocoeval"])
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=["bootstrap", "cocoeval"],
+        choices=["bootstrap", "cocoeval"],
+    )
     args = p.parse_args(argv)
-    meta = dict(date=datetime.date.today().isoformat(), machine=platform.machine(), cpus=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), python=platform.python_version(),
-                numpy=np.__version__)
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        machine=platform.machine(),
+        cpus=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        numpy=np.__version__,
+    )
     report = {"meta": meta}
     print(f"\n{meta}\n")
     if "bootstrap" in args.sections:
         row = report["bootstrap"] = bench_bootstrap(args)
-        print("| what | images | boxes | detections | resamples | matching (2 runs) s | one at a time s | "
-              "batched s | speed-up | same intervals |")
+        print(
+            "| what | images | boxes | detections | resamples | matching (2 runs) s | one at a time s | "
+            "batched s | speed-up | same intervals |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        print(f"| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | {row['images']} | {row['boxes']} | "
-              f"{row['detections']} | {row['resamples']} | {row['matching_s_two_runs']:.1f} | "
-              f"{row['reference_bootstrap_s']:.1f} | {row['bootstrap_s']:.1f} | {row['speedup']:.1f}x | "
-              f"{'yes' if row['same_numbers'] else 'NO'} |\n")
+        print(
+            f"| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | {row['images']} | {row['boxes']} | "
+            f"{row['detections']} | {row['resamples']} | {row['matching_s_two_runs']:.1f} | "
+            f"{row['reference_bootstrap_s']:.1f} | {row['bootstrap_s']:.1f} | {row['speedup']:.1f}x | "
+            f"{'yes' if row['same_numbers'] else 'NO'} |\n"
+        )
     if "cocoeval" in args.sections:
         row = report["cocoeval"] = bench_cocoeval(args)
-        print("| what | images | boxes | detections | pycocotools s | faster-coco-eval s | speed-up | "
-              "max diff of the 12 numbers |")
+        print(
+            "| what | images | boxes | detections | pycocotools s | faster-coco-eval s | speed-up | "
+            "max diff of the 12 numbers |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        print(f"| COCO evaluation of one run (COCOEvaluator's 12 numbers) | {row['images']} | {row['boxes']} | "
-              f"{row['detections']} | {row['pycocotools_s']:.1f} | {row['faster_coco_eval_s']:.1f} | "
-              f"{row['speedup']:.1f}x | {row['max_abs_diff']:.1e} |")
+        print(
+            f"| COCO evaluation of one run (COCOEvaluator's 12 numbers) | {row['images']} | {row['boxes']} | "
+            f"{row['detections']} | {row['pycocotools_s']:.1f} | {row['faster_coco_eval_s']:.1f} | "
+            f"{row['speedup']:.1f}x | {row['max_abs_diff']:.1e} |"
+        )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_json(args.out, report)
     print(f"\nwrote {args.out}")

@@ -16,6 +16,7 @@ and 8 GPUs (steps + data + evaluation), each figure labelled measured or project
 by the loader (--step-workers workers): img/s with real data, and the share of each step spent
 waiting for it (detectron2's data_time). Run it on the machine whose CPUs feed the GPU.
 """
+
 import argparse
 import datetime
 import math
@@ -34,7 +35,9 @@ from d2_focalstar.fileio import write_json
 from d2_focalstar.data.synthetic_coco import synthetic_coco
 
 # Measured figures the projection starts from (docs/BENCHMARKS.md, H100, run B, commit 626fba8):
-STEP_IMG_S = 123.6  # RetinaNetFLStar train step, batch 16 at 800x1333, AMP, synthetic batches on the GPU
+STEP_IMG_S = (
+    123.6  # RetinaNetFLStar train step, batch 16 at 800x1333, AMP, synthetic batches on the GPU
+)
 INFERENCE_IMG_S = 102.3  # its inference, batch 8
 COCO_1X_IMAGES = 90000 * 16  # SOLVER.MAX_ITER x SOLVER.IMS_PER_BATCH of the 1x configs
 COCO_VAL_IMAGES = 5000
@@ -69,7 +72,9 @@ def make_coco_like(folder, num_images, size=(640, 480), quality=90, seed=0):
         boxes.setdefault(ann["image_id"], []).append(ann["bbox"])
     sizes = []
     for img in gt["images"]:
-        low = rng.uniform(0, 255, size=(rng.integers(6, 24), rng.integers(8, 32), 3)).astype(np.uint8)
+        low = rng.uniform(0, 255, size=(rng.integers(6, 24), rng.integers(8, 32), 3)).astype(
+            np.uint8
+        )
         pixels = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.float32)
         for x, y, bw, bh in boxes.get(img["id"], []):
             x0, y0, x1, y1 = int(x), int(y), int(x + bw), int(y + bh)
@@ -93,9 +98,22 @@ def loader_config(config_file, json_file, image_root, workers, batch, opts=()):
     from d2_focalstar.data.catalog import register_coco_json_datasets
 
     name = "benchmark_coco_like"
-    cfg = load_config(config_file, [*opts, "DATASETS.COCO_JSON", str([[name, json_file, image_root]]),
-                                    "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()",
-                                    "DATALOADER.NUM_WORKERS", str(workers), "SOLVER.IMS_PER_BATCH", str(batch)])
+    cfg = load_config(
+        config_file,
+        [
+            *opts,
+            "DATASETS.COCO_JSON",
+            str([[name, json_file, image_root]]),
+            "DATASETS.TRAIN",
+            f"('{name}',)",
+            "DATASETS.TEST",
+            "()",
+            "DATALOADER.NUM_WORKERS",
+            str(workers),
+            "SOLVER.IMS_PER_BATCH",
+            str(batch),
+        ],
+    )
     from detectron2.data import DatasetCatalog
 
     if name not in DatasetCatalog.list():
@@ -165,9 +183,16 @@ def time_steps(cfg, iters, warmup):
                 waits.append(storage.history("data_time").latest())
             storage.step()
     step = statistics.median(times)
-    return dict(device=device, amp=amp, batch=cfg.SOLVER.IMS_PER_BATCH, iters=iters,
-                s_per_iter=step, img_s=cfg.SOLVER.IMS_PER_BATCH / step,
-                data_wait_s=statistics.mean(waits), data_wait_share=statistics.mean(waits) / step)
+    return dict(
+        device=device,
+        amp=amp,
+        batch=cfg.SOLVER.IMS_PER_BATCH,
+        iters=iters,
+        s_per_iter=step,
+        img_s=cfg.SOLVER.IMS_PER_BATCH / step,
+        data_wait_s=statistics.mean(waits),
+        data_wait_share=statistics.mean(waits) / step,
+    )
 
 
 def workers_needed(rows, step_img_s):
@@ -193,10 +218,14 @@ def loader_rate(rows, workers):
     if not timed:
         return None, "not measured"
     near = min(timed, key=lambda r: abs(r["workers"] - workers))
-    return near["img_s_per_worker"] * workers, f"projected from {near['workers']} workers' rate per worker"
+    return near[
+        "img_s_per_worker"
+    ] * workers, f"projected from {near['workers']} workers' rate per worker"
 
 
-def project_coco_1x(step_img_s, inference_img_s, cocoeval_s, gpus, loader=(None, "not measured"), workers=None):
+def project_coco_1x(
+    step_img_s, inference_img_s, cocoeval_s, gpus, loader=(None, "not measured"), workers=None
+):
     """Hours of a COCO 1x run on ``gpus`` GPUs: [(part, hours, how it was obtained)], the last row
     the total. Steps from the measured one-GPU step rate (several GPUs: perfect scaling, an upper
     bound on speed); data: the time the step waits when each process's loader (``loader``: its
@@ -204,87 +233,176 @@ def project_coco_1x(step_img_s, inference_img_s, cocoeval_s, gpus, loader=(None,
     when it keeps up (it runs ahead); evaluation: inference of COCO val on the GPUs plus the COCO
     API's time on one CPU."""
     images_per_gpu = COCO_1X_IMAGES / gpus
-    rows = [("training steps", images_per_gpu / step_img_s / 3600,
-             f"projected: {COCO_1X_IMAGES:,} images at the measured {step_img_s} img/s per GPU"
-             + (f" x {gpus} GPUs (perfect scaling: not measured)" if gpus > 1 else ""))]
+    rows = [
+        (
+            "training steps",
+            images_per_gpu / step_img_s / 3600,
+            f"projected: {COCO_1X_IMAGES:,} images at the measured {step_img_s} img/s per GPU"
+            + (f" x {gpus} GPUs (perfect scaling: not measured)" if gpus > 1 else ""),
+        )
+    ]
     loader_img_s, loader_how = loader
     if loader_img_s is not None:
         wait = max(0.0, images_per_gpu / loader_img_s - images_per_gpu / step_img_s) / 3600
-        rows.append((f"waiting for data ({workers} loader workers per GPU)", wait,
-                     f"projected: loader {loader_img_s:.1f} img/s per process ({loader_how}) against the step"))
-    rows.append(("evaluation: inference on COCO val", COCO_VAL_IMAGES / inference_img_s / gpus / 3600,
-                 f"projected: {COCO_VAL_IMAGES} images at the measured {inference_img_s} img/s per GPU "
-                 "(batch 8; detectron2 evaluates at batch 1, slower)"))
+        rows.append(
+            (
+                f"waiting for data ({workers} loader workers per GPU)",
+                wait,
+                f"projected: loader {loader_img_s:.1f} img/s per process ({loader_how}) against the step",
+            )
+        )
+    rows.append(
+        (
+            "evaluation: inference on COCO val",
+            COCO_VAL_IMAGES / inference_img_s / gpus / 3600,
+            f"projected: {COCO_VAL_IMAGES} images at the measured {inference_img_s} img/s per GPU "
+            "(batch 8; detectron2 evaluates at batch 1, slower)",
+        )
+    )
     if cocoeval_s is not None:
-        rows.append(("evaluation: COCO API (faster-coco-eval)", cocoeval_s / 3600,
-                     "measured: tools/benchmark_eval.py --sections cocoeval on a COCO-val-sized set"))
+        rows.append(
+            (
+                "evaluation: COCO API (faster-coco-eval)",
+                cocoeval_s / 3600,
+                "measured: tools/benchmark_eval.py --sections cocoeval on a COCO-val-sized set",
+            )
+        )
     total = sum(hours for _, hours, _ in rows)
-    rows.append(("total", total, "sum" + ("" if cocoeval_s is not None else " (without the COCO API's time)")
-                 + ("" if loader_img_s is not None else " (without data loading)")))
+    rows.append(
+        (
+            "total",
+            total,
+            "sum"
+            + ("" if cocoeval_s is not None else " (without the COCO API's time)")
+            + ("" if loader_img_s is not None else " (without data loading)"),
+        )
+    )
     return rows
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", default="configs/retinanet_R50_flstar_1x.yaml")
-    p.add_argument("--images", type=int, default=500, help="COCO-like JPEG files to make (default 500)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8],
-                   help="loader workers to time (0: in the training process itself)")
-    p.add_argument("--batch", type=int, default=2,
-                   help="images per batch of one process (default 2: 16 images over 8 GPUs)")
+    p.add_argument(
+        "--images", type=int, default=500, help="COCO-like JPEG files to make (default 500)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8],
+        help="loader workers to time (0: in the training process itself)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=2,
+        help="images per batch of one process (default 2: 16 images over 8 GPUs)",
+    )
     p.add_argument("--batches", type=int, default=100, help="batches timed per worker count")
-    p.add_argument("--warmup", type=int, default=10, help="batches before timing (the workers' start)")
+    p.add_argument(
+        "--warmup", type=int, default=10, help="batches before timing (the workers' start)"
+    )
     p.add_argument("--step", action="store_true", help="also time the train step fed by the loader")
-    p.add_argument("--step-workers", type=int, help="workers for --step (default: the most of --workers)")
-    p.add_argument("--step-batch", type=int, default=16, help="images per step for --step (default 16, one GPU)")
+    p.add_argument(
+        "--step-workers", type=int, help="workers for --step (default: the most of --workers)"
+    )
+    p.add_argument(
+        "--step-batch",
+        type=int,
+        default=16,
+        help="images per step for --step (default 16, one GPU)",
+    )
     p.add_argument("--step-iters", type=int, default=50)
     p.add_argument("--step-warmup", type=int, default=5)
-    p.add_argument("--step-img-s", type=float, default=STEP_IMG_S,
-                   help=f"train-step rate a GPU needs data for (default {STEP_IMG_S}, measured on an H100)")
-    p.add_argument("--eval-json", help="tools/benchmark_eval.py's JSON: its COCO API time goes into the hours")
-    p.add_argument("--data-dir", help="where to make the files (default: a temporary folder, removed)")
+    p.add_argument(
+        "--step-img-s",
+        type=float,
+        default=STEP_IMG_S,
+        help=f"train-step rate a GPU needs data for (default {STEP_IMG_S}, measured on an H100)",
+    )
+    p.add_argument(
+        "--eval-json", help="tools/benchmark_eval.py's JSON: its COCO API time goes into the hours"
+    )
+    p.add_argument(
+        "--data-dir", help="where to make the files (default: a temporary folder, removed)"
+    )
     p.add_argument("--out", default="output/benchmark_loader.json")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs, last")
     args = p.parse_args(argv)
 
-    meta = dict(date=datetime.date.today().isoformat(), cpu=cpu_name(), cpus=os.cpu_count(),
-                cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                torch=torch.__version__, python=platform.python_version(), config=args.config_file,
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        cpu=cpu_name(),
+        cpus=os.cpu_count(),
+        cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        config=args.config_file,
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )
     with tempfile.TemporaryDirectory(prefix="coco-like-", dir=args.data_dir) as folder:
         start = time.perf_counter()
         json_file, image_root, kb = make_coco_like(folder, args.images)
-        meta.update(images=args.images, image_size="640x480", jpeg_quality=90, mean_file_kb=round(kb, 1),
-                    made_in_s=round(time.perf_counter() - start, 1))
+        meta.update(
+            images=args.images,
+            image_size="640x480",
+            jpeg_quality=90,
+            mean_file_kb=round(kb, 1),
+            made_in_s=round(time.perf_counter() - start, 1),
+        )
         print(f"\n{meta}\n")
         rows = []
-        print("| loader workers | images/s (one process) | images/s per worker | batches x images | seconds |")
+        print(
+            "| loader workers | images/s (one process) | images/s per worker | batches x images | seconds |"
+        )
         print("| --- | --- | --- | --- | --- |")
         for workers in args.workers:
-            cfg = loader_config(args.config_file, json_file, image_root, workers, args.batch, args.opts)
+            cfg = loader_config(
+                args.config_file, json_file, image_root, workers, args.batch, args.opts
+            )
             img_s, images, seconds = time_loader(cfg, args.batches, args.warmup)
-            row = dict(workers=workers, img_s=img_s, img_s_per_worker=img_s / max(workers, 1),
-                       images=images, seconds=seconds, batch=args.batch)
+            row = dict(
+                workers=workers,
+                img_s=img_s,
+                img_s_per_worker=img_s / max(workers, 1),
+                images=images,
+                seconds=seconds,
+                batch=args.batch,
+            )
             rows.append(row)
-            print(f"| {workers} | {img_s:.1f} | {row['img_s_per_worker']:.1f} | {args.batches} x {args.batch} | "
-                  f"{seconds:.1f} |", flush=True)
+            print(
+                f"| {workers} | {img_s:.1f} | {row['img_s_per_worker']:.1f} | {args.batches} x {args.batch} | "
+                f"{seconds:.1f} |",
+                flush=True,
+            )
         report = {"meta": meta, "loader": rows}
         # what a run of the config gets: its own DATALOADER.NUM_WORKERS per GPU
         cfg_workers = load_config(args.config_file, args.opts).DATALOADER.NUM_WORKERS
         needed, how = workers_needed(rows, args.step_img_s)
         report["workers_per_gpu"] = dict(for_img_s=args.step_img_s, workers=needed, how=how)
-        print(f"\nLoader workers per GPU for a {args.step_img_s} img/s train step: {needed} ({how}, "
-              f"this machine's CPU: {meta['cpu']}); an 8-GPU node then needs "
-              f"{8 * (needed + 1) if needed else '?'} cores (a worker each, and each training process)")
+        print(
+            f"\nLoader workers per GPU for a {args.step_img_s} img/s train step: {needed} ({how}, "
+            f"this machine's CPU: {meta['cpu']}); an 8-GPU node then needs "
+            f"{8 * (needed + 1) if needed else '?'} cores (a worker each, and each training process)"
+        )
         if args.step:
             workers = args.step_workers if args.step_workers is not None else max(args.workers)
-            cfg = loader_config(args.config_file, json_file, image_root, workers, args.step_batch, args.opts)
-            step = report["step"] = dict(time_steps(cfg, args.step_iters, args.step_warmup), workers=workers)
-            print(f"\n| train step fed by the loader | device | AMP | workers | batch | img/s | s / iter | "
-                  f"waiting for data |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
-                  f"| {cfg.MODEL.META_ARCHITECTURE} | {step['device']} | {step['amp']} | {workers} | "
-                  f"{step['batch']} | {step['img_s']:.1f} | {step['s_per_iter']:.3f} | "
-                  f"{100 * step['data_wait_share']:.1f}% |")
+            cfg = loader_config(
+                args.config_file, json_file, image_root, workers, args.step_batch, args.opts
+            )
+            step = report["step"] = dict(
+                time_steps(cfg, args.step_iters, args.step_warmup), workers=workers
+            )
+            print(
+                f"\n| train step fed by the loader | device | AMP | workers | batch | img/s | s / iter | "
+                f"waiting for data |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+                f"| {cfg.MODEL.META_ARCHITECTURE} | {step['device']} | {step['amp']} | {workers} | "
+                f"{step['batch']} | {step['img_s']:.1f} | {step['s_per_iter']:.3f} | "
+                f"{100 * step['data_wait_share']:.1f}% |"
+            )
     cocoeval_s = None
     if args.eval_json:
         import json
@@ -296,9 +414,17 @@ def main(argv=None):
     for workers in dict.fromkeys(w for w in (cfg_workers, needed) if w is not None):
         for gpus in (1, 8):
             key = f"{gpus} GPU(s), {workers} workers per GPU"
-            hours = project_coco_1x(args.step_img_s, INFERENCE_IMG_S, cocoeval_s, gpus,
-                                    loader_rate(report["loader"], workers), workers)
-            report["coco_1x_hours"][key] = [dict(part=part, hours=h, how=how) for part, h, how in hours]
+            hours = project_coco_1x(
+                args.step_img_s,
+                INFERENCE_IMG_S,
+                cocoeval_s,
+                gpus,
+                loader_rate(report["loader"], workers),
+                workers,
+            )
+            report["coco_1x_hours"][key] = [
+                dict(part=part, hours=h, how=how) for part, h, how in hours
+            ]
             print(f"\nCOCO 1x on {key}, hours:\n\n| part | hours | how |\n| --- | --- | --- |")
             for part, h, how in hours:
                 print(f"| {part} | {h:.2f} | {how} |")

@@ -21,10 +21,13 @@ The levers, each row adding to the one before unless it says otherwise:
    one row (the throughput column counts it);
 5. the loss compiled by torch.compile (MODEL.FOCALSTAR.COMPILE_LOSS; compiled in the warm-up).
 """
+
 import warnings
 
 # fvcore jit-scripts its losses when detectron2 imports it, which recent torch deprecates loudly
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import datetime
@@ -52,12 +55,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cache_features import write_cache  # noqa: E402  (a sibling tool: the cache is made as it makes it)
 
 LEVERS = (
-    ("round-2 set-up: whole ResNet trains, 2 threads", ["MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.RESNETS.NORM", "BN",
-                                                        "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"], 2, False),
+    (
+        "round-2 set-up: whole ResNet trains, 2 threads",
+        [
+            "MODEL.BACKBONE.FREEZE_AT",
+            "0",
+            "MODEL.RESNETS.NORM",
+            "BN",
+            "MODEL.BACKBONE.NAME",
+            "build_retinanet_resnet_fpn_backbone",
+        ],
+        2,
+        False,
+    ),
     ("+ trunk frozen (FREEZE_AT 5, FrozenBN)", [], 2, False),
     ("+ trunk features from the cache", [], 2, True),
     ("+ 1 thread per run (two runs side by side)", [], 1, True),
-    ("+ the loss compiled (MODEL.FOCALSTAR.COMPILE_LOSS)", ["MODEL.FOCALSTAR.COMPILE_LOSS", "True"], 1, True),
+    (
+        "+ the loss compiled (MODEL.FOCALSTAR.COMPILE_LOSS)",
+        ["MODEL.FOCALSTAR.COMPILE_LOSS", "True"],
+        1,
+        True,
+    ),
 )
 
 
@@ -66,8 +85,13 @@ def subset(name, count):
     small = f"{name}_first{count}"
     if small not in DatasetCatalog.list():
         DatasetCatalog.register(small, lambda: DatasetCatalog.get(name)[:count])
-        MetadataCatalog.get(small).set(**{k: v for k, v in MetadataCatalog.get(name).as_dict().items()
-                                         if k not in ("name", "json_file")})
+        MetadataCatalog.get(small).set(
+            **{
+                k: v
+                for k, v in MetadataCatalog.get(name).as_dict().items()
+                if k not in ("name", "json_file")
+            }
+        )
     return small
 
 
@@ -80,7 +104,9 @@ class Lever:
         self.model = build_model(cfg)
         self.model.train()
         self.optimizer = build_optimizer(cfg, self.model)
-        self.loader = iter(build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True)))
+        self.loader = iter(
+            build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+        )
         self.seconds = []
 
     def step(self, iters, timed=True):
@@ -107,25 +133,50 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=4, help="timed iterations per lever and round")
     p.add_argument("--rounds", type=int, default=5, help="rounds; every lever is timed in each")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
-    p.add_argument("--images", type=int, default=512, help="training images the levers draw from (and cache)")
+    p.add_argument(
+        "--images", type=int, default=512, help="training images the levers draw from (and cache)"
+    )
     p.add_argument("--out", default="output/benchmark_proxy.json")
     args = p.parse_args(argv)
     for flag in ("iters", "rounds", "images"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     logging.basicConfig(level=logging.WARNING)
-    base = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.FOCALSTAR.FEATURE_CACHE", "",
-                                          "DATASETS.TEST", "()"])
+    base = load_config(
+        args.config_file,
+        [
+            "MODEL.WEIGHTS",
+            "",
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.FOCALSTAR.FEATURE_CACHE",
+            "",
+            "DATASETS.TEST",
+            "()",
+        ],
+    )
     train = subset(base.DATASETS.TRAIN[0], args.images)
     max_iter, batch = base.SOLVER.MAX_ITER, base.SOLVER.IMS_PER_BATCH
     cache = tempfile.mkdtemp(prefix="proxy-cache-")
     rows, levers = [], []
     try:
         for name, opts, threads, cached in LEVERS:
-            cfg = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TEST", "()",
-                                                 "DATASETS.TRAIN", f"('{train}',)",
-                                                 "MODEL.FOCALSTAR.FEATURE_CACHE", os.path.join(cache, "c") if cached else ""]
-                              + opts)
+            cfg = load_config(
+                args.config_file,
+                [
+                    "MODEL.WEIGHTS",
+                    "",
+                    "MODEL.DEVICE",
+                    "cpu",
+                    "DATASETS.TEST",
+                    "()",
+                    "DATASETS.TRAIN",
+                    f"('{train}',)",
+                    "MODEL.FOCALSTAR.FEATURE_CACHE",
+                    os.path.join(cache, "c") if cached else "",
+                ]
+                + opts,
+            )
             if cached and not os.path.exists(os.path.join(cache, "c")):
                 plain = cfg.clone()
                 plain.defrost()
@@ -133,7 +184,14 @@ def main(argv=None):
                 torch.manual_seed(0)
                 model = build_model(plain).eval()
                 trunk = model.backbone.bottom_up
-                write_cache(cfg, model, os.path.join(cache, "c"), trunk_fingerprint(trunk), input_settings(cfg), 32)
+                write_cache(
+                    cfg,
+                    model,
+                    os.path.join(cache, "c"),
+                    trunk_fingerprint(trunk),
+                    input_settings(cfg),
+                    32,
+                )
             lever = Lever(cfg, threads)
             lever.step(args.warmup, timed=False)
             levers.append((name, lever))
@@ -142,12 +200,25 @@ def main(argv=None):
         for r in range(args.rounds):
             for name, lever in levers:
                 lever.step(args.iters)
-            print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{lever.seconds[-1]:.2f}" for _, lever in levers)
-                  + " s/iteration", file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{lever.seconds[-1]:.2f}" for _, lever in levers)
+                + " s/iteration",
+                file=sys.stderr,
+                flush=True,
+            )
         for name, lever in levers:
             hits, misses = lever.cache_counts()
-            rows.append(dict(lever=name, threads=lever.threads, seconds_per_iter=float(np.median(lever.seconds)),
-                             rounds=lever.seconds, cache_hits=hits, cache_misses=misses))
+            rows.append(
+                dict(
+                    lever=name,
+                    threads=lever.threads,
+                    seconds_per_iter=float(np.median(lever.seconds)),
+                    rounds=lever.seconds,
+                    cache_hits=hits,
+                    cache_misses=misses,
+                )
+            )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     first = rows[0]["seconds_per_iter"]
@@ -157,18 +228,32 @@ def main(argv=None):
         r["throughput_speedup"] = r["speedup"] * runs_at_once
         r["minutes_per_run"] = r["seconds_per_iter"] * max_iter / 60
         r["hours_for_5_seeds"] = 5 * r["minutes_per_run"] / 60 / runs_at_once
-    meta = dict(date=datetime.date.today().isoformat(), machine=platform.machine(), cpus=os.cpu_count(),
-                python=platform.python_version(), torch=torch.__version__, config=args.config_file,
-                max_iter=max_iter, ims_per_batch=batch, iters=args.iters, rounds=args.rounds, warmup=args.warmup,
-                images=args.images)
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        machine=platform.machine(),
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        config=args.config_file,
+        max_iter=max_iter,
+        ims_per_batch=batch,
+        iters=args.iters,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        images=args.images,
+    )
     print(f"\n{meta}\n")
-    print(f"| lever | threads | s / iteration (batch {batch}) | speed-up | throughput speed-up (2 cores) | "
-          f"minutes per run ({max_iter} it) | hours for 5 seeds | cache hits / misses |")
+    print(
+        f"| lever | threads | s / iteration (batch {batch}) | speed-up | throughput speed-up (2 cores) | "
+        f"minutes per run ({max_iter} it) | hours for 5 seeds | cache hits / misses |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         cache_cell = "" if r["cache_hits"] is None else f"{r['cache_hits']} / {r['cache_misses']}"
-        print(f"| {r['lever']} | {r['threads']} | {r['seconds_per_iter']:.3f} | {r['speedup']:.2f}x | "
-              f"{r['throughput_speedup']:.2f}x | {r['minutes_per_run']:.0f} | {r['hours_for_5_seeds']:.1f} | {cache_cell} |")
+        print(
+            f"| {r['lever']} | {r['threads']} | {r['seconds_per_iter']:.3f} | {r['speedup']:.2f}x | "
+            f"{r['throughput_speedup']:.2f}x | {r['minutes_per_run']:.0f} | {r['hours_for_5_seeds']:.1f} | {cache_cell} |"
+        )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_json(args.out, {"meta": meta, "rows": rows})
     print(f"\nwrote {args.out}")

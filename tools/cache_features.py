@@ -11,10 +11,13 @@ when complete, so a killed run leaves none (run it again). An existing cache mad
 trunk and inputs is kept; one made for others is refused by the training, and replaced here with
 --overwrite.
 """
+
 import warnings
 
 # fvcore jit-scripts its losses when detectron2 imports it, which recent torch deprecates loudly
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import json
@@ -33,8 +36,15 @@ from detectron2.utils.logger import setup_logger
 
 from d2_focalstar.config import ConfigError
 from d2_focalstar.data import register_config_datasets
-from d2_focalstar.modeling.cached_trunk import (KEYS, META, FeatureCacheError, TrunkFeatureCache, input_digest,
-                                                input_settings, trunk_fingerprint)
+from d2_focalstar.modeling.cached_trunk import (
+    KEYS,
+    META,
+    FeatureCacheError,
+    TrunkFeatureCache,
+    input_digest,
+    input_settings,
+    trunk_fingerprint,
+)
 from d2_focalstar.run.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
 from d2_focalstar.run.cli import load_config
 from d2_focalstar.run.errors import error_line
@@ -57,7 +67,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", required=True)
     p.add_argument("--batch", type=int, default=32, help="images per trunk forward")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache made for another trunk or inputs")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a cache made for another trunk or inputs"
+    )
     p.add_argument("opts", nargs="*", help="config KEY VALUE pairs")
     args = p.parse_args(argv)
     if args.batch < 1:
@@ -67,8 +79,10 @@ def main(argv=None):
         cfg = load_config(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
         folder = cfg.MODEL.FOCALSTAR.FEATURE_CACHE
         if not folder:
-            raise ConfigError(f"{args.config_file}: MODEL.FOCALSTAR.FEATURE_CACHE is empty: name the "
-                              "cache folder to write")
+            raise ConfigError(
+                f"{args.config_file}: MODEL.FOCALSTAR.FEATURE_CACHE is empty: name the "
+                "cache folder to write"
+            )
         register_config_datasets(cfg)
         model = build_model(cfg).eval()  # refuses a trunk that is not frozen (FeatureCacheError)
         checkpointer = SafeCheckpointer(model)
@@ -94,18 +108,24 @@ def write_cache(cfg, model, folder, fingerprint, settings, batch):
     items = views(cfg)
     mapper = DatasetMapper(cfg, is_train=False)  # the test resize; the proxy trains at that size
     with torch.no_grad():
-        shapes = {k: tuple(v.shape[1:]) for k, v in
-                  compute(model.preprocess_image([mapper(dict(items[0][0]))]).tensor).items()}
+        shapes = {
+            k: tuple(v.shape[1:])
+            for k, v in compute(model.preprocess_image([mapper(dict(items[0][0]))]).tensor).items()
+        }
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".cache-", dir=parent)
     try:
-        arrays = {k: np.lib.format.open_memmap(os.path.join(tmp, f"{k}.npy"), mode="w+", dtype=np.float16,
-                                               shape=(len(items),) + s) for k, s in shapes.items()}
+        arrays = {
+            k: np.lib.format.open_memmap(
+                os.path.join(tmp, f"{k}.npy"), mode="w+", dtype=np.float16, shape=(len(items),) + s
+            )
+            for k, s in shapes.items()
+        }
         keys = np.zeros((len(items), 16), np.uint8)
         start = time.time()
         for b in range(0, len(items), batch):
-            chunk = items[b:b + batch]
+            chunk = items[b : b + batch]
             inputs = []
             for d, flip in chunk:
                 mapped = mapper(dict(d))
@@ -118,7 +138,7 @@ def write_cache(cfg, model, folder, fingerprint, settings, batch):
             for j in range(len(chunk)):
                 keys[b + j] = np.frombuffer(input_digest(x[j]), np.uint8)
             for k, v in features.items():
-                arrays[k][b:b + len(chunk)] = v.numpy().astype(np.float16)
+                arrays[k][b : b + len(chunk)] = v.numpy().astype(np.float16)
             done = b + len(chunk)
             if (b // batch) % 20 == 0 or done == len(items):
                 eta = (time.time() - start) / done * (len(items) - done)
@@ -126,9 +146,15 @@ def write_cache(cfg, model, folder, fingerprint, settings, batch):
         for a in arrays.values():
             a.flush()
         np.save(os.path.join(tmp, KEYS), keys)
-        meta = {"fingerprint": fingerprint, "weights": cfg.MODEL.WEIGHTS, "settings": settings,
-                "features": {k: list(s) for k, s in shapes.items()}, "dtype": "float16", "count": len(items),
-                "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)}}
+        meta = {
+            "fingerprint": fingerprint,
+            "weights": cfg.MODEL.WEIGHTS,
+            "settings": settings,
+            "features": {k: list(s) for k, s in shapes.items()},
+            "dtype": "float16",
+            "count": len(items),
+            "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
+        }
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.exists(folder):

@@ -15,6 +15,7 @@ gets a 95% interval from a paired bootstrap over the test images (--resamples, 0
 
     python tools/compare.py output/table1/* --versus "CE alpha=0.75" --out output/table1_compare
 """
+
 import argparse
 import os
 import shutil
@@ -30,30 +31,49 @@ from d2_focalstar.run.results import load_run
 from d2_focalstar.study.curves import plot_training_curves
 from d2_focalstar.run.errors import error_line, warnings_on_stderr
 
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("folders", nargs="+", help="train_net.py OUTPUT_DIRs")
     parser.add_argument("--out", default="output/compare", help="path prefix of the .md/.csv/.png")
-    parser.add_argument("--versus", metavar="SETTING",
-                        help="the setting every other is compared with in the intervals, as the table "
-                             "names it (default: each setting's FL at the same knobs)")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
-    parser.add_argument("--many-resamples", action="store_true",
-                        help=f"allow more than {MAX_RESAMPLES:,} resamples (hours to days)")
+    parser.add_argument(
+        "--versus",
+        metavar="SETTING",
+        help="the setting every other is compared with in the intervals, as the table "
+        "names it (default: each setting's FL at the same knobs)",
+    )
+    parser.add_argument(
+        "--resamples", type=int, default=1000, help="bootstrap resamples (0: no intervals)"
+    )
+    parser.add_argument(
+        "--many-resamples",
+        action="store_true",
+        help=f"allow more than {MAX_RESAMPLES:,} resamples (hours to days)",
+    )
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not os.path.basename(args.out) or os.path.isdir(args.out):  # "", "out/", ".": no file name
-        parser.error(f"--out {args.out!r} is not a path prefix: give the files' name too, e.g. "
-                     "--out output/compare (writes output/compare.md, .csv and _curves.png)")
+        parser.error(
+            f"--out {args.out!r} is not a path prefix: give the files' name too, e.g. "
+            "--out output/compare (writes output/compare.md, .csv and _curves.png)"
+        )
     if args.resamples < 0:
         parser.error(f"--resamples {args.resamples}: must be 0 (no intervals) or more")
     if args.resamples > MAX_RESAMPLES and not args.many_resamples:
-        parser.error(f"--resamples {args.resamples:,}: more than {MAX_RESAMPLES:,} would run for days; "
-                     "add --many-resamples to allow it")
+        parser.error(
+            f"--resamples {args.resamples:,}: more than {MAX_RESAMPLES:,} would run for days; "
+            "add --many-resamples to allow it"
+        )
     try:  # a folder the outputs can be written to, checked before hours of resampling
-        staging = tempfile.mkdtemp(prefix=".compare-", dir=_made_folder(os.path.dirname(args.out) or "."))
+        staging = tempfile.mkdtemp(
+            prefix=".compare-", dir=_made_folder(os.path.dirname(args.out) or ".")
+        )
     except OSError as e:
-        sys.exit(error_line("compare.py", f"--out {args.out}: cannot write there ({e.strerror or e})"))
+        sys.exit(
+            error_line("compare.py", f"--out {args.out}: cannot write there ({e.strerror or e})")
+        )
     try:
         with warnings_on_stderr():
             written = compare(args, staging)
@@ -89,8 +109,13 @@ def compare(args, staging):
     intervals = []
     if args.resamples:
         try:
-            intervals = interval_rows(records, args.versus, args.resamples, args.bootstrap_seed,
-                                      warn=lambda line: print(f"intervals: {line}", file=sys.stderr))
+            intervals = interval_rows(
+                records,
+                args.versus,
+                args.resamples,
+                args.bootstrap_seed,
+                warn=lambda line: print(f"intervals: {line}", file=sys.stderr),
+            )
         except BootstrapError as e:
             sys.exit(error_line("compare.py", e))
     if intervals:
@@ -98,8 +123,11 @@ def compare(args, staging):
         print(text)
         outputs["_intervals.md"] = text.encode()
         outputs["_intervals.csv"] = to_csv(list(intervals[0]), intervals).encode()
-    curves = plot_training_curves([r["folder"] for r in records], os.path.join(staging, "curves.png"),
-                                  groups=setting_names(records))
+    curves = plot_training_curves(
+        [r["folder"] for r in records],
+        os.path.join(staging, "curves.png"),
+        groups=setting_names(records),
+    )
     try:
         for suffix, data in outputs.items():
             atomic_write(args.out + suffix, lambda f, d=data: f.write(d))
@@ -108,7 +136,11 @@ def compare(args, staging):
             if suffix not in outputs and os.path.isfile(args.out + suffix):
                 os.remove(args.out + suffix)
     except OSError as e:
-        sys.exit(error_line("compare.py", f"--out {args.out}: {e.strerror or e} writing {e.filename or 'it'}"))
+        sys.exit(
+            error_line(
+                "compare.py", f"--out {args.out}: {e.strerror or e} writing {e.filename or 'it'}"
+            )
+        )
     return [args.out + suffix for suffix in [*outputs, "_curves.png"]]
 
 

@@ -10,6 +10,7 @@ rewritten after every setting, so a run cut off keeps what it measured.
 
     python tools/fused_block_sweep.py --out output/fused_block_sweep.json [--dtypes fp32 fp16]
 """
+
 import argparse
 import itertools
 import os
@@ -29,15 +30,27 @@ def settings(default):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--out", default="output/fused_block_sweep.json")
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
-                        help="logit dtypes to sweep, in this order (24 settings each)")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=list(DTYPES),
+        choices=list(DTYPES),
+        help="logit dtypes to sweep, in this order (24 settings each)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         from d2_focalstar.run.errors import error_line
 
-        sys.exit(error_line("tools/fused_block_sweep.py", "no CUDA device (the kernel's speed means nothing in the interpreter)"))
+        sys.exit(
+            error_line(
+                "tools/fused_block_sweep.py",
+                "no CUDA device (the kernel's speed means nothing in the interpreter)",
+            )
+        )
     import triton
 
     import d2_focalstar.modeling.fused as fz
@@ -48,7 +61,11 @@ def main(argv=None):
     rows = []
     for name in args.dtypes:
         dtype = DTYPES[name]
-        x = (torch.randn(labels.numel(), FULL["classes"], device="cuda") * 4 - 4).to(dtype).requires_grad_(True)
+        x = (
+            (torch.randn(labels.numel(), FULL["classes"], device="cuda") * 4 - 4)
+            .to(dtype)
+            .requires_grad_(True)
+        )
         size = torch.finfo(dtype).bits // 8
         shipped = fz._LAUNCH[size]
         default = (shipped.block, shipped.num_warps, shipped.forward_iters, shipped.maxnreg)
@@ -64,20 +81,33 @@ def main(argv=None):
 
             ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
             fwd_ms = triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median")
-            rows.append(dict(dtype=str(dtype), block=block, num_warps=warps, forward_iters=iters,
-                             maxnreg=maxnreg, default=(block, warps, iters, maxnreg) == default,
-                             ms=ms, fwd_ms=fwd_ms))
-            print(f"{dtype} BLOCK={block} num_warps={warps} forward ITERS={iters} maxnreg={maxnreg}"
-                  f"{' (default)' if rows[-1]['default'] else ''}: fwd+bwd {ms:.3f} ms, fwd {fwd_ms:.3f} ms",
-                  flush=True)
+            rows.append(
+                dict(
+                    dtype=str(dtype),
+                    block=block,
+                    num_warps=warps,
+                    forward_iters=iters,
+                    maxnreg=maxnreg,
+                    default=(block, warps, iters, maxnreg) == default,
+                    ms=ms,
+                    fwd_ms=fwd_ms,
+                )
+            )
+            print(
+                f"{dtype} BLOCK={block} num_warps={warps} forward ITERS={iters} maxnreg={maxnreg}"
+                f"{' (default)' if rows[-1]['default'] else ''}: fwd+bwd {ms:.3f} ms, fwd {fwd_ms:.3f} ms",
+                flush=True,
+            )
             write_json(args.out, rows, indent=1)
         del x
         fz._LAUNCH = {**fz._LAUNCH, size: shipped}
     for dtype in sorted({r["dtype"] for r in rows}):
         best = min((r for r in rows if r["dtype"] == dtype), key=lambda r: r["ms"])
-        print(f"fastest for {dtype}: BLOCK={best['block']} num_warps={best['num_warps']} "
-              f"forward ITERS={best['forward_iters']} maxnreg={best['maxnreg']}: {best['ms']:.3f} ms "
-              f"(fwd {best['fwd_ms']:.3f})")
+        print(
+            f"fastest for {dtype}: BLOCK={best['block']} num_warps={best['num_warps']} "
+            f"forward ITERS={best['forward_iters']} maxnreg={best['maxnreg']}: {best['ms']:.3f} ms "
+            f"(fwd {best['fwd_ms']:.3f})"
+        )
     print(f"wrote {args.out}")
 
 

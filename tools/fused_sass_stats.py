@@ -16,6 +16,7 @@ schedulers (132 SMs at 1.755 GHz for an H100 SXM); the memory floor of the same 
 (the copy speed measured on an H100, 2944 GB/s). The kernel is compiled as a launch on that size
 specialises it: every pointer and N divisible by 16.
 """
+
 import argparse
 import collections
 import json
@@ -47,16 +48,25 @@ def compile_kernel(which, loss_type, dtype, arch=90, num_classes=80):
     """The cubin of the forward or backward kernel, specialised like a launch on large tensors."""
     fn = fused._forward_kernel if which == "forward" else fused._backward_kernel
     # the launch arguments the module itself would pass for RetinaNet-sized logits
-    logits = torch.empty((ELEMENTS // num_classes, num_classes), device="meta",
-                         dtype=getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]))
+    logits = torch.empty(
+        (ELEMENTS // num_classes, num_classes),
+        device="meta",
+        dtype=getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]),
+    )
     entry = LOSS_TYPES[loss_type]
-    params = {"gamma": 0.5, "max_factor": 100.0} if entry.capped else (
-        {"gamma": 0.5} if entry.params else {})
+    params = (
+        {"gamma": 0.5, "max_factor": 100.0}
+        if entry.capped
+        else ({"gamma": 0.5} if entry.params else {})
+    )
     entry, params = fused._kernel_entry(loss_type, 0.25, params)
     launch = fused._launch_args(logits, entry, 0.25, params, which=which)
     constexprs = {fn.arg_names[i]: launch[fn.arg_names[i]] for i in fn.constexprs}
-    pointer_types = {"logits_ptr": "*" + DTYPES[dtype][0], "grad_ptr": "*" + DTYPES[dtype][0],
-                     "labels_ptr": "*i32"}  # other pointers: fp32 (partial sums, grad_out)
+    pointer_types = {
+        "logits_ptr": "*" + DTYPES[dtype][0],
+        "grad_ptr": "*" + DTYPES[dtype][0],
+        "labels_ptr": "*i32",
+    }  # other pointers: fp32 (partial sums, grad_out)
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -75,13 +85,16 @@ def compile_kernel(which, loss_type, dtype, arch=90, num_classes=80):
 
 def registers(cubin):
     """Registers per thread of the compiled kernel (cuobjdump -res-usage, Triton's own copy)."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cuobjdump = os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        out = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True
+        ).stdout
     return int(re.search(r"REG:(\d+)", out).group(1))
 
 
@@ -112,20 +125,29 @@ def count_instructions(cubin):
             continue
         text = re.sub(r"^@!?U?P\w+\s+", "", m.group(1))
         target = re.match(r"BRA\s+`?\(?(\.?L\w+)", text)
-        lines.append((None, text.split()[0].rstrip(";").split(".")[0], target.group(1) if target else None))
+        lines.append(
+            (None, text.split()[0].rstrip(";").split(".")[0], target.group(1) if target else None)
+        )
     where = {label: i for i, (label, _, _) in enumerate(lines) if label}
     for i, (_, _, target) in enumerate(lines):
         # a branch back over other instructions is a loop (the trap at the end branches to itself)
         if target in where and where[target] < i - 1:
             from d2_focalstar.run.errors import error_line
 
-            raise SystemExit(error_line("tools/fused_sass_stats.py", "the kernel has a loop; its instructions per element "
-                                        "would be miscounted (unroll it: tl.static_range)"))
+            raise SystemExit(
+                error_line(
+                    "tools/fused_sass_stats.py",
+                    "the kernel has a loop; its instructions per element "
+                    "would be miscounted (unroll it: tl.static_range)",
+                )
+            )
     return collections.Counter(op for _, op, _ in lines if op is not None and op != "NOP")
 
 
 def stats(which, loss_type, dtype, arch=90):
-    launch = fused.launch_setting(getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]))
+    launch = fused.launch_setting(
+        getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])
+    )
     iters = launch.forward_iters if which == "forward" else launch.backward_iters
     cubin = compile_kernel(which, loss_type, dtype, arch)
     ops = count_instructions(cubin)
@@ -137,14 +159,21 @@ def stats(which, loss_type, dtype, arch=90):
     warp_instructions = per_element * ELEMENTS / 32
     issue_ms = warp_instructions / (H100["sms"] * H100["schedulers"] * H100["ghz"] * 1e9) * 1e3
     nbytes = DTYPES[dtype][1] * ELEMENTS * (1 if which == "forward" else 2)
-    return dict(kernel=which, loss_type=loss_type, dtype=dtype, arch=f"sm_{arch}",
-                instructions=total, per_element=round(per_element, 1), registers=regs,
-                spill_stores=ops["STL"],
-                mufu_per_element=round(ops["MUFU"] / per_thread, 2),
-                loads_per_element=round(ops["LDG"] / per_thread, 2),
-                issue_bound_ms=round(issue_ms, 3),
-                memory_floor_ms=round(nbytes / (H100["copy_gbs"] * 1e9) * 1e3, 3),
-                opcodes=dict(ops.most_common()))
+    return dict(
+        kernel=which,
+        loss_type=loss_type,
+        dtype=dtype,
+        arch=f"sm_{arch}",
+        instructions=total,
+        per_element=round(per_element, 1),
+        registers=regs,
+        spill_stores=ops["STL"],
+        mufu_per_element=round(ops["MUFU"] / per_thread, 2),
+        loads_per_element=round(ops["LDG"] / per_thread, 2),
+        issue_bound_ms=round(issue_ms, 3),
+        memory_floor_ms=round(nbytes / (H100["copy_gbs"] * 1e9) * 1e3, 3),
+        opcodes=dict(ops.most_common()),
+    )
 
 
 def main(argv=None):
@@ -155,19 +184,29 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100)")
     p.add_argument("--out", default=None, help="also write the rows (with opcode counts) as JSON")
     args = p.parse_args(argv)
-    rows = [stats(which, loss, dtype, args.arch) for loss in args.loss_types for dtype in args.dtypes
-            for which in ("forward", "backward")]
-    print(f"Fused kernel, SASS for sm_{args.arch}, launch settings by bytes per logit "
-          f"{ {size: tuple(launch) for size, launch in fused._LAUNCH.items()} } "
-          f"(block, warps, forward / backward blocks per program, register cap), "
-          f"K = 80 (compiled offline; the ms columns are a model for one H100, not a timing)\n")
-    print("| kernel | loss | dtype | instr / element | MUFU / element | loads / element "
-          "| registers | spill stores | issue-bound ms | memory floor ms |")
+    rows = [
+        stats(which, loss, dtype, args.arch)
+        for loss in args.loss_types
+        for dtype in args.dtypes
+        for which in ("forward", "backward")
+    ]
+    print(
+        f"Fused kernel, SASS for sm_{args.arch}, launch settings by bytes per logit "
+        f"{ {size: tuple(launch) for size, launch in fused._LAUNCH.items()} } "
+        f"(block, warps, forward / backward blocks per program, register cap), "
+        f"K = 80 (compiled offline; the ms columns are a model for one H100, not a timing)\n"
+    )
+    print(
+        "| kernel | loss | dtype | instr / element | MUFU / element | loads / element "
+        "| registers | spill stores | issue-bound ms | memory floor ms |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['kernel']} | {r['loss_type']} | {r['dtype']} | {r['per_element']} | "
-              f"{r['mufu_per_element']} | {r['loads_per_element']} | {r['registers']} | "
-              f"{r['spill_stores']} | {r['issue_bound_ms']} | {r['memory_floor_ms']} |")
+        print(
+            f"| {r['kernel']} | {r['loss_type']} | {r['dtype']} | {r['per_element']} | "
+            f"{r['mufu_per_element']} | {r['loads_per_element']} | {r['registers']} | "
+            f"{r['spill_stores']} | {r['issue_bound_ms']} | {r['memory_floor_ms']} |"
+        )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -5,6 +5,7 @@ or with --write, put it between the markers of docs/CONFIG.md:
     python tools/loss_table.py
     python tools/loss_table.py --write docs/CONFIG.md
 """
+
 import argparse
 import os
 
@@ -14,9 +15,14 @@ from d2_focalstar.modeling.losses import config_table
 BEGIN = "<!-- loss table: python tools/loss_table.py -->\n"
 END = "<!-- end of loss table -->"
 
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--write", metavar="FILE", help="replace the table between the markers in FILE")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--write", metavar="FILE", help="replace the table between the markers in FILE"
+    )
     args = parser.parse_args(argv)
     if not args.write:
         print(config_table(), end="")
@@ -24,13 +30,17 @@ def main(argv=None):
         # through a symlink to the file it names: the link stays a link
         target = os.path.realpath(args.write)
         if os.path.isdir(target):
-            parser.error(f"--write {args.write}: a folder; give the Markdown file, e.g. docs/CONFIG.md")
+            parser.error(
+                f"--write {args.write}: a folder; give the Markdown file, e.g. docs/CONFIG.md"
+            )
         try:
             with open(target, "rb") as f:
                 text = f.read().decode("utf-8")
         except FileNotFoundError:
-            parser.error(f"--write {args.write}: no such file; it must exist and hold the markers {BEGIN.strip()} "
-                         f"... {END}")
+            parser.error(
+                f"--write {args.write}: no such file; it must exist and hold the markers {BEGIN.strip()} "
+                f"... {END}"
+            )
         except UnicodeDecodeError:
             parser.error(f"--write {args.write}: not a text file (not UTF-8)")
         except OSError as e:

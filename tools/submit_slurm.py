@@ -13,6 +13,7 @@ Any sbatch option this tool does not name (--qos high, --constraint=a100, --excl
 sbatch as it is; sbatch's own error is shown if it refuses one. The job's logs and submitit's
 files go to <OUTPUT_DIR>/slurm unless --slurm-folder says otherwise.
 """
+
 import argparse
 import os
 import sys
@@ -25,18 +26,29 @@ PROG = "submit_slurm.py"
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     from d2_focalstar.run.errors import error_line
-    from d2_focalstar.run.slurm import SlurmError, add_slurm_arguments, check_slurm_arguments, sbatch_options
+    from d2_focalstar.run.slurm import (
+        SlurmError,
+        add_slurm_arguments,
+        check_slurm_arguments,
+        sbatch_options,
+    )
 
     add_slurm_arguments(parser)
     args, unknown = parser.parse_known_args(argv)
     if not train_args:
-        parser.error("no training: give train_net.py's arguments after '--', e.g. "
-                     "-- --config-file configs/retinanet_R50_flstar_1x.yaml")
+        parser.error(
+            "no training: give train_net.py's arguments after '--', e.g. "
+            "-- --config-file configs/retinanet_R50_flstar_1x.yaml"
+        )
     check_slurm_arguments(parser, args)
     try:
         args.sbatch = sbatch_options(unknown)
@@ -51,20 +63,31 @@ def submit_and_report(args, train_args):
 
     ((submitted, job),) = submit(args, [train_args], os.path.join(REPO, "train_net.py"))
     where = "here (submitit's local executor)" if args.local else "SLURM"
-    print(f"[{PROG}] submitted job {submitted.job_id} to {where}: {args.nodes} node(s) x "
-          f"{args.gpus_per_node} GPU(s), OUTPUT_DIR {job.output_dir}; log {submitted.paths.stdout}", flush=True)
+    print(
+        f"[{PROG}] submitted job {submitted.job_id} to {where}: {args.nodes} node(s) x "
+        f"{args.gpus_per_node} GPU(s), OUTPUT_DIR {job.output_dir}; log {submitted.paths.stdout}",
+        flush=True,
+    )
     if args.local:  # the job runs under this command, and stops with it
         try:
             ((_, record, failed),) = wait_for_local_jobs([submitted])
         except KeyboardInterrupt as e:
             how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
-            print(error_line(PROG, f"{how}: the local job was stopped; the same command continues it from "
-                                   f"its last checkpoint in {job.output_dir}"), file=sys.stderr)
+            print(
+                error_line(
+                    PROG,
+                    f"{how}: the local job was stopped; the same command continues it from "
+                    f"its last checkpoint in {job.output_dir}",
+                ),
+                file=sys.stderr,
+            )
             sys.exit(143 if isinstance(e, Terminated) else 130)
         if failed:
             raise SlurmError(f"the job failed: {failed}")
-        print(f"[{PROG}] finished: {os.path.join(job.output_dir, 'results.json')} "
-              f"(iteration {record.get('iteration')})")
+        print(
+            f"[{PROG}] finished: {os.path.join(job.output_dir, 'results.json')} "
+            f"(iteration {record.get('iteration')})"
+        )
 
 
 if __name__ == "__main__":

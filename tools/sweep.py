@@ -32,6 +32,7 @@ limit (tools/submit_slurm.py's options; any other --option goes to sbatch; docs/
     python tools/sweep.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8 --slurm \
         --partition gpu --time 24:00:00 --loss-types CE FL FLSTAR --seeds 0 1 --out output/sweep
 """
+
 import argparse
 import contextlib
 import os
@@ -49,8 +50,16 @@ from d2_focalstar.run.errors import Terminated, error_line
 from d2_focalstar.run.lock import RunFolderBusy, run_folder_lock
 from d2_focalstar.run.processes import stop_process_groups
 from d2_focalstar.run.results import run_state
-from d2_focalstar.run.slurm import (SlurmError, add_slurm_arguments, check_slurm_arguments, live_jobs,
-                                    record_jobs, sbatch_options, submit, wait_for_local_jobs)
+from d2_focalstar.run.slurm import (
+    SlurmError,
+    add_slurm_arguments,
+    check_slurm_arguments,
+    live_jobs,
+    record_jobs,
+    sbatch_options,
+    submit,
+    wait_for_local_jobs,
+)
 from d2_focalstar.study.sweep import plan_sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +103,10 @@ def gpu_sharing_warning(jobs, num_gpus, gpus):
     ones) holds, so that runs share GPUs; None when they do not, or without GPUs (CPU runs)."""
     if not gpus or jobs * num_gpus <= len(gpus):
         return None
-    return (f"[sweep] warning: --jobs {jobs} x --num-gpus {num_gpus} = {jobs * num_gpus} GPUs "
-            f"wanted, {len(gpus)} visible: runs will share GPUs")
+    return (
+        f"[sweep] warning: --jobs {jobs} x --num-gpus {num_gpus} = {jobs * num_gpus} GPUs "
+        f"wanted, {len(gpus)} visible: runs will share GPUs"
+    )
 
 
 def parse_param(text):
@@ -107,11 +118,13 @@ def parse_param(text):
         entry.param(name)
         return (entry.name, name), [float(v) for v in values.split(",")]
     except (ValueError, KeyError, StopIteration):
-        known = "; ".join(f"{t.name}: {', '.join(p.name for p in t.params) or '-'}"
-                          for t in LOSS_TYPES.values())
+        known = "; ".join(
+            f"{t.name}: {', '.join(p.name for p in t.params) or '-'}" for t in LOSS_TYPES.values()
+        )
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected TYPE.NAME=V[,V...] with a loss type and one of its parameters "
-            f"({known})") from None
+            f"({known})"
+        ) from None
 
 
 def interrupt(signum, frame):
@@ -122,34 +135,70 @@ def slot_gpus(slot, num_gpus, gpus):
     """The CUDA_VISIBLE_DEVICES of run slot ``slot`` (None without GPUs)."""
     if not gpus:
         return None
-    return ",".join(gpus[(slot * num_gpus + i) % len(gpus)] for i in range(min(num_gpus, len(gpus))))
+    return ",".join(
+        gpus[(slot * num_gpus + i) % len(gpus)] for i in range(min(num_gpus, len(gpus)))
+    )
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--loss-types", nargs="+", default=["CE", "FL", "FLSTAR"], type=str.upper,
-                        choices=list(LOSS_TYPES), metavar="LOSS", help=f"of {', '.join(LOSS_TYPES)}")
-    parser.add_argument("--param", nargs="+", type=parse_param, default=[], metavar="TYPE.NAME=V,V",
-                        help="values of a loss parameter to try, e.g. FL.gamma=0.5,1,2,5 POLY1_FL.eps=1,2")
-    parser.add_argument("--gammas", nargs="+", type=float,
-                        help="FL*'s gammas (default: the table's, 0.125 0.25 0.5); = --param FLSTAR.gamma=...")
-    parser.add_argument("--fl-gamma", type=float, nargs="+", help="FL's gamma(s); = --param FL.gamma=...")
-    parser.add_argument("--alphas", nargs="+", type=float,
-                        help="alphas to try for every loss type (default: the config's)")
+    parser.add_argument(
+        "--loss-types",
+        nargs="+",
+        default=["CE", "FL", "FLSTAR"],
+        type=str.upper,
+        choices=list(LOSS_TYPES),
+        metavar="LOSS",
+        help=f"of {', '.join(LOSS_TYPES)}",
+    )
+    parser.add_argument(
+        "--param",
+        nargs="+",
+        type=parse_param,
+        default=[],
+        metavar="TYPE.NAME=V,V",
+        help="values of a loss parameter to try, e.g. FL.gamma=0.5,1,2,5 POLY1_FL.eps=1,2",
+    )
+    parser.add_argument(
+        "--gammas",
+        nargs="+",
+        type=float,
+        help="FL*'s gammas (default: the table's, 0.125 0.25 0.5); = --param FLSTAR.gamma=...",
+    )
+    parser.add_argument(
+        "--fl-gamma", type=float, nargs="+", help="FL's gamma(s); = --param FL.gamma=..."
+    )
+    parser.add_argument(
+        "--alphas",
+        nargs="+",
+        type=float,
+        help="alphas to try for every loss type (default: the config's)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs (or CPU processes) per run")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default: one after another)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once (default: one after another)"
+    )
     parser.add_argument("--out", default="output/sweep", help="one sub-folder per run")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    parser.add_argument("--status-every", type=float, default=60,
-                        help="seconds between progress lines with --jobs > 1 (0: none)")
-    parser.add_argument("--slurm", action="store_true",
-                        help="submit the runs not done yet as one SLURM job array instead (each run: --nodes "
-                             "x --num-gpus GPUs, requeued when preempted; docs/CLUSTER.md)")
+    parser.add_argument(
+        "--status-every",
+        type=float,
+        default=60,
+        help="seconds between progress lines with --jobs > 1 (0: none)",
+    )
+    parser.add_argument(
+        "--slurm",
+        action="store_true",
+        help="submit the runs not done yet as one SLURM job array instead (each run: --nodes "
+        "x --num-gpus GPUs, requeued when preempted; docs/CLUSTER.md)",
+    )
     add_unsafe_config_argument(parser)
     add_slurm_arguments(parser, gpus=False)
     args, unknown = parser.parse_known_args(argv)  # with --slurm, the rest goes to sbatch
@@ -167,15 +216,22 @@ def main(argv=None):
     if not os.path.isfile(args.config_file):
         parser.error(f"--config-file {args.config_file}: no such file")
     try:  # the config every run starts from, checked once here (its runs add the loss's keys)
-        node = loss_config_node(load_config(args.config_file, extra, warn_no_cuda=False,
-                                            allow_unsafe=args.unsafe_config))
+        node = loss_config_node(
+            load_config(
+                args.config_file, extra, warn_no_cuda=False, allow_unsafe=args.unsafe_config
+            )
+        )
     except ConfigError as e:
         sys.exit(error_line("sweep.py", e))
     runs = plan_sweep(args.loss_types, args.seeds, values, args.alphas)
     total = len(runs)
     gpus = visible_gpus()
-    if gpus and args.num_gpus > len(gpus) and not args.slurm:  # every run would fail in detectron2's launch
-        parser.error(f"--num-gpus {args.num_gpus}: only {len(gpus)} GPUs visible ({','.join(gpus)})")
+    if (
+        gpus and args.num_gpus > len(gpus) and not args.slurm
+    ):  # every run would fail in detectron2's launch
+        parser.error(
+            f"--num-gpus {args.num_gpus}: only {len(gpus)} GPUs visible ({','.join(gpus)})"
+        )
     gpus = gpus if args.jobs > 1 else []  # one run at a time: it gets all of them
     warning = gpu_sharing_warning(args.jobs, args.num_gpus, gpus)
     if warning:
@@ -188,8 +244,11 @@ def main(argv=None):
     for i, run in enumerate(runs, 1):
         folder = os.path.join(args.out, run.name)
         state = run_state(folder)
-        print(f"[sweep {i}/{total}] {run.name}: {state}"
-              + (f" ({' '.join(run.opts(node))})" if args.dry_run else ""), flush=True)
+        print(
+            f"[sweep {i}/{total}] {run.name}: {state}"
+            + (f" ({' '.join(run.opts(node))})" if args.dry_run else ""),
+            flush=True,
+        )
         if state != "done" and not args.dry_run:
             todo.append((i, run, folder, state))
     if args.slurm and todo:  # the jobs resume interrupted runs themselves
@@ -199,36 +258,68 @@ def main(argv=None):
         except SlurmError as e:
             sys.exit(error_line("sweep.py", e))
         for i, run, folder, state in [t for t in todo if os.path.abspath(t[2]) in live]:
-            print(f"[sweep {i}/{total}] {run.name}: job {live[os.path.abspath(folder)]} is still queued or "
-                  "running: not submitted again", flush=True)
+            print(
+                f"[sweep {i}/{total}] {run.name}: job {live[os.path.abspath(folder)]} is still queued or "
+                "running: not submitted again",
+                flush=True,
+            )
         todo = [t for t in todo if os.path.abspath(t[2]) not in live]
     if args.slurm and todo:
         args.gpus_per_node = args.num_gpus
-        trainings = [["--config-file", args.config_file, *unsafe, *run.opts(node), "OUTPUT_DIR", folder, *extra]
-                     for i, run, folder, state in todo]
+        trainings = [
+            [
+                "--config-file",
+                args.config_file,
+                *unsafe,
+                *run.opts(node),
+                "OUTPUT_DIR",
+                folder,
+                *extra,
+            ]
+            for i, run, folder, state in todo
+        ]
         try:
             args.sbatch = sbatch_options(unknown)
-            submitted = submit(args, trainings, os.path.join(REPO, "train_net.py"),
-                               folder=slurm_folder, name=os.path.basename(os.path.abspath(args.out)))
+            submitted = submit(
+                args,
+                trainings,
+                os.path.join(REPO, "train_net.py"),
+                folder=slurm_folder,
+                name=os.path.basename(os.path.abspath(args.out)),
+            )
             record_jobs(slurm_folder, submitted, args.local)
         except SlurmError as e:
             sys.exit(error_line("sweep.py", e))
         for (i, run, folder, state), (job, _) in zip(todo, submitted):
-            print(f"[sweep {i}/{total}] {run.name}: submitted, job {job.job_id} (log {job.paths.stdout})",
-                  flush=True)
+            print(
+                f"[sweep {i}/{total}] {run.name}: submitted, job {job.job_id} (log {job.paths.stdout})",
+                flush=True,
+            )
         if args.local:  # the jobs run under this command, and stop with it
             try:
                 finished = wait_for_local_jobs([job for job, _ in submitted])
             except KeyboardInterrupt as e:
-                how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
-                print(error_line("sweep.py", f"{how}: the local jobs were stopped; the same command "
-                                             "continues them from their checkpoints"), file=sys.stderr)
+                how = (
+                    "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+                )
+                print(
+                    error_line(
+                        "sweep.py",
+                        f"{how}: the local jobs were stopped; the same command "
+                        "continues them from their checkpoints",
+                    ),
+                    file=sys.stderr,
+                )
                 sys.exit(143 if isinstance(e, Terminated) else 130)
             for (i, run, folder, state), (job, _, why) in zip(todo, finished):
-                print(f"[sweep {i}/{total}] {run.name}: {'failed' if why else 'finished'}",
-                      flush=True)
-            failed = [(i, run.name, job.paths.stdout) for (i, run, folder, state), (job, _, why)
-                      in zip(todo, finished) if why]
+                print(
+                    f"[sweep {i}/{total}] {run.name}: {'failed' if why else 'finished'}", flush=True
+                )
+            failed = [
+                (i, run.name, job.paths.stdout)
+                for (i, run, folder, state), (job, _, why) in zip(todo, finished)
+                if why
+            ]
             if failed:
                 listed = ", ".join(f"{name} (log {path})" for _, name, path in failed)
                 sys.exit(f"sweep.py: {len(failed)} run(s) failed: {listed} (rerun to retry them)")
@@ -246,7 +337,9 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, previous)
     if failed:
         # in the sweep's order, whichever of the runs at once ended first
-        listed = ", ".join(f"{name} (log {path})" if path else name for _, name, path in sorted(failed))
+        listed = ", ".join(
+            f"{name} (log {path})" if path else name for _, name, path in sorted(failed)
+        )
         sys.exit(f"sweep.py: {len(failed)} run(s) failed: {listed} (rerun to retry them)")
 
 
@@ -259,8 +352,16 @@ def run_all(args, todo, total, env, gpus, extra, node):
             while todo and free_slots:  # start runs while there is a free slot
                 i, run, folder, state = todo.pop(0)
                 slot = free_slots.pop(0)
-                cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
-                       args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
+                cmd = [
+                    sys.executable,
+                    os.path.join(REPO, "train_net.py"),
+                    "--config-file",
+                    args.config_file,
+                    "--num-gpus",
+                    str(args.num_gpus),
+                    "--dist-url",
+                    "auto",
+                ]
                 cmd += ["--resume"] if state == "interrupted" else []
                 cmd += [UNSAFE_CONFIG_FLAG] if args.unsafe_config else []
                 cmd += run.opts(node) + ["OUTPUT_DIR", folder] + extra
@@ -271,11 +372,19 @@ def run_all(args, todo, total, env, gpus, extra, node):
                         run_env["CUDA_VISIBLE_DEVICES"] = devices
                     os.makedirs(folder, exist_ok=True)
                     log = open(os.path.join(folder, "sweep.log"), "a")
-                    print(f"[sweep {i}/{total}] {run.name}: started (GPUs {devices}, log "
-                          f"{os.path.join(folder, 'sweep.log')})", flush=True)
+                    print(
+                        f"[sweep {i}/{total}] {run.name}: started (GPUs {devices}, log "
+                        f"{os.path.join(folder, 'sweep.log')})",
+                        flush=True,
+                    )
                 # its own process group, so that stopping the sweep stops all of a run's processes
-                proc = subprocess.Popen(cmd, env=run_env, stdout=log, start_new_session=True,
-                                        stderr=subprocess.STDOUT if log else None)
+                proc = subprocess.Popen(
+                    cmd,
+                    env=run_env,
+                    stdout=log,
+                    start_new_session=True,
+                    stderr=subprocess.STDOUT if log else None,
+                )
                 running[proc] = (i, run, slot, log, time.time())
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
@@ -283,19 +392,34 @@ def run_all(args, todo, total, env, gpus, extra, node):
                 free_slots.append(slot)
                 if log:
                     log.close()
-                print(f"[sweep {i}/{total}] {run.name}: exit {proc.returncode} after "
-                      f"{time.time() - start:.0f} s", flush=True)
+                print(
+                    f"[sweep {i}/{total}] {run.name}: exit {proc.returncode} after "
+                    f"{time.time() - start:.0f} s",
+                    flush=True,
+                )
                 if proc.returncode != 0:
                     failed.append((i, run.name, log.name if log else None))
                     if log:  # its reason is in the log, not on the screen
-                        print(f"[sweep {i}/{total}] {run.name}: failed, {log.name} ends: "
-                              f"{last_line(log.name) or '(empty)'}", flush=True)
-            if args.jobs > 1 and args.status_every > 0 and time.time() - last_status >= args.status_every:
+                        print(
+                            f"[sweep {i}/{total}] {run.name}: failed, {log.name} ends: "
+                            f"{last_line(log.name) or '(empty)'}",
+                            flush=True,
+                        )
+            if (
+                args.jobs > 1
+                and args.status_every > 0
+                and time.time() - last_status >= args.status_every
+            ):
                 last_status = time.time()
-                states = [f"{run.name} {last_progress(log.name) or 'starting'}"
-                          for i, run, slot, log, start in running.values()]
-                print(f"[sweep] {total - len(todo) - len(running)} done or failed, "
-                      f"{len(todo)} waiting; running: {'; '.join(states)}", flush=True)
+                states = [
+                    f"{run.name} {last_progress(log.name) or 'starting'}"
+                    for i, run, slot, log, start in running.values()
+                ]
+                print(
+                    f"[sweep] {total - len(todo) - len(running)} done or failed, "
+                    f"{len(todo)} waiting; running: {'; '.join(states)}",
+                    flush=True,
+                )
     except KeyboardInterrupt:
         print(f"[sweep] stopping {len(running)} run(s); the same command resumes them", flush=True)
         stop_process_groups(running, grace=30)  # each run's group: train_net.py and its processes

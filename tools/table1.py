@@ -8,6 +8,7 @@ the best CE with a 95% paired-bootstrap interval over the test images that exclu
 prints the table and the three checks and writes <out>.md. Runs other than CE and FL (FL*, ...)
 are ignored; runs without saved detections get no interval (named on stderr).
 """
+
 import argparse
 import os
 import sys
@@ -19,22 +20,32 @@ from d2_focalstar.run.results import load_run
 from d2_focalstar.study.table1 import table1
 from d2_focalstar.run.errors import error_line
 
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("folders", nargs="+", help="train_net.py OUTPUT_DIRs of one study")
     parser.add_argument("--out", default="output/table1", help="path prefix of the .md")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--many-resamples", action="store_true",
-                        help=f"allow more than {MAX_RESAMPLES:,} resamples (hours to days)")
+    parser.add_argument(
+        "--many-resamples",
+        action="store_true",
+        help=f"allow more than {MAX_RESAMPLES:,} resamples (hours to days)",
+    )
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not os.path.basename(args.out) or os.path.isdir(args.out):
-        parser.error(f"--out {args.out!r} is not a path prefix: give the file's name too, e.g. --out output/table1")
+        parser.error(
+            f"--out {args.out!r} is not a path prefix: give the file's name too, e.g. --out output/table1"
+        )
     if args.resamples < 1:
         parser.error(f"--resamples {args.resamples}: must be 1 or more")
     if args.resamples > MAX_RESAMPLES and not args.many_resamples:
-        parser.error(f"--resamples {args.resamples:,}: more than {MAX_RESAMPLES:,} would run for days; "
-                     "add --many-resamples to allow it")
+        parser.error(
+            f"--resamples {args.resamples:,}: more than {MAX_RESAMPLES:,} would run for days; "
+            "add --many-resamples to allow it"
+        )
     records = []
     for folder in args.folders:
         try:
@@ -42,15 +53,27 @@ def main(argv=None):
         except (FileNotFoundError, RunRecordError) as e:
             print(f"skipped {e}", file=sys.stderr)
     try:
-        table, checks = table1(records, args.resamples, args.bootstrap_seed,
-                               warn=lambda line: print(f"intervals: {line}", file=sys.stderr))
+        table, checks = table1(
+            records,
+            args.resamples,
+            args.bootstrap_seed,
+            warn=lambda line: print(f"intervals: {line}", file=sys.stderr),
+        )
     except (ValueError, BootstrapError) as e:
         sys.exit(error_line("table1.py", e))
-    text = table + "\n" + "\n".join(f"- {name}: **{verdict}**" + (f" ({detail})" if detail else "")
-                                    for name, verdict, detail in checks)
+    text = (
+        table
+        + "\n"
+        + "\n".join(
+            f"- {name}: **{verdict}**" + (f" ({detail})" if detail else "")
+            for name, verdict, detail in checks
+        )
+    )
     calibrated = all(v == "met" for _, v, _ in checks)
-    text += f"\n\nCalibrated: **{'yes' if calibrated else 'no'}** (paired bootstrap over the test images, " \
-            f"{args.resamples} resamples, seed {args.bootstrap_seed}; seed-to-seed spread: the ± sd).\n"
+    text += (
+        f"\n\nCalibrated: **{'yes' if calibrated else 'no'}** (paired bootstrap over the test images, "
+        f"{args.resamples} resamples, seed {args.bootstrap_seed}; seed-to-seed spread: the ± sd).\n"
+    )
     print(text)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     atomic_write(args.out + ".md", lambda f: f.write(text.encode()))

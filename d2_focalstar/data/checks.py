@@ -3,6 +3,7 @@ Start-up checks of the datasets a config names: registered, files present, and a
 detectron2 would read wrongly or fail on deep in training refused in one ConfigError line naming
 the file and the first bad record.
 """
+
 import collections
 import json
 import math
@@ -34,32 +35,51 @@ def check_coco_json(json_file, dataset_name, num_classes=None, training=False):
         with open(json_file, "rb") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON: {e.msg} at line {e.lineno}, "
-                          f"column {e.colno}") from None
+        raise ConfigError(
+            f"{where}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from None
     except (UnicodeDecodeError, OSError) as e:
         raise ConfigError(f"{where}: cannot be read: {e}") from None
-    if not (isinstance(data, dict) and isinstance(data.get("images"), list)
-            and isinstance(data.get("categories"), list)
-            and isinstance(data.get("annotations", []), list)):
-        raise ConfigError(f"{where}: not a COCO detection file: it needs the lists 'images', "
-                          "'categories' and 'annotations'")
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("images"), list)
+        and isinstance(data.get("categories"), list)
+        and isinstance(data.get("annotations", []), list)
+    ):
+        raise ConfigError(
+            f"{where}: not a COCO detection file: it needs the lists 'images', "
+            "'categories' and 'annotations'"
+        )
     declared = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
-    twice = [(i, n) for i, n in collections.Counter(c.get("id") for c in data["categories"]
-                                                   if isinstance(c, dict)).items() if n > 1]
+    twice = [
+        (i, n)
+        for i, n in collections.Counter(
+            c.get("id") for c in data["categories"] if isinstance(c, dict)
+        ).items()
+        if n > 1
+    ]
     if twice:
-        names = [c.get("name") for c in data["categories"] if isinstance(c, dict) and c.get("id") == twice[0][0]]
-        raise ConfigError(f"{where}: category id {twice[0][0]!r} is declared {twice[0][1]} times "
-                          f"({', '.join(map(repr, names))}){_and_more(twice, 'ids')}: the class list "
-                          "would be ambiguous; give each category its own id")
+        names = [
+            c.get("name")
+            for c in data["categories"]
+            if isinstance(c, dict) and c.get("id") == twice[0][0]
+        ]
+        raise ConfigError(
+            f"{where}: category id {twice[0][0]!r} is declared {twice[0][1]} times "
+            f"({', '.join(map(repr, names))}){_and_more(twice, 'ids')}: the class list "
+            "would be ambiguous; give each category its own id"
+        )
     annotations = data.get("annotations", [])
-    undeclared = [a for a in annotations
-                  if not isinstance(a, dict) or a.get("category_id") not in declared]
+    undeclared = [
+        a for a in annotations if not isinstance(a, dict) or a.get("category_id") not in declared
+    ]
     if undeclared:
         first = undeclared[0] if isinstance(undeclared[0], dict) else {}
         raise ConfigError(
             f"{where}: {len(undeclared)} annotations use a category_id that 'categories' does "
             f"not declare (first: annotation id {first.get('id')} with category_id "
-            f"{first.get('category_id')!r}; declared: {sorted(declared, key=str)[:20]})")
+            f"{first.get('category_id')!r}; declared: {sorted(declared, key=str)[:20]})"
+        )
     _check_images(where, data["images"])
     _check_annotations(where, annotations)
     if num_classes is not None:
@@ -68,7 +88,8 @@ def check_coco_json(json_file, dataset_name, num_classes=None, training=False):
             raise ConfigError(
                 f"{where}: {len(declared)} categories, but {key} is {classes}: the detector would "
                 f"train {len(declared) - classes} of them as background (or fail); set {key} "
-                f"{len(declared)}")
+                f"{len(declared)}"
+            )
     if training and not data["images"]:
         raise ConfigError(f"{where}: no images: nothing to train on")
     elif training:
@@ -77,24 +98,35 @@ def check_coco_json(json_file, dataset_name, num_classes=None, training=False):
             raise ConfigError(
                 f"{where}: none of its {len(ids)} images has an annotation (a box that is not "
                 f"iscrowd): DATALOADER.FILTER_EMPTY_ANNOTATIONS would remove them all, and "
-                f"without it there is nothing to learn")
+                f"without it there is nothing to learn"
+            )
 
 
 def _check_images(where, images):
     keys = ("id", "file_name", "width", "height")
-    bad = [f"image entry {im!r} is not an object" if not isinstance(im, dict) else
-           f"image id {im.get('id')!r} ({im.get('file_name', 'no file_name')}) lacks "
-           f"{', '.join(k for k in keys if k not in im)}"
-           for im in images if not isinstance(im, dict) or not all(k in im for k in keys)]
+    bad = [
+        f"image entry {im!r} is not an object"
+        if not isinstance(im, dict)
+        else f"image id {im.get('id')!r} ({im.get('file_name', 'no file_name')}) lacks "
+        f"{', '.join(k for k in keys if k not in im)}"
+        for im in images
+        if not isinstance(im, dict) or not all(k in im for k in keys)
+    ]
     if bad:
-        raise ConfigError(f"{where}: {bad[0]}{_and_more(bad, 'images')}; each image needs id, "
-                          "file_name, width and height")
-    sizes = [f"image id {im['id']!r} ({im['file_name']}) has width {im['width']!r}, height "
-             f"{im['height']!r}" for im in images
-             if not all(isinstance(im[k], int) and im[k] > 0 for k in ("width", "height"))]
+        raise ConfigError(
+            f"{where}: {bad[0]}{_and_more(bad, 'images')}; each image needs id, "
+            "file_name, width and height"
+        )
+    sizes = [
+        f"image id {im['id']!r} ({im['file_name']}) has width {im['width']!r}, height "
+        f"{im['height']!r}"
+        for im in images
+        if not all(isinstance(im[k], int) and im[k] > 0 for k in ("width", "height"))
+    ]
     if sizes:
-        raise ConfigError(f"{where}: {sizes[0]}{_and_more(sizes, 'images')}; allowed whole numbers "
-                          "of pixels > 0")
+        raise ConfigError(
+            f"{where}: {sizes[0]}{_and_more(sizes, 'images')}; allowed whole numbers of pixels > 0"
+        )
     files = {}
     for im in images:
         files.setdefault(im["id"], []).append(im["file_name"])
@@ -102,24 +134,37 @@ def _check_images(where, images):
     if shared:
         i, names = shared[0]
         more = f" (and {len(shared) - 1} more ids)" if len(shared) > 1 else ""
-        raise ConfigError(f"{where}: image id {i!r} is used by {len(names)} images "
-                          f"({', '.join(names[:3])}){more}; annotations find their image by id, so "
-                          "each image needs its own")
+        raise ConfigError(
+            f"{where}: image id {i!r} is used by {len(names)} images "
+            f"({', '.join(names[:3])}){more}; annotations find their image by id, so "
+            "each image needs its own"
+        )
 
 
 def _check_annotations(where, annotations):
-    bad = [f"annotation id {a.get('id')!r} of image id {a.get('image_id')!r}" for a in annotations
-           if not ("id" in a and "image_id" in a and isinstance(a.get("bbox"), list)
-                   and len(a["bbox"]) == 4
-                   and all(isinstance(v, (int, float)) for v in a["bbox"]))]
+    bad = [
+        f"annotation id {a.get('id')!r} of image id {a.get('image_id')!r}"
+        for a in annotations
+        if not (
+            "id" in a
+            and "image_id" in a
+            and isinstance(a.get("bbox"), list)
+            and len(a["bbox"]) == 4
+            and all(isinstance(v, (int, float)) for v in a["bbox"])
+        )
+    ]
     if bad:
-        raise ConfigError(f"{where}: {bad[0]}{_and_more(bad, 'annotations')} lacks an id, an "
-                          "image_id or a bbox of 4 numbers")
+        raise ConfigError(
+            f"{where}: {bad[0]}{_and_more(bad, 'annotations')} lacks an id, an "
+            "image_id or a bbox of 4 numbers"
+        )
     infinite = [a for a in annotations if not all(math.isfinite(v) for v in a["bbox"])]
     if infinite:
-        raise ConfigError(f"{where}: annotation id {infinite[0]['id']!r} of image id {infinite[0]['image_id']!r} "
-                          f"has bbox {infinite[0]['bbox']}{_and_more(infinite, 'annotations')}: allowed "
-                          "finite numbers")
+        raise ConfigError(
+            f"{where}: annotation id {infinite[0]['id']!r} of image id {infinite[0]['image_id']!r} "
+            f"has bbox {infinite[0]['bbox']}{_and_more(infinite, 'annotations')}: allowed "
+            "finite numbers"
+        )
     seen, shared = set(), []
     for a in annotations:
         if a["id"] in seen:
@@ -127,8 +172,10 @@ def _check_annotations(where, annotations):
         seen.add(a["id"])
     if shared:
         more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
-        raise ConfigError(f"{where}: annotation id {shared[0]!r} is used more than once{more}; "
-                          "detectron2 requires each annotation to have its own id")
+        raise ConfigError(
+            f"{where}: annotation id {shared[0]!r} is used more than once{more}; "
+            "detectron2 requires each annotation to have its own id"
+        )
 
 
 def check_datasets(cfg, train=True, num_classes=None):
@@ -150,21 +197,26 @@ def check_datasets(cfg, train=True, num_classes=None):
                     f"{key}: dataset {name!r} is not registered. Use an embedded one "
                     f"({', '.join(n + '_train/_val' for n in EMBEDDED_DATASETS)}), a detectron2 "
                     "builtin such as coco_2017_train or voc_2007_trainval, or add yours with "
-                    "DATASETS.COCO_JSON, DATASETS.YOLO or DATASETS.VOC_STYLE (datasets/README.md)")
+                    "DATASETS.COCO_JSON, DATASETS.YOLO or DATASETS.VOC_STYLE (datasets/README.md)"
+                )
             base = name.rsplit("_", 1)[0]
             if base in EMBEDDED_DATASETS:
                 ensure_shapes_dataset(base)
                 classes = len(MetadataCatalog.get(name).thing_classes)
                 if num_classes and classes > num_classes[1]:
-                    raise ConfigError(f"{key}: dataset {name!r} has {classes} classes, but "
-                                      f"{num_classes[0]} is {num_classes[1]}: set it to {classes}")
+                    raise ConfigError(
+                        f"{key}: dataset {name!r} has {classes} classes, but "
+                        f"{num_classes[0]} is {num_classes[1]}: set it to {classes}"
+                    )
                 if num_classes and classes < num_classes[1] and key == "DATASETS.TRAIN":
                     # an embedded dataset's class list is fixed: classes beyond it never have an
                     # instance and only add easy negatives, i.e. change the imbalance under study
-                    raise ConfigError(f"{key}: dataset {name!r} has {classes} classes, but "
-                                      f"{num_classes[0]} is {num_classes[1]}: the other "
-                                      f"{num_classes[1] - classes} would have no instance and only add "
-                                      f"negatives; set it to {classes}")
+                    raise ConfigError(
+                        f"{key}: dataset {name!r} has {classes} classes, but "
+                        f"{num_classes[0]} is {num_classes[1]}: the other "
+                        f"{num_classes[1] - classes} would have no instance and only add "
+                        f"negatives; set it to {classes}"
+                    )
                 continue
             meta = MetadataCatalog.get(name)
             if meta.get(FOLDER_FORMAT) or meta.get("evaluator_type") == "pascal_voc":
@@ -174,11 +226,15 @@ def check_datasets(cfg, train=True, num_classes=None):
             if json_file is None:
                 continue  # not a COCO-JSON dataset: nothing we know how to check
             if not os.path.isfile(json_file):
-                raise ConfigError(f"{key}: dataset {name!r}: annotation file {json_file} does not "
-                                  "exist (COCO goes under $DETECTRON2_DATASETS/coco: see "
-                                  "datasets/README.md)")
+                raise ConfigError(
+                    f"{key}: dataset {name!r}: annotation file {json_file} does not "
+                    "exist (COCO goes under $DETECTRON2_DATASETS/coco: see "
+                    "datasets/README.md)"
+                )
             if image_root and not os.path.isdir(image_root):
-                raise ConfigError(f"{key}: dataset {name!r}: image folder {image_root} does not exist")
+                raise ConfigError(
+                    f"{key}: dataset {name!r}: image folder {image_root} does not exist"
+                )
             check_coco_json(json_file, name, num_classes, training=key == "DATASETS.TRAIN")
 
 
@@ -191,22 +247,32 @@ def _check_folder_dataset(cfg, key, name, num_classes):
     if meta.get(FOLDER_FORMAT) == "yolo":
         objects = sum(len(d["annotations"]) for d in DatasetCatalog.get(name))  # reads every file
     else:  # detectron2's load_voc_instances and Pascal VOC evaluation read the XMLs
-        objects = check_voc_folder(meta.dirname, meta.split, classes, name,
-                                   evaluation=key == "DATASETS.TEST")[1]
+        objects = check_voc_folder(
+            meta.dirname, meta.split, classes, name, evaluation=key == "DATASETS.TEST"
+        )[1]
     if num_classes and len(classes) > num_classes[1]:
-        raise ConfigError(f"{key}: dataset {name!r} has {len(classes)} classes, but "
-                          f"{num_classes[0]} is {num_classes[1]}: set it to {len(classes)}")
+        raise ConfigError(
+            f"{key}: dataset {name!r} has {len(classes)} classes, but "
+            f"{num_classes[0]} is {num_classes[1]}: set it to {len(classes)}"
+        )
     for other in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
-        theirs = (MetadataCatalog.get(other).get("thing_classes")
-                  if other in DatasetCatalog.list() else None)
+        theirs = (
+            MetadataCatalog.get(other).get("thing_classes")
+            if other in DatasetCatalog.list()
+            else None
+        )
         if theirs is not None and list(theirs) != classes:
-            raise ConfigError(f"{key}: dataset {name!r} has classes {_few(classes)} but {other!r} "
-                              f"has {_few(theirs)}: a class index would mean another class in "
-                              "one of them; give both the same class list")
+            raise ConfigError(
+                f"{key}: dataset {name!r} has classes {_few(classes)} but {other!r} "
+                f"has {_few(theirs)}: a class index would mean another class in "
+                "one of them; give both the same class list"
+            )
     if key == "DATASETS.TRAIN" and not objects:
-        raise ConfigError(f"{key}: dataset {name!r} has no object in any image: "
-                          "DATALOADER.FILTER_EMPTY_ANNOTATIONS would remove them all, and without "
-                          "it there is nothing to learn")
+        raise ConfigError(
+            f"{key}: dataset {name!r} has no object in any image: "
+            "DATALOADER.FILTER_EMPTY_ANNOTATIONS would remove them all, and without "
+            "it there is nothing to learn"
+        )
 
 
 def _few(names):

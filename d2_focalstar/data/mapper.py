@@ -16,6 +16,7 @@ log (one line per image and kind), which :func:`summarize_data_faults` counts at
 For evaluation (``is_train=False``) an image that training would skip raises
 :class:`EvaluationImageError` naming it instead: evaluating without it would change the AP.
 """
+
 import json
 import logging
 import os
@@ -68,8 +69,10 @@ class CheckedDatasetMapper(DatasetMapper):
     def _report(self, kind, file_name, detail):
         if kind not in self._warned:
             self._warned.add(kind)
-            logger.warning(f"Data fault: {kind}: {file_name} ({detail}). Further faults of this "
-                           f"kind are counted in {self.fault_log or 'no log'}, not printed.")
+            logger.warning(
+                f"Data fault: {kind}: {file_name} ({detail}). Further faults of this "
+                f"kind are counted in {self.fault_log or 'no log'}, not printed."
+            )
         if self.fault_log:
             line = json.dumps({"kind": kind, "file": file_name, "detail": detail}) + "\n"
             # one write() with O_APPEND: lines from several loader workers do not interleave
@@ -86,7 +89,8 @@ class CheckedDatasetMapper(DatasetMapper):
             kind = kind.replace(" (skipped)", "").replace("skipped; ", "")
             raise EvaluationImageError(
                 f"test image {file_name}: {kind} ({detail}); evaluating without it would change "
-                f"the AP: repair or replace the file, or remove its entry from the dataset's JSON")
+                f"the AP: repair or replace the file, or remove its entry from the dataset's JSON"
+            )
         return self._report(kind, file_name, detail)
 
     def __call__(self, dataset_dict):
@@ -101,11 +105,15 @@ class CheckedDatasetMapper(DatasetMapper):
         except OSError as e:
             return self._skip("image unreadable (skipped)", file_name, str(e))
         if mode in SIXTEEN_BIT_MODES:
-            return self._skip("16-bit image (skipped; convert it to 8 bits)", file_name,
-                                f"PIL mode {mode}")
+            return self._skip(
+                "16-bit image (skipped; convert it to 8 bits)", file_name, f"PIL mode {mode}"
+            )
         if mode in ("L", "LA", "P", "RGBA", "CMYK"):
-            self._report("grayscale, palette, RGBA or CMYK image (read as RGB)", file_name,
-                         f"PIL mode {mode}")
+            self._report(
+                "grayscale, palette, RGBA or CMYK image (read as RGB)",
+                file_name,
+                f"PIL mode {mode}",
+            )
         if "annotations" in dataset_dict:
             annotations, faults = _check_boxes(dataset_dict)
             for kind, detail in faults:

@@ -5,6 +5,7 @@ anchors, the imbalance that FL and FL* are about. Each is generated on first use
 from its seed, as COCO JSON plus JPEG images under ``$DETECTRON2_DATASETS/<name>/`` (default
 ``./datasets``); ``catalog.py`` registers them.
 """
+
 import json
 import logging
 import os
@@ -17,8 +18,14 @@ import numpy as np
 
 from ..fileio import usual_mode
 
-__all__ = ["SHAPE_CLASSES", "EMBEDDED_DATASETS", "ShapesSpec", "generate_shapes_dataset",
-           "ensure_shapes_dataset", "dataset_root"]
+__all__ = [
+    "SHAPE_CLASSES",
+    "EMBEDDED_DATASETS",
+    "ShapesSpec",
+    "generate_shapes_dataset",
+    "ensure_shapes_dataset",
+    "dataset_root",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +35,12 @@ SHAPE_CLASSES = ["circle", "square", "triangle", "cross"]
 #: count), so that the binary negatives per positive anchor, which sigmoid losses sum over every
 #: class, come near COCO's (docs/RESULTS.md).
 PROXY_SHAPES = ("circle", "square", "triangle", "cross", "diamond")
-COLOR_FAMILIES = {"red": (40, 40, 215), "green": (40, 185, 40), "blue": (215, 90, 30),
-                  "yellow": (30, 215, 225)}  # BGR, each drawn with a random shade of its own
+COLOR_FAMILIES = {
+    "red": (40, 40, 215),
+    "green": (40, 185, 40),
+    "blue": (215, 90, 30),
+    "yellow": (30, 215, 225),
+}  # BGR, each drawn with a random shade of its own
 FILLS = ("solid", "outline", "striped", "dotted")
 
 
@@ -49,36 +60,85 @@ class ShapesSpec:
     def class_names(self):
         if self.categories == "shapes":
             return list(SHAPE_CLASSES)
-        return [f"{color} {fill} {shape}" for shape in PROXY_SHAPES for color in COLOR_FAMILIES
-                for fill in FILLS]
+        return [
+            f"{color} {fill} {shape}"
+            for shape in PROXY_SHAPES
+            for color in COLOR_FAMILIES
+            for fill in FILLS
+        ]
 
 
 #: The embedded datasets, by name. "focalstar_shapes" is sized for a CPU quickstart,
 #: "focalstar_shapes_medium" for a GPU study that generates its data in about a minute.
 EMBEDDED_DATASETS = {
-    "focalstar_shapes": ShapesSpec(num_train=512, num_val=64, image_size=192, min_objects=4,
-                                   max_objects=12, min_size=12, max_size=36, seed=0),
-    "focalstar_shapes_medium": ShapesSpec(num_train=2000, num_val=250, image_size=320,
-                                          min_objects=6, max_objects=20, min_size=10, max_size=48,
-                                          seed=0),
+    "focalstar_shapes": ShapesSpec(
+        num_train=512,
+        num_val=64,
+        image_size=192,
+        min_objects=4,
+        max_objects=12,
+        min_size=12,
+        max_size=36,
+        seed=0,
+    ),
+    "focalstar_shapes_medium": ShapesSpec(
+        num_train=2000,
+        num_val=250,
+        image_size=320,
+        min_objects=6,
+        max_objects=20,
+        min_size=10,
+        max_size=48,
+        seed=0,
+    ),
     # the calibrated proxy (configs/proxy_*.yaml, docs/RESULTS.md): the quickstart's scenes with
     # 1-3 objects instead of 4-12: 0.22% of the anchors foreground (COCO at the 1x scale, estimated:
     # ~0.11%; docs/results/anchor_stats/)
-    "focalstar_shapes_sparse": ShapesSpec(num_train=1200, num_val=200, image_size=192,
-                                          min_objects=1, max_objects=3, min_size=12, max_size=36,
-                                          seed=1),
-    "focalstar_shapes_large": ShapesSpec(num_train=8000, num_val=500, image_size=512,
-                                         min_objects=8, max_objects=30, min_size=10, max_size=64,
-                                         seed=0),
+    "focalstar_shapes_sparse": ShapesSpec(
+        num_train=1200,
+        num_val=200,
+        image_size=192,
+        min_objects=1,
+        max_objects=3,
+        min_size=12,
+        max_size=36,
+        seed=1,
+    ),
+    "focalstar_shapes_large": ShapesSpec(
+        num_train=8000,
+        num_val=500,
+        image_size=512,
+        min_objects=8,
+        max_objects=30,
+        min_size=10,
+        max_size=64,
+        seed=0,
+    ),
     # the COCO-imbalance proxy (configs/proxy80_*.yaml, docs/RESULTS.md): 80 categories, ~1.5
     # objects per scene, >= 300 training instances per category, 1,000 test scenes
-    "focalstar_proxy80": ShapesSpec(num_train=16000, num_val=1000, image_size=192, min_objects=1,
-                                    max_objects=2, min_size=14, max_size=40, seed=2,
-                                    categories="proxy80"),
+    "focalstar_proxy80": ShapesSpec(
+        num_train=16000,
+        num_val=1000,
+        image_size=192,
+        min_objects=1,
+        max_objects=2,
+        min_size=14,
+        max_size=40,
+        seed=2,
+        categories="proxy80",
+    ),
     # other scenes of the same kind (4-10 objects each), to pretrain the proxy's backbone on
-    "focalstar_proxy80_pretrain": ShapesSpec(num_train=4000, num_val=200, image_size=192,
-                                             min_objects=4, max_objects=10, min_size=14, max_size=40,
-                                             seed=3, categories="proxy80"),
+    "focalstar_proxy80_pretrain": ShapesSpec(
+        num_train=4000,
+        num_val=200,
+        image_size=192,
+        min_objects=4,
+        max_objects=10,
+        min_size=14,
+        max_size=40,
+        seed=3,
+        categories="proxy80",
+    ),
 }
 
 
@@ -120,20 +180,28 @@ def _fill_pattern(mask, fill, size):
         return mask
     if fill == "outline":
         width = max(2, size // 6)
-        return mask & ~cv2.erode(mask.astype(np.uint8), np.ones((2 * width + 1,) * 2, np.uint8)).astype(bool)
+        return mask & ~cv2.erode(
+            mask.astype(np.uint8), np.ones((2 * width + 1,) * 2, np.uint8)
+        ).astype(bool)
     period = max(3, size // 5)
     rows, cols = np.indices(mask.shape)
     if fill == "striped":
         return mask & ((rows // period) % 2 == 0)
-    return mask & ((rows // period + cols // period) % 2 == 0) & ((rows % period) < period - 1) \
+    return (
+        mask
+        & ((rows // period + cols // period) % 2 == 0)
+        & ((rows % period) < period - 1)
         & ((cols % period) < period - 1)
+    )
 
 
 def _draw_proxy_object(img, rng, name, cx, cy, size):
     """One object of a proxy80 category, 'red striped circle': its shape's mask painted with its
     fill in a random shade of its colour family."""
     color, fill, shape = name.split(" ")
-    shade = np.clip(np.array(COLOR_FAMILIES[color]) * rng.uniform(0.8, 1.15) + rng.normal(0, 8, 3), 0, 255)
+    shade = np.clip(
+        np.array(COLOR_FAMILIES[color]) * rng.uniform(0.8, 1.15) + rng.normal(0, 8, 3), 0, 255
+    )
     pad = 2
     canvas = np.zeros((size + 2 * pad, size + 2 * pad), np.uint8)
     c = size // 2 + pad
@@ -170,7 +238,9 @@ def _render_image(rng, spec, image_id, file_name):
     # Smooth random background: a bilinear blend of four corner colors, plus noise; for the
     # proxy80 categories, whose colour is part of the category, muted ones (grey, faintly tinted)
     if spec.categories == "proxy80":
-        corners = (rng.integers(30, 226, size=(2, 2, 1)) + rng.integers(-20, 21, size=(2, 2, 3))).astype(np.float32)
+        corners = (
+            rng.integers(30, 226, size=(2, 2, 1)) + rng.integers(-20, 21, size=(2, 2, 3))
+        ).astype(np.float32)
     else:
         corners = rng.integers(0, 256, size=(2, 2, 3)).astype(np.float32)
     img = cv2.resize(corners, (s, s), interpolation=cv2.INTER_LINEAR)
@@ -195,8 +265,15 @@ def _render_image(rng, spec, image_id, file_name):
         else:
             bbox = _draw_proxy_object(img, rng, names[cls_id], cx, cy, size)
         boxes.append(box)
-        annotations.append({"image_id": image_id, "category_id": cls_id + 1, "bbox": bbox,
-                            "area": bbox[2] * bbox[3], "iscrowd": 0})
+        annotations.append(
+            {
+                "image_id": image_id,
+                "category_id": cls_id + 1,
+                "bbox": bbox,
+                "area": bbox[2] * bbox[3],
+                "iscrowd": 0,
+            }
+        )
     cv2.imwrite(file_name, img, [cv2.IMWRITE_JPEG_QUALITY, 92])
     return annotations
 
@@ -210,24 +287,40 @@ def _iou(a, b):
 
 def generate_shapes_dataset(out_dir, spec: ShapesSpec):
     """Write ``train/``, ``val/`` (JPEG) and ``train.json``, ``val.json`` (COCO) into out_dir."""
-    categories = [{"id": i + 1, "name": n, "supercategory": "shape"}
-                  for i, n in enumerate(spec.class_names())]
-    for split, count, seed in (("train", spec.num_train, spec.seed),
-                               ("val", spec.num_val, spec.seed + 1_000_003)):
+    categories = [
+        {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(spec.class_names())
+    ]
+    for split, count, seed in (
+        ("train", spec.num_train, spec.seed),
+        ("val", spec.num_val, spec.seed + 1_000_003),
+    ):
         rng = np.random.default_rng(seed)
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
         images, annotations = [], []
         for i in range(count):
             file_name = f"{split}_{i:06d}.jpg"
             anns = _render_image(rng, spec, i + 1, os.path.join(out_dir, split, file_name))
-            images.append({"id": i + 1, "file_name": file_name,
-                           "width": spec.image_size, "height": spec.image_size})
+            images.append(
+                {
+                    "id": i + 1,
+                    "file_name": file_name,
+                    "width": spec.image_size,
+                    "height": spec.image_size,
+                }
+            )
             annotations.extend(anns)
         for k, ann in enumerate(annotations):
             ann["id"] = k + 1
         with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
-            json.dump({"images": images, "annotations": annotations, "categories": categories,
-                       "info": {"description": f"d2-focalstar embedded dataset, {spec}"}}, f)
+            json.dump(
+                {
+                    "images": images,
+                    "annotations": annotations,
+                    "categories": categories,
+                    "info": {"description": f"d2-focalstar embedded dataset, {spec}"},
+                },
+                f,
+            )
 
 
 def ensure_shapes_dataset(name, root=None):

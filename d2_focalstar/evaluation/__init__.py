@@ -5,6 +5,7 @@ faster-coco-eval behind its fast path), the evaluator of a dataset by its evalua
 miss rate and recall at a false-positive budget for chosen classes), and confidence intervals
 for the difference between two settings (``bootstrap``: a paired bootstrap over test images).
 """
+
 from .bootstrap import BOOTSTRAP_METRICS, BootstrapError, RunEvaluation, paired_bootstrap
 from .coco import FastCOCOEvaluator, evaluate_coco
 from .evaluators import (
@@ -15,7 +16,18 @@ from .evaluators import (
 )
 from .safety import SafetyEvaluator, build_safety_evaluator, log_average_miss_rate
 
-__all__ = ["BOOTSTRAP_METRICS", "BootstrapError", "RunEvaluation", "paired_bootstrap",
-           "FastCOCOEvaluator", "evaluate_coco", "SafetyEvaluator", "build_safety_evaluator",
-           "log_average_miss_rate", "EVALUATOR_TYPES", "EvaluatorTypeError",
-           "build_dataset_evaluator", "evaluator_type_of"]
+__all__ = [
+    "BOOTSTRAP_METRICS",
+    "BootstrapError",
+    "RunEvaluation",
+    "paired_bootstrap",
+    "FastCOCOEvaluator",
+    "evaluate_coco",
+    "SafetyEvaluator",
+    "build_safety_evaluator",
+    "log_average_miss_rate",
+    "EVALUATOR_TYPES",
+    "EvaluatorTypeError",
+    "build_dataset_evaluator",
+    "evaluator_type_of",
+]

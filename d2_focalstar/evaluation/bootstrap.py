@@ -15,6 +15,7 @@ With several seeds per setting, each resample scores every seed's run on the sam
 averages them: the interval is over images for seed-averaged metrics (seed-to-seed spread is the
 table's ± sd, not part of the interval).
 """
+
 import contextlib
 import io
 import logging
@@ -29,8 +30,15 @@ import numpy as np
 from .detections import DetectionsError, check_detection_categories, read_detections
 from .safety import log_average_miss_rate, match_detections
 
-__all__ = ["RunEvaluation", "paired_bootstrap", "BOOTSTRAP_METRICS", "detections_file",
-           "load_detections", "BootstrapError", "MAX_RESAMPLES"]
+__all__ = [
+    "RunEvaluation",
+    "paired_bootstrap",
+    "BOOTSTRAP_METRICS",
+    "detections_file",
+    "load_detections",
+    "BootstrapError",
+    "MAX_RESAMPLES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +87,12 @@ def _quiet_cocoeval(gt, detections):
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         coco_gt = coco(gt)
-        coco_dt = (coco_gt.loadRes(detections) if detections else  # loadRes refuses an empty list
-                   coco({"images": gt["images"], "categories": gt["categories"], "annotations": []}))
+        coco_dt = (
+            coco_gt.loadRes(detections)
+            if detections
+            # loadRes refuses an empty list
+            else coco({"images": gt["images"], "categories": gt["categories"], "annotations": []})
+        )
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         # only the area ranges the metrics need (all, small): half the matching and its memory
         ev.params.areaRng, ev.params.areaRngLbl = ev.params.areaRng[:2], ev.params.areaRngLbl[:2]
@@ -108,9 +120,11 @@ class RunEvaluation:
         known = {img["id"] for img in gt["images"]}
         unknown = {d["image_id"] for d in detections} - known
         if unknown:
-            raise BootstrapError(f"{name}: detections of {len(unknown)} images that the ground truth "
-                                 f"does not have (e.g. image_id {sorted(unknown)[0]}): evaluated on "
-                                 "another image set")
+            raise BootstrapError(
+                f"{name}: detections of {len(unknown)} images that the ground truth "
+                f"does not have (e.g. image_id {sorted(unknown)[0]}): evaluated on "
+                "another image set"
+            )
         try:
             check_detection_categories(detections, gt, name)
         except DetectionsError as e:
@@ -124,8 +138,10 @@ class RunEvaluation:
         self._groups = {}  # (area, category index) -> (image index per det, tp (T, n), fp (T, n), npig (I,))
         for a in self._AREAS:
             for k in range(len(p.catIds)):
-                evals = [(i, ev.evalImgs[k * num_areas * num_images + a * num_images + i])
-                         for i in range(num_images)]
+                evals = [
+                    (i, ev.evalImgs[k * num_areas * num_images + a * num_images + i])
+                    for i in range(num_images)
+                ]
                 evals = [(i, e) for i, e in evals if e is not None]
                 npig = np.zeros(num_images)
                 for i, e in evals:
@@ -135,15 +151,23 @@ class RunEvaluation:
                 max_det = p.maxDets[-1]
                 scores = np.concatenate([np.asarray(e["dtScores"][:max_det]) for _, e in evals])
                 img = np.concatenate([np.full(len(e["dtScores"][:max_det]), i) for i, e in evals])
-                dtm = np.concatenate([np.asarray(e["dtMatches"])[:, :max_det] for _, e in evals], axis=1)
-                dtig = np.concatenate([np.asarray(e["dtIgnore"])[:, :max_det] for _, e in evals], axis=1)
+                dtm = np.concatenate(
+                    [np.asarray(e["dtMatches"])[:, :max_det] for _, e in evals], axis=1
+                )
+                dtig = np.concatenate(
+                    [np.asarray(e["dtIgnore"])[:, :max_det] for _, e in evals], axis=1
+                )
                 order = np.argsort(-scores, kind="mergesort")  # as COCOeval.accumulate
                 dtm, dtig = dtm[:, order].astype(bool), dtig[:, order].astype(bool)
                 # a detection ignored at every IoU threshold adds a point equal to the one before
                 # it to every curve, which changes no interpolated precision: left out
                 used = ~dtig.all(axis=0)
-                self._groups[(a, k)] = (img[order][used].astype(np.int32), (dtm & ~dtig)[:, used],
-                                        (~dtm & ~dtig)[:, used], npig)
+                self._groups[(a, k)] = (
+                    img[order][used].astype(np.int32),
+                    (dtm & ~dtig)[:, used],
+                    (~dtm & ~dtig)[:, used],
+                    npig,
+                )
         self._safety = self._match_safety(gt, detections, safety_classes, safety_iou)
 
     def _match_safety(self, gt, detections, class_names, iou):
@@ -165,10 +189,15 @@ class RunEvaluation:
             for img_id in self.image_ids:
                 anns = gts.get((img_id, cid), [])
                 dets = by_image.get((img_id, cid), [])
-                g = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
-                b = np.array([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)]).reshape(-1, 4)
-                s, t, n = match_detections(b, [d["score"] for d in dets], g,
-                                           [bool(a.get("iscrowd", 0)) for a in anns], iou)
+                g = np.array(
+                    [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+                ).reshape(-1, 4)
+                b = np.array(
+                    [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in dets)]
+                ).reshape(-1, 4)
+                s, t, n = match_detections(
+                    b, [d["score"] for d in dets], g, [bool(a.get("iscrowd", 0)) for a in anns], iou
+                )
                 scores.append(s)
                 tps.append(t)
                 imgs.append(np.full(len(s), index[img_id]))
@@ -217,16 +246,29 @@ class RunEvaluation:
                     tpc = np.cumsum(tp * wk, axis=2)
                     # tp + fp = all weight so far minus the ignored: exact integers, so this is
                     # the fpc + tpc of metrics() to the last bit
-                    seen = total[:, None, :] - np.cumsum(ig * wk, axis=2) if ig.any() else total[:, None, :]
+                    seen = (
+                        total[:, None, :] - np.cumsum(ig * wk, axis=2)
+                        if ig.any()
+                        else total[:, None, :]
+                    )
                     pr = tpc / (seen + np.spacing(1))
                     pr = np.maximum.accumulate(pr[:, :, ::-1], axis=2)[:, :, ::-1]
                     shift = 2.0 * np.arange(num_t)[:, None]
-                    shifted_rc = tpc / n_gt[valid][:, None, None] + shift  # as metrics(): rows 2 apart
+                    shifted_rc = (
+                        tpc / n_gt[valid][:, None, None] + shift
+                    )  # as metrics(): rows 2 apart
                     thrs = (self.rec_thrs[None, :] + shift).ravel()
                     rows_t = np.arange(num_t)[:, None]
                     starts = n * rows_t
-                    for j, b in enumerate(np.flatnonzero(valid)):  # one search over the T shifted rows
-                        idx = np.searchsorted(shifted_rc[j].ravel(), thrs, side="left").reshape(num_t, -1) - starts
+                    for j, b in enumerate(
+                        np.flatnonzero(valid)
+                    ):  # one search over the T shifted rows
+                        idx = (
+                            np.searchsorted(shifted_rc[j].ravel(), thrs, side="left").reshape(
+                                num_t, -1
+                            )
+                            - starts
+                        )
                         q[b] = np.where(idx < n, pr[j][rows_t, np.minimum(idx, n - 1)], 0.0)
             q_by_area[a].append((valid, q))
         out = OrderedDict((m, np.full(num_b, math.nan)) for m in ("AP", "AP50", "APs", "LAMR"))
@@ -256,7 +298,11 @@ class RunEvaluation:
     def metrics(self, weights=None):
         """AP, AP50, APs (COCO's, in percent) and LAMR (the mean over safety classes, percent)
         with image i counted ``weights[i]`` times (in the order of sorted image ids; None: once)."""
-        w = np.ones(len(self.image_ids)) if weights is None else np.asarray(weights, dtype=np.float64)
+        w = (
+            np.ones(len(self.image_ids))
+            if weights is None
+            else np.asarray(weights, dtype=np.float64)
+        )
         precision = {a: [] for a in self._AREAS}  # per category: (T, R) precision
         for (a, k), (img, tp, fp, npig) in self._groups.items():
             n_gt = float(w @ npig)
@@ -272,11 +318,16 @@ class RunEvaluation:
             # rows shifted apart by 2 (recall is in [0, 1]) make one sorted array
             num_t, n = tp.shape
             shift = 2.0 * np.arange(num_t)[:, None]
-            idx = np.searchsorted((rc + shift).ravel(), (self.rec_thrs[None, :] + shift).ravel(), side="left")
+            idx = np.searchsorted(
+                (rc + shift).ravel(), (self.rec_thrs[None, :] + shift).ravel(), side="left"
+            )
             idx = idx.reshape(num_t, -1) - n * np.arange(num_t)[:, None]
             ok = idx < n  # past the last point: recall never reached, precision 0
-            q = np.where(ok, np.take_along_axis(pr, np.minimum(idx, n - 1), axis=1), 0.0) if n else \
-                np.zeros((num_t, len(self.rec_thrs)))
+            q = (
+                np.where(ok, np.take_along_axis(pr, np.minimum(idx, n - 1), axis=1), 0.0)
+                if n
+                else np.zeros((num_t, len(self.rec_thrs)))
+            )
             precision[a].append(q)
         out = OrderedDict()
         all_ = np.stack(precision[0]) if precision[0] else None
@@ -296,8 +347,16 @@ class RunEvaluation:
         return out
 
 
-def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.95,
-                     metrics=BOOTSTRAP_METRICS, batch=50, progress=None):
+def paired_bootstrap(
+    setting_a,
+    setting_b,
+    num_resamples=1000,
+    seed=0,
+    level=0.95,
+    metrics=BOOTSTRAP_METRICS,
+    batch=50,
+    progress=None,
+):
     """
     The difference A - B of each metric (seed-averaged) and its percentile interval over
     ``num_resamples`` resamples of the images with replacement, the same resample for every run.
@@ -315,13 +374,19 @@ def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.9
     ids = runs[0].image_ids
     for r in runs[1:]:
         if r.image_ids != ids:
-            raise BootstrapError(f"{runs[0].name} and {r.name} were evaluated on different image sets "
-                                 f"({len(ids)} and {len(r.image_ids)} images): a paired bootstrap needs the same")
+            raise BootstrapError(
+                f"{runs[0].name} and {r.name} were evaluated on different image sets "
+                f"({len(ids)} and {len(r.image_ids)} images): a paired bootstrap needs the same"
+            )
 
     def mean_metrics(setting, weights):
         values = [r.metrics(weights) for r in setting]
-        return {m: float(np.nanmean([v[m] for v in values])) if any(not math.isnan(v[m]) for v in values)
-                else math.nan for m in metrics}
+        return {
+            m: float(np.nanmean([v[m] for v in values]))
+            if any(not math.isnan(v[m]) for v in values)
+            else math.nan
+            for m in metrics
+        }
 
     def seed_mean(values):
         out = {}
@@ -342,11 +407,15 @@ def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.9
     while done < num_resamples:
         size = min(batch, num_resamples - done) if batch else 1
         # drawn one resample at a time, as always: the same draws for any batch size
-        weights = np.stack([np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
-                            for _ in range(size)])
+        weights = np.stack(
+            [
+                np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+                for _ in range(size)
+            ]
+        )
         if batch:
             values = list(workers.map(lambda r: r.metrics_batch(weights), runs))
-            a, b = seed_mean(values[:len(setting_a)]), seed_mean(values[len(setting_a):])
+            a, b = seed_mean(values[: len(setting_a)]), seed_mean(values[len(setting_a) :])
             for m in metrics:
                 diffs[m].extend((a[m] - b[m]).tolist())
         else:
@@ -362,6 +431,12 @@ def paired_bootstrap(setting_a, setting_b, num_resamples=1000, seed=0, level=0.9
     for m in metrics:
         d = np.asarray(diffs[m])
         d = d[~np.isnan(d)]
-        low, high = (np.percentile(d, [tail, 100 - tail]) if len(d) else (math.nan, math.nan))
-        out[m] = {"diff": a0[m] - b0[m], "low": float(low), "high": float(high), "a": a0[m], "b": b0[m]}
+        low, high = np.percentile(d, [tail, 100 - tail]) if len(d) else (math.nan, math.nan)
+        out[m] = {
+            "diff": a0[m] - b0[m],
+            "low": float(low),
+            "high": float(high),
+            "a": a0[m],
+            "b": b0[m],
+        }
     return out

@@ -6,6 +6,7 @@ faster-coco-eval it is detectron2's evaluator as it is: pycocotools, the officia
 implementation. Both give the same 12 numbers to 1e-6 (tests/test_evaluation.py); the time each
 takes on a COCO-val-sized set is in docs/BENCHMARKS.md.
 """
+
 import contextlib
 import io
 import logging
@@ -67,8 +68,14 @@ class FastCOCOEvaluator(COCOEvaluator):
         if not self._use_fast_impl and cocoeval_class is not COCOeval:
             self._use_fast_impl, self._substitute = True, cocoeval_class
         self.coco_stats = {}
-        self._logger.info(f"COCO evaluation with {self.implementation}"
-                          + (" in place of detectron2's fast path (its _C is not built)" if self._substitute else ""))
+        self._logger.info(
+            f"COCO evaluation with {self.implementation}"
+            + (
+                " in place of detectron2's fast path (its _C is not built)"
+                if self._substitute
+                else ""
+            )
+        )
 
     def _eval_predictions(self, predictions, img_ids=None):
         if self._substitute is None:
@@ -91,6 +98,6 @@ def evaluate_coco(coco_gt, detections, implementation="fast", iou_type="bbox"):
         raise ImportError("faster-coco-eval is not installed (pip install faster-coco-eval)")
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval = coco_evaluation._evaluate_predictions_on_coco(
-            coco_gt, detections, iou_type, cocoeval_fn=cocoeval_class)
+            coco_gt, detections, iou_type, cocoeval_fn=cocoeval_class
+        )
     return [float(v) for v in coco_eval.stats[:12]]
-

@@ -3,6 +3,7 @@ The evaluator of a dataset, by its metadata's ``evaluator_type``: one table, rea
 Trainer and by the start-up checks (so that a test dataset no evaluator here reads is refused
 before training, not after it).
 """
+
 from typing import Callable, Dict, Optional
 
 from detectron2.data import MetadataCatalog
@@ -34,12 +35,15 @@ def evaluator_type_of(dataset_name: str) -> str:
     types allowed where no evaluator here reads it."""
     kind = MetadataCatalog.get(dataset_name).get("evaluator_type", DEFAULT_EVALUATOR_TYPE)
     if kind not in EVALUATOR_TYPES:
-        raise EvaluatorTypeError(f"dataset {dataset_name!r} has evaluator_type {kind!r}; allowed "
-                                 f"{', '.join(map(repr, EVALUATOR_TYPES))} (box detection)")
+        raise EvaluatorTypeError(
+            f"dataset {dataset_name!r} has evaluator_type {kind!r}; allowed "
+            f"{', '.join(map(repr, EVALUATOR_TYPES))} (box detection)"
+        )
     return kind
 
 
-def build_dataset_evaluator(dataset_name: str,
-                            output_dir: Optional[str] = None) -> DatasetEvaluator:
+def build_dataset_evaluator(
+    dataset_name: str, output_dir: Optional[str] = None
+) -> DatasetEvaluator:
     """The box-detection evaluator of a dataset, by its evaluator_type (EVALUATOR_TYPES)."""
     return EVALUATOR_TYPES[evaluator_type_of(dataset_name)](dataset_name, output_dir)

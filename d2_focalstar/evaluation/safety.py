@@ -19,6 +19,7 @@ and visibility range, or flagged ``ignore``, is ignored, detections shorter than
 lower bound / 1.25 are dropped, at most 1,000 detections per image, and the mean of the log miss
 rate over the script's 9 FPPI points, where a zero miss rate makes the mean zero as there.
 """
+
 import itertools
 import logging
 import os
@@ -36,17 +37,26 @@ from tabulate import tabulate
 
 from ..fileio import write_json
 
-__all__ = ["match_detections", "miss_rate_fppi_curve", "log_average_miss_rate", "recall_at_fppi",
-           "SafetySetup", "SAFETY_SETUPS", "class_miss_rate_curve", "SafetyEvaluator",
-           "build_safety_evaluator"]
+__all__ = [
+    "match_detections",
+    "miss_rate_fppi_curve",
+    "log_average_miss_rate",
+    "recall_at_fppi",
+    "SafetySetup",
+    "SAFETY_SETUPS",
+    "class_miss_rate_curve",
+    "SafetyEvaluator",
+    "build_safety_evaluator",
+]
 
 logger = logging.getLogger(__name__)
 
 #: The FPPI reference points of the log-average miss rate: 9 points evenly spaced in log space.
 LAMR_FPPI_POINTS = 10 ** np.linspace(-2, 0, 9)
 #: The same points as the CityPersons evaluation script writes them, to 4 decimals.
-CITYPERSONS_FPPI_POINTS = np.array([0.0100, 0.0178, 0.0316, 0.0562, 0.1000, 0.1778, 0.3162,
-                                    0.5623, 1.0000])
+CITYPERSONS_FPPI_POINTS = np.array(
+    [0.0100, 0.0178, 0.0316, 0.0562, 0.1000, 0.1778, 0.3162, 0.5623, 1.0000]
+)
 _UNBOUNDED = float("inf")
 
 
@@ -67,6 +77,7 @@ class SafetySetup:
         miss_rate_floor: the least miss rate the log-average takes at a point: 1e-10 (Caltech's
             MATLAB code) or 0.0 (CityPersons' script: one point at 0 makes the mean 0).
     """
+
     protocol: str
     height: Optional[Tuple[float, float]] = None
     visibility: Optional[Tuple[float, float]] = None
@@ -79,20 +90,30 @@ class SafetySetup:
 def _citypersons(name, height, visibility):
     return SafetySetup(
         protocol=f"CityPersons '{name}' (height {height[0]:g}-{height[1]:g} px, visibility "
-                 f"{visibility[0]:g}-{visibility[1]:g}, IoU 0.5, its evaluation script)",
-        height=height, visibility=visibility, use_ignore_flag=True, max_detections=1000,
-        fppi_points=tuple(CITYPERSONS_FPPI_POINTS), miss_rate_floor=0.0)
+        f"{visibility[0]:g}-{visibility[1]:g}, IoU 0.5, its evaluation script)",
+        height=height,
+        visibility=visibility,
+        use_ignore_flag=True,
+        max_detections=1000,
+        fppi_points=tuple(CITYPERSONS_FPPI_POINTS),
+        miss_rate_floor=0.0,
+    )
 
 
 #: TEST.SAFETY.SETUP -> its setup. The CityPersons ones match the script's setups 0-3 (tested on
 #: tests/data/citypersons within 0.01 points).
-SAFETY_SETUPS: Dict[str, SafetySetup] = OrderedDict([
-    ("all", SafetySetup(protocol="every box of the class, crowd boxes ignored (this project's)")),
-    ("reasonable", _citypersons("Reasonable", (50, _UNBOUNDED), (0.65, _UNBOUNDED))),
-    ("reasonable_small", _citypersons("Reasonable_small", (50, 75), (0.65, _UNBOUNDED))),
-    ("heavy_occlusion", _citypersons("Reasonable_occ=heavy", (50, _UNBOUNDED), (0.2, 0.65))),
-    ("citypersons_all", _citypersons("All", (20, _UNBOUNDED), (0.2, _UNBOUNDED))),
-])
+SAFETY_SETUPS: Dict[str, SafetySetup] = OrderedDict(
+    [
+        (
+            "all",
+            SafetySetup(protocol="every box of the class, crowd boxes ignored (this project's)"),
+        ),
+        ("reasonable", _citypersons("Reasonable", (50, _UNBOUNDED), (0.65, _UNBOUNDED))),
+        ("reasonable_small", _citypersons("Reasonable_small", (50, 75), (0.65, _UNBOUNDED))),
+        ("heavy_occlusion", _citypersons("Reasonable_occ=heavy", (50, _UNBOUNDED), (0.2, 0.65))),
+        ("citypersons_all", _citypersons("All", (20, _UNBOUNDED), (0.2, _UNBOUNDED))),
+    ]
+)
 
 
 def match_detections(det_boxes, det_scores, gt_boxes, gt_ignore, iou_threshold=0.5):
@@ -124,11 +145,13 @@ def match_detections(det_boxes, det_scores, gt_boxes, gt_ignore, iou_threshold=0
     if len(gt_boxes) == 0:
         return scores, np.zeros(len(scores), dtype=bool), num_gt
     # pycocotools returns a bare list, not an (N, M) array, when there are no detections.
-    ious = np.asarray(mask_util.iou(
-        BoxMode.convert(det_boxes[order], BoxMode.XYXY_ABS, BoxMode.XYWH_ABS),
-        BoxMode.convert(gt_boxes, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS),
-        gt_ignore.astype(np.uint8),
-    )).reshape(len(order), len(gt_boxes))
+    ious = np.asarray(
+        mask_util.iou(
+            BoxMode.convert(det_boxes[order], BoxMode.XYXY_ABS, BoxMode.XYWH_ABS),
+            BoxMode.convert(gt_boxes, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS),
+            gt_ignore.astype(np.uint8),
+        )
+    ).reshape(len(order), len(gt_boxes))
     matched = np.zeros(len(gt_boxes), dtype=bool)
     keep = np.ones(len(order), dtype=bool)
     is_tp = np.zeros(len(order), dtype=bool)
@@ -215,8 +238,9 @@ def _in_range(values, bounds):
     return (values >= bounds[0]) & (values <= bounds[1])
 
 
-def class_miss_rate_curve(records, predictions, class_id, setup=SAFETY_SETUPS["all"],
-                          iou_threshold=0.5):
+def class_miss_rate_curve(
+    records, predictions, class_id, setup=SAFETY_SETUPS["all"], iou_threshold=0.5
+):
     """
     The miss rate against FPPI curve of one class under a setup, over the images predicted.
 
@@ -234,10 +258,15 @@ def class_miss_rate_curve(records, predictions, class_id, setup=SAFETY_SETUPS["a
     """
     scores, is_tp, num_gt = [], [], 0
     for p in predictions:
-        anns = [a for a in records.get(p["image_id"], {}).get("annotations", [])
-                if a["category_id"] == class_id]
-        gt = np.array([BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
-                       for a in anns], dtype=np.float64).reshape(-1, 4)
+        anns = [
+            a
+            for a in records.get(p["image_id"], {}).get("annotations", [])
+            if a["category_id"] == class_id
+        ]
+        gt = np.array(
+            [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
+            dtype=np.float64,
+        ).reshape(-1, 4)
         ignore = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
         if setup.use_ignore_flag:
             ignore |= np.array([bool(a.get("ignore", 0)) for a in anns], dtype=bool)
@@ -250,7 +279,7 @@ def class_miss_rate_curve(records, predictions, class_id, setup=SAFETY_SETUPS["a
         boxes = np.asarray(p["boxes"], dtype=np.float64)[mine].reshape(-1, 4)
         det_scores = np.asarray(p["scores"], dtype=np.float64)[mine]
         if setup.max_detections is not None:
-            top = np.argsort(-det_scores, kind="stable")[:setup.max_detections]
+            top = np.argsort(-det_scores, kind="stable")[: setup.max_detections]
             boxes, det_scores = boxes[top], det_scores[top]
         if setup.height is not None:
             h = boxes[:, 3] - boxes[:, 1]
@@ -260,9 +289,12 @@ def class_miss_rate_curve(records, predictions, class_id, setup=SAFETY_SETUPS["a
         scores.append(s)
         is_tp.append(t)
         num_gt += n
-    mr, fppi = miss_rate_fppi_curve(np.concatenate(scores) if scores else np.zeros(0),
-                                    np.concatenate(is_tp) if is_tp else np.zeros(0, bool),
-                                    num_gt, len(predictions))
+    mr, fppi = miss_rate_fppi_curve(
+        np.concatenate(scores) if scores else np.zeros(0),
+        np.concatenate(is_tp) if is_tp else np.zeros(0, bool),
+        num_gt,
+        len(predictions),
+    )
     return mr, fppi, num_gt
 
 
@@ -274,9 +306,16 @@ class SafetyEvaluator(DatasetEvaluator):
     without ground truth in those images is NaN and left out of the averages.
     """
 
-    def __init__(self, dataset_name: str, class_names: List[str], fp_per_image: float = 0.1,
-                 iou_threshold: float = 0.5, output_dir: Optional[str] = None,
-                 distributed: bool = True, setup: str = "all"):
+    def __init__(
+        self,
+        dataset_name: str,
+        class_names: List[str],
+        fp_per_image: float = 0.1,
+        iou_threshold: float = 0.5,
+        output_dir: Optional[str] = None,
+        distributed: bool = True,
+        setup: str = "all",
+    ):
         if setup not in SAFETY_SETUPS:
             raise ValueError(f"safety setup {setup!r}: allowed {', '.join(SAFETY_SETUPS)}")
         self._setup = setup
@@ -288,12 +327,15 @@ class SafetyEvaluator(DatasetEvaluator):
         thing_classes = list(MetadataCatalog.get(dataset_name).get("thing_classes", []))
         # Class names come from a config shared across datasets (COCO's by default), so names a
         # dataset lacks are expected there and skipped, not an error.
-        self._classes = OrderedDict((n, thing_classes.index(n)) for n in class_names
-                                    if n in thing_classes)
+        self._classes = OrderedDict(
+            (n, thing_classes.index(n)) for n in class_names if n in thing_classes
+        )
         missing = [n for n in class_names if n not in thing_classes]
         if missing:
-            logger.warning(f"Safety metrics: dataset {dataset_name!r} has no class "
-                           f"{', '.join(map(repr, missing))}; skipped")
+            logger.warning(
+                f"Safety metrics: dataset {dataset_name!r} has no class "
+                f"{', '.join(map(repr, missing))}; skipped"
+            )
         self.reset()
 
     def reset(self):
@@ -313,10 +355,14 @@ class SafetyEvaluator(DatasetEvaluator):
             inst = output["instances"].to("cpu")
             classes = inst.pred_classes.numpy()
             keep = np.isin(classes, ids)
-            self._predictions.append({"image_id": input["image_id"],
-                                      "boxes": inst.pred_boxes.tensor.numpy()[keep],
-                                      "scores": inst.scores.numpy()[keep],
-                                      "classes": classes[keep]})
+            self._predictions.append(
+                {
+                    "image_id": input["image_id"],
+                    "boxes": inst.pred_boxes.tensor.numpy()[keep],
+                    "scores": inst.scores.numpy()[keep],
+                    "classes": classes[keep],
+                }
+            )
 
     def evaluate(self):
         """The results on the main process ({} on the others, or with nothing to evaluate)."""
@@ -328,8 +374,10 @@ class SafetyEvaluator(DatasetEvaluator):
         else:
             predictions = self._predictions
         if not self._classes:
-            logger.warning(f"Safety metrics: none of the safety classes is in dataset "
-                           f"{self._dataset_name!r}; nothing to evaluate")
+            logger.warning(
+                f"Safety metrics: none of the safety classes is in dataset "
+                f"{self._dataset_name!r}; nothing to evaluate"
+            )
             return {}
         if not predictions:
             logger.warning("Safety metrics: received no predictions")
@@ -338,39 +386,61 @@ class SafetyEvaluator(DatasetEvaluator):
         records = {r["image_id"]: r for r in DatasetCatalog.get(self._dataset_name)}
         unknown = sum(p["image_id"] not in records for p in predictions)
         if unknown:
-            logger.warning(f"Safety metrics: {unknown} images are not in dataset "
-                           f"{self._dataset_name!r}; evaluated as having no ground truth")
+            logger.warning(
+                f"Safety metrics: {unknown} images are not in dataset "
+                f"{self._dataset_name!r}; evaluated as having no ground truth"
+            )
         fp, res, rows, num_gts = f"{self._fp_per_image:g}", OrderedDict(), [], {}
         setup = SAFETY_SETUPS[self._setup]
         for name, cid in self._classes.items():
-            mr, fppi, num_gt = class_miss_rate_curve(records, predictions, cid, setup,
-                                                     self._iou_threshold)
+            mr, fppi, num_gt = class_miss_rate_curve(
+                records, predictions, cid, setup, self._iou_threshold
+            )
             # With no ground truth both metrics are undefined, whatever the detections.
-            lamr = (100 * log_average_miss_rate(mr, fppi, setup.fppi_points, setup.miss_rate_floor)
-                    if num_gt else float("nan"))
+            lamr = (
+                100 * log_average_miss_rate(mr, fppi, setup.fppi_points, setup.miss_rate_floor)
+                if num_gt
+                else float("nan")
+            )
             rec = 100 * recall_at_fppi(1 - mr, fppi, self._fp_per_image) if num_gt else float("nan")
             res[f"LAMR-{name}"], res[f"R@{fp}FPPI-{name}"], num_gts[name] = lamr, rec, num_gt
             rows.append((name, num_gt, lamr, rec))
         with_gt = [r for r in rows if r[1] > 0]
-        res_mean = OrderedDict([
-            ("LAMR", float(np.mean([r[2] for r in with_gt])) if with_gt else float("nan")),
-            (f"R@{fp}FPPI", float(np.mean([r[3] for r in with_gt])) if with_gt else float("nan")),
-        ])
+        res_mean = OrderedDict(
+            [
+                ("LAMR", float(np.mean([r[2] for r in with_gt])) if with_gt else float("nan")),
+                (
+                    f"R@{fp}FPPI",
+                    float(np.mean([r[3] for r in with_gt])) if with_gt else float("nan"),
+                ),
+            ]
+        )
         res_mean.update(res)
-        table = tabulate(rows + [("mean", sum(num_gts.values()), *list(res_mean.values())[:2])],
-                         headers=["class", "#GT", "LAMR %", f"R@{fp}FPPI %"], floatfmt=".2f",
-                         tablefmt="pipe")
-        logger.info(f"Safety metrics on {len(predictions)} images, IoU {self._iou_threshold:g}, "
-                    f"setup {self._setup!r}: {setup.protocol} (LAMR: lower is better):\n{table}")
+        table = tabulate(
+            rows + [("mean", sum(num_gts.values()), *list(res_mean.values())[:2])],
+            headers=["class", "#GT", "LAMR %", f"R@{fp}FPPI %"],
+            floatfmt=".2f",
+            tablefmt="pipe",
+        )
+        logger.info(
+            f"Safety metrics on {len(predictions)} images, IoU {self._iou_threshold:g}, "
+            f"setup {self._setup!r}: {setup.protocol} (LAMR: lower is better):\n{table}"
+        )
         if self._output_dir:
             self._write_json(res_mean, num_gts, len(predictions))
         return {"safety": res_mean}
 
     def _write_json(self, res, num_gts, num_images):
         os.makedirs(self._output_dir, exist_ok=True)
-        record = {"safety": res, "num_gt": num_gts, "num_images": num_images,
-                  "iou_threshold": self._iou_threshold, "fp_per_image": self._fp_per_image,
-                  "setup": self._setup, "protocol": SAFETY_SETUPS[self._setup].protocol}
+        record = {
+            "safety": res,
+            "num_gt": num_gts,
+            "num_images": num_images,
+            "iou_threshold": self._iou_threshold,
+            "fp_per_image": self._fp_per_image,
+            "setup": self._setup,
+            "protocol": SAFETY_SETUPS[self._setup].protocol,
+        }
         write_json(os.path.join(self._output_dir, "safety_metrics.json"), record)
 
 
@@ -379,5 +449,11 @@ def build_safety_evaluator(cfg, dataset_name, output_dir=None):
     s = cfg.TEST.SAFETY
     if not s.ENABLED:
         return None
-    return SafetyEvaluator(dataset_name, list(s.CLASSES), fp_per_image=s.FP_PER_IMAGE,
-                           iou_threshold=s.IOU_THRESHOLD, output_dir=output_dir, setup=s.SETUP)
+    return SafetyEvaluator(
+        dataset_name,
+        list(s.CLASSES),
+        fp_per_image=s.FP_PER_IMAGE,
+        iou_threshold=s.IOU_THRESHOLD,
+        output_dir=output_dir,
+        setup=s.SETUP,
+    )

@@ -7,19 +7,39 @@ the two meta-architectures that use it, each overriding only ``losses()`` and ``
 features come from a cache (``cached_trunk``), a speed lever for CPU-scale studies. Nothing here
 depends on how a run is launched or recorded.
 """
+
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from .cached_trunk import build_cached_trunk_retinanet_fpn_backbone  # noqa: F401  registers the backbone
 from .classification import ClassificationLoss
 from .fcos import FCOSFLStar  # registers the meta-architecture and its backbone
-from .losses import (DEFAULT_NODE, LOSS_TYPES, LossSetting, loss_setting, sigmoid_ce_loss,
-                     sigmoid_classification_loss, sigmoid_flstar_loss, sigmoid_focal_loss,
-                     sigmoid_poly1_focal_loss)
+from .losses import (
+    DEFAULT_NODE,
+    LOSS_TYPES,
+    LossSetting,
+    loss_setting,
+    sigmoid_ce_loss,
+    sigmoid_classification_loss,
+    sigmoid_flstar_loss,
+    sigmoid_focal_loss,
+    sigmoid_poly1_focal_loss,
+)
 from .retinanet import RetinaNetFLStar  # registers the meta-architecture
 
-__all__ = ["ClassificationLoss", "FCOSFLStar", "RetinaNetFLStar", "LOSS_TYPES", "LossSetting",
-           "loss_setting", "loss_config_node", "sigmoid_ce_loss", "sigmoid_classification_loss",
-           "sigmoid_flstar_loss", "sigmoid_focal_loss", "sigmoid_poly1_focal_loss"]
+__all__ = [
+    "ClassificationLoss",
+    "FCOSFLStar",
+    "RetinaNetFLStar",
+    "LOSS_TYPES",
+    "LossSetting",
+    "loss_setting",
+    "loss_config_node",
+    "sigmoid_ce_loss",
+    "sigmoid_classification_loss",
+    "sigmoid_flstar_loss",
+    "sigmoid_focal_loss",
+    "sigmoid_poly1_focal_loss",
+]
 
 
 def loss_config_node(cfg):

@@ -14,6 +14,7 @@ settings are compared with the cache's before the first lookup: a cache made for
 backbone, weights or input size is refused in one line naming the file and what differs, never
 used. An image missing from the cache is computed by the trunk (and counted in the log).
 """
+
 import hashlib
 import json
 import logging
@@ -24,8 +25,14 @@ import torch
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import build_retinanet_resnet_fpn_backbone
 
-__all__ = ["FeatureCacheError", "TrunkFeatureCache", "trunk_fingerprint", "input_settings",
-           "input_digest", "build_cached_trunk_retinanet_fpn_backbone"]
+__all__ = [
+    "FeatureCacheError",
+    "TrunkFeatureCache",
+    "trunk_fingerprint",
+    "input_settings",
+    "input_digest",
+    "build_cached_trunk_retinanet_fpn_backbone",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +59,19 @@ def trunk_fingerprint(trunk):
 def input_settings(cfg):
     """The config values that decide what a cached image looks like to the trunk."""
     i = cfg.INPUT
-    return {"depth": cfg.MODEL.RESNETS.DEPTH, "norm": cfg.MODEL.RESNETS.NORM,
-            "out_features": list(cfg.MODEL.RESNETS.OUT_FEATURES), "format": i.FORMAT,
-            "pixel_mean": list(cfg.MODEL.PIXEL_MEAN), "pixel_std": list(cfg.MODEL.PIXEL_STD),
-            "min_size_train": list(i.MIN_SIZE_TRAIN), "max_size_train": i.MAX_SIZE_TRAIN,
-            "min_size_test": i.MIN_SIZE_TEST, "max_size_test": i.MAX_SIZE_TEST,
-            "random_flip": i.RANDOM_FLIP}
+    return {
+        "depth": cfg.MODEL.RESNETS.DEPTH,
+        "norm": cfg.MODEL.RESNETS.NORM,
+        "out_features": list(cfg.MODEL.RESNETS.OUT_FEATURES),
+        "format": i.FORMAT,
+        "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
+        "pixel_std": list(cfg.MODEL.PIXEL_STD),
+        "min_size_train": list(i.MIN_SIZE_TRAIN),
+        "max_size_train": i.MAX_SIZE_TRAIN,
+        "min_size_test": i.MIN_SIZE_TEST,
+        "max_size_test": i.MAX_SIZE_TEST,
+        "random_flip": i.RANDOM_FLIP,
+    }
 
 
 def input_digest(image):
@@ -76,12 +90,16 @@ class TrunkFeatureCache:
             with open(path) as f:
                 self.meta = json.load(f)
             keys = np.load(os.path.join(folder, KEYS))
-            self.features = {name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
-                             for name in self.meta["features"]}
+            self.features = {
+                name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
+                for name in self.meta["features"]
+            }
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FeatureCacheError(f"MODEL.FOCALSTAR.FEATURE_CACHE={folder!r}: not a feature cache "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); make it with "
-                                    "tools/cache_features.py") from None
+            raise FeatureCacheError(
+                f"MODEL.FOCALSTAR.FEATURE_CACHE={folder!r}: not a feature cache "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); make it with "
+                "tools/cache_features.py"
+            ) from None
         self.index = {bytes(k): i for i, k in enumerate(keys)}
 
     def check(self, fingerprint, settings):
@@ -92,19 +110,27 @@ class TrunkFeatureCache:
             raise FeatureCacheError(
                 f"{where}: made by another trunk (weights {self.meta.get('weights')!r}, fingerprint "
                 f"{str(self.meta.get('fingerprint'))[:12]}), not this model's (fingerprint "
-                f"{fingerprint[:12]}): make the cache again with tools/cache_features.py")
-        differ = [f"{k}: cache {self.meta.get('settings', {}).get(k)!r}, config {v!r}"
-                  for k, v in settings.items() if self.meta.get("settings", {}).get(k) != v]
+                f"{fingerprint[:12]}): make the cache again with tools/cache_features.py"
+            )
+        differ = [
+            f"{k}: cache {self.meta.get('settings', {}).get(k)!r}, config {v!r}"
+            for k, v in settings.items()
+            if self.meta.get("settings", {}).get(k) != v
+        ]
         if differ:
-            raise FeatureCacheError(f"{where}: made for other inputs ({'; '.join(differ)}): make the "
-                                    "cache again with tools/cache_features.py")
+            raise FeatureCacheError(
+                f"{where}: made for other inputs ({'; '.join(differ)}): make the "
+                "cache again with tools/cache_features.py"
+            )
 
     def lookup(self, key):
         i = self.index.get(key)
         if i is None:
             return None
-        return {name: torch.from_numpy(np.asarray(array[i], dtype=np.float32))
-                for name, array in self.features.items()}
+        return {
+            name: torch.from_numpy(np.asarray(array[i], dtype=np.float32))
+            for name, array in self.features.items()
+        }
 
 
 class _CachedForward:
@@ -131,8 +157,10 @@ class _CachedForward:
         for _ in missing:
             self.misses += 1
             if self.misses in (1, 10, 100, 1000, 10000):
-                logger.warning(f"Feature cache {self.folder}: {self.misses} image(s) not in it so far "
-                               f"(of {self.hits + self.misses}), computed by the trunk")
+                logger.warning(
+                    f"Feature cache {self.folder}: {self.misses} image(s) not in it so far "
+                    f"(of {self.hits + self.misses}), computed by the trunk"
+                )
         return {name: torch.stack([f[name] for f in found]).to(x.device) for name in found[0]}
 
 
@@ -149,6 +177,7 @@ def build_cached_trunk_retinanet_fpn_backbone(cfg, input_shape):
             raise FeatureCacheError(
                 f"MODEL.FOCALSTAR.FEATURE_CACHE={folder!r} needs a trunk that training cannot change: "
                 f"MODEL.BACKBONE.FREEZE_AT 5 (is {cfg.MODEL.BACKBONE.FREEZE_AT}) and MODEL.RESNETS.NORM "
-                f"FrozenBN (is {cfg.MODEL.RESNETS.NORM!r})")
+                f"FrozenBN (is {cfg.MODEL.RESNETS.NORM!r})"
+            )
         trunk.forward = _CachedForward(trunk, folder, input_settings(cfg))
     return backbone

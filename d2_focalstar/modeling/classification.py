@@ -8,6 +8,7 @@ where it can run and has a branch for the type, after checking it once per devic
 setting against the float64 reference; elsewhere the reference functions. RetinaNetFLStar and
 FCOSFLStar call it from their ``losses()``; each builds it from its own config node.
 """
+
 import logging
 import sys
 
@@ -34,8 +35,15 @@ def _fused_kernel_runs_on(logits):
 class ClassificationLoss:
     """The summed sigmoid classification loss of one setting (type, alpha, the type's parameters)."""
 
-    def __init__(self, num_classes, loss_type="FLSTAR", alpha=ALPHA.default, params=None,
-                 fused_kernel=True, compile_on_cpu=False):
+    def __init__(
+        self,
+        num_classes,
+        loss_type="FLSTAR",
+        alpha=ALPHA.default,
+        params=None,
+        fused_kernel=True,
+        compile_on_cpu=False,
+    ):
         """
         Args:
             num_classes: K, the number of foreground classes.
@@ -62,8 +70,14 @@ class ClassificationLoss:
         A bad value is a ValueError naming it (the command line checks the whole config before,
         with the keys' names: d2_focalstar.config.check_focalstar_config)."""
         setting = loss_setting(cfg, node)
-        return cls(num_classes, setting.loss_type, setting.alpha, setting.params,
-                   cfg.MODEL.FOCALSTAR.FUSED_KERNEL, cfg.MODEL.FOCALSTAR.COMPILE_LOSS)
+        return cls(
+            num_classes,
+            setting.loss_type,
+            setting.alpha,
+            setting.params,
+            cfg.MODEL.FOCALSTAR.FUSED_KERNEL,
+            cfg.MODEL.FOCALSTAR.COMPILE_LOSS,
+        )
 
     def __repr__(self):
         params = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
@@ -75,16 +89,19 @@ class ClassificationLoss:
             return False
         if self.entry.kernel is None:
             if not self._told_no_kernel:
-                logger.info(f"{self.entry.name} has no fused-kernel branch: the reference "
-                            "functions compute it on the GPU")
+                logger.info(
+                    f"{self.entry.name} has no fused-kernel branch: the reference "
+                    "functions compute it on the GPU"
+                )
                 self._told_no_kernel = True
             return False
         # once per process and setting, on this device and dtype: a kernel that this GPU or
         # Triton version gets wrong is not used (fused.agrees_with_reference warns)
         from .fused import agrees_with_reference
 
-        return agrees_with_reference(logits.device, logits.dtype, self.num_classes, self.entry.name,
-                                     self.alpha, self.params)
+        return agrees_with_reference(
+            logits.device, logits.dtype, self.num_classes, self.entry.name, self.alpha, self.params
+        )
 
     def __call__(self, logits, labels):
         """
@@ -115,9 +132,11 @@ class ClassificationLoss:
             try:
                 return self._compiled(*args, **self.params)
             except Exception as e:  # noqa: BLE001  (inductor's errors have no common base)
-                logger.warning(f"MODEL.FOCALSTAR.COMPILE_LOSS: torch.compile cannot compile the loss here "
-                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); the "
-                               "uncompiled functions compute it (same numbers, slower)")
+                logger.warning(
+                    f"MODEL.FOCALSTAR.COMPILE_LOSS: torch.compile cannot compile the loss here "
+                    f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); the "
+                    "uncompiled functions compute it (same numbers, slower)"
+                )
                 self._compiled = sigmoid_classification_loss
         return sigmoid_classification_loss(*args, **self.params)
 
@@ -127,6 +146,7 @@ def add_classification_loss(detector, cls_loss=None, channels_last=False):
     (None: FL with the detector's ``focal_loss_alpha`` and ``focal_loss_gamma``, its parent's
     loss) as ``detector.cls_loss``, and the channels_last layout of its weights if asked."""
     detector.cls_loss = cls_loss or ClassificationLoss(
-        detector.num_classes, "FL", detector.focal_loss_alpha, {"gamma": detector.focal_loss_gamma})
+        detector.num_classes, "FL", detector.focal_loss_alpha, {"gamma": detector.focal_loss_gamma}
+    )
     if channels_last:
         detector.to(memory_format=torch.channels_last)

@@ -5,6 +5,7 @@ table. Its keys are MODEL.FCOS.* (added by ``add_focalstar_config``), and its ba
 ``build_fcos_resnet_fpn_backbone``: ResNet-FPN with P6 and P7 computed from P5, as in
 detectron2's ``COCO-Detection/fcos_R_50_FPN_1x.py``.
 """
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -63,8 +64,13 @@ class FCOSFLStar(FCOS):
         fcos = cfg.MODEL.FCOS
         backbone = build_backbone(cfg)
         shapes = [backbone.output_shape()[f] for f in fcos.IN_FEATURES]
-        head = FCOSHead(input_shape=shapes, conv_dims=[shapes[0].channels] * fcos.NUM_CONVS,
-                        num_classes=fcos.NUM_CLASSES, norm=fcos.HEAD_NORM, prior_prob=fcos.PRIOR_PROB)
+        head = FCOSHead(
+            input_shape=shapes,
+            conv_dims=[shapes[0].channels] * fcos.NUM_CONVS,
+            num_classes=fcos.NUM_CLASSES,
+            norm=fcos.HEAD_NORM,
+            prior_prob=fcos.PRIOR_PROB,
+        )
         return {
             "backbone": backbone,
             "head": head,
@@ -80,10 +86,13 @@ class FCOSFLStar(FCOS):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "cls_loss": ClassificationLoss.from_config(cfg, cls.loss_config_node, fcos.NUM_CLASSES),
-            "channels_last": cfg.MODEL.FOCALSTAR.CHANNELS_LAST and str(cfg.MODEL.DEVICE).startswith("cuda"),
+            "channels_last": cfg.MODEL.FOCALSTAR.CHANNELS_LAST
+            and str(cfg.MODEL.DEVICE).startswith("cuda"),
         }
 
-    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness):
+    def losses(
+        self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
+    ):
         """Same inputs and outputs as :meth:`FCOS.losses`; the classification term by ``cls_loss``."""
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R); background = num_classes, no ignored anchors
@@ -97,16 +106,21 @@ class FCOSFLStar(FCOS):
         loss_cls = self.cls_loss(logits, gt_labels.reshape(-1))
 
         loss_box_reg = _dense_box_regression_loss(
-            anchors, self.box2box_transform, pred_anchor_deltas, gt_boxes, pos_mask,
-            box_reg_loss_type="giou")
+            anchors,
+            self.box2box_transform,
+            pred_anchor_deltas,
+            gt_boxes,
+            pos_mask,
+            box_reg_loss_type="giou",
+        )
 
         ctrness_targets = self.compute_ctrness_targets(anchors, gt_boxes)  # (N, R)
         pred_centerness = torch.cat(pred_centerness, dim=1).squeeze(dim=2)  # (N, R)
         ctrness_loss = F.binary_cross_entropy_with_logits(
-            pred_centerness[pos_mask], ctrness_targets[pos_mask], reduction="sum")
+            pred_centerness[pos_mask], ctrness_targets[pos_mask], reduction="sum"
+        )
         return {
             "loss_fcos_cls": loss_cls / normalizer,
             "loss_fcos_loc": loss_box_reg / normalizer,
             "loss_fcos_ctr": ctrness_loss / normalizer,
         }
-

@@ -19,6 +19,7 @@ in base 2 so that each exp is one exp2 instruction on the GPU and the one log is
 polynomial (``_log2_1p``). The forward kernel is bound by instruction issue, not memory, so this
 matters: ``tools/fused_sass_stats.py`` counts the instructions per element without a GPU.
 """
+
 import logging
 import math
 import os
@@ -30,7 +31,12 @@ import triton.language as tl
 
 from .losses import KernelCode, check_loss_arguments
 
-__all__ = ["fused_classification_loss", "checked_fused_loss", "agrees_with_reference", "INTERPRETED"]
+__all__ = [
+    "fused_classification_loss",
+    "checked_fused_loss",
+    "agrees_with_reference",
+    "INTERPRETED",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +88,16 @@ def _neg_log2_pt(x_t):
 
 
 @triton.jit
-def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, G: tl.constexpr,
-              BLOCK: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+def _elements(
+    logits_ptr,
+    labels_ptr,
+    pid,
+    N,
+    K: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
+):
     """Load BLOCK consecutive elements of the flattened (R, K) logits, as BLOCK // G groups of G
     (G divides K, so a group lies in one row and shares its anchor's label: one label load per
     group, not per element). Returns x_t = x for the label's column and -x elsewhere (fp32),
@@ -108,7 +122,9 @@ def _elements(logits_ptr, labels_ptr, pid, N, K: tl.constexpr, G: tl.constexpr,
 
 
 @triton.jit
-def _zero_weight_at_0(x_t, positive, NEG_WEIGHT_IS_ZERO: tl.constexpr, POS_WEIGHT_IS_ZERO: tl.constexpr):
+def _zero_weight_at_0(
+    x_t, positive, NEG_WEIGHT_IS_ZERO: tl.constexpr, POS_WEIGHT_IS_ZERO: tl.constexpr
+):
     """With alpha 1 (the negatives weigh 0) or 0 (the positives weigh 0), the terms that weigh 0
     are computed at x_t = 0, so that an uncapped factor's overflow there gives 0, not
     0 * inf = NaN (as the reference does). Compiled in only then: alpha in (0, 1) costs nothing."""
@@ -120,10 +136,24 @@ def _zero_weight_at_0(x_t, positive, NEG_WEIGHT_IS_ZERO: tl.constexpr, POS_WEIGH
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
-                    log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
-                    BLOCK: tl.constexpr, ITERS: tl.constexpr, INT64_OFFSETS: tl.constexpr,
-                    NEG_WEIGHT_IS_ZERO: tl.constexpr, POS_WEIGHT_IS_ZERO: tl.constexpr):
+def _forward_kernel(
+    logits_ptr,
+    labels_ptr,
+    partial_ptr,
+    N,
+    w_pos,
+    w_neg,
+    gamma,
+    log2_max_factor,
+    K: tl.constexpr,
+    G: tl.constexpr,
+    LOSS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
+    NEG_WEIGHT_IS_ZERO: tl.constexpr,
+    POS_WEIGHT_IS_ZERO: tl.constexpr,
+):
     # the loss is computed in bits (log2): w_pos and w_neg are alpha_t times the conversion to
     # the loss's units (ln 2, over gamma for the appendix's FL*)
     # each program sums ITERS consecutive blocks (unrolled), then reduces once: the reduction
@@ -131,10 +161,13 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
     # blocks
     acc = tl.zeros([BLOCK // G, G], dtype=tl.float32)
     for i in tl.static_range(ITERS):
-        x_t, positive, valid, _, _ = _elements(logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i,
-                                               N, K, G, BLOCK, INT64_OFFSETS)
+        x_t, positive, valid, _, _ = _elements(
+            logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i, N, K, G, BLOCK, INT64_OFFSETS
+        )
         x_t = _zero_weight_at_0(x_t, positive, NEG_WEIGHT_IS_ZERO, POS_WEIGHT_IS_ZERO)
-        if LOSS == _APPENDIX:  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
+        if (
+            LOSS == _APPENDIX
+        ):  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
             loss = _neg_log2_sigmoid(x_t * (gamma * _LOG2E))
         else:
             y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
@@ -149,24 +182,42 @@ def _forward_kernel(logits_ptr, labels_ptr, partial_ptr, N, w_pos, w_neg, gamma,
 
 
 @triton.jit
-def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, w_pos, w_neg,
-                     gamma, log2_max_factor, K: tl.constexpr, G: tl.constexpr, LOSS: tl.constexpr,
-                     BLOCK: tl.constexpr, ITERS: tl.constexpr, INT64_OFFSETS: tl.constexpr,
-                     NEG_WEIGHT_IS_ZERO: tl.constexpr, POS_WEIGHT_IS_ZERO: tl.constexpr):
+def _backward_kernel(
+    logits_ptr,
+    labels_ptr,
+    grad_ptr,
+    grad_out_ptr,
+    N,
+    w_pos,
+    w_neg,
+    gamma,
+    log2_max_factor,
+    K: tl.constexpr,
+    G: tl.constexpr,
+    LOSS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
+    NEG_WEIGHT_IS_ZERO: tl.constexpr,
+    POS_WEIGHT_IS_ZERO: tl.constexpr,
+):
     # w_pos and w_neg are alpha_t; with d x_t / d x = +1 or -1 and the incoming gradient: two scalars
     g_out = tl.load(grad_out_ptr).to(tl.float32)
     w_pos = w_pos * g_out
     w_neg = -(w_neg * g_out)
     for i in tl.static_range(ITERS):
         x_t, positive, valid, offsets, in_bounds = _elements(
-            logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i, N, K, G, BLOCK, INT64_OFFSETS)
+            logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i, N, K, G, BLOCK, INT64_OFFSETS
+        )
         x_t = _zero_weight_at_0(x_t, positive, NEG_WEIGHT_IS_ZERO, POS_WEIGHT_IS_ZERO)
         if LOSS == _APPENDIX:  # d/dx_t: -sigmoid(-gamma x_t) = -2^(log2 sigmoid(-gamma x_t))
             d = -tl.exp2(-_neg_log2_sigmoid(x_t * (-gamma * _LOG2E)))
         else:
             y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
             d = -tl.exp2(-nl2_qt)  # d CE / d x_t = -(1 - p_t)
-            if LOSS == _FLSTAR:  # FL* = factor * CE with d factor / d x_t = -gamma factor (0 past the cap)
+            if (
+                LOSS == _FLSTAR
+            ):  # FL* = factor * CE with d factor / d x_t = -gamma factor (0 past the cap)
                 log2_factor = -gamma * y_t
                 capped = log2_factor > log2_max_factor
                 factor = tl.exp2(tl.minimum(log2_factor, log2_max_factor))
@@ -182,9 +233,10 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, grad_out_ptr, N, w_pos, w
 
 class Launch(NamedTuple):
     """How the kernels are launched for logits of one element size."""
-    block: int           # elements per block
+
+    block: int  # elements per block
     num_warps: int
-    forward_iters: int   # blocks per forward program, one after another: its reduction is then
+    forward_iters: int  # blocks per forward program, one after another: its reduction is then
     backward_iters: int  # paid once per that many blocks; the backward has no reduction
     maxnreg: Optional[int]  # registers per thread at most (None: the compiler's choice)
 
@@ -205,8 +257,10 @@ def _kernel_entry(loss_type, alpha, params):
     ValueError for a type without a kernel branch."""
     entry, values = check_loss_arguments(loss_type, alpha, params)
     if entry.kernel is None:
-        raise ValueError(f"{entry.name} has no fused-kernel branch: use "
-                         "d2_focalstar.modeling.losses.sigmoid_classification_loss")
+        raise ValueError(
+            f"{entry.name} has no fused-kernel branch: use "
+            "d2_focalstar.modeling.losses.sigmoid_classification_loss"
+        )
     return entry, values
 
 
@@ -224,11 +278,22 @@ def _launch_args(logits, entry, alpha, params, which="forward"):
         w_pos, w_neg = w_pos * unit, w_neg * unit
     launch = launch_setting(logits.dtype)
     iters = launch.forward_iters if which == "forward" else launch.backward_iters
-    args = dict(N=N, K=K, G=math.gcd(K, 16), w_pos=w_pos, w_neg=w_neg,
-                gamma=float(gamma), log2_max_factor=log2_cap, LOSS=int(entry.kernel), BLOCK=launch.block,
-                ITERS=iters, INT64_OFFSETS=N + launch.block * iters >= _INT32_LIMIT,
-                NEG_WEIGHT_IS_ZERO=float(alpha) == 1.0, POS_WEIGHT_IS_ZERO=float(alpha) == 0.0,
-                num_warps=launch.num_warps)
+    args = dict(
+        N=N,
+        K=K,
+        G=math.gcd(K, 16),
+        w_pos=w_pos,
+        w_neg=w_neg,
+        gamma=float(gamma),
+        log2_max_factor=log2_cap,
+        LOSS=int(entry.kernel),
+        BLOCK=launch.block,
+        ITERS=iters,
+        INT64_OFFSETS=N + launch.block * iters >= _INT32_LIMIT,
+        NEG_WEIGHT_IS_ZERO=float(alpha) == 1.0,
+        POS_WEIGHT_IS_ZERO=float(alpha) == 0.0,
+        num_warps=launch.num_warps,
+    )
     if _HAS_MAXNREG and launch.maxnreg is not None:
         args["maxnreg"] = launch.maxnreg
     return args
@@ -261,7 +326,9 @@ class _FusedLoss(torch.autograd.Function):
         args = _launch_args(logits, *ctx.loss_args, "backward")
         grad = torch.empty_like(logits)
         if args["N"] > 0:
-            _backward_kernel[_grid(args)](logits, labels, grad, grad_out.float().contiguous(), **args)
+            _backward_kernel[_grid(args)](
+                logits, labels, grad, grad_out.float().contiguous(), **args
+            )
         return grad, None, None, None, None
 
 
@@ -289,13 +356,18 @@ def checked_fused_loss(logits, labels, entry, alpha, params):
     with a kernel code, ``params`` all of its parameters): what ClassificationLoss calls every
     step, after checking its setting once."""
     if logits.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"the fused kernel needs CUDA tensors, not {logits.device.type} (or Triton's "
-                         "interpreter, TRITON_INTERPRET=1); on the CPU use "
-                         "d2_focalstar.modeling.losses.sigmoid_classification_loss")
+        raise ValueError(
+            f"the fused kernel needs CUDA tensors, not {logits.device.type} (or Triton's "
+            "interpreter, TRITON_INTERPRET=1); on the CPU use "
+            "d2_focalstar.modeling.losses.sigmoid_classification_loss"
+        )
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"logits {tuple(logits.shape)} must be (R, K) and labels {tuple(labels.shape)} (R,)")
-    return _FusedLoss.apply(logits.contiguous(), labels.contiguous().to(torch.int32),
-                            entry, alpha, params)
+        raise ValueError(
+            f"logits {tuple(logits.shape)} must be (R, K) and labels {tuple(labels.shape)} (R,)"
+        )
+    return _FusedLoss.apply(
+        logits.contiguous(), labels.contiguous().to(torch.int32), entry, alpha, params
+    )
 
 
 _verdicts = {}  # (device, dtype, loss arguments) -> None (agrees) or what disagreed
@@ -328,7 +400,8 @@ def agrees_with_reference(device, dtype, num_classes, loss_type, alpha, params):
                 f"The fused loss kernel disagrees with the reference on {device} ({dtype}, "
                 f"{loss_type}): {verdict}. Using the reference functions instead (slower, same "
                 f"values); please report it with your GPU, driver and Triton versions. "
-                f"MODEL.FOCALSTAR.FUSED_KERNEL False skips this check.")
+                f"MODEL.FOCALSTAR.FUSED_KERNEL False skips this check."
+            )
         _verdicts[key] = verdict
     return _verdicts[key] is None
 
@@ -348,8 +421,9 @@ def _self_check(device, dtype, num_classes, loss_type, alpha, params):
     ref = x.double().requires_grad_(True)
     valid = labels >= 0
     target = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes + 1)[:, :num_classes]
-    ref_loss = sigmoid_classification_loss(ref[valid], target[valid].double(), loss_type, alpha,
-                                           "sum", **params)
+    ref_loss = sigmoid_classification_loss(
+        ref[valid], target[valid].double(), loss_type, alpha, "sum", **params
+    )
     ref_loss.backward()
     # the kernel stores the gradient in the logits' dtype: rounded (to inf past fp16's range)
     want_loss, want_grad = float(ref_loss.detach()), ref.grad.to(dtype).double().flatten()
@@ -366,6 +440,8 @@ def _self_check(device, dtype, num_classes, loss_type, alpha, params):
     bad = ~torch.isclose(got_grad, want_grad, rtol=_CHECK_RTOL[dtype], atol=_CHECK_ATOL[dtype])
     if bad.any():
         i = int(bad.nonzero()[0])
-        return (f"gradient {float(got_grad[i]):.6g} instead of {float(want_grad[i]):.6g} at element "
-                f"{i} (and {int(bad.sum()) - 1} more)")
+        return (
+            f"gradient {float(got_grad[i]):.6g} instead of {float(want_grad[i]):.6g} at element "
+            f"{i} (and {int(bad.sum()) - 1} more)"
+        )
     return None

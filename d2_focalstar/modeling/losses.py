@@ -25,6 +25,7 @@ FL*'s cap applies, and its fused-kernel code. The config keys and their checks, 
 dispatch, the divergence message, sweep plans and the comparison's setting names all read it;
 ``docs/ADDING_A_LOSS.md`` says how to add a type.
 """
+
 import enum
 import math
 from dataclasses import dataclass, field
@@ -33,9 +34,26 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossParam", "LossType", "KernelCode", "LOSS_TYPES", "ALPHA", "DEFAULT_NODE", "loss_type",
-           "check_loss_arguments", "LossSetting", "loss_setting", "loss_config_problems", "config_value", "sigmoid_classification_loss", "sigmoid_flstar_loss",
-           "sigmoid_focal_loss", "sigmoid_ce_loss", "sigmoid_poly1_focal_loss", "config_table"]
+__all__ = [
+    "LossParam",
+    "LossType",
+    "KernelCode",
+    "LOSS_TYPES",
+    "ALPHA",
+    "DEFAULT_NODE",
+    "loss_type",
+    "check_loss_arguments",
+    "LossSetting",
+    "loss_setting",
+    "loss_config_problems",
+    "config_value",
+    "sigmoid_classification_loss",
+    "sigmoid_flstar_loss",
+    "sigmoid_focal_loss",
+    "sigmoid_ce_loss",
+    "sigmoid_poly1_focal_loss",
+    "config_table",
+]
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -44,13 +62,14 @@ _REDUCTIONS = ("none", "mean", "sum")
 class LossParam:
     """A parameter of a loss type. ``key`` is its config key; ``{node}`` in it stands for the
     config node of the detector that owns the loss (MODEL.RETINANET, MODEL.FCOS)."""
-    name: str                          # keyword argument of the loss functions
+
+    name: str  # keyword argument of the loss functions
     key: str
-    default: float                     # the one default: config and functions
-    allowed: str                       # what is allowed, in words, for error messages
-    check: Callable[[float], bool]     # whether a value is allowed (NaN never is)
-    short: str                         # in run and setting names: "g" -> flstar_g0.25
-    help: str                          # one line, for the config and the docs
+    default: float  # the one default: config and functions
+    allowed: str  # what is allowed, in words, for error messages
+    check: Callable[[float], bool]  # whether a value is allowed (NaN never is)
+    short: str  # in run and setting names: "g" -> flstar_g0.25
+    help: str  # one line, for the config and the docs
 
     def config_key(self, node):
         return self.key.format(node=node)
@@ -63,6 +82,7 @@ class LossParam:
 
 class KernelCode(enum.IntEnum):
     """The branches of the fused kernel (d2_focalstar/modeling/fused.py), by name."""
+
     FLSTAR = 0
     FL = 1
     CE = 2
@@ -71,15 +91,15 @@ class KernelCode(enum.IntEnum):
 
 @dataclass(frozen=True)
 class LossType:
-    name: str                          # MODEL.FOCALSTAR.LOSS_TYPE
-    formula: str                       # in p_t, as papers write it
-    per_element: Callable              # (x_t, **params) -> loss before a_t, in logit space
+    name: str  # MODEL.FOCALSTAR.LOSS_TYPE
+    formula: str  # in p_t, as papers write it
+    per_element: Callable  # (x_t, **params) -> loss before a_t, in logit space
     params: Tuple[LossParam, ...] = ()
     unweighted: Optional[Callable] = None  # (x_t, **params) -> a term added after a_t
-    capped: bool = False               # MODEL.FOCALSTAR.MAX_FACTOR caps the factor (one of params)
+    capped: bool = False  # MODEL.FOCALSTAR.MAX_FACTOR caps the factor (one of params)
     kernel: Optional[KernelCode] = None  # None: the reference functions on the GPU too
     sweep: Dict[str, Tuple[float, ...]] = field(default_factory=dict)  # values a sweep tries
-    reference: str = ""                # the paper
+    reference: str = ""  # the paper
 
     def param(self, name):
         return next(p for p in self.params if p.name == name)
@@ -93,27 +113,66 @@ def _finite_at_least(low, strict=False):
 
 
 #: alpha: the positives' weight a in a_t (negatives 1 - a), for every type; detectron2's key.
-ALPHA = LossParam("alpha", "{node}.FOCAL_LOSS_ALPHA", 0.25, "in [0, 1], or -1 for no weighting",
-                  lambda v: 0 <= v <= 1 or v == -1, "a",
-                  "a in a_t for every loss type (negatives get 1 - a); -1 = no weighting")
+ALPHA = LossParam(
+    "alpha",
+    "{node}.FOCAL_LOSS_ALPHA",
+    0.25,
+    "in [0, 1], or -1 for no weighting",
+    lambda v: 0 <= v <= 1 or v == -1,
+    "a",
+    "a in a_t for every loss type (negatives get 1 - a); -1 = no weighting",
+)
 
-FLSTAR_GAMMA = LossParam("gamma", "MODEL.FOCALSTAR.GAMMA", 0.25, "a finite number >= 0",
-                         _finite_at_least(0), "g", "FL*'s g: the factor is ((1 - p_t) / p_t)^g")
-MAX_FACTOR = LossParam("max_factor", "MODEL.FOCALSTAR.MAX_FACTOR", 100.0,
-                       "0 (no cap) or a number >= 1", lambda v: v == 0 or v >= 1, "cap",
-                       "cap on FL*'s factor for very hard examples; past it the gradient is "
-                       "MAX_FACTOR x CE's; 0 = none")
-FL_GAMMA = LossParam("gamma", "{node}.FOCAL_LOSS_GAMMA", 2.0, "a finite number >= 0",
-                     _finite_at_least(0), "g", "FL's g (detectron2's key): the factor is (1 - p_t)^g")
-APPENDIX_GAMMA = LossParam("gamma", "MODEL.FOCALSTAR.APPENDIX_GAMMA", 2.0, "a finite number > 0",
-                           _finite_at_least(0, strict=True), "g",
-                           "g of FLSTAR_APPENDIX, -log(sigmoid(g x_t)) / g")
-POLY1_EPS = LossParam("eps", "MODEL.FOCALSTAR.POLY1_EPS", 1.0,
-                      "a finite number >= -1 (Leng et al.'s range)",
-                      _finite_at_least(-1), "eps", "Poly-1's eps: FL + eps (1 - p_t)^(g+1)")
+FLSTAR_GAMMA = LossParam(
+    "gamma",
+    "MODEL.FOCALSTAR.GAMMA",
+    0.25,
+    "a finite number >= 0",
+    _finite_at_least(0),
+    "g",
+    "FL*'s g: the factor is ((1 - p_t) / p_t)^g",
+)
+MAX_FACTOR = LossParam(
+    "max_factor",
+    "MODEL.FOCALSTAR.MAX_FACTOR",
+    100.0,
+    "0 (no cap) or a number >= 1",
+    lambda v: v == 0 or v >= 1,
+    "cap",
+    "cap on FL*'s factor for very hard examples; past it the gradient is "
+    "MAX_FACTOR x CE's; 0 = none",
+)
+FL_GAMMA = LossParam(
+    "gamma",
+    "{node}.FOCAL_LOSS_GAMMA",
+    2.0,
+    "a finite number >= 0",
+    _finite_at_least(0),
+    "g",
+    "FL's g (detectron2's key): the factor is (1 - p_t)^g",
+)
+APPENDIX_GAMMA = LossParam(
+    "gamma",
+    "MODEL.FOCALSTAR.APPENDIX_GAMMA",
+    2.0,
+    "a finite number > 0",
+    _finite_at_least(0, strict=True),
+    "g",
+    "g of FLSTAR_APPENDIX, -log(sigmoid(g x_t)) / g",
+)
+POLY1_EPS = LossParam(
+    "eps",
+    "MODEL.FOCALSTAR.POLY1_EPS",
+    1.0,
+    "a finite number >= -1 (Leng et al.'s range)",
+    _finite_at_least(-1),
+    "eps",
+    "Poly-1's eps: FL + eps (1 - p_t)^(g+1)",
+)
 
 
 # ---- the per-element formulas, in logit space, before a_t -------------------------------------
+
 
 def _ce(x_t):
     return F.softplus(-x_t)  # -log(p_t)
@@ -145,21 +204,53 @@ def _poly1_term(x_t, gamma, eps):
 
 
 #: The table of loss types, by name (MODEL.FOCALSTAR.LOSS_TYPE).
-LOSS_TYPES: Dict[str, LossType] = {t.name: t for t in [
-    LossType("FLSTAR", "-a_t ((1 - p_t) / p_t)^g log(p_t)", _flstar, (FLSTAR_GAMMA, MAX_FACTOR),
-             capped=True, kernel=KernelCode.FLSTAR, sweep={"gamma": (0.125, 0.25, 0.5)},
-             reference="the d2-focalstar proposal (modified focal loss)"),
-    LossType("FL", "-a_t (1 - p_t)^g log(p_t)", _fl, (FL_GAMMA,), kernel=KernelCode.FL,
-             reference="Lin et al., ICCV 2017 (RetinaNet)"),
-    LossType("CE", "-a_t log(p_t)", _ce, (), kernel=KernelCode.CE,
-             reference="alpha-balanced cross-entropy"),
-    LossType("FLSTAR_APPENDIX", "-a_t log(sigmoid(g x_t)) / g", _flstar_appendix, (APPENDIX_GAMMA,),
-             kernel=KernelCode.FLSTAR_APPENDIX,
-             reference="Lin et al., ICCV 2017, appendix (fvcore's sigmoid_focal_loss_star)"),
-    LossType("POLY1_FL", "-a_t (1 - p_t)^g log(p_t) + eps (1 - p_t)^(g+1)", _fl_of_poly1,
-             (FL_GAMMA, POLY1_EPS), unweighted=_poly1_term,
-             reference="Leng et al., ICLR 2022 (PolyLoss, Poly-1 focal loss)"),
-]}
+LOSS_TYPES: Dict[str, LossType] = {
+    t.name: t
+    for t in [
+        LossType(
+            "FLSTAR",
+            "-a_t ((1 - p_t) / p_t)^g log(p_t)",
+            _flstar,
+            (FLSTAR_GAMMA, MAX_FACTOR),
+            capped=True,
+            kernel=KernelCode.FLSTAR,
+            sweep={"gamma": (0.125, 0.25, 0.5)},
+            reference="the d2-focalstar proposal (modified focal loss)",
+        ),
+        LossType(
+            "FL",
+            "-a_t (1 - p_t)^g log(p_t)",
+            _fl,
+            (FL_GAMMA,),
+            kernel=KernelCode.FL,
+            reference="Lin et al., ICCV 2017 (RetinaNet)",
+        ),
+        LossType(
+            "CE",
+            "-a_t log(p_t)",
+            _ce,
+            (),
+            kernel=KernelCode.CE,
+            reference="alpha-balanced cross-entropy",
+        ),
+        LossType(
+            "FLSTAR_APPENDIX",
+            "-a_t log(sigmoid(g x_t)) / g",
+            _flstar_appendix,
+            (APPENDIX_GAMMA,),
+            kernel=KernelCode.FLSTAR_APPENDIX,
+            reference="Lin et al., ICCV 2017, appendix (fvcore's sigmoid_focal_loss_star)",
+        ),
+        LossType(
+            "POLY1_FL",
+            "-a_t (1 - p_t)^g log(p_t) + eps (1 - p_t)^(g+1)",
+            _fl_of_poly1,
+            (FL_GAMMA, POLY1_EPS),
+            unweighted=_poly1_term,
+            reference="Leng et al., ICLR 2022 (PolyLoss, Poly-1 focal loss)",
+        ),
+    ]
+}
 
 
 def loss_type(name):
@@ -207,10 +298,11 @@ def config_value(cfg, key):
 class LossSetting:
     """The classification loss a config sets for one detector: what every reader of a config's
     loss uses (the detectors, results.json, the divergence message, sweeps)."""
-    loss_type: str                     # the table's name, upper case
+
+    loss_type: str  # the table's name, upper case
     alpha: float
-    params: Dict[str, float]           # every parameter of the type, from its config key
-    node: str                          # the detector's config node ('{node}' in the keys)
+    params: Dict[str, float]  # every parameter of the type, from its config key
+    node: str  # the detector's config node ('{node}' in the keys)
 
     def keys(self):
         """{parameter name: its config key} of the type's parameters."""
@@ -237,10 +329,17 @@ def loss_config_problems(cfg, node):
         value = config_value(cfg, key)
         if param.validate(value):
             problems.append(f"{key}={value!r}: allowed {param.allowed}")
-        elif entry is not None and param is not ALPHA and param not in entry.params and value != param.default:
+        elif (
+            entry is not None
+            and param is not ALPHA
+            and param not in entry.params
+            and value != param.default
+        ):
             used = ", ".join(p.config_key(node) for p in entry.params) or "none of them"
-            warnings.append(f"{key}={value!r} is set but LOSS_TYPE {entry.name} does not use it "
-                            f"(it uses {used})")
+            warnings.append(
+                f"{key}={value!r} is set but LOSS_TYPE {entry.name} does not use it "
+                f"(it uses {used})"
+            )
     return problems, warnings
 
 
@@ -318,8 +417,14 @@ def sigmoid_classification_loss(
     return loss
 
 
-def sigmoid_flstar_loss(inputs, targets, alpha=ALPHA.default, gamma=FLSTAR_GAMMA.default,
-                        reduction="none", max_factor=MAX_FACTOR.default):
+def sigmoid_flstar_loss(
+    inputs,
+    targets,
+    alpha=ALPHA.default,
+    gamma=FLSTAR_GAMMA.default,
+    reduction="none",
+    max_factor=MAX_FACTOR.default,
+):
     """
     Modified focal loss of the d2-focalstar proposal (not fvcore's ``sigmoid_focal_loss_star``):
 
@@ -329,11 +434,14 @@ def sigmoid_flstar_loss(inputs, targets, alpha=ALPHA.default, gamma=FLSTAR_GAMMA
     ``max_factor`` caps it (see :func:`sigmoid_classification_loss` for its effect on the
     gradient). Arguments and return value as in :func:`sigmoid_classification_loss`.
     """
-    return sigmoid_classification_loss(inputs, targets, "FLSTAR", alpha, reduction, gamma=gamma,
-                                       max_factor=max_factor)
+    return sigmoid_classification_loss(
+        inputs, targets, "FLSTAR", alpha, reduction, gamma=gamma, max_factor=max_factor
+    )
 
 
-def sigmoid_focal_loss(inputs, targets, alpha=ALPHA.default, gamma=FL_GAMMA.default, reduction="none"):
+def sigmoid_focal_loss(
+    inputs, targets, alpha=ALPHA.default, gamma=FL_GAMMA.default, reduction="none"
+):
     """
     Focal loss of RetinaNet (Lin et al., ICCV 2017), FL(p_t) = -a_t (1 - p_t)^gamma log(p_t),
     in logit space; equal to ``fvcore.nn.sigmoid_focal_loss`` up to rounding.
@@ -350,31 +458,48 @@ def sigmoid_ce_loss(inputs, targets, alpha=ALPHA.default, reduction="none"):
     return sigmoid_classification_loss(inputs, targets, "CE", alpha, reduction)
 
 
-def sigmoid_poly1_focal_loss(inputs, targets, alpha=ALPHA.default, gamma=FL_GAMMA.default,
-                             eps=POLY1_EPS.default, reduction="none"):
+def sigmoid_poly1_focal_loss(
+    inputs,
+    targets,
+    alpha=ALPHA.default,
+    gamma=FL_GAMMA.default,
+    eps=POLY1_EPS.default,
+    reduction="none",
+):
     """
     Poly-1 focal loss (Leng et al., "PolyLoss", ICLR 2022): FL(p_t) + eps (1 - p_t)^(gamma + 1),
     where FL is alpha-balanced and the eps term is not, as in the paper's code.
     Arguments and return value as in :func:`sigmoid_classification_loss`.
     """
-    return sigmoid_classification_loss(inputs, targets, "POLY1_FL", alpha, reduction, gamma=gamma,
-                                       eps=eps)
+    return sigmoid_classification_loss(
+        inputs, targets, "POLY1_FL", alpha, reduction, gamma=gamma, eps=eps
+    )
 
 
 def config_table(nodes=("MODEL.RETINANET", "MODEL.FCOS")):
     """The Markdown key table of the loss types and their parameters, for docs/CONFIG.md (a test
     checks that it holds this table; ``tools/loss_table.py --write`` puts it there). ``nodes``:
     the detectors' config nodes, where a key is the detector's own ('{node}' in the table)."""
-    rows = ["| key | default | meaning |", "| --- | --- | --- |",
-            "| `MODEL.FOCALSTAR.LOSS_TYPE` | `\"FLSTAR\"` | one of "
-            + ", ".join(f"`{t.name}` ({t.formula})" for t in LOSS_TYPES.values()) + " |"]
+    rows = [
+        "| key | default | meaning |",
+        "| --- | --- | --- |",
+        '| `MODEL.FOCALSTAR.LOSS_TYPE` | `"FLSTAR"` | one of '
+        + ", ".join(f"`{t.name}` ({t.formula})" for t in LOSS_TYPES.values())
+        + " |",
+    ]
     seen = set()
     for param in [ALPHA] + [p for t in LOSS_TYPES.values() for p in t.params]:
         if param.key in seen:
             continue
         seen.add(param.key)
         keys = [param.config_key(n) for n in nodes] if "{node}" in param.key else [param.key]
-        users = "all" if param is ALPHA else ", ".join(t.name for t in LOSS_TYPES.values() if param in t.params)
-        rows.append(f"| {' / '.join(f'`{k}`' for k in keys)} | `{param.default!r}` | {param.help} "
-                    f"(used by {users}; allowed: {param.allowed}) |")
+        users = (
+            "all"
+            if param is ALPHA
+            else ", ".join(t.name for t in LOSS_TYPES.values() if param in t.params)
+        )
+        rows.append(
+            f"| {' / '.join(f'`{k}`' for k in keys)} | `{param.default!r}` | {param.help} "
+            f"(used by {users}; allowed: {param.allowed}) |"
+        )
     return "\n".join(rows) + "\n"

@@ -41,7 +41,8 @@ class RetinaNetFLStar(RetinaNet):
         ret = super().from_config(cfg)
         ret.update(
             cls_loss=ClassificationLoss.from_config(cfg, cls.loss_config_node, ret["num_classes"]),
-            channels_last=cfg.MODEL.FOCALSTAR.CHANNELS_LAST and str(cfg.MODEL.DEVICE).startswith("cuda"),
+            channels_last=cfg.MODEL.FOCALSTAR.CHANNELS_LAST
+            and str(cfg.MODEL.DEVICE).startswith("cuda"),
         )
         return ret
 

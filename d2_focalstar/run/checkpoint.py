@@ -11,6 +11,7 @@ A DetectionCheckpointer that never leaves a half-written file and never runs cod
 - A folder whose ``last_checkpoint`` was never written (a kill right after the first checkpoint)
   resumes from its newest complete checkpoint.
 """
+
 import errno
 import logging
 import os
@@ -23,9 +24,16 @@ from detectron2.utils.file_io import PathManager
 
 from ..fileio import atomic_write
 
-__all__ = ["SafeCheckpointer", "UnsafeCheckpointError", "CheckpointReadError",
-           "IncompleteCheckpointError", "NonFiniteCheckpointError", "NonFiniteWeightsError",
-           "check_checkpoint_file", "last_checkpoint"]
+__all__ = [
+    "SafeCheckpointer",
+    "UnsafeCheckpointError",
+    "CheckpointReadError",
+    "IncompleteCheckpointError",
+    "NonFiniteCheckpointError",
+    "NonFiniteWeightsError",
+    "check_checkpoint_file",
+    "last_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +59,11 @@ def _write_failure(path, e, last):
         raise e  # not a failed write
     cause = cause or e
     code = errno.errorcode.get(cause.errno, cause.errno) if cause.errno else "no errno"
-    return (f"cannot write checkpoint {path}: {cause.strerror or cause} ({code}); nothing complete was lost: "
-            f"the last complete checkpoint is {last or 'none yet'}. Free disk space (or raise the file-size "
-            "limit, ulimit -f) and continue with --resume")
+    return (
+        f"cannot write checkpoint {path}: {cause.strerror or cause} ({code}); nothing complete was lost: "
+        f"the last complete checkpoint is {last or 'none yet'}. Free disk space (or raise the file-size "
+        "limit, ulimit -f) and continue with --resume"
+    )
 
 
 def _first_line(e):
@@ -65,7 +75,8 @@ def _first_line(e):
 def _not_a_checkpoint(filename, e):
     return CheckpointReadError(
         f"{filename} cannot be read as a checkpoint: it is not a PyTorch (.pth) or model-zoo "
-        f"(.pkl) file, or it is damaged or truncated ({_first_line(e)}).")
+        f"(.pkl) file, or it is damaged or truncated ({_first_line(e)})."
+    )
 
 
 class IncompleteCheckpointError(CheckpointReadError):
@@ -82,8 +93,11 @@ class NonFiniteWeightsError(FloatingPointError):
 
 def _non_finite(state_dict):
     """The names of the floating-point tensors of ``state_dict`` that hold NaN or inf."""
-    return [k for k, v in state_dict.items()
-            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return [
+        k
+        for k, v in state_dict.items()
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
 
 
 # What a model-zoo .pkl (a dict of numpy arrays, pickled by Python 2 or 3, numpy 1 or 2, any
@@ -114,8 +128,13 @@ _PKL_STAND_INS = {("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"):
 # torch.load(weights_only=True)'s messages for a file that names a Python global or object it
 # will not build: its "Unsupported global: GLOBAL m.f was not an allowed global", and "Trying to
 # load unsupported GLOBAL posix.system whose module posix is blocked" for os, subprocess, ...
-_TORCH_REFUSALS = ("Unsupported global", "unsupported GLOBAL", "Trying to call reduce",
-                   "Can only create new object", "Can only build")
+_TORCH_REFUSALS = (
+    "Unsupported global",
+    "unsupported GLOBAL",
+    "Trying to call reduce",
+    "Can only create new object",
+    "Can only build",
+)
 
 #: The checkpoints a training writes (detectron2's PeriodicCheckpointer names).
 _CHECKPOINT_NAME = re.compile(r"model_(\d{7}|final)\.pth")
@@ -159,21 +178,25 @@ class SafeCheckpointer(DetectionCheckpointer):
                 f"{self.loaded_path or 'the model'} holds weights that are not finite: {len(bad)} of "
                 f"the model's weight tensors have NaN/inf values (first: {bad[0]}), so it would "
                 f"detect nothing. Use a checkpoint from before the training diverged (this "
-                f"project's training never saves such weights).")
+                f"project's training never saves such weights)."
+            )
 
     def require_all_weights(self):
         """Raise IncompleteCheckpointError unless the last load() set every weight of the model:
         evaluating ImageNet backbone weights (the 1x configs' MODEL.WEIGHTS) or a checkpoint for
         other classes would give a meaningless AP, not an error."""
         if not self.loaded_path:
-            raise IncompleteCheckpointError("no checkpoint was loaded: the model has random weights")
+            raise IncompleteCheckpointError(
+                "no checkpoint was loaded: the model has random weights"
+            )
         if self.missing_keys:
             total = len(self.model.state_dict())
             raise IncompleteCheckpointError(
                 f"{self.loaded_path} is not a trained detector for this config: {len(self.missing_keys)} "
                 f"of the model's {total} weight tensors are missing from it or have another shape "
                 f"(e.g. {', '.join(self.missing_keys[:3])}). Evaluate a checkpoint of this model "
-                f"(a training's model_final.pth, or a model-zoo RetinaNet with the same classes).")
+                f"(a training's model_final.pth, or a model-zoo RetinaNet with the same classes)."
+            )
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -183,7 +206,8 @@ class SafeCheckpointer(DetectionCheckpointer):
             last = self.get_checkpoint_file() if self.has_checkpoint() else None
             raise NonFiniteWeightsError(
                 f"Not saving checkpoint {name!r}: {len(bad)} weight tensors are NaN/inf "
-                f"(first: {bad[0]}). The last good checkpoint is {last or 'none'}.")
+                f"(first: {bad[0]}). The last good checkpoint is {last or 'none'}."
+            )
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
@@ -210,7 +234,9 @@ class SafeCheckpointer(DetectionCheckpointer):
     def has_checkpoint(self):
         # a kill between the first checkpoint's rename and the first last_checkpoint write
         # leaves a folder without last_checkpoint: resume from its newest complete checkpoint
-        return super().has_checkpoint() or (bool(self.save_dir) and self._newest_checkpoint() is not None)
+        return super().has_checkpoint() or (
+            bool(self.save_dir) and self._newest_checkpoint() is not None
+        )
 
     def get_checkpoint_file(self):
         if super().has_checkpoint() or not self.save_dir:
@@ -218,8 +244,10 @@ class SafeCheckpointer(DetectionCheckpointer):
         newest = self._newest_checkpoint()
         if newest and newest not in _warned:  # once per process
             _warned.add(newest)
-            logger.warning(f"{self.save_dir} has no last_checkpoint (the run was stopped before "
-                           f"writing it): using its newest complete checkpoint, {newest}")
+            logger.warning(
+                f"{self.save_dir} has no last_checkpoint (the run was stopped before "
+                f"writing it): using its newest complete checkpoint, {newest}"
+            )
         return newest or ""
 
     def tag_last_checkpoint(self, last_filename_basename):
@@ -236,11 +264,14 @@ class SafeCheckpointer(DetectionCheckpointer):
                 except _Forbidden as e:
                     raise UnsafeCheckpointError(
                         f"Refusing to load {filename}: a .pkl checkpoint may hold only numpy "
-                        f"arrays and plain data, but {e}. Nothing in it was run.") from None
+                        f"arrays and plain data, but {e}. Nothing in it was run."
+                    ) from None
                 except Exception as e:  # text, an image, a cut file: pickle raises many kinds
                     raise _not_a_checkpoint(filename, e) from None
             if not isinstance(data, dict):
-                raise _not_a_checkpoint(filename, TypeError(f"it holds a {type(data).__name__}, not a dict"))
+                raise _not_a_checkpoint(
+                    filename, TypeError(f"it holds a {type(data).__name__}, not a dict")
+                )
             return self._from_model_zoo_dict(data)
         return super()._load_file(filename)
 
@@ -259,21 +290,33 @@ class SafeCheckpointer(DetectionCheckpointer):
             loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:
             # torch's message explains how to turn the check off; we name only what it found
-            found = [line.strip() for line in str(e).splitlines()
-                     if any(refusal in line for refusal in _TORCH_REFUSALS)]
+            found = [
+                line.strip()
+                for line in str(e).splitlines()
+                if any(refusal in line for refusal in _TORCH_REFUSALS)
+            ]
             if not found:  # not a pickle of anything: an image, a text file renamed .pth
                 raise _not_a_checkpoint(f, e) from None
             name = re.search(r"GLOBAL (\S+?)\.?(?:\s|$)", found[0])
-            what = (f"Unsupported global {name.group(1)}" + (", from a blocked module" if "blocked" in found[0] else "")
-                    if name else found[0].replace("WeightsUnpickler error: ", "")[:160])
+            what = (
+                f"Unsupported global {name.group(1)}"
+                + (", from a blocked module" if "blocked" in found[0] else "")
+                if name
+                else found[0].replace("WeightsUnpickler error: ", "")[:160]
+            )
             raise UnsafeCheckpointError(
                 f"Refusing to load {f}: it holds Python objects beyond tensors and plain "
                 f"containers, which loading would construct or call ({what}). "
-                f"Nothing in it was run.") from None
+                f"Nothing in it was run."
+            ) from None
         except Exception as e:  # a truncated zip, an empty file, bytes that are not a pickle
             raise _not_a_checkpoint(f, e) from None
-        if not isinstance(loaded, dict):  # torch.save(torch.zeros(5), f): a tensor, no weights by name
-            raise _not_a_checkpoint(f, TypeError(f"it holds a {type(loaded).__name__}, not a dict of weights by name"))
+        if not isinstance(
+            loaded, dict
+        ):  # torch.save(torch.zeros(5), f): a tensor, no weights by name
+            raise _not_a_checkpoint(
+                f, TypeError(f"it holds a {type(loaded).__name__}, not a dict of weights by name")
+            )
         return loaded
 
 

@@ -4,6 +4,7 @@ KEY VALUE opts, each bad input one ConfigError line naming the file or key), the
 detectron2 keys a run relies on, the process count, the weights to load and the output folder,
 and ``prepare_run``: all of it once, in the process that launches the others.
 """
+
 import difflib
 import logging
 import os
@@ -17,8 +18,19 @@ from detectron2.config import get_cfg
 from ..config import ConfigError, add_focalstar_config, check_focalstar_config, config_value
 from ..modeling import loss_config_node
 
-__all__ = ["UNSAFE_CONFIG_FLAG", "add_unsafe_config_argument", "load_config", "check_output_dir", "check_batch_split", "check_weights_file", "cpu_cores",
-           "default_argument_parser_for", "detector_classes", "draw_seed", "prepare_run"]
+__all__ = [
+    "UNSAFE_CONFIG_FLAG",
+    "add_unsafe_config_argument",
+    "load_config",
+    "check_output_dir",
+    "check_batch_split",
+    "check_weights_file",
+    "cpu_cores",
+    "default_argument_parser_for",
+    "detector_classes",
+    "draw_seed",
+    "prepare_run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +67,11 @@ def _coerce_opts(cfg, opts):
     opts = list(opts)
     for i in range(0, len(opts) - 1, 2):
         value = opts[i + 1]
-        if (isinstance(config_value(cfg, opts[i]), float) and isinstance(value, str)
-                and re.fullmatch(r"\s*[+-]?\d+\s*", value)):
+        if (
+            isinstance(config_value(cfg, opts[i]), float)
+            and isinstance(value, str)
+            and re.fullmatch(r"\s*[+-]?\d+\s*", value)
+        ):
             opts[i + 1] = value.strip() + ".0"
     return opts
 
@@ -65,7 +80,9 @@ def _fall_back_to_cpu(cfg, warn=True):
     """Switch a CUDA config to MODEL.DEVICE=cpu, with a warning, on a machine without CUDA."""
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         if warn:
-            logger.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
+            logger.warning(
+                f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU"
+            )
         cfg.MODEL.DEVICE = "cpu"
 
 
@@ -75,13 +92,24 @@ UNSAFE_CONFIG_FLAG = "--unsafe-config"
 
 def add_unsafe_config_argument(parser):
     """The ``--unsafe-config`` flag of a command that loads configs (args.unsafe_config)."""
-    parser.add_argument(UNSAFE_CONFIG_FLAG, action="store_true",
-                        help="allow Python tags (!!python/...) in the config and its _BASE_ files: "
-                             "they run code when the file is loaded; only for files you trust")
+    parser.add_argument(
+        UNSAFE_CONFIG_FLAG,
+        action="store_true",
+        help="allow Python tags (!!python/...) in the config and its _BASE_ files: "
+        "they run code when the file is loaded; only for files you trust",
+    )
 
 
-def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False, num_machines=1,
-                warn_no_cuda=True, allow_unsafe=False):
+def load_config(
+    config_file,
+    opts=(),
+    num_gpus=1,
+    eval_only=False,
+    resume=False,
+    num_machines=1,
+    warn_no_cuda=True,
+    allow_unsafe=False,
+):
     """
     The config of a run, checked; a ConfigError (one line) for bad input. Warnings (a CUDA config
     on a machine without CUDA, a loss parameter the loss type does not use) are logged here.
@@ -103,11 +131,15 @@ def load_config(config_file, opts=(), num_gpus=1, eval_only=False, resume=False,
     from .checkpoint import last_checkpoint  # the checkpointer reads last_checkpoint
 
     if not config_file:
-        raise ConfigError("--config-file is required, e.g. --config-file configs/quickstart_flstar.yaml")
+        raise ConfigError(
+            "--config-file is required, e.g. --config-file configs/quickstart_flstar.yaml"
+        )
     if not os.path.isfile(config_file):
         raise ConfigError(f"--config-file {config_file}: no such file")
     _check_num_processes(num_gpus)  # before anything starts: a process each is memory each
-    _check_config_files(config_file, allow_unsafe=allow_unsafe)  # the whole chain, before any tag runs
+    _check_config_files(
+        config_file, allow_unsafe=allow_unsafe
+    )  # the whole chain, before any tag runs
     opts = list(opts)
     cfg = get_cfg()
     add_focalstar_config(cfg)
@@ -149,12 +181,16 @@ def _check_num_processes(num_gpus):
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
         if not 1 <= num_gpus <= gpus:
-            raise ConfigError(f"--num-gpus {num_gpus}: this machine has {gpus} GPU(s) visible "
-                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-                              f"allowed 1 to {gpus}")
+            raise ConfigError(
+                f"--num-gpus {num_gpus}: this machine has {gpus} GPU(s) visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                f"allowed 1 to {gpus}"
+            )
     elif not 1 <= num_gpus <= cpu_cores():
-        raise ConfigError(f"--num-gpus {num_gpus}: without CUDA each is a CPU process, and this "
-                          f"machine has {cpu_cores()} CPU core(s): allowed 1 to {cpu_cores()}")
+        raise ConfigError(
+            f"--num-gpus {num_gpus}: without CUDA each is a CPU process, and this "
+            f"machine has {cpu_cores()} CPU core(s): allowed 1 to {cpu_cores()}"
+        )
 
 
 def _base_files(config_file, data):
@@ -163,7 +199,9 @@ def _base_files(config_file, data):
     bases = data.get("_BASE_", [])
     for base in bases if isinstance(bases, list) else [bases]:
         if not isinstance(base, str):
-            raise ConfigError(f"{config_file}: _BASE_ {base!r}: allowed a file name or a list of them")
+            raise ConfigError(
+                f"{config_file}: _BASE_ {base!r}: allowed a file name or a list of them"
+            )
         base = os.path.expanduser(base) if base.startswith("~") else base
         if base.startswith(("https://", "http://")):
             continue
@@ -209,32 +247,41 @@ def _check_config_files(config_file, chain=(), allow_unsafe=False):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{where}: not valid YAML{at}: "
-                          f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{where}: cannot be read: {e.strerror or e}") from None
     if loader.first_tag and not allow_unsafe:
         tag, line = loader.first_tag
-        raise ConfigError(f"{where}: line {line} holds a Python tag ({tag}), which would run code when "
-                          f"loaded: refused, nothing was run; {UNSAFE_CONFIG_FLAG} allows tags in "
-                          "files you trust")
+        raise ConfigError(
+            f"{where}: line {line} holds a Python tag ({tag}), which would run code when "
+            f"loaded: refused, nothing was run; {UNSAFE_CONFIG_FLAG} allows tags in "
+            "files you trust"
+        )
     if data is None:
-        raise ConfigError(f"{where}: empty; a config sets keys or a _BASE_, e.g. "
-                          "_BASE_: \"quickstart_flstar.yaml\"")
+        raise ConfigError(
+            f'{where}: empty; a config sets keys or a _BASE_, e.g. _BASE_: "quickstart_flstar.yaml"'
+        )
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: a YAML {type(data).__name__}, where a mapping of config keys "
-                          "(KEY: value) is expected")
+        raise ConfigError(
+            f"{where}: a YAML {type(data).__name__}, where a mapping of config keys "
+            "(KEY: value) is expected"
+        )
     for base in _base_files(config_file, data):
         if os.path.realpath(base) in chain:
-            loop = " -> ".join(list(chain[chain.index(os.path.realpath(base)):]) + [os.path.realpath(base)])
+            loop = " -> ".join(
+                list(chain[chain.index(os.path.realpath(base)) :]) + [os.path.realpath(base)]
+            )
             raise ConfigError(f"{chain[0]}: its _BASE_ chain loops ({loop})")
         _check_config_files(base, chain, allow_unsafe)
 
 
 def _yacs_message(e):
     """yacs's message for a value of the wrong type, without its dump of a whole config node."""
-    found = re.match(r"Type mismatch \((.*?) vs\. (.*?)\) with values .* for config key: (\S+)$",
-                     str(e), re.S)
+    found = re.match(
+        r"Type mismatch \((.*?) vs\. (.*?)\) with values .* for config key: (\S+)$", str(e), re.S
+    )
     if not found:
         return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     want, got, key = (re.sub(r"<class '(?:.*\.)?(\w+)'>", r"\1", t) for t in found.groups())
@@ -243,21 +290,30 @@ def _yacs_message(e):
 
 
 # detectron2's own keys that it uses without a check: a bad value is an error deep in training
-_DETECTRON2_RANGES = (("SOLVER.MAX_ITER", 1, "a whole number >= 1"),
-                      ("SOLVER.IMS_PER_BATCH", 1, "a whole number >= 1"),
-                      ("SOLVER.CHECKPOINT_PERIOD", 1, "a whole number >= 1"),
-                      ("DATALOADER.NUM_WORKERS", 0, "a whole number >= 0"))
+_DETECTRON2_RANGES = (
+    ("SOLVER.MAX_ITER", 1, "a whole number >= 1"),
+    ("SOLVER.IMS_PER_BATCH", 1, "a whole number >= 1"),
+    ("SOLVER.CHECKPOINT_PERIOD", 1, "a whole number >= 1"),
+    ("DATALOADER.NUM_WORKERS", 0, "a whole number >= 0"),
+)
 
 
 def _check_detectron2_values(cfg, num_gpus, num_machines, eval_only):
     keys = [k for k in _DETECTRON2_RANGES if not (eval_only and k[0].startswith("SOLVER."))]
     keys.append((detector_classes(cfg)[0], 1, "a whole number >= 1"))  # RetinaNet's or FCOS's
-    problems = [f"{key}={config_value(cfg, key)!r}: allowed {allowed}" for key, least, allowed in keys
-                if not (isinstance(config_value(cfg, key), int) and config_value(cfg, key) >= least)]
+    problems = [
+        f"{key}={config_value(cfg, key)!r}: allowed {allowed}"
+        for key, least, allowed in keys
+        if not (isinstance(config_value(cfg, key), int) and config_value(cfg, key) >= least)
+    ]
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     if not eval_only:
-        where = "(--num-gpus)" if num_machines == 1 else f"({num_gpus} per machine x {num_machines} machines)"
+        where = (
+            "(--num-gpus)"
+            if num_machines == 1
+            else f"({num_gpus} per machine x {num_machines} machines)"
+        )
         check_batch_split(cfg, num_gpus * num_machines, where)
 
 
@@ -266,8 +322,10 @@ def check_batch_split(cfg, processes, where):
     what made that number, e.g. '(--num-gpus)')."""
     batch = cfg.SOLVER.IMS_PER_BATCH
     if batch % processes:
-        raise ConfigError(f"invalid config: SOLVER.IMS_PER_BATCH={batch!r}: allowed a multiple of the "
-                          f"{processes} processes {where}, each takes an equal share")
+        raise ConfigError(
+            f"invalid config: SOLVER.IMS_PER_BATCH={batch!r}: allowed a multiple of the "
+            f"{processes} processes {where}, each takes an equal share"
+        )
 
 
 def check_output_dir(cfg):
@@ -283,12 +341,16 @@ def check_output_dir(cfg):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ConfigError(f"OUTPUT_DIR={out!r} cannot be created: {existing} is a file, not a folder")
+        raise ConfigError(
+            f"OUTPUT_DIR={out!r} cannot be created: {existing} is a file, not a folder"
+        )
     try:  # os.access says yes to root on a read-only folder; creating something is the test
         os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
     except OSError as e:
-        raise ConfigError(f"OUTPUT_DIR={out!r}: cannot write into {existing} "
-                          f"({e.strerror or e}): choose a folder you can write to") from None
+        raise ConfigError(
+            f"OUTPUT_DIR={out!r}: cannot write into {existing} "
+            f"({e.strerror or e}): choose a folder you can write to"
+        ) from None
 
 
 def _check_weights(cfg, eval_only, resume, last):
@@ -298,11 +360,14 @@ def _check_weights(cfg, eval_only, resume, last):
             f"--resume: {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')} names {last}, which "
             f"does not exist (checkpoints in {cfg.OUTPUT_DIR}: {', '.join(others) or 'none'}); "
             f"write the name of one of them into last_checkpoint, or run without --resume to "
-            f"start again")
+            f"start again"
+        )
     weights = cfg.MODEL.WEIGHTS
     if eval_only and not weights and last is None:
-        raise ConfigError("--eval-only needs weights to evaluate: add MODEL.WEIGHTS "
-                          "path/to/model_final.pth (or --resume with an OUTPUT_DIR that has one)")
+        raise ConfigError(
+            "--eval-only needs weights to evaluate: add MODEL.WEIGHTS "
+            "path/to/model_final.pth (or --resume with an OUTPUT_DIR that has one)"
+        )
     if weights and "://" not in weights and last is None and not os.path.isfile(weights):
         raise ConfigError(f"MODEL.WEIGHTS={weights!r}: no such file")
 
@@ -320,9 +385,11 @@ def _separate_evaluation_folder(cfg, resume, weights_given=False):
         return
     if resume:  # named before OUTPUT_DIR moves: the evaluation folder has no last_checkpoint
         if weights_given and os.path.abspath(cfg.MODEL.WEIGHTS) != os.path.abspath(last):
-            logger.warning(f"--eval-only --resume evaluates {last}, the last checkpoint of "
-                           f"{cfg.OUTPUT_DIR}, not MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: to evaluate "
-                           "that file, leave out --resume")
+            logger.warning(
+                f"--eval-only --resume evaluates {last}, the last checkpoint of "
+                f"{cfg.OUTPUT_DIR}, not MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: to evaluate "
+                "that file, leave out --resume"
+            )
         cfg.MODEL.WEIGHTS = last
     stem = os.path.splitext(os.path.basename(cfg.MODEL.WEIGHTS))[0]
     folder = os.path.join(cfg.OUTPUT_DIR, f"eval_{stem}")
@@ -382,7 +449,9 @@ def default_argument_parser_for(doc):
     parser.description = doc.strip().splitlines()[0]
     for action in parser._actions:
         if action.dest == "opts":
-            action.help = "config KEY VALUE pairs, last, e.g. MODEL.FOCALSTAR.GAMMA 0.5 OUTPUT_DIR out/g0.5"
+            action.help = (
+                "config KEY VALUE pairs, last, e.g. MODEL.FOCALSTAR.GAMMA 0.5 OUTPUT_DIR out/g0.5"
+            )
         elif action.dest == "num_gpus":
             action.help = "GPUs per machine (without CUDA: this many CPU processes)"
     add_unsafe_config_argument(parser)
@@ -409,12 +478,20 @@ def prepare_run(args, held=None):
     from .lock import run_folder_lock
     from .preemption import preemption_signal
 
-    cfg = load_config(args.config_file, args.opts, num_gpus=args.num_gpus, eval_only=args.eval_only,
-                      resume=args.resume, num_machines=args.num_machines,
-                      allow_unsafe=getattr(args, "unsafe_config", False))
+    cfg = load_config(
+        args.config_file,
+        args.opts,
+        num_gpus=args.num_gpus,
+        eval_only=args.eval_only,
+        resume=args.resume,
+        num_machines=args.num_machines,
+        allow_unsafe=getattr(args, "unsafe_config", False),
+    )
     check_output_dir(cfg)
     preemption_signal()  # a SUBMITIT_PREEMPT_SIGNAL that names no signal: one line now, not in every process
-    draw_seed(cfg, args.num_machines)  # SEED -1: one seed for all processes, recorded in the run's files
+    draw_seed(
+        cfg, args.num_machines
+    )  # SEED -1: one seed for all processes, recorded in the run's files
     register_config_datasets(cfg)
     # evaluation needs only DATASETS.TEST
     check_datasets(cfg, train=not args.eval_only, num_classes=detector_classes(cfg))
@@ -425,7 +502,9 @@ def prepare_run(args, held=None):
             raise ConfigError(f"DATASETS.TEST: {e}") from None
     # several processes: a bad weights file is one line, not N tracebacks
     check_weights_file(cfg, args.eval_only, args.resume, args.num_gpus * args.num_machines)
-    if held is not None and args.machine_rank == 0:  # before removing files another run may be writing
+    if (
+        held is not None and args.machine_rank == 0
+    ):  # before removing files another run may be writing
         held.enter_context(run_folder_lock(cfg.OUTPUT_DIR))
     remove_partial_writes(cfg.OUTPUT_DIR)  # left by a run killed while saving
     cfg.freeze()

@@ -4,14 +4,23 @@ status 1 (130 for Ctrl-C), never a traceback for a fault of the input. The forma
 ``error_line`` and read back by ``reported_message`` (the SLURM job reads train_net.py's reason
 from its stderr); nothing else spells it.
 """
+
 import contextlib
 import logging
 import signal
 import sys
 import threading
 
-__all__ = ["error_line", "reported_message", "reported_errors", "command_errors", "interrupted_message",
-           "Terminated", "raise_terminated", "warnings_on_stderr"]
+__all__ = [
+    "error_line",
+    "reported_message",
+    "reported_errors",
+    "command_errors",
+    "interrupted_message",
+    "Terminated",
+    "raise_terminated",
+    "warnings_on_stderr",
+]
 
 _FORMAT = "{program}: error: {message}"
 
@@ -40,7 +49,7 @@ def reported_message(line, program):
     """The message of ``program``'s error line ``line``, or None if it is not one."""
     prefix = error_line(program, "")
     line = line.strip()
-    return line[len(prefix):] if line.startswith(prefix) else None
+    return line[len(prefix) :] if line.startswith(prefix) else None
 
 
 def reported_errors():
@@ -53,8 +62,17 @@ def reported_errors():
     from .processes import ProcessFailed
     from .training import EvaluationFailed, TrainingDiverged
 
-    return (ConfigError, TrainingDiverged, EvaluationFailed, EvaluationImageError,
-            UnsafeCheckpointError, CheckpointReadError, CheckpointWriteError, ProcessFailed, FeatureCacheError)
+    return (
+        ConfigError,
+        TrainingDiverged,
+        EvaluationFailed,
+        EvaluationImageError,
+        UnsafeCheckpointError,
+        CheckpointReadError,
+        CheckpointWriteError,
+        ProcessFailed,
+        FeatureCacheError,
+    )
 
 
 class Terminated(KeyboardInterrupt):
@@ -73,9 +91,12 @@ def interrupted_message(cfg, eval_only, how="interrupted (Ctrl-C)"):
     if eval_only:
         return f"{how} before the evaluation finished: no results.json written"
     last = last_checkpoint(cfg.OUTPUT_DIR)
-    return (f"{how}; the last checkpoint is {last}: continue with --resume" if last
-            else f"{how} before the first checkpoint in {cfg.OUTPUT_DIR}: "
-                 "run the command again to start over")
+    return (
+        f"{how}; the last checkpoint is {last}: continue with --resume"
+        if last
+        else f"{how} before the first checkpoint in {cfg.OUTPUT_DIR}: "
+        "run the command again to start over"
+    )
 
 
 class _Command:
@@ -97,7 +118,11 @@ def command_errors(program, eval_only=False):
         sys.exit(error_line(program, e))
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
-        why = interrupted_message(command.cfg, eval_only, how) if command.cfg is not None else how.split(" (")[0]
+        why = (
+            interrupted_message(command.cfg, eval_only, how)
+            if command.cfg is not None
+            else how.split(" (")[0]
+        )
         print(error_line(program, why), file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
     finally:

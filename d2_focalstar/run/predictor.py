@@ -2,6 +2,7 @@
 detectron2's DefaultPredictor with the weights read by SafeCheckpointer: one model, one image in,
 its predictions out, on the config's MODEL.DEVICE (CUDA or CPU).
 """
+
 import logging
 
 from detectron2.engine import DefaultPredictor

@@ -10,6 +10,7 @@ way the periodic checkpointer does (whole files, renamed into place). The traini
 until the scheduler stops it; the requeued job resumes from that checkpoint
 (docs/CLUSTER.md).
 """
+
 import logging
 import os
 import signal
@@ -29,9 +30,15 @@ def preemption_signal():
 
     name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
     found = getattr(signal, "SIG" + name, None)
-    if not isinstance(found, signal.Signals) or name.startswith("_") or found in (signal.SIGKILL, signal.SIGSTOP):
-        raise ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={name!r} names no signal a job can catch: allowed a name "
-                          "without SIG, e.g. USR2 (the default), USR1, TERM")
+    if (
+        not isinstance(found, signal.Signals)
+        or name.startswith("_")
+        or found in (signal.SIGKILL, signal.SIGSTOP)
+    ):
+        raise ConfigError(
+            f"SUBMITIT_PREEMPT_SIGNAL={name!r} names no signal a job can catch: allowed a name "
+            "without SIG, e.g. USR2 (the default), USR1, TERM"
+        )
     return found
 
 
@@ -69,7 +76,12 @@ class CheckpointOnSignal(HookBase):
         last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
         if os.path.basename(last) != f"{name}.pth":  # not just saved by the periodic checkpointer
             self.checkpointer.save(name, iteration=iteration)  # only the main process writes
-        what = ("the job is being stopped; it is requeued and resumes from it" if os.environ.get("SLURM_JOB_ID")
-                else "not a SLURM job: nothing stops it, the training goes on; --resume would continue from it")
-        logger.info(f"Checkpoint {name}.pth saved at iteration {iteration} on "
-                    f"{signal.Signals(self.signum).name} ({what})")
+        what = (
+            "the job is being stopped; it is requeued and resumes from it"
+            if os.environ.get("SLURM_JOB_ID")
+            else "not a SLURM job: nothing stops it, the training goes on; --resume would continue from it"
+        )
+        logger.info(
+            f"Checkpoint {name}.pth saved at iteration {iteration} on "
+            f"{signal.Signals(self.signum).name} ({what})"
+        )

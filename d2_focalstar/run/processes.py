@@ -3,6 +3,7 @@ Processes: launching train_net.py's ``main`` in one process per GPU (detectron2'
 that none outlives the launcher and a one-line error in any of them stays one line; the kernel's
 parent-death signal; stopping a process group. tools/sweep.py and the SLURM job use the last two.
 """
+
 import ctypes
 import multiprocessing
 import os
@@ -15,8 +16,13 @@ import time
 from detectron2.engine import launch
 from torch.multiprocessing import ProcessExitedException
 
-__all__ = ["ProcessFailed", "launch_processes", "die_with_launcher", "die_with_parent",
-           "stop_process_groups"]
+__all__ = [
+    "ProcessFailed",
+    "launch_processes",
+    "die_with_launcher",
+    "die_with_parent",
+    "stop_process_groups",
+]
 
 
 class ProcessFailed(RuntimeError):
@@ -113,9 +119,14 @@ def launch_processes(main, args, cfg, reported=()):
         sys.warnoptions.append(_QUIET_TRACKER)
     with tempfile.TemporaryDirectory(prefix="d2_focalstar-errors-") as folder:
         try:
-            launch(_ProcessMain(main, folder, tuple(reported)), args.num_gpus,
-                   num_machines=args.num_machines, machine_rank=args.machine_rank,
-                   dist_url=args.dist_url, args=(cfg, args))
+            launch(
+                _ProcessMain(main, folder, tuple(reported)),
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(cfg, args),
+            )
         except ProcessExitedException as e:
             if e.signal_name == "SIGINT":  # Ctrl-C reached them before it reached this process
                 raise KeyboardInterrupt from None
@@ -123,10 +134,16 @@ def launch_processes(main, args, cfg, reported=()):
             if os.path.isfile(written):
                 with open(written) as f:
                     raise ProcessFailed(f.read()) from None
-            how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with status {e.exit_code}"
-            raise ProcessFailed(f"process {e.error_index} (pid {e.error_pid}) {how}"
-                                + (" (out of memory?)" if e.signal_name == "SIGKILL" else "")
-                                + "; the others were stopped") from None
+            how = (
+                f"was killed by {e.signal_name}"
+                if e.signal_name
+                else f"exited with status {e.exit_code}"
+            )
+            raise ProcessFailed(
+                f"process {e.error_index} (pid {e.error_pid}) {how}"
+                + (" (out of memory?)" if e.signal_name == "SIGKILL" else "")
+                + "; the others were stopped"
+            ) from None
         except KeyboardInterrupt:
             for child in multiprocessing.active_children():  # those still running, if any
                 child.kill()

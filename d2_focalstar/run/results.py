@@ -3,6 +3,7 @@ results.json: the record of a finished run (final metrics and the settings that 
 written by train_net.py and read by the sweep (is a run finished?) and the comparison; and
 detectron2's metrics.json of a run, read back one record per iteration.
 """
+
 import json
 import logging
 import os
@@ -15,8 +16,15 @@ from ..modeling import loss_config_node
 from ..modeling.losses import LOSS_TYPES, loss_setting
 from .checkpoint import last_checkpoint
 
-__all__ = ["RESULTS_FILE", "RunRecordError", "write_results", "load_run", "run_state", "read_run_config",
-           "read_metrics"]
+__all__ = [
+    "RESULTS_FILE",
+    "RunRecordError",
+    "write_results",
+    "load_run",
+    "run_state",
+    "read_run_config",
+    "read_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +49,12 @@ def write_results(cfg, results, iteration, evaluation_error=None):
         "weights": cfg.MODEL.WEIGHTS,
         "iteration": iteration,
         "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
-        "solver": {"base_lr": cfg.SOLVER.BASE_LR, "max_iter": cfg.SOLVER.MAX_ITER,
-                   "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "amp": cfg.SOLVER.AMP.ENABLED},
+        "solver": {
+            "base_lr": cfg.SOLVER.BASE_LR,
+            "max_iter": cfg.SOLVER.MAX_ITER,
+            "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+            "amp": cfg.SOLVER.AMP.ENABLED,
+        },
         "results": {task: dict(metrics) for task, metrics in results.items()},
     }
     if evaluation_error is not None:
@@ -64,39 +76,71 @@ def load_run(folder):
     not valid JSON or lacks what a comparison reads."""
     path = os.path.join(folder, RESULTS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: no {RESULTS_FILE} (an unfinished run, or not a "
-                                "train_net.py output folder)")
+        raise FileNotFoundError(
+            f"{folder}: no {RESULTS_FILE} (an unfinished run, or not a train_net.py output folder)"
+        )
     try:
         with open(path, "rb") as f:
             record = json.loads(f.read().decode("utf-8"))
     except RecursionError:  # nested deeper than json's parser goes
         raise RunRecordError(f"{path}: JSON nested too deep to be a run's record") from None
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RunRecordError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}): "
-                             "written only in part, or damaged") from None
+        raise RunRecordError(
+            f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}): "
+            "written only in part, or damaged"
+        ) from None
     if not isinstance(record, dict):
         raise RunRecordError(f"{path}: a JSON {type(record).__name__}, not a run's record")
-    problems = [f"{key!r} ({what})" for key, what, ok in (
-        # a name of the loss table's kind: a newline or a '|' in it would break the tables' rows
-        ("loss_type", "a loss type's name", lambda v: isinstance(v, str) and re.fullmatch(r"[\w.+-]{1,64}", v)),
-        ("results", "{task: {metric: value}}",
-         lambda v: isinstance(v, dict) and all(isinstance(m, dict) for m in v.values())),
-    ) if not ok(record.get(key))]
+    problems = [
+        f"{key!r} ({what})"
+        for key, what, ok in (
+            # a name of the loss table's kind: a newline or a '|' in it would break the tables' rows
+            (
+                "loss_type",
+                "a loss type's name",
+                lambda v: isinstance(v, str) and re.fullmatch(r"[\w.+-]{1,64}", v),
+            ),
+            (
+                "results",
+                "{task: {metric: value}}",
+                lambda v: isinstance(v, dict) and all(isinstance(m, dict) for m in v.values()),
+            ),
+        )
+        if not ok(record.get(key))
+    ]
     if problems:
-        raise RunRecordError(f"{path}: lacks {' and '.join(problems)}: not a record train_net.py wrote")
-    not_numbers = [f"{name}={value!r:.40}" for name, value in _leaves(record["results"])
-                   if not (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)))]
+        raise RunRecordError(
+            f"{path}: lacks {' and '.join(problems)}: not a record train_net.py wrote"
+        )
+    not_numbers = [
+        f"{name}={value!r:.40}"
+        for name, value in _leaves(record["results"])
+        if not (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)))
+    ]
     if not_numbers:
-        raise RunRecordError(f"{path}: metric {not_numbers[0]} is not a number: not a record train_net.py wrote")
+        raise RunRecordError(
+            f"{path}: metric {not_numbers[0]} is not a number: not a record train_net.py wrote"
+        )
     if record.get("evaluation_error") is not None:
-        raise RunRecordError(f"{path}: the training finished but its evaluation failed "
-                             f"({record['evaluation_error']}); --resume evaluates it")
+        raise RunRecordError(
+            f"{path}: the training finished but its evaluation failed "
+            f"({record['evaluation_error']}); --resume evaluates it"
+        )
     # the keys a record may lack (older ones do), of the type the comparison reads where present
-    wrong = [f"{key!r} is {record[key]!r}" for key, types in (
-        ("params", dict), ("solver", dict), ("datasets", dict), ("seed", (int, type(None))),
-        ("gamma", (int, float, type(None))), ("alpha", (int, float, type(None))),
-        ("weights", (str, type(None))), ("iteration", (int, type(None)))
-    ) if key in record and not isinstance(record[key], types)]
+    wrong = [
+        f"{key!r} is {record[key]!r}"
+        for key, types in (
+            ("params", dict),
+            ("solver", dict),
+            ("datasets", dict),
+            ("seed", (int, type(None))),
+            ("gamma", (int, float, type(None))),
+            ("alpha", (int, float, type(None))),
+            ("weights", (str, type(None))),
+            ("iteration", (int, type(None))),
+        )
+        if key in record and not isinstance(record[key], types)
+    ]
     if wrong:
         raise RunRecordError(f"{path}: {', '.join(wrong)}: not a record train_net.py wrote")
     record["folder"] = folder
@@ -108,8 +152,11 @@ def load_run(folder):
     if "solver" not in record:  # written before results.json had it: the run's config.yaml
         solver = read_run_config(folder).get("SOLVER") or {}
         if solver:
-            record["solver"] = {k.lower(): solver[k] for k in ("BASE_LR", "MAX_ITER", "IMS_PER_BATCH")
-                                if k in solver}
+            record["solver"] = {
+                k.lower(): solver[k]
+                for k in ("BASE_LR", "MAX_ITER", "IMS_PER_BATCH")
+                if k in solver
+            }
     return record
 
 
@@ -135,11 +182,15 @@ def read_run_config(folder):
             data = yaml.safe_load(f.read().decode("utf-8"))
     except yaml.constructor.ConstructorError as e:
         mark = e.problem_mark
-        raise RunRecordError(f"{path}: line {mark.line + 1 if mark else '?'} holds a Python tag "
-                             f"({(e.problem or '').split(' ')[-1] or 'a tag'}), which a config that "
-                             "detectron2 saved never does: not read") from None
+        raise RunRecordError(
+            f"{path}: line {mark.line + 1 if mark else '?'} holds a Python tag "
+            f"({(e.problem or '').split(' ')[-1] or 'a tag'}), which a config that "
+            "detectron2 saved never does: not read"
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise RunRecordError(f"{path}: not a saved config ({str(e).splitlines()[0][:120]})") from None
+        raise RunRecordError(
+            f"{path}: not a saved config ({str(e).splitlines()[0][:120]})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -188,6 +239,8 @@ def read_metrics(folder):
                 continue
             by_iteration[iteration] = record  # a later record replaces an earlier one
     if strange:
-        logger.warning(f"{path}: {strange} line(s) that are not the record of an iteration "
-                       "(e.g. null) left out")
+        logger.warning(
+            f"{path}: {strange} line(s) that are not the record of an iteration "
+            "(e.g. null) left out"
+        )
     return [by_iteration[i] for i in sorted(by_iteration)]

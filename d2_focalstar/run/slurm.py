@@ -20,6 +20,7 @@ docs/CLUSTER.md is the user's guide.
 submitit is imported only here, when a job is built or runs: without it, SlurmError says so in a
 line.
 """
+
 import collections
 import json
 import os
@@ -36,9 +37,20 @@ from .preemption import preemption_signal
 from .processes import die_with_parent, stop_process_groups
 from .results import load_run, run_state
 
-__all__ = ["SlurmError", "TrainJob", "add_slurm_arguments", "sbatch_options", "submit", "distributed_args",
-           "failure_reason", "parse_time", "live_jobs", "record_jobs", "wait_for_local_jobs",
-           "check_slurm_arguments"]
+__all__ = [
+    "SlurmError",
+    "TrainJob",
+    "add_slurm_arguments",
+    "sbatch_options",
+    "submit",
+    "distributed_args",
+    "failure_reason",
+    "parse_time",
+    "live_jobs",
+    "record_jobs",
+    "wait_for_local_jobs",
+    "check_slurm_arguments",
+]
 
 
 class SlurmError(RuntimeError):
@@ -50,12 +62,15 @@ def require_submitit():
     try:
         import submitit
     except ImportError:
-        raise SlurmError("submitit is not installed: pip install submitit (it is in requirements.txt; "
-                         "tools/setup_env.sh installs it)") from None
+        raise SlurmError(
+            "submitit is not installed: pip install submitit (it is in requirements.txt; "
+            "tools/setup_env.sh installs it)"
+        ) from None
     return submitit
 
 
 # ---- in the job ---------------------------------------------------------------------------------
+
 
 def distributed_args(env, gpus_per_node):
     """train_net.py's distributed arguments for this task of a submitit job (one task per node):
@@ -65,13 +80,22 @@ def distributed_args(env, gpus_per_node):
     if env.num_tasks == 1:  # one machine: detectron2 picks a free local port
         return ["--num-gpus", str(gpus_per_node), "--dist-url", "auto"]
     dist = TorchDistributedEnvironment()  # MASTER_ADDR: the first node; port: from the job id
-    return ["--num-gpus", str(gpus_per_node), "--num-machines", str(dist.world_size),
-            "--machine-rank", str(dist.rank), "--dist-url", f"tcp://{dist.master_addr}:{dist.master_port}"]
+    return [
+        "--num-gpus",
+        str(gpus_per_node),
+        "--num-machines",
+        str(dist.world_size),
+        "--machine-rank",
+        str(dist.rank),
+        "--dist-url",
+        f"tcp://{dist.master_addr}:{dist.master_port}",
+    ]
 
 
 # an error of a rank that lost its peers (they failed first), not a cause of its own
-_SECONDARY = re.compile(r"connection (closed|reset|refused)|broken pipe|\bnccl\b|gloo|timed? ?out|socket",
-                        re.I)
+_SECONDARY = re.compile(
+    r"connection (closed|reset|refused)|broken pipe|\bnccl\b|gloo|timed? ?out|socket", re.I
+)
 
 
 def failure_reason(stderr_lines, program="train_net.py"):
@@ -92,7 +116,9 @@ class TrainJob:
     ``checkpoint`` is called on preemption or the time limit). Returns the run's results.json
     record."""
 
-    def __init__(self, train_args, output_dir, script, gpus_per_node=1, cwd=None, save_timeout_s=60):
+    def __init__(
+        self, train_args, output_dir, script, gpus_per_node=1, cwd=None, save_timeout_s=60
+    ):
         self.train_args = list(train_args)  # train_net.py's, without the distributed ones
         self.output_dir = output_dir  # absolute; the last OUTPUT_DIR of train_args, added again
         self.script = script
@@ -101,20 +127,38 @@ class TrainJob:
         self.save_timeout_s = save_timeout_s
 
     def _params(self):
-        return dict(train_args=self.train_args, output_dir=self.output_dir, script=self.script,
-                    gpus_per_node=self.gpus_per_node, cwd=self.cwd, save_timeout_s=self.save_timeout_s)
+        return dict(
+            train_args=self.train_args,
+            output_dir=self.output_dir,
+            script=self.script,
+            gpus_per_node=self.gpus_per_node,
+            cwd=self.cwd,
+            save_timeout_s=self.save_timeout_s,
+        )
 
     def __call__(self):
         import submitit
 
         env = submitit.JobEnvironment()
         rank = env.global_rank
-        if run_state(self.output_dir) == "done":  # finished before this start (a requeue after the end)
-            print(f"[slurm] {self.output_dir} is finished (results.json): nothing to train", flush=True)
+        if (
+            run_state(self.output_dir) == "done"
+        ):  # finished before this start (a requeue after the end)
+            print(
+                f"[slurm] {self.output_dir} is finished (results.json): nothing to train",
+                flush=True,
+            )
             return load_run(self.output_dir)
         resume = ["--resume"] if run_state(self.output_dir) == "interrupted" else []
-        cmd = [sys.executable, self.script, *distributed_args(env, self.gpus_per_node), *resume,
-               *self.train_args, "OUTPUT_DIR", self.output_dir]
+        cmd = [
+            sys.executable,
+            self.script,
+            *distributed_args(env, self.gpus_per_node),
+            *resume,
+            *self.train_args,
+            "OUTPUT_DIR",
+            self.output_dir,
+        ]
         print(f"[slurm] {env}: {' '.join(cmd)}", flush=True)
         failures = os.path.join(str(env.paths.folder), f"{env.job_id}_failures")
         os.makedirs(failures, exist_ok=True)
@@ -124,13 +168,17 @@ class TrainJob:
             return load_run(self.output_dir)
         if returncode is None:  # stopped here because another task's training failed
             other_rank, message = self._first_failure(failures, rank, wait=False)
-            raise RuntimeError(f"machine {other_rank} failed: {message} (machine {rank} was stopped)")
+            raise RuntimeError(
+                f"machine {other_rank} failed: {message} (machine {rank} was stopped)"
+            )
         mine = failure_reason(tail)
         self._report(failures, rank, mine)
         if _SECONDARY.search(mine):  # lost its peers: did one of them fail first, of its own?
             other = self._first_failure(failures, rank, wait=True)
             if other and not _SECONDARY.search(other[1]):
-                raise RuntimeError(f"machine {other[0]} failed: {other[1]} (then machine {rank}: {mine})")
+                raise RuntimeError(
+                    f"machine {other[0]} failed: {other[1]} (then machine {rank}: {mine})"
+                )
         raise RuntimeError(f"machine {rank} failed: {mine}")
 
     def _run(self, cmd, failures, rank):
@@ -143,13 +191,22 @@ class TrainJob:
             die_with_parent()  # a task killed outright leaves no training behind
 
         tail = collections.deque(maxlen=200)
-        proc = subprocess.Popen(cmd, cwd=self.cwd, stderr=subprocess.PIPE, text=True, errors="replace",
-                                start_new_session=True, preexec_fn=child_setup)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=self.cwd,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+            preexec_fn=child_setup,
+        )
         self._proc = proc
         copier = threading.Thread(target=_copy_lines, args=(proc.stderr, tail), daemon=True)
         copier.start()
         stopped = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(proc, failures, rank, stopped), daemon=True)
+        watcher = threading.Thread(
+            target=self._watch, args=(proc, failures, rank, stopped), daemon=True
+        )
         watcher.start()
         try:
             returncode = proc.wait()
@@ -215,8 +272,11 @@ class TrainJob:
                     break
                 time.sleep(0.2)
         saved = os.path.exists(marker) and os.path.getmtime(marker) >= asked
-        print(f"[slurm] stopping: {'checkpoint saved' if saved else 'no new checkpoint'}; requeued, the job "
-              f"resumes from {_read(marker) or 'the start'}", flush=True)
+        print(
+            f"[slurm] stopping: {'checkpoint saved' if saved else 'no new checkpoint'}; requeued, the job "
+            f"resumes from {_read(marker) or 'the start'}",
+            flush=True,
+        )
         return DelayedSubmission(TrainJob(**self._params()))
 
 
@@ -236,6 +296,7 @@ def _copy_lines(stream, tail):
 
 
 # ---- submitting ---------------------------------------------------------------------------------
+
 
 def parse_time(text):
     """SLURM's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) -> whole minutes."""
@@ -260,7 +321,8 @@ def parse_time(text):
         import argparse
 
         raise argparse.ArgumentTypeError(
-            f"{text!r}: a SLURM time limit, e.g. 4320 (minutes), 72:00:00 or 3-00:00:00") from None
+            f"{text!r}: a SLURM time limit, e.g. 4320 (minutes), 72:00:00 or 3-00:00:00"
+        ) from None
 
 
 def sbatch_options(unknown):
@@ -271,8 +333,10 @@ def sbatch_options(unknown):
     while i < len(unknown):
         token = unknown[i]
         if not token.startswith("--") or token == "--":
-            raise SlurmError(f"{token!r}: expected an sbatch option (--name or --name=value) before '--' "
-                             "and the training's arguments after it")
+            raise SlurmError(
+                f"{token!r}: expected an sbatch option (--name or --name=value) before '--' "
+                "and the training's arguments after it"
+            )
         name, eq, value = token[2:].partition("=")
         if not eq and i + 1 < len(unknown) and not unknown[i + 1].startswith("-"):
             value, eq = unknown[i + 1], "="
@@ -288,37 +352,70 @@ SBATCH_TIMEOUT_S = 120  # a scheduler that has not answered by then is not going
 def add_slurm_arguments(parser, gpus=True):
     """The scheduler options of tools/submit_slurm.py and tools/sweep.py --slurm."""
     group = parser.add_argument_group(
-        "SLURM (through submitit; any other --option[=value] goes to sbatch as it is)")
+        "SLURM (through submitit; any other --option[=value] goes to sbatch as it is)"
+    )
     group.add_argument("--nodes", type=int, default=1, help="machines per run (default 1)")
     if gpus:
-        group.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine (default 8)")
+        group.add_argument(
+            "--gpus-per-node", type=int, default=8, help="GPUs per machine (default 8)"
+        )
     group.add_argument("--partition", help="sbatch --partition")
-    group.add_argument("--time", type=parse_time, default=parse_time("72:00:00"),
-                       help="time limit of one job start, e.g. 72:00:00 or 3-00:00:00 (default 72 h); "
-                            "a run that needs longer is checkpointed and requeued")
+    group.add_argument(
+        "--time",
+        type=parse_time,
+        default=parse_time("72:00:00"),
+        help="time limit of one job start, e.g. 72:00:00 or 3-00:00:00 (default 72 h); "
+        "a run that needs longer is checkpointed and requeued",
+    )
     group.add_argument("--account", help="sbatch --account")
-    group.add_argument("--cpus-per-task", type=int,
-                       help="CPUs per node (default: GPUs x (DATALOADER.NUM_WORKERS + 1))")
+    group.add_argument(
+        "--cpus-per-task",
+        type=int,
+        help="CPUs per node (default: GPUs x (DATALOADER.NUM_WORKERS + 1))",
+    )
     group.add_argument("--mem", help="sbatch --mem, e.g. 256G")
     group.add_argument("--job-name", help="default: the run's folder name")
-    group.add_argument("--slurm-folder", help="submitit's files and the job logs (default: <OUTPUT_DIR>/slurm)")
-    group.add_argument("--signal-delay-s", type=int, default=120,
-                       help="seconds before the time limit when the job is told to checkpoint (default 120)")
-    group.add_argument("--max-timeouts", type=int, default=10,
-                       help="how many times a run is requeued after reaching its time limit (default 10)")
-    group.add_argument("--sbatch-timeout-s", type=int, default=SBATCH_TIMEOUT_S,
-                       help=f"seconds to wait for sbatch's answer (default {SBATCH_TIMEOUT_S})")
-    group.add_argument("--local", action="store_true",
-                       help="run it here through submitit's local executor (nodes become tasks on this "
-                            "machine): to try a job without a cluster")
+    group.add_argument(
+        "--slurm-folder", help="submitit's files and the job logs (default: <OUTPUT_DIR>/slurm)"
+    )
+    group.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=120,
+        help="seconds before the time limit when the job is told to checkpoint (default 120)",
+    )
+    group.add_argument(
+        "--max-timeouts",
+        type=int,
+        default=10,
+        help="how many times a run is requeued after reaching its time limit (default 10)",
+    )
+    group.add_argument(
+        "--sbatch-timeout-s",
+        type=int,
+        default=SBATCH_TIMEOUT_S,
+        help=f"seconds to wait for sbatch's answer (default {SBATCH_TIMEOUT_S})",
+    )
+    group.add_argument(
+        "--local",
+        action="store_true",
+        help="run it here through submitit's local executor (nodes become tasks on this "
+        "machine): to try a job without a cluster",
+    )
     return group
 
 
 def check_slurm_arguments(parser, args):
     """parser.error (one line, status 2) for a scheduler option out of range, before anything is
     written or submitted: sbatch would get it as it is, or submitit would replace it silently."""
-    for name, least in (("nodes", 1), ("gpus_per_node", 1), ("cpus_per_task", 1), ("signal_delay_s", 0),
-                        ("max_timeouts", 0), ("sbatch_timeout_s", 1)):
+    for name, least in (
+        ("nodes", 1),
+        ("gpus_per_node", 1),
+        ("cpus_per_task", 1),
+        ("signal_delay_s", 0),
+        ("max_timeouts", 0),
+        ("sbatch_timeout_s", 1),
+    ):
         value = getattr(args, name, None)
         if value is not None and value < least:
             parser.error(f"--{name.replace('_', '-')} {value}: must be at least {least}")
@@ -334,8 +431,10 @@ def check_train_args(train_args, nodes, gpus_per_node):
 
     for flag in _OWN_FLAGS:
         if any(a == flag or a.startswith(flag + "=") for a in train_args):
-            raise SlurmError(f"{flag} in the training's arguments: the job sets it (--nodes, "
-                             "--gpus-per-node); evaluation runs with train_net.py itself")
+            raise SlurmError(
+                f"{flag} in the training's arguments: the job sets it (--nodes, "
+                "--gpus-per-node); evaluation runs with train_net.py itself"
+            )
     config_file, opts, unsafe, i = None, [], False, 0
     while i < len(train_args):
         a = train_args[i]
@@ -348,14 +447,18 @@ def check_train_args(train_args, nodes, gpus_per_node):
         elif a == UNSAFE_CONFIG_FLAG:
             unsafe, i = True, i + 1
         elif a.startswith("-"):
-            raise SlurmError(f"{a}: not a train_net.py argument a job takes (--config-file FILE, "
-                             f"--resume, {UNSAFE_CONFIG_FLAG}, then KEY VALUE opts)")
+            raise SlurmError(
+                f"{a}: not a train_net.py argument a job takes (--config-file FILE, "
+                f"--resume, {UNSAFE_CONFIG_FLAG}, then KEY VALUE opts)"
+            )
         else:
             opts = train_args[i:]
             break
     # the login node need not have the GPUs: one process, and no word about its lack of CUDA
     cfg = load_config(config_file, opts, num_gpus=1, warn_no_cuda=False, allow_unsafe=unsafe)
-    check_batch_split(cfg, nodes * gpus_per_node, f"(--nodes {nodes} x --gpus-per-node {gpus_per_node})")
+    check_batch_split(
+        cfg, nodes * gpus_per_node, f"(--nodes {nodes} x --gpus-per-node {gpus_per_node})"
+    )
     check_output_dir(cfg)
     return cfg
 
@@ -363,10 +466,14 @@ def check_train_args(train_args, nodes, gpus_per_node):
 def check_scheduler(args):
     """submitit, and sbatch and srun unless the job runs here (--local): a SlurmError if missing."""
     require_submitit()
-    missing = [] if args.local else [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    missing = (
+        [] if args.local else [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    )
     if missing:
-        raise SlurmError(f"no {' or '.join(missing)} on this machine (PATH): submit from a SLURM login "
-                         "node, or add --local to run the job here through submitit's local executor")
+        raise SlurmError(
+            f"no {' or '.join(missing)} on this machine (PATH): submit from a SLURM login "
+            "node, or add --local to run the job here through submitit's local executor"
+        )
 
 
 def build_executor(args, folder, gpus_per_node, cpus_per_task, name):
@@ -379,16 +486,28 @@ def build_executor(args, folder, gpus_per_node, cpus_per_task, name):
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_timeouts)
         # the local executor sets CUDA_VISIBLE_DEVICES to its first gpus_per_node GPUs: none
         # without CUDA, where each "GPU" is a CPU process
-        executor.update_parameters(timeout_min=args.time, tasks_per_node=args.nodes,
-                                   gpus_per_node=gpus_per_node if torch.cuda.is_available() else 0,
-                                   signal_delay_s=args.signal_delay_s)
+        executor.update_parameters(
+            timeout_min=args.time,
+            tasks_per_node=args.nodes,
+            gpus_per_node=gpus_per_node if torch.cuda.is_available() else 0,
+            signal_delay_s=args.signal_delay_s,
+        )
         return executor
     check_scheduler(args)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_timeouts)
-    params = dict(nodes=args.nodes, ntasks_per_node=1, gpus_per_node=gpus_per_node,
-                  cpus_per_task=cpus_per_task, time=args.time, signal_delay_s=args.signal_delay_s,
-                  partition=args.partition, account=args.account, mem=args.mem, job_name=name,
-                  additional_parameters=dict(args.sbatch))
+    params = dict(
+        nodes=args.nodes,
+        ntasks_per_node=1,
+        gpus_per_node=gpus_per_node,
+        cpus_per_task=cpus_per_task,
+        time=args.time,
+        signal_delay_s=args.signal_delay_s,
+        partition=args.partition,
+        account=args.account,
+        mem=args.mem,
+        job_name=name,
+        additional_parameters=dict(args.sbatch),
+    )
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return executor
 
@@ -401,8 +520,13 @@ def train_job(args, train_args, script):
         cfg = check_train_args(train_args, args.nodes, args.gpus_per_node)
     except ConfigError as e:
         raise SlurmError(str(e)) from None
-    job = TrainJob([a for a in train_args if a != "--resume"], os.path.abspath(cfg.OUTPUT_DIR), script,
-                   gpus_per_node=args.gpus_per_node, save_timeout_s=max(10, args.signal_delay_s // 2))
+    job = TrainJob(
+        [a for a in train_args if a != "--resume"],
+        os.path.abspath(cfg.OUTPUT_DIR),
+        script,
+        gpus_per_node=args.gpus_per_node,
+        save_timeout_s=max(10, args.signal_delay_s // 2),
+    )
     return job, cfg
 
 
@@ -415,15 +539,34 @@ def submit(args, runs, script, folder=None, name=None):
     cfg = prepared[0][1]
     folder = args.slurm_folder or folder or os.path.join(jobs[0].output_dir, "slurm")
     cpus = args.cpus_per_task or args.gpus_per_node * (cfg.DATALOADER.NUM_WORKERS + 1)
-    executor = build_executor(args, folder, args.gpus_per_node, cpus,
-                              args.job_name or name or os.path.basename(jobs[0].output_dir))
-    return list(zip(submit_jobs(executor, jobs, getattr(args, "sbatch_timeout_s", SBATCH_TIMEOUT_S)), jobs))
+    executor = build_executor(
+        args,
+        folder,
+        args.gpus_per_node,
+        cpus,
+        args.job_name or name or os.path.basename(jobs[0].output_dir),
+    )
+    return list(
+        zip(submit_jobs(executor, jobs, getattr(args, "sbatch_timeout_s", SBATCH_TIMEOUT_S)), jobs)
+    )
 
 
 JOBS_FILE = "jobs.json"  # in the submitit folder: the job id of each run folder submitted from it
 # squeue's states of a job that will still train (one not listed has ended)
-_WAITING_OR_RUNNING = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-                       "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+_WAITING_OR_RUNNING = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+}
 
 
 def record_jobs(folder, submitted, local):
@@ -462,11 +605,25 @@ def live_jobs(folder, timeout_s=60):
                 live[output_dir] = entry["job_id"]
             except (OSError, ValueError):
                 pass
-    slurm_ids = {e["job_id"]: d for d, e in known.items()
-                 if isinstance(e, dict) and not e.get("local") and str(e.get("job_id", "")).split("_")[0].isdigit()}
+    slurm_ids = {
+        e["job_id"]: d
+        for d, e in known.items()
+        if isinstance(e, dict)
+        and not e.get("local")
+        and str(e.get("job_id", "")).split("_")[0].isdigit()
+    }
     if slurm_ids:
-        answer = _scheduler_command(["squeue", "--noheader", "--array", "--format=%i %T", "--jobs",
-                                     ",".join(sorted({i.split("_")[0] for i in slurm_ids}))], timeout_s)
+        answer = _scheduler_command(
+            [
+                "squeue",
+                "--noheader",
+                "--array",
+                "--format=%i %T",
+                "--jobs",
+                ",".join(sorted({i.split("_")[0] for i in slurm_ids})),
+            ],
+            timeout_s,
+        )
         for line in answer.splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[0] in slurm_ids and parts[1] in _WAITING_OR_RUNNING:
@@ -477,16 +634,22 @@ def live_jobs(folder, timeout_s=60):
 def _scheduler_command(cmd, timeout_s):
     """A scheduler command's stdout; SlurmError in one line if it hangs or fails."""
     if shutil.which(cmd[0]) is None:
-        raise SlurmError(f"no {cmd[0]} on this machine (PATH): cannot tell which submitted runs are still "
-                         "queued; submit from a SLURM login node")
+        raise SlurmError(
+            f"no {cmd[0]} on this machine (PATH): cannot tell which submitted runs are still "
+            "queued; submit from a SLURM login node"
+        )
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise SlurmError(f"{cmd[0]} did not answer within {timeout_s} s: the scheduler may be overloaded; "
-                         "try again later") from None
+        raise SlurmError(
+            f"{cmd[0]} did not answer within {timeout_s} s: the scheduler may be overloaded; "
+            "try again later"
+        ) from None
     # squeue fails for job ids it no longer knows: those jobs have ended
     if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
-        raise SlurmError(f"{cmd[0]} failed: {(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
+        raise SlurmError(
+            f"{cmd[0]} failed: {(proc.stderr.strip().splitlines() or ['no message'])[-1]}"
+        )
     return proc.stdout
 
 
@@ -579,17 +742,21 @@ def submit_jobs(executor, jobs, timeout_s=SBATCH_TIMEOUT_S):
         if worker.is_alive():
             _kill_children_of(worker.native_id)  # sbatch, still waited for by the worker
             worker.join(10)
-            raise SlurmError(f"sbatch did not answer within {timeout_s} s (the scheduler may be overloaded "
-                             "or down): nothing was submitted; try again later")
+            raise SlurmError(
+                f"sbatch did not answer within {timeout_s} s (the scheduler may be overloaded "
+                "or down): nothing was submitted; try again later"
+            )
         error = outcome.get("error")
         if isinstance(error, FailedJobError):
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             raise SlurmError("sbatch refused the job: " + (" / ".join(lines[:3]) or "no message"))
         if isinstance(error, FailedSubmissionError):
             answer = re.search(r'sbatch output "(.*?)"', str(error), re.S)
-            raise SlurmError(f"sbatch answered {answer.group(1).strip()[:200] if answer else str(error)[:200]!r}, "
-                             "which holds no job id: whether a job was queued is unknown; look with squeue "
-                             "before submitting again")
+            raise SlurmError(
+                f"sbatch answered {answer.group(1).strip()[:200] if answer else str(error)[:200]!r}, "
+                "which holds no job id: whether a job was queued is unknown; look with squeue "
+                "before submitting again"
+            )
         if error is not None:
             raise error
         return outcome["jobs"]

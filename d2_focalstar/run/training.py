@@ -3,6 +3,7 @@ What train_net.py's Trainer needs around detectron2's DefaultTrainer: multi-proc
 (DistributedDataParallel without device ids), the project's log lines, and informative stops when
 training diverges or cannot evaluate (one line saying what to change and what was kept).
 """
+
 import contextlib
 import logging
 import os
@@ -13,8 +14,16 @@ from detectron2.utils.logger import setup_logger
 from ..modeling import loss_config_node
 from ..modeling.losses import LOSS_TYPES, loss_setting
 
-__all__ = ["TrainingDiverged", "EvaluationFailed", "enable_cpu_ddp", "divergence_message",
-           "setup_project_logger", "quiet_reported_errors", "training_errors", "project_hooks"]
+__all__ = [
+    "TrainingDiverged",
+    "EvaluationFailed",
+    "enable_cpu_ddp",
+    "divergence_message",
+    "setup_project_logger",
+    "quiet_reported_errors",
+    "training_errors",
+    "project_hooks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +87,14 @@ def project_hooks(trainer, build_stock_hooks, fault_log):
     from .checkpoint import SafeCheckpointer
     from .preemption import CheckpointOnSignal
 
-    trainer.checkpointer = SafeCheckpointer(trainer._trainer.model, trainer.cfg.OUTPUT_DIR,
-                                            trainer=weakref.proxy(trainer))
+    trainer.checkpointer = SafeCheckpointer(
+        trainer._trainer.model, trainer.cfg.OUTPUT_DIR, trainer=weakref.proxy(trainer)
+    )
     faults = hooks.CallbackHook(after_train=lambda t: summarize_data_faults(fault_log))
     stock = build_stock_hooks()
-    wait = hooks.CallbackHook(after_train=lambda t: comm.synchronize() if t.iter >= t.max_iter else None)
+    wait = hooks.CallbackHook(
+        after_train=lambda t: comm.synchronize() if t.iter >= t.max_iter else None
+    )
     stock.insert([isinstance(h, hooks.EvalHook) for h in stock].index(True), wait)
     return [faults] + stock + [CheckpointOnSignal(trainer.checkpointer)]
 
@@ -114,14 +126,21 @@ def divergence_message(cfg, iteration, error, last_checkpoint):
     setting = loss_setting(cfg, loss_config_node(cfg))
     entry = LOSS_TYPES[setting.loss_type]
     loss_keys = "".join(
-        f"{key}={setting.params[name]}" + (" (0 = uncapped)" if entry.capped and name == "max_factor" else "")
-        + ", " for name, key in setting.keys().items())
+        f"{key}={setting.params[name]}"
+        + (" (0 = uncapped)" if entry.capped and name == "max_factor" else "")
+        + ", "
+        for name, key in setting.keys().items()
+    )
     advice = ["lower SOLVER.BASE_LR or lengthen SOLVER.WARMUP_ITERS"]
     if entry.capped:
-        advice.append(f"lower MODEL.FOCALSTAR.MAX_FACTOR or the gamma ({entry.name}'s factor grows "
-                      "with both)")
-    advice.append("lower SOLVER.CLIP_GRADIENTS.CLIP_VALUE" if clip.ENABLED
-                  else "enable gradient clipping (SOLVER.CLIP_GRADIENTS.ENABLED True)")
+        advice.append(
+            f"lower MODEL.FOCALSTAR.MAX_FACTOR or the gamma ({entry.name}'s factor grows with both)"
+        )
+    advice.append(
+        "lower SOLVER.CLIP_GRADIENTS.CLIP_VALUE"
+        if clip.ENABLED
+        else "enable gradient clipping (SOLVER.CLIP_GRADIENTS.ENABLED True)"
+    )
     return (
         f"Training diverged at iteration {iteration}: {error}\n"
         f"  Settings that control the growth: MODEL.FOCALSTAR.LOSS_TYPE={entry.name}, {loss_keys}"
@@ -129,7 +148,8 @@ def divergence_message(cfg, iteration, error, last_checkpoint):
         f"SOLVER.CLIP_GRADIENTS.ENABLED={clip.ENABLED} (CLIP_VALUE={clip.CLIP_VALUE}), "
         f"SOLVER.AMP.ENABLED={solver.AMP.ENABLED}.\n"
         f"  Last good checkpoint: {last_checkpoint or 'none yet'}. Then: {'; '.join(advice)}; and "
-        f"continue with --resume.")
+        f"continue with --resume."
+    )
 
 
 @contextlib.contextmanager
@@ -142,7 +162,11 @@ def training_errors(trainer):
     from .results import RESULTS_FILE, write_results
 
     def last():
-        return trainer.checkpointer.get_checkpoint_file() if trainer.checkpointer.has_checkpoint() else None
+        return (
+            trainer.checkpointer.get_checkpoint_file()
+            if trainer.checkpointer.has_checkpoint()
+            else None
+        )
 
     try:
         yield
@@ -150,14 +174,24 @@ def training_errors(trainer):
         raise TrainingDiverged(divergence_message(trainer.cfg, trainer.iter, e, last())) from None
     except EvaluationImageError as e:
         if trainer.iter < trainer.max_iter:  # a periodic evaluation (TEST.EVAL_PERIOD)
-            resume = (f"last checkpoint: {last()}: continue with --resume" if last() else
-                      "no checkpoint yet: the same command starts over")
-            raise EvaluationFailed(f"{e}. Training stopped at iteration {trainer.iter}; {resume}") from None
+            resume = (
+                f"last checkpoint: {last()}: continue with --resume"
+                if last()
+                else "no checkpoint yet: the same command starts over"
+            )
+            raise EvaluationFailed(
+                f"{e}. Training stopped at iteration {trainer.iter}; {resume}"
+            ) from None
         # the final one: the trained model is saved; the run's record says what failed
-        write_results(trainer.cfg, {}, iteration=min(trainer.iter, trainer.cfg.SOLVER.MAX_ITER),
-                      evaluation_error=str(e))
+        write_results(
+            trainer.cfg,
+            {},
+            iteration=min(trainer.iter, trainer.cfg.SOLVER.MAX_ITER),
+            evaluation_error=str(e),
+        )
         raise EvaluationFailed(
             f"{e}. The training finished: {last()} and "
             f"{os.path.join(trainer.cfg.OUTPUT_DIR, RESULTS_FILE)} (recording this error) are "
             f"written; once the image is fixed, the same command with --resume evaluates it and "
-            f"completes the record") from None
+            f"completes the record"
+        ) from None

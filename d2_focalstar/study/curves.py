@@ -2,6 +2,7 @@
 Fig. 6 of the proposal: the training curves of runs (losses and AP against iteration), from each
 run's metrics.json; runs of one setting share a colour.
 """
+
 import os
 
 from ..run.results import read_metrics
@@ -30,12 +31,22 @@ def plot_training_curves(folders, out_path, labels=None, groups=None):
         seen[groups[i]].append(folder)
         rows = read_metrics(folder)
         for ax, key in zip(axes, keys):
-            pts = [(r["iteration"], r[key]) for r in rows
-                   if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
+            pts = [
+                (r["iteration"], r[key])
+                for r in rows
+                if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)
+            ]
             if pts:
                 it, v = zip(*pts)
-                ax.plot(it, v, style, color=color, marker="o" if key == "bbox/AP" else None, ms=3,
-                        label=label)
+                ax.plot(
+                    it,
+                    v,
+                    style,
+                    color=color,
+                    marker="o" if key == "bbox/AP" else None,
+                    ms=3,
+                    label=label,
+                )
     for ax, key in zip(axes, keys):
         ax.set(xlabel="iteration", title=key)
         if key != "bbox/AP":

@@ -2,6 +2,7 @@
 Fig. 4 of the proposal: the loss and the magnitude of its gradient against p_t for CE, FL and
 FL*, computed by the project's own loss functions (autograd), so the figure shows what trains.
 """
+
 from collections import OrderedDict
 
 import numpy as np
@@ -12,8 +13,13 @@ from ..modeling.losses import LOSS_TYPES, sigmoid_classification_loss
 __all__ = ["FIG4_CURVES", "loss_curves", "plot_fig4"]
 
 #: (label, loss type, gamma) of the proposal's Fig. 4, alpha = 1.
-FIG4_CURVES = [("CE", "CE", 0.0), ("FL, g=2", "FL", 2.0), ("FL*, g=0.125", "FLSTAR", 0.125),
-               ("FL*, g=0.25", "FLSTAR", 0.25), ("FL*, g=0.5", "FLSTAR", 0.5)]
+FIG4_CURVES = [
+    ("CE", "CE", 0.0),
+    ("FL, g=2", "FL", 2.0),
+    ("FL*, g=0.125", "FLSTAR", 0.125),
+    ("FL*, g=0.25", "FLSTAR", 0.25),
+    ("FL*, g=0.5", "FLSTAR", 0.5),
+]
 
 
 def loss_curves(p_t, curves=FIG4_CURVES, alpha=1.0, max_factor=0.0):
@@ -27,8 +33,11 @@ def loss_curves(p_t, curves=FIG4_CURVES, alpha=1.0, max_factor=0.0):
     out = OrderedDict()
     for label, loss_type, gamma in curves:
         xg = x.clone().requires_grad_()
-        params = {"gamma": gamma, "max_factor": max_factor} if LOSS_TYPES[loss_type].capped else (
-            {"gamma": gamma} if gamma else {})
+        params = (
+            {"gamma": gamma, "max_factor": max_factor}
+            if LOSS_TYPES[loss_type].capped
+            else ({"gamma": gamma} if gamma else {})
+        )
         loss = sigmoid_classification_loss(xg, torch.ones_like(xg), loss_type, alpha, **params)
         loss.sum().backward()
         out[label] = (loss.detach().numpy(), xg.grad.abs().numpy())
@@ -49,10 +58,19 @@ def plot_fig4(out_prefix, num=2000):
         style = "--" if label.startswith(("CE", "FL,")) else "-"
         ax_loss.plot(p_t, loss, style, label=label)
         ax_grad.plot(p_t, grad, style, label=label)
-    ax_loss.set(xlabel="probability of ground-truth class $p_t$", ylabel="loss", ylim=(0, 5),
-                title="Loss (alpha = 1)")
-    ax_grad.set(xlabel="probability of ground-truth class $p_t$", yscale="log", ylim=(1e-4, 1e2),
-                ylabel="|d loss / d logit|", title="Gradient magnitude: FL* up-weights hard examples")
+    ax_loss.set(
+        xlabel="probability of ground-truth class $p_t$",
+        ylabel="loss",
+        ylim=(0, 5),
+        title="Loss (alpha = 1)",
+    )
+    ax_grad.set(
+        xlabel="probability of ground-truth class $p_t$",
+        yscale="log",
+        ylim=(1e-4, 1e2),
+        ylabel="|d loss / d logit|",
+        title="Gradient magnitude: FL* up-weights hard examples",
+    )
     for ax in (ax_loss, ax_grad):
         ax.axvline(0.5, color="gray", lw=0.6, ls=":")
         ax.grid(alpha=0.3)

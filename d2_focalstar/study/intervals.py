@@ -2,6 +2,7 @@
 Intervals for the difference between settings: a paired bootstrap over the test images
 (d2_focalstar/evaluation/bootstrap.py) from each run's saved detections, in AP, AP50, APs and LAMR.
 """
+
 import json
 import math
 import os
@@ -10,8 +11,14 @@ import time
 from collections import OrderedDict
 
 from ..data import EMBEDDED_DATASETS, ensure_shapes_dataset
-from ..evaluation.bootstrap import (BOOTSTRAP_METRICS, BootstrapError, RunEvaluation, detections_file,
-                                    load_detections, paired_bootstrap)
+from ..evaluation.bootstrap import (
+    BOOTSTRAP_METRICS,
+    BootstrapError,
+    RunEvaluation,
+    detections_file,
+    load_detections,
+    paired_bootstrap,
+)
 from ..run.results import read_run_config
 from .tables import fl_baselines, group_by_setting
 
@@ -30,8 +37,11 @@ def resampling_progress(label, stream=None, every_s=10.0):
             return
         last[0] = now
         eta = (now - start) / done * (total - done)
-        print(f"{label}: {done:,}/{total:,} resamples, {now - start:.0f} s, ETA {eta:.0f} s",
-              file=stream or sys.stderr, flush=True)
+        print(
+            f"{label}: {done:,}/{total:,} resamples, {now - start:.0f} s, ETA {eta:.0f} s",
+            file=stream or sys.stderr,
+            flush=True,
+        )
 
     return report
 
@@ -48,14 +58,20 @@ def _ground_truth(record):
     base = name.rsplit("_", 1)[0]
     if base in EMBEDDED_DATASETS:
         ensure_shapes_dataset(base)
-    json_file = MetadataCatalog.get(name).get("json_file") if name in MetadataCatalog.list() else None
+    json_file = (
+        MetadataCatalog.get(name).get("json_file") if name in MetadataCatalog.list() else None
+    )
     if json_file is None:
         entries = (read_run_config(record["folder"]).get("DATASETS") or {}).get("COCO_JSON") or []
-        json_file = next((e[1] for e in entries if isinstance(e, list) and e and e[0] == name), None)
+        json_file = next(
+            (e[1] for e in entries if isinstance(e, list) and e and e[0] == name), None
+        )
     if not json_file or not os.path.isfile(json_file):
-        raise BootstrapError(f"{record['folder']}: the ground truth of its test dataset {name!r} is "
-                             f"not here ({json_file or 'not registered'}): put the dataset where it "
-                             "was (DETECTRON2_DATASETS) to compute intervals")
+        raise BootstrapError(
+            f"{record['folder']}: the ground truth of its test dataset {name!r} is "
+            f"not here ({json_file or 'not registered'}): put the dataset where it "
+            "was (DETECTRON2_DATASETS) to compute intervals"
+        )
     with open(json_file) as f:
         return name, json.load(f)
 
@@ -89,8 +105,10 @@ def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
             test = list((record.get("datasets") or {}).get("test") or [])
             path = detections_file(folder, test[0] if len(test) > 1 else None)
             if path is None:
-                warn(f"{folder}: no saved detections (inference/coco_instances_results.json): left "
-                     "out of the intervals")
+                warn(
+                    f"{folder}: no saved detections (inference/coco_instances_results.json): left "
+                    "out of the intervals"
+                )
                 evaluations[folder] = None
                 return None
             if tuple(test) not in gts:
@@ -106,8 +124,16 @@ def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
                 config = read_run_config(folder)
                 safety = config.get("TEST", {}).get("SAFETY", {})
                 classes = safety.get("CLASSES", []) if safety.get("ENABLED", True) else []
-                evaluations[folder] = (dataset, RunEvaluation(gt, load_detections(path), classes,
-                                                              safety.get("IOU_THRESHOLD", 0.5), name=folder))
+                evaluations[folder] = (
+                    dataset,
+                    RunEvaluation(
+                        gt,
+                        load_detections(path),
+                        classes,
+                        safety.get("IOU_THRESHOLD", 0.5),
+                        name=folder,
+                    ),
+                )
         return evaluations[folder]
 
     rows = []
@@ -121,12 +147,25 @@ def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
             continue
         datasets = {d for d, _ in a + b}
         if len(datasets) > 1:
-            raise BootstrapError(f"{name} and {reference} were evaluated on different datasets "
-                                 f"({', '.join(sorted(datasets))}): their difference has no interval")
-        res = paired_bootstrap([e for _, e in a], [e for _, e in b], num_resamples=num_resamples, seed=seed,
-                               metrics=BOOTSTRAP_METRICS, progress=resampling_progress(f"{name} vs {reference}"))
-        row = OrderedDict(setting=name, versus=reference, runs=f"{len(a)} vs {len(b)}",
-                          images=len(a[0][1].image_ids), resamples=num_resamples)
+            raise BootstrapError(
+                f"{name} and {reference} were evaluated on different datasets "
+                f"({', '.join(sorted(datasets))}): their difference has no interval"
+            )
+        res = paired_bootstrap(
+            [e for _, e in a],
+            [e for _, e in b],
+            num_resamples=num_resamples,
+            seed=seed,
+            metrics=BOOTSTRAP_METRICS,
+            progress=resampling_progress(f"{name} vs {reference}"),
+        )
+        row = OrderedDict(
+            setting=name,
+            versus=reference,
+            runs=f"{len(a)} vs {len(b)}",
+            images=len(a[0][1].image_ids),
+            resamples=num_resamples,
+        )
         for m, v in res.items():
             row.update({f"{m} diff": v["diff"], f"{m} low": v["low"], f"{m} high": v["high"]})
         rows.append(row)
@@ -135,7 +174,11 @@ def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
 
 def intervals_to_markdown(rows):
     """'| setting | vs | runs | ΔAP [95% interval] | ... |', differences signed, lower LAMR better."""
-    head = "| setting | vs | runs | " + " | ".join(f"Δ{m} [95% interval]" for m in BOOTSTRAP_METRICS) + " |"
+    head = (
+        "| setting | vs | runs | "
+        + " | ".join(f"Δ{m} [95% interval]" for m in BOOTSTRAP_METRICS)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (3 + len(BOOTSTRAP_METRICS))]
     for r in rows:
         cells = [r["setting"], r["versus"], r["runs"]]
@@ -144,7 +187,13 @@ def intervals_to_markdown(rows):
             cells.append("" if math.isnan(d) else f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
         lines.append("| " + " | ".join(cells) + " |")
     images = {r["images"] for r in rows}
-    note = (f"\nPaired bootstrap over the {', '.join(map(str, sorted(images)))} test images, "
+    note = (
+        (
+            f"\nPaired bootstrap over the {', '.join(map(str, sorted(images)))} test images, "
             f"{rows[0]['resamples']} resamples; an interval that excludes 0 is a difference the "
-            "test images support (seed-to-seed spread: the table's ± sd).\n") if rows else ""
+            "test images support (seed-to-seed spread: the table's ± sd).\n"
+        )
+        if rows
+        else ""
+    )
     return "\n".join(lines) + "\n" + note

@@ -17,6 +17,7 @@ as Anderson & Farrell, WACV 2022), for a machine that cannot download ImageNet w
 
 ``tools/pretrain_backbone.py`` is the command.
 """
+
 import datetime
 import json
 import logging
@@ -33,13 +34,23 @@ import torch.nn.functional as F
 
 from ..fileio import atomic_write, write_json
 
-__all__ = ["FractalSpec", "FractalSet", "random_ifs", "render_ifs", "PretrainSettings", "pretrain",
-           "backbone_state_dict", "build_classifier", "extract_backbone"]
+__all__ = [
+    "FractalSpec",
+    "FractalSet",
+    "random_ifs",
+    "render_ifs",
+    "PretrainSettings",
+    "pretrain",
+    "backbone_state_dict",
+    "build_classifier",
+    "extract_backbone",
+]
 
 logger = logging.getLogger(__name__)
 
 
 # ---- fractals -----------------------------------------------------------------------------------
+
 
 def random_ifs(rng, max_tries=1000):
     """An IFS of 2 to 4 contractive affine maps [a b; c d] x + [e f] with their selection
@@ -74,8 +85,13 @@ def render_ifs(maps, probs, rng, size, points=6000, chains=200):
     for step in range(steps + 10):
         k = rng.choice(len(maps), size=chains, p=probs)
         m = maps[k]
-        xy = np.stack([m[:, 0] * xy[:, 0] + m[:, 1] * xy[:, 1] + m[:, 4],
-                       m[:, 2] * xy[:, 0] + m[:, 3] * xy[:, 1] + m[:, 5]], axis=1)
+        xy = np.stack(
+            [
+                m[:, 0] * xy[:, 0] + m[:, 1] * xy[:, 1] + m[:, 4],
+                m[:, 2] * xy[:, 0] + m[:, 3] * xy[:, 1] + m[:, 5],
+            ],
+            axis=1,
+        )
         if step >= 10:  # burn-in: the chains reach the attractor
             out.append(xy)
     pts = np.concatenate(out)
@@ -90,11 +106,11 @@ def render_ifs(maps, probs, rng, size, points=6000, chains=200):
 class FractalSpec:
     # defaults: what a CPU can learn in ~1 hour (docs/RESULTS.md): 64 categories of up to 4
     # fractals on 96-pixel images stayed at chance after 420 iterations of 64 images
-    num_classes: int = 16       # fractal categories (IFS codes)
-    image_size: int = 64        # square images, pixels
-    max_objects: int = 3        # fractals per image: 1 to this many
-    min_size: int = 12          # fractal size range, pixels: the detection data's objects
-    max_size: int = 36          # (the shapes datasets' 12-36 px)
+    num_classes: int = 16  # fractal categories (IFS codes)
+    image_size: int = 64  # square images, pixels
+    max_objects: int = 3  # fractals per image: 1 to this many
+    min_size: int = 12  # fractal size range, pixels: the detection data's objects
+    max_size: int = 36  # (the shapes datasets' 12-36 px)
     seed: int = 0
 
 
@@ -135,10 +151,12 @@ class FractalSet:
             density = np.rot90(density, int(rng.integers(4)))[..., None]
             x, y = (int(v) for v in rng.integers(0, spec.image_size - size + 1, size=2))
             color = rng.integers(0, 256, size=3).astype(np.float32)
-            region = img[y:y + size, x:x + size].astype(np.float32)
+            region = img[y : y + size, x : x + size].astype(np.float32)
             # painted over the background where the chaos game went, the denser the more opaque
             alpha = np.where(density > 0, 0.6 + 0.4 * density, 0.0)
-            img[y:y + size, x:x + size] = (region * (1 - alpha) + color * alpha).astype(np.uint8)
+            img[y : y + size, x : x + size] = (region * (1 - alpha) + color * alpha).astype(
+                np.uint8
+            )
             target[k] = 1.0
         return img, target
 
@@ -148,6 +166,7 @@ class FractalSet:
 
 
 # ---- training -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PretrainSettings:
@@ -159,7 +178,7 @@ class PretrainSettings:
     warmup: int = 100
     checkpoint_every: int = 200
     eval_images: int = 512  # held out: indices above every training index
-    workers: int = 0        # processes rendering batches beside the training (0: in it)
+    workers: int = 0  # processes rendering batches beside the training (0: in it)
 
     def as_dict(self):
         return asdict(self)
@@ -193,8 +212,11 @@ def build_classifier(cfg, num_classes):
 def backbone_state_dict(classifier):
     """The ResNet's weights and BN statistics under the names a detectron2 FPN backbone has
     (``backbone.bottom_up.*``), without BN's batch counters (FrozenBN has none)."""
-    return {f"backbone.bottom_up.{k}": v.detach().cpu().clone()
-            for k, v in classifier.bottom_up.state_dict().items() if not k.endswith("num_batches_tracked")}
+    return {
+        f"backbone.bottom_up.{k}": v.detach().cpu().clone()
+        for k, v in classifier.bottom_up.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -213,7 +235,9 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def _to_tensor(images, pixel_mean, pixel_std):
-    x = torch.as_tensor(images).to(pixel_mean.device).permute(0, 3, 1, 2).float()  # BGR, as detectron2's input
+    x = (
+        torch.as_tensor(images).to(pixel_mean.device).permute(0, 3, 1, 2).float()
+    )  # BGR, as detectron2's input
     return (x - pixel_mean) / pixel_std
 
 
@@ -239,7 +263,9 @@ def _evaluate(model, data, settings, pixel_mean, pixel_std):
         for b in range(0, settings.eval_images, settings.batch_size):
             idx = range(start + b, start + min(b + settings.batch_size, settings.eval_images))
             images, target = data.batch(idx)
-            scores.append(torch.sigmoid(model(_to_tensor(images, pixel_mean, pixel_std))).cpu().numpy())
+            scores.append(
+                torch.sigmoid(model(_to_tensor(images, pixel_mean, pixel_std))).cpu().numpy()
+            )
             targets.append(target)
     model.train()
     targets = np.concatenate(targets)
@@ -258,8 +284,11 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
     weights_path = os.path.join(output_dir, weights_name)
     state_path = os.path.join(output_dir, "pretrain_state.pth")
     # what makes the weights (not how fast they are made: workers, device)
-    wanted = {"settings": {k: v for k, v in settings.as_dict().items() if k != "workers"},
-              "depth": cfg.MODEL.RESNETS.DEPTH, "res2_out_channels": cfg.MODEL.RESNETS.RES2_OUT_CHANNELS}
+    wanted = {
+        "settings": {k: v for k, v in settings.as_dict().items() if k != "workers"},
+        "depth": cfg.MODEL.RESNETS.DEPTH,
+        "res2_out_channels": cfg.MODEL.RESNETS.RES2_OUT_CHANNELS,
+    }
     if os.path.isfile(record_path) and os.path.isfile(weights_path):
         with open(record_path) as f:
             record = json.load(f)
@@ -274,8 +303,9 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
     model = build_classifier(cfg, settings.fractals.num_classes).to(device)
     pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, device=device).view(1, 3, 1, 1)
     pixel_std = torch.tensor(cfg.MODEL.PIXEL_STD, device=device).view(1, 3, 1, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9,
-                                weight_decay=settings.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay
+    )
     start_iter, seconds = 0, 0.0
     if os.path.isfile(state_path):
         state = torch.load(state_path, map_location=device, weights_only=True)
@@ -292,24 +322,34 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
         return settings.lr * 0.5 * (1 + math.cos(math.pi * t))
 
     def save_state(iteration):
-        state = {"wanted": json.dumps(wanted, sort_keys=True), "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "iteration": iteration,
-                 "seconds": seconds + time.perf_counter() - started}
+        state = {
+            "wanted": json.dumps(wanted, sort_keys=True),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "iteration": iteration,
+            "seconds": seconds + time.perf_counter() - started,
+        }
         atomic_write(state_path, lambda f: torch.save(state, f))
 
     model.train()
     started, window = time.perf_counter(), []
-    loader = torch.utils.data.DataLoader(_Batches(data, settings.batch_size, start_iter, settings.iterations),
-                                         batch_size=None, num_workers=settings.workers)
+    loader = torch.utils.data.DataLoader(
+        _Batches(data, settings.batch_size, start_iter, settings.iterations),
+        batch_size=None,
+        num_workers=settings.workers,
+    )
     tick = time.perf_counter()
     for it, (images, targets) in enumerate(loader, start_iter):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it)
-        loss = F.binary_cross_entropy_with_logits(model(_to_tensor(images, pixel_mean, pixel_std)),
-                                                  targets.to(device))
+        loss = F.binary_cross_entropy_with_logits(
+            model(_to_tensor(images, pixel_mean, pixel_std)), targets.to(device)
+        )
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretraining loss became {loss.item()} at iteration {it}; "
-                                     f"lower --lr (now {settings.lr})")
+            raise FloatingPointError(
+                f"pretraining loss became {loss.item()} at iteration {it}; "
+                f"lower --lr (now {settings.lr})"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -318,25 +358,37 @@ def pretrain(cfg, settings: PretrainSettings, output_dir, weights_name="backbone
         done = it + 1
         if done % 20 == 0 or done == settings.iterations:
             eta = datetime.timedelta(seconds=int(np.mean(window) * (settings.iterations - done)))
-            logger.info(f"pretrain iter {done}/{settings.iterations}  loss {loss.item():.4f}  "
-                        f"lr {lr_at(it):.4g}  {np.mean(window):.3f} s/it  eta {eta}")
+            logger.info(
+                f"pretrain iter {done}/{settings.iterations}  loss {loss.item():.4f}  "
+                f"lr {lr_at(it):.4g}  {np.mean(window):.3f} s/it  eta {eta}"
+            )
         if done % settings.checkpoint_every == 0 and done < settings.iterations:
             save_state(done)
     seconds += time.perf_counter() - started
 
     held_out_map, held_out_targets = _evaluate(model, data, settings, pixel_mean, pixel_std)
     chance = _mean_average_precision(  # random scores on the same held-out targets
-        np.random.default_rng(0).random((settings.eval_images, settings.fractals.num_classes)), held_out_targets)
+        np.random.default_rng(0).random((settings.eval_images, settings.fractals.num_classes)),
+        held_out_targets,
+    )
     atomic_write(weights_path, lambda f: torch.save({"model": backbone_state_dict(model)}, f))
-    record = {**wanted, "weights": weights_name, "seconds": round(seconds, 1),
-              "held_out_mAP": round(held_out_map, 2), "chance_mAP": round(chance, 2),
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "date": datetime.date.today().isoformat()}
+    record = {
+        **wanted,
+        "weights": weights_name,
+        "seconds": round(seconds, 1),
+        "held_out_mAP": round(held_out_map, 2),
+        "chance_mAP": round(chance, 2),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": datetime.date.today().isoformat(),
+    }
     write_json(record_path, record)
     if os.path.isfile(state_path):
         os.remove(state_path)
-    logger.info(f"Pretrained backbone written to {weights_path}: held-out mAP {held_out_map:.1f} "
-                f"(chance {chance:.1f}), {seconds / 60:.1f} min")
+    logger.info(
+        f"Pretrained backbone written to {weights_path}: held-out mAP {held_out_map:.1f} "
+        f"(chance {chance:.1f}), {seconds / 60:.1f} min"
+    )
     return record
 
 
@@ -349,15 +401,25 @@ def extract_backbone(detector_checkpoint, output_dir, weights_name="backbone.pth
 
     loaded = check_checkpoint_file(detector_checkpoint)
     state = loaded.get("model", loaded)
-    kept = {k: torch.as_tensor(v) for k, v in state.items()
-            if k.startswith("backbone.bottom_up.") and not k.endswith("num_batches_tracked")}
+    kept = {
+        k: torch.as_tensor(v)
+        for k, v in state.items()
+        if k.startswith("backbone.bottom_up.") and not k.endswith("num_batches_tracked")
+    }
     if not kept:
         raise ValueError(f"{detector_checkpoint}: no backbone.bottom_up.* weights in it")
     os.makedirs(output_dir, exist_ok=True)
     atomic_write(os.path.join(output_dir, weights_name), lambda f: torch.save({"model": kept}, f))
-    record = {"source": detector_checkpoint, "weights": weights_name, "tensors": len(kept),
-              "iteration": loaded.get("iteration"), "date": datetime.date.today().isoformat()}
+    record = {
+        "source": detector_checkpoint,
+        "weights": weights_name,
+        "tensors": len(kept),
+        "iteration": loaded.get("iteration"),
+        "date": datetime.date.today().isoformat(),
+    }
     write_json(os.path.join(output_dir, "pretrain.json"), record)
-    logger.info(f"Backbone of {detector_checkpoint} ({len(kept)} tensors) written to "
-                f"{os.path.join(output_dir, weights_name)}")
+    logger.info(
+        f"Backbone of {detector_checkpoint} ({len(kept)} tensors) written to "
+        f"{os.path.join(output_dir, weights_name)}"
+    )
     return record

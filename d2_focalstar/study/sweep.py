@@ -2,6 +2,7 @@
 A sweep's plan: every run of loss type x parameter values x alpha x seed, each with its folder
 name and the train_net.py opts that select it (tools/sweep.py runs them).
 """
+
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -60,6 +61,10 @@ def plan_sweep(loss_types, seeds, values=None, alphas=None):
                 tried = entry.sweep.get(param.name, (param.default,))
             if tried is not None:
                 grid = [g + ((param.name, float(v)),) for g in grid for v in tried]
-        runs += [SweepRun(loss_type, g, int(s), None if a is None else float(a))
-                 for a in (alphas or [None]) for g in grid for s in seeds]
+        runs += [
+            SweepRun(loss_type, g, int(s), None if a is None else float(a))
+            for a in (alphas or [None])
+            for g in grid
+            for s in seeds
+        ]
     return runs

@@ -2,6 +2,7 @@
 RetinaNet's Table 1 (Lin et al., ICCV 2017) beside a proxy study's runs, and the three checks that
 make the proxy count as calibrated.
 """
+
 import math
 import numpy as np
 
@@ -12,8 +13,15 @@ __all__ = ["TABLE1", "table1"]
 
 #: RetinaNet's Table 1 (Lin et al., ICCV 2017; ResNet-50, COCO minival AP): (loss type, gamma,
 #: alpha, AP). (a) CE at three alphas; (b) FL at each gamma with the alpha the paper found best.
-TABLE1 = (("CE", None, 0.25, 10.8), ("CE", None, 0.5, 30.2), ("CE", None, 0.75, 31.1),
-          ("FL", 0.5, 0.5, 32.9), ("FL", 1.0, 0.25, 33.7), ("FL", 2.0, 0.25, 34.0), ("FL", 5.0, 0.25, 32.2))
+TABLE1 = (
+    ("CE", None, 0.25, 10.8),
+    ("CE", None, 0.5, 30.2),
+    ("CE", None, 0.75, 31.1),
+    ("FL", 0.5, 0.5, 32.9),
+    ("FL", 1.0, 0.25, 33.7),
+    ("FL", 2.0, 0.25, 34.0),
+    ("FL", 5.0, 0.25, 32.2),
+)
 
 
 def table1(records, num_resamples=1000, seed=0, warn=None):
@@ -26,6 +34,7 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
     where such runs exist, else the runs' own). Other runs (FL*, other knobs) are ignored.
     Returns (markdown table, [(check, 'met' / 'not met' / 'not measured', detail)]).
     """
+
     def key(r):
         return r["loss_type"], (r.get("params") or {}).get("gamma"), r.get("alpha")
 
@@ -33,20 +42,35 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
     groups, _ = group_by_setting(ours)
     rows = []
     for loss, gamma, alpha, paper in TABLE1:
-        found = [n for n, rs in groups.items() if key(rs[0])[0] == loss and key(rs[0])[1] == gamma
-                 and (loss == "FL" or key(rs[0])[2] == alpha)]
+        found = [
+            n
+            for n, rs in groups.items()
+            if key(rs[0])[0] == loss
+            and key(rs[0])[1] == gamma
+            and (loss == "FL" or key(rs[0])[2] == alpha)
+        ]
         if len(found) > 1:  # several alphas of one FL gamma: the paper's
             found = [n for n in found if key(groups[n][0])[2] == alpha] or found[:1]
         if len(found) > 1 or (found and len({r.get("alpha") for r in groups[found[0]]}) > 1):
-            raise ValueError(f"Table 1's {loss} gamma={gamma} alpha={alpha} matches {found}: give one "
-                             "study's folders")
+            raise ValueError(
+                f"Table 1's {loss} gamma={gamma} alpha={alpha} matches {found}: give one "
+                "study's folders"
+            )
         aps = [metrics_of(r).get("AP", math.nan) for r in groups[found[0]]] if found else []
         aps = [v for v in aps if not math.isnan(v)]
-        rows.append(dict(loss=loss, gamma=gamma, paper_alpha=alpha, paper_ap=paper,
-                         name=found[0] if found else None,
-                         alpha=groups[found[0]][0].get("alpha") if found else None, seeds=len(aps),
-                         mean=float(np.mean(aps)) if aps else math.nan,
-                         sd=float(np.std(aps, ddof=1)) if len(aps) > 1 else math.nan))
+        rows.append(
+            dict(
+                loss=loss,
+                gamma=gamma,
+                paper_alpha=alpha,
+                paper_ap=paper,
+                name=found[0] if found else None,
+                alpha=groups[found[0]][0].get("alpha") if found else None,
+                seeds=len(aps),
+                mean=float(np.mean(aps)) if aps else math.nan,
+                sd=float(np.std(aps, ddof=1)) if len(aps) > 1 else math.nan,
+            )
+        )
     measured = [r for r in rows if r["seeds"]]
     ce = [r for r in measured if r["loss"] == "CE"]
     best_ce = max(ce, key=lambda r: r["mean"]) if ce else None
@@ -61,45 +85,78 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
             return "not run", ""
         ours_ = f"{r['mean']:.2f}" + ("" if math.isnan(r["sd"]) else f" ± {r['sd']:.2f}")
         d = intervals.get(r["name"])
-        return ours_, ("best CE" if r is best_ce else
-                       "" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]")
+        return ours_, (
+            "best CE"
+            if r is best_ce
+            else ""
+            if d is None
+            else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
+        )
 
-    lines = ["| loss | gamma | paper: alpha | paper: AP (COCO) | paper: vs best CE | proxy: alpha | "
-             "proxy: seeds | proxy: AP mean ± sd | proxy: vs best CE [95% interval] |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| loss | gamma | paper: alpha | paper: AP (COCO) | paper: vs best CE | proxy: alpha | "
+        "proxy: seeds | proxy: AP mean ± sd | proxy: vs best CE [95% interval] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ours_, vs = cell(r)
         gamma = "" if r["gamma"] is None else f"{r['gamma']:g}"
         alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
-        lines.append(f"| {r['loss']} | {gamma} | {r['paper_alpha']:g} | {r['paper_ap']:.1f} | "
-                     f"{r['paper_ap'] - paper_best_ce:+.1f} | {alpha} | {r['seeds']} | {ours_} | {vs} |")
+        lines.append(
+            f"| {r['loss']} | {gamma} | {r['paper_alpha']:g} | {r['paper_ap']:.1f} | "
+            f"{r['paper_ap'] - paper_best_ce:+.1f} | {alpha} | {r['seeds']} | {ours_} | {vs} |"
+        )
 
     def row_of(loss, gamma=None, alpha=None):
-        return next(r for r in rows if r["loss"] == loss and r["gamma"] == gamma
-                    and (alpha is None or r["paper_alpha"] == alpha))
+        return next(
+            r
+            for r in rows
+            if r["loss"] == loss
+            and r["gamma"] == gamma
+            and (alpha is None or r["paper_alpha"] == alpha)
+        )
 
     checks = []
     lo, hi = row_of("CE", alpha=0.25), row_of("CE", alpha=0.75)
     if lo["seeds"] and hi["seeds"]:
         d = intervals.get(lo["name"]) if hi is best_ce else None
         detail = f"{hi['mean']:.2f} vs {lo['mean']:.2f} AP" + (
-            f" (CE alpha 0.25 vs best CE: {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}])" if d else "")
-        checks.append(("CE alpha 0.75 above CE alpha 0.25", "met" if hi["mean"] > lo["mean"] else "not met", detail))
+            f" (CE alpha 0.25 vs best CE: {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}])" if d else ""
+        )
+        checks.append(
+            (
+                "CE alpha 0.75 above CE alpha 0.25",
+                "met" if hi["mean"] > lo["mean"] else "not met",
+                detail,
+            )
+        )
     else:
         checks.append(("CE alpha 0.75 above CE alpha 0.25", "not measured", ""))
     fl = [r for r in rows if r["loss"] == "FL" and r["seeds"]]
     if len(fl) >= 2:
         peak = max(fl, key=lambda r: r["mean"])
-        checks.append(("FL's gamma profile peaks at 1-2", "met" if peak["gamma"] in (1.0, 2.0) else "not met",
-                       f"best gamma {peak['gamma']:g} ({peak['mean']:.2f} AP) of " +
-                       ", ".join(f"{r['gamma']:g}" for r in fl)))
+        checks.append(
+            (
+                "FL's gamma profile peaks at 1-2",
+                "met" if peak["gamma"] in (1.0, 2.0) else "not met",
+                f"best gamma {peak['gamma']:g} ({peak['mean']:.2f} AP) of "
+                + ", ".join(f"{r['gamma']:g}" for r in fl),
+            )
+        )
     else:
-        checks.append(("FL's gamma profile peaks at 1-2", "not measured", "fewer than two FL gammas run"))
+        checks.append(
+            ("FL's gamma profile peaks at 1-2", "not measured", "fewer than two FL gammas run")
+        )
     fl2 = row_of("FL", 2.0)
     d = intervals.get(fl2["name"]) if fl2["seeds"] else None
     if d is None or best_ce is None:
         checks.append(("FL g=2 above the best CE, interval excluding 0", "not measured", ""))
     else:
-        checks.append(("FL g=2 above the best CE, interval excluding 0", "met" if d[1] > 0 else "not met",
-                       f"{d[0]:+.2f} AP [{d[1]:+.2f}, {d[2]:+.2f}] against {best_ce['name']}"))
+        checks.append(
+            (
+                "FL g=2 above the best CE, interval excluding 0",
+                "met" if d[1] > 0 else "not met",
+                f"{d[0]:+.2f} AP [{d[1]:+.2f}, {d[2]:+.2f}] against {best_ce['name']}",
+            )
+        )
     return "\n".join(lines) + "\n", checks

@@ -4,6 +4,7 @@ safety metrics per run, then per setting (loss type and parameters, plus any kno
 differ: learning rate, schedule, alpha, weights, datasets) the mean and spread over seeds and the
 difference to the FL baseline at the same knobs; as Markdown and CSV.
 """
+
 import csv
 import io
 import math
@@ -14,8 +15,16 @@ import numpy as np
 
 from ..modeling.losses import LOSS_TYPES
 
-__all__ = ["COCO_METRICS", "metrics_of", "setting_names", "group_by_setting", "fl_baselines",
-           "comparison_rows", "to_markdown", "to_csv"]
+__all__ = [
+    "COCO_METRICS",
+    "metrics_of",
+    "setting_names",
+    "group_by_setting",
+    "fl_baselines",
+    "comparison_rows",
+    "to_markdown",
+    "to_csv",
+]
 
 COCO_METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -59,6 +68,7 @@ def _datasets(split):
     def get(record):
         names = (record.get("datasets") or {}).get(split)
         return None if names is None else tuple(names)  # results.json's list, made hashable
+
     return get
 
 
@@ -85,14 +95,16 @@ def _initial_weights(record):
 
 # settings besides the loss that make runs not comparable as seeds of one setting:
 # (name, value in a record or None where it does not say, how the value reads in a setting name)
-_KNOBS = (("lr", _solver("base_lr"), _show),
-          ("iters", _solver("max_iter"), _show),
-          ("batch", _solver("ims_per_batch"), _show),
-          ("amp", _solver("amp"), _show),  # results.json written before it was recorded: None
-          ("alpha", lambda r: r.get("alpha"), _show),
-          ("weights", lambda r: _initial_weights(r), _show_weights),
-          ("train", _datasets("train"), _show),
-          ("test", _datasets("test"), _show))
+_KNOBS = (
+    ("lr", _solver("base_lr"), _show),
+    ("iters", _solver("max_iter"), _show),
+    ("batch", _solver("ims_per_batch"), _show),
+    ("amp", _solver("amp"), _show),  # results.json written before it was recorded: None
+    ("alpha", lambda r: r.get("alpha"), _show),
+    ("weights", lambda r: _initial_weights(r), _show_weights),
+    ("train", _datasets("train"), _show),
+    ("test", _datasets("test"), _show),
+)
 
 
 def _knob_suffixes(records):
@@ -108,8 +120,10 @@ def _knob_suffixes(records):
         labels = {v: show(v) for v in set(known)}
         if len(set(labels.values())) < len(labels):  # weights files of one name: show them whole
             labels = {v: _show(v) for v in labels}
-        suffixes = [s if v is None or v == usual else f"{s} {knob}={labels[v]}"
-                    for s, v in zip(suffixes, values)]
+        suffixes = [
+            s if v is None or v == usual else f"{s} {knob}={labels[v]}"
+            for s, v in zip(suffixes, values)
+        ]
     return suffixes
 
 
@@ -162,15 +176,20 @@ def comparison_rows(records):
     """
     metric_names = list(OrderedDict.fromkeys(k for r in records for k in metrics_of(r)))
     groups, suffixes = group_by_setting(records)
-    means = {s: {m: _nanmean([metrics_of(r).get(m, math.nan) for r in rs]) for m in metric_names}
-             for s, rs in groups.items()}
+    means = {
+        s: {m: _nanmean([metrics_of(r).get(m, math.nan) for r in rs]) for m in metric_names}
+        for s, rs in groups.items()
+    }
     baselines = fl_baselines(groups, suffixes)
 
     rows = []
     for setting, rs in groups.items():
         for r in rs:
-            row = OrderedDict(run=os.path.basename(os.path.normpath(r["folder"])), setting=setting,
-                              seeds=str(r.get("seed")))
+            row = OrderedDict(
+                run=os.path.basename(os.path.normpath(r["folder"])),
+                setting=setting,
+                seeds=str(r.get("seed")),
+            )
             row.update(metrics_of(r))
             rows.append(row)
     for setting, rs in groups.items():
@@ -188,8 +207,11 @@ def comparison_rows(records):
 
 
 def _fmt(v):
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else (
-        f"{v:.2f}" if isinstance(v, float) else str(v))
+    return (
+        ""
+        if v is None or (isinstance(v, float) and math.isnan(v))
+        else (f"{v:.2f}" if isinstance(v, float) else str(v))
+    )
 
 
 def to_markdown(columns, rows):
