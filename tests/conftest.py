@@ -16,8 +16,9 @@ try:
     if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
         try:
-            import d2_focalstar.modeling.fused  # noqa: F401
             from triton import knobs
+
+            import d2_focalstar.modeling.fused  # noqa: F401
 
             knobs.runtime.interpret = True  # the interpreter reads it again at launch
         except ImportError:  # no Triton: tests/test_fused.py skips itself

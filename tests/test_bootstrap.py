@@ -10,13 +10,13 @@ import math
 import numpy as np
 import pytest
 
+from d2_focalstar.data.synthetic_coco import synthetic_coco
 from d2_focalstar.evaluation.bootstrap import BootstrapError, RunEvaluation, paired_bootstrap
 from d2_focalstar.evaluation.safety import (
     log_average_miss_rate,
     match_detections,
     miss_rate_fppi_curve,
 )
-from d2_focalstar.data.synthetic_coco import synthetic_coco
 
 
 def cocoeval_stats(gt, dets):

@@ -14,11 +14,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from d2_focalstar.config import ConfigError
-from d2_focalstar.data.shapes import ShapesSpec, generate_shapes_dataset
-from d2_focalstar.data.checks import check_coco_json, check_datasets
-from d2_focalstar.run.cli import detector_classes
 from d2_focalstar.data.catalog import register_coco_json_datasets
+from d2_focalstar.data.checks import check_coco_json, check_datasets
 from d2_focalstar.data.mapper import CheckedDatasetMapper, summarize_data_faults
+from d2_focalstar.data.shapes import ShapesSpec, generate_shapes_dataset
+from d2_focalstar.run.cli import detector_classes
 from d2_focalstar.run.results import RunRecordError, load_run, run_state
 from helpers import FAST, QUICKSTART, assert_one_line_error, run, run_here
 from test_model import quickstart_cfg

@@ -16,9 +16,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import d2_focalstar  # noqa: F401  registers the embedded datasets
+from d2_focalstar.data.synthetic_coco import synthetic_coco
 from d2_focalstar.evaluation import coco as evaluation
 from d2_focalstar.evaluation.coco import FastCOCOEvaluator, evaluate_coco
-from d2_focalstar.data.synthetic_coco import synthetic_coco
 
 pytest.importorskip("faster_coco_eval")
 

@@ -13,8 +13,8 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.utils.events import EventStorage
 
 from d2_focalstar import FCOSFLStar, add_focalstar_config
-from test_model import CONFIGS, synthetic_batch
 from helpers import run_here
+from test_model import CONFIGS, synthetic_batch
 from test_train import coco_ap, train_net
 
 FCOS_QUICKSTART = ["--config-file", "configs/quickstart_fcos_flstar.yaml"]

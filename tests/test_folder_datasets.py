@@ -10,9 +10,7 @@ import shutil
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from helpers import REPO, assert_one_line_error, run_here
 from PIL import Image, ImageDraw
-from test_model import quickstart_cfg
 
 from d2_focalstar.config import ConfigError
 from d2_focalstar.data.catalog import register_config_datasets
@@ -20,6 +18,8 @@ from d2_focalstar.data.checks import check_datasets
 from d2_focalstar.evaluation import EvaluatorTypeError, build_dataset_evaluator, evaluator_type_of
 from d2_focalstar.run.results import load_run, run_state
 from d2_focalstar.study.tables import comparison_rows, metrics_of
+from helpers import REPO, assert_one_line_error, run_here
+from test_model import quickstart_cfg
 
 SIZE = 64  # pixels, square images
 # boxes (class, x0, y0, x1, y1) in pixels of each image; the last image has none

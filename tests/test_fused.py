@@ -280,9 +280,9 @@ def test_a_kernel_that_disagrees_on_the_device_is_not_used_in_training(monkeypat
     """RetinaNetFLStar checks the kernel against the float64 reference on a small batch, once per
     device, dtype and setting, before it uses it. A kernel this GPU or Triton gets wrong (here:
     1% off) is not used: one warning that says why, and the losses are the reference's."""
-    from test_model import quickstart_cfg, synthetic_batch
-
     from detectron2.modeling import build_model
+
+    from test_model import quickstart_cfg, synthetic_batch
 
     monkeypatch.setattr(fused, "_verdicts", {})
     calls, real = [], fused.checked_fused_loss  # under fused_classification_loss too

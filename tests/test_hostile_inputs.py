@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+
 from helpers import QUICKSTART, REPO, assert_one_line_error, run_here
 
 QUICKSTART_FILE = os.path.join(REPO, QUICKSTART[1])

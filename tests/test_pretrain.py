@@ -95,8 +95,8 @@ def test_progress_eta_and_record(pretrained):
 def test_model_weights_load_it_into_the_proxys_frozen_backbone(pretrained):
     """Through the project's safe loader, every weight and BN statistic of the ResNet lands in
     the detector (FrozenBN, stem and res2 frozen); only FPN and heads stay at their init."""
-    from detectron2.modeling import build_model
     from detectron2.layers import FrozenBatchNorm2d
+    from detectron2.modeling import build_model
 
     from d2_focalstar.run.checkpoint import SafeCheckpointer
     from d2_focalstar.run.cli import load_config

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from d2_focalstar.run.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
 import helpers
+from d2_focalstar.run.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
 from helpers import FAST, QUICKSTART, REPO, run, run_here
 
 
@@ -208,6 +208,7 @@ def test_resume_with_a_last_checkpoint_that_is_gone_names_it_and_what_is_there(t
 
 def _backbone_only_checkpoint(path):
     from detectron2.modeling import build_model
+
     from test_model import quickstart_cfg
 
     state = build_model(quickstart_cfg()).state_dict()
@@ -256,6 +257,7 @@ def test_eval_only_refuses_weights_without_the_detectors_heads(tmp_path):
 
 def test_eval_only_refuses_weights_that_are_not_finite_and_says_which_weights_resume_uses(tmp_path):
     from detectron2.modeling import build_model
+
     from test_model import quickstart_cfg
 
     model = build_model(quickstart_cfg())

@@ -12,11 +12,10 @@ import pytest
 from detectron2.config import get_cfg
 
 from d2_focalstar.config import add_focalstar_config
+from d2_focalstar.run.results import RunRecordError, load_run, run_state
+from d2_focalstar.study.fig4 import loss_curves, plot_fig4
 from d2_focalstar.study.sweep import SweepRun, plan_sweep
 from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to_markdown
-from d2_focalstar.run.results import load_run, run_state
-from d2_focalstar.study.fig4 import loss_curves, plot_fig4
-from d2_focalstar.run.results import RunRecordError
 from helpers import FAST, QUICKSTART, REPO, assert_one_line_error, run_here
 
 
@@ -900,8 +899,8 @@ def _drop_confident(dets, share, seed):
 def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
     """tools/table1.py: the paper's numbers beside the runs', and each check decided by the runs:
     FL g=2 above the best CE only where its detections are better by a margin the bootstrap sees."""
-    from d2_focalstar.evaluation.bootstrap import RunEvaluation
     from d2_focalstar.data.synthetic_coco import synthetic_coco
+    from d2_focalstar.evaluation.bootstrap import RunEvaluation
 
     gt, dets = synthetic_coco(num_images=80, num_categories=4, seed=3)
     (tmp_path / "gt.json").write_text(json.dumps(gt))

@@ -136,8 +136,8 @@ def test_several_test_datasets_get_a_folder_each(tmp_path):
     """With two DATASETS.TEST, each evaluator writes under inference/<dataset>/: the second does
     not overwrite the first's files (the safety metrics among them)."""
     import train_net
-    from d2_focalstar.data.shapes import ShapesSpec, generate_shapes_dataset
     from d2_focalstar.data.catalog import register_coco_json_datasets
+    from d2_focalstar.data.shapes import ShapesSpec, generate_shapes_dataset
     from test_model import quickstart_cfg
 
     generate_shapes_dataset(tmp_path / "tiny", ShapesSpec(2, 2, 64, 1, 2, 12, 20, seed=1))

@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
+from d2_focalstar.data.synthetic_coco import synthetic_coco
 from d2_focalstar.evaluation.bootstrap import RunEvaluation, paired_bootstrap
 from d2_focalstar.evaluation.coco import coco_eval_implementation, evaluate_coco
 from d2_focalstar.fileio import write_json
-from d2_focalstar.data.synthetic_coco import synthetic_coco
 
 
 def bench_bootstrap(args):

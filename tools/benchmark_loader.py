@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d2_focalstar.run.cli import load_config
-from d2_focalstar.fileio import write_json
 from d2_focalstar.data.synthetic_coco import synthetic_coco
+from d2_focalstar.fileio import write_json
+from d2_focalstar.run.cli import load_config
 
 # Measured figures the projection starts from (docs/BENCHMARKS.md, H100, run B, commit 626fba8):
 STEP_IMG_S = (

@@ -22,14 +22,13 @@ import shutil
 import sys
 import tempfile
 
-from d2_focalstar.fileio import atomic_write
 from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
-from d2_focalstar.run.results import RunRecordError
-from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to_markdown
-from d2_focalstar.study.intervals import interval_rows, intervals_to_markdown
-from d2_focalstar.run.results import load_run
-from d2_focalstar.study.curves import plot_training_curves
+from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.errors import error_line, warnings_on_stderr
+from d2_focalstar.run.results import RunRecordError, load_run
+from d2_focalstar.study.curves import plot_training_curves
+from d2_focalstar.study.intervals import interval_rows, intervals_to_markdown
+from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to_markdown
 
 
 def main(argv=None):

@@ -9,8 +9,8 @@ import argparse
 import os
 import sys
 
-from d2_focalstar.study.fig4 import plot_fig4
 from d2_focalstar.run.errors import error_line
+from d2_focalstar.study.fig4 import plot_fig4
 
 
 def main(argv=None):

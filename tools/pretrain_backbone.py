@@ -18,11 +18,12 @@ takes the ResNet of a trained detector instead (pretraining by detection on othe
 import argparse
 import sys
 
+from detectron2.utils.logger import setup_logger
+
 from d2_focalstar.config import ConfigError
 from d2_focalstar.run.cli import add_unsafe_config_argument, load_config
-from d2_focalstar.study.pretrain import FractalSpec, PretrainSettings, pretrain
 from d2_focalstar.run.errors import error_line
-from detectron2.utils.logger import setup_logger
+from d2_focalstar.study.pretrain import FractalSpec, PretrainSettings, pretrain
 
 
 def main(argv=None):

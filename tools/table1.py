@@ -15,10 +15,9 @@ import sys
 
 from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.fileio import atomic_write
-from d2_focalstar.run.results import RunRecordError
-from d2_focalstar.run.results import load_run
-from d2_focalstar.study.table1 import table1
 from d2_focalstar.run.errors import error_line
+from d2_focalstar.run.results import RunRecordError, load_run
+from d2_focalstar.study.table1 import table1
 
 
 def main(argv=None):

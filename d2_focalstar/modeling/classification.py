@@ -13,7 +13,6 @@ import logging
 import sys
 
 import torch
-
 import torch.nn.functional as F
 
 from .losses import ALPHA, check_loss_arguments, loss_setting, sigmoid_classification_loss

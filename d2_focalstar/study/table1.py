@@ -4,6 +4,7 @@ make the proxy count as calibrated.
 """
 
 import math
+
 import numpy as np
 
 from .intervals import interval_rows
