@@ -6,7 +6,8 @@ Examples:
   python train_net.py --config-file configs/quickstart_flstar.yaml   # CPU, embedded data
   python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8
   python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8 --resume
-  python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
+  python train_net.py --config-file configs/retinanet_R50_flstar_1x.yaml --eval-only \\
+      MODEL.WEIGHTS out/model_final.pth
 """
 
 import warnings
@@ -70,7 +71,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        # a test image that cannot be read stops the evaluation naming it (skipping it would change the AP)
+        # a test image that cannot be read stops the evaluation naming it (skipping it would change
+        # the AP)
         return build_detection_test_loader(
             cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
         )

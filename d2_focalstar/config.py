@@ -25,8 +25,8 @@ class ConfigError(ValueError):
 def add_focalstar_config(cfg):
     """
     Add every config key of d2-focalstar, with its default. The loss parameters' keys and
-    defaults come from the table of loss types (d2_focalstar/modeling/losses.py, LOSS_TYPES); alpha and
-    FL's gamma are the detector's own keys (MODEL.RETINANET.FOCAL_LOSS_ALPHA / _GAMMA,
+    defaults come from the table of loss types (d2_focalstar/modeling/losses.py, LOSS_TYPES);
+    alpha and FL's gamma are the detector's own keys (MODEL.RETINANET.FOCAL_LOSS_ALPHA / _GAMMA,
     detectron2's; MODEL.FCOS.*, added here).
     """
     cfg.MODEL.FOCALSTAR = CN()
@@ -38,8 +38,8 @@ def add_focalstar_config(cfg):
         for param in entry.params:
             if param.key.startswith("MODEL.FOCALSTAR."):
                 cfg.MODEL.FOCALSTAR[param.key.rsplit(".", 1)[1]] = float(param.default)
-    # Compute the classification loss with the fused Triton kernel (d2_focalstar/modeling/fused.py) on
-    # CUDA, for loss types that have a kernel branch: same values as the reference functions, no
+    # Compute the classification loss with the fused Triton kernel (d2_focalstar/modeling/fused.py)
+    # on CUDA, for loss types that have a kernel branch: same values as the reference functions, no
     # one-hot tensor (speed and memory: docs/BENCHMARKS.md). False: the reference functions
     # everywhere. On the CPU the reference functions are always used.
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = True
@@ -57,7 +57,8 @@ def add_focalstar_config(cfg):
     # speed lever (docs/BENCHMARKS.md). "" = none.
     cfg.MODEL.FOCALSTAR.FEATURE_CACHE = ""
 
-    # FCOSFLStar (d2_focalstar/modeling/fcos.py): detectron2's FCOS, whose keys its yacs config lacks.
+    # FCOSFLStar (d2_focalstar/modeling/fcos.py): detectron2's FCOS, whose keys its yacs config
+    # lacks.
     # Defaults are those of detectron2's COCO-Detection/fcos_R_50_FPN_1x.py.
     cfg.MODEL.FCOS = CN()
     cfg.MODEL.FCOS.NUM_CLASSES = 80
@@ -72,8 +73,8 @@ def add_focalstar_config(cfg):
     cfg.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
     cfg.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 
-    # Safety metrics, computed beside COCO AP by d2_focalstar.evaluation.safety.SafetyEvaluator: for these
-    # class names (those the dataset lacks are skipped), the log-average miss rate over false
+    # Safety metrics, computed beside COCO AP by d2_focalstar.evaluation.safety.SafetyEvaluator: for
+    # these class names (those the dataset lacks are skipped), the log-average miss rate over false
     # positives per image in [1e-2, 1e0] and the recall at FP_PER_IMAGE false positives per image.
     cfg.TEST.SAFETY = CN()
     cfg.TEST.SAFETY.ENABLED = True

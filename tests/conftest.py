@@ -7,9 +7,9 @@ import tempfile
 os.environ.setdefault("DETECTRON2_DATASETS", tempfile.mkdtemp(prefix="d2fs-datasets-"))
 
 # Without a GPU, the fused Triton kernel runs in Triton's interpreter on the CPU, in this process:
-# triton.jit reads TRITON_INTERPRET when d2_focalstar.modeling.fused is imported. It is then removed from
-# the environment, so that the trainings the tests start as subprocesses use the (fast) reference
-# loss on the CPU, as a user's CPU run does.
+# triton.jit reads TRITON_INTERPRET when d2_focalstar.modeling.fused is imported. It is then removed
+# from the environment, so that the trainings the tests start as subprocesses use the (fast)
+# reference loss on the CPU, as a user's CPU run does.
 try:
     import torch
 

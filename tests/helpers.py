@@ -47,7 +47,8 @@ def _entry_point(script):
             spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, script))
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-        else:  # the repo root is on sys.path (conftest.py): the module that spawned processes import
+        else:
+            # the repo root is on sys.path (conftest.py): the module that spawned processes import
             module = importlib.import_module(name)
         if script == "train_net.py":
             _ENTRY_POINTS[script] = lambda argv: module.command(

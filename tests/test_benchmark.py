@@ -1,5 +1,5 @@
-"""tools/benchmark.py --cpu-smoke (every variant runs and computes the same loss as the reference), and
-the other speed tools: the offline instruction count and the GPU-session script."""
+"""tools/benchmark.py --cpu-smoke (every variant runs and computes the same loss as the
+reference), and the other speed tools: the offline instruction count and the GPU-session script."""
 
 import json
 import os
@@ -103,7 +103,8 @@ def test_sass_stats_counts_the_fused_kernels_without_a_gpu(tmp_path):
     The forward handles several blocks per program: the counts are per element of all of them.
     Each kernel keeps to 32 registers without spilling, so that an SM holds 2048 threads."""
     out = tmp_path / "sass.json"
-    # a process of its own: this one runs the kernel in Triton's interpreter, which cannot compile it
+    # a process of its own: this one runs the kernel in Triton's interpreter, which cannot compile
+    # it
     proc = run(
         "tools/fused_sass_stats.py",
         "--loss-types",
@@ -150,8 +151,8 @@ def test_gpu_checks_script_refuses_unknown_steps_and_logs_the_ones_it_runs(tmp_p
     )
     assert bad.returncode == 2
     assert (
-        "unknown step 'benhc' (allowed: env test bench bench-loss blocks study study-lr proxy-pretrain"
-        in bad.stderr
+        "unknown step 'benhc' (allowed: env test bench bench-loss blocks study study-lr "
+        "proxy-pretrain" in bad.stderr
     )
     assert not (tmp_path / "bad").exists()
     ok = subprocess.run(

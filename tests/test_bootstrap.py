@@ -82,7 +82,8 @@ def test_without_resampling_lamr_is_the_safety_metrics(data):
 
 
 def resampled(gt, dets, counts):
-    """The data with image i present counts[i] times (copies get new ids), as a resample draws it."""
+    """The data with image i present counts[i] times (copies get new ids), as a resample draws
+    it."""
     new_gt = {"images": [], "annotations": [], "categories": gt["categories"]}
     new_dets = []
     by_id = {img["id"]: i for i, img in enumerate(sorted(gt["images"], key=lambda m: m["id"]))}

@@ -228,7 +228,8 @@ def test_proxy_setup_tables_come_from_the_committed_records(tmp_path):
     cost.write_text(
         '{"meta": {"date": "d", "cpus": 2, "torch": "t", "ims_per_batch": 16, "max_iter": 3000, '
         '"iters": 1, "rounds": 1}, "rows": [{"lever": "x", "threads": 2, "seconds_per_iter": 1.0, '
-        '"speedup": 1.0, "throughput_speedup": 1.0, "minutes_per_run": 50.0, "hours_for_5_seeds": 4.2}]}'
+        '"speedup": 1.0, "throughput_speedup": 1.0, "minutes_per_run": 50.0, '
+        '"hours_for_5_seeds": 4.2}]}'
     )
     out = tmp_path / "setup.md"
     run_here(

@@ -1,7 +1,7 @@
-"""SLURM through submitit (d2_focalstar/run/slurm.py, d2_focalstar/run/preemption.py, tools/submit_slurm.py,
-tools/sweep.py --slurm), without a cluster: the jobs run through submitit's local executor (a
-2-process CPU training preempted, requeued and finished; a job whose rank fails), the
-submissions go to stand-ins for sbatch and srun that check their options as sbatch does."""
+"""SLURM through submitit (d2_focalstar/run/slurm.py, d2_focalstar/run/preemption.py,
+tools/submit_slurm.py, tools/sweep.py --slurm), without a cluster: the jobs run through submitit's
+local executor (a 2-process CPU training preempted, requeued and finished; a job whose rank fails),
+the submissions go to stand-ins for sbatch and srun that check their options as sbatch does."""
 
 import argparse
 import json
@@ -197,16 +197,16 @@ def test_failure_reason_is_the_one_line_error_else_the_last_exception():
     assert failure_reason(trace) == "RuntimeError: injected fault"
 
 
-# ---- submitting: stand-ins for sbatch and srun ----------------------------------------------------
+# ---- submitting: stand-ins for sbatch and srun -------------------------------------------------
 
 FAKE_SBATCH = """\
     #!{python}
     # sbatch's checks of #SBATCH options, and its answers: an unknown option is refused with the
     # message sbatch gives; a known set is accepted with a job id
     import os, re, shutil, sys
-    KNOWN = {{"account", "array", "constraint", "cpus-per-task", "error", "exclusive", "gpus-per-node",
-             "job-name", "mem", "nodes", "ntasks-per-node", "open-mode", "output", "partition", "qos",
-             "signal", "time", "wckey"}}
+    KNOWN = {{"account", "array", "constraint", "cpus-per-task", "error", "exclusive",
+             "gpus-per-node", "job-name", "mem", "nodes", "ntasks-per-node", "open-mode", "output",
+             "partition", "qos", "signal", "time", "wckey"}}
     script = sys.argv[-1]
     shutil.copy(script, os.environ["FAKE_SBATCH_COPY"])
     for line in open(script):
@@ -316,7 +316,8 @@ def test_without_sbatch_or_submitit_it_says_so_in_one_line(tmp_path):
     proc = _tool(no_slurm, "tools/submit_slurm.py", "--", *QUICKSTART)
     assert_one_line_error(proc, "submit_slurm.py", "no sbatch or srun on this machine", "--local")
     without = (
-        "import runpy, sys; sys.modules['submitit'] = None; sys.argv = ['tools/submit_slurm.py', '--', "
+        "import runpy, sys; sys.modules['submitit'] = None; "
+        "sys.argv = ['tools/submit_slurm.py', '--', "
         "'--config-file', 'configs/quickstart_flstar.yaml']; "
         "runpy.run_path('tools/submit_slurm.py', run_name='__main__')"
     )

@@ -122,7 +122,8 @@ def _fake_run(
     if lr is not None:  # the solver settings as detectron2's config.yaml of the run has them
         with open(os.path.join(folder, "config.yaml"), "w") as f:
             f.write(
-                f"MODEL:\n  DEVICE: cpu\nSOLVER:\n  BASE_LR: {lr}\n  IMS_PER_BATCH: 8\n  MAX_ITER: 600\n"
+                f"MODEL:\n  DEVICE: cpu\nSOLVER:\n  BASE_LR: {lr}\n  IMS_PER_BATCH: 8\n"
+                "  MAX_ITER: 600\n"
             )
     results = {
         "bbox": {
@@ -685,7 +686,8 @@ def test_a_failed_run_shows_its_reason_and_log(tmp_path):
             "'nope_train' is not registered"
         ) in proc.stdout, proc.output[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"sweep.py: 2 run(s) failed: ce_s0 (log {logs[0]}), fl_g2_s0 (log {logs[1]}) (rerun to retry them)"
+        f"sweep.py: 2 run(s) failed: ce_s0 (log {logs[0]}), fl_g2_s0 (log {logs[1]}) "
+        "(rerun to retry them)"
     )
 
 

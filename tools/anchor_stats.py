@@ -2,10 +2,11 @@
 """How rare foreground anchors are, and the imbalance as a sigmoid loss counts it: per image, the
 anchors a config's RetinaNet places, how many its matcher labels foreground, ignored and
 background, and the binary negatives per positive that FL and CE sum over (each anchor is K binary
-problems: (background x K + foreground x (K - 1)) / foreground), on the first --images images of DATASETS.TRAIN
-(at the test-time size), or --coco-like: synthetic boxes with COCO's statistics (7.3 objects per
-640x480 image, 41% small / 34% medium / 24% large by area, as reported for COCO 2017 train) at
-the 1x configs' 800-pixel scale: an estimate of COCO's imbalance, not a measurement on COCO.
+problems: (background x K + foreground x (K - 1)) / foreground), on the first --images images of
+DATASETS.TRAIN (at the test-time size), or --coco-like: synthetic boxes with COCO's statistics
+(7.3 objects per 640x480 image, 41% small / 34% medium / 24% large by area, as reported for COCO
+2017 train) at the 1x configs' 800-pixel scale: an estimate of COCO's imbalance, not a measurement
+on COCO.
 
     python tools/anchor_stats.py --config-file configs/proxy_flstar.yaml
     python tools/anchor_stats.py --config-file configs/retinanet_R50_fl_1x.yaml --coco-like
@@ -140,13 +141,15 @@ def main(argv=None):
         binary_negatives_per_positive=(background * k + fg * (k - 1)) / max(fg, 1e-9),
     )
     print(
-        "| source | images | objects / image | anchors / image | foreground / image | foreground fraction "
+        "| source | images | objects / image | anchors / image | foreground / image | "
+        "foreground fraction "
         "| background per foreground | classes K | binary negatives per positive |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
         f"| {record['source']} | {len(images)} | {objects:.2f} | {anchors:.0f} | {fg:.1f} | "
-        f"{100 * record['foreground_fraction']:.3f}% | {record['background_per_foreground']:.0f} | {k} | "
+        f"{100 * record['foreground_fraction']:.3f}% | "
+        f"{record['background_per_foreground']:.0f} | {k} | "
         f"{record['binary_negatives_per_positive']:,.0f} |"
     )
     print(json.dumps(record))

@@ -291,7 +291,8 @@ def bench_losses(args, sizes, device, timer, copy_gbs):
                     agrees_with_reference=agrees,
                 )
             )
-        del logits
+        # drop the tensor (its cell too, which step() reads) before the next dtype's is made
+        logits = None
     for r in rows:  # how many times faster than torch.compile, by GPU time (else wall time)
         ref = next(
             (
@@ -380,7 +381,8 @@ def detectron2_model(
 
 
 def torchvision_model(device, sizes):
-    """torchvision RetinaNet R50-FPN with detectron2's trainable set: frozen BN, stem and res2 frozen."""
+    """torchvision RetinaNet R50-FPN with detectron2's trainable set: frozen BN, stem and res2
+    frozen."""
     from detectron2.layers import FrozenBatchNorm2d
     from torchvision.models.detection import retinanet_resnet50_fpn
 
@@ -521,7 +523,8 @@ def bench_detectors(args, sizes, device, timer):
                 coco_1x_hours=COCO_1X_IMAGES / train_ips / 3600,
             )
         )
-        del model, opt
+        # free the model (the cells that train_step() and infer() read too) before the next one
+        model = opt = None
         torch.backends.cudnn.benchmark = cudnn_benchmark
         if cuda:
             torch.cuda.empty_cache()
@@ -546,12 +549,14 @@ def gib(b):
 def print_tables(report):
     meta = report["meta"]
     print(
-        f"\n{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}"
+        f"\n{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | "
+        f"{meta['date']}"
     )
     print(f"copy bandwidth: {meta['copy_gbs']:.0f} GB/s | logits {meta['logits_shape']}\n")
     if report.get("loss"):
         print(
-            "| variant | dtype | GPU ms | wall ms | vs torch.compile | effective GB/s | % of copy | "
+            "| variant | dtype | GPU ms | wall ms | vs torch.compile | effective GB/s | "
+            "% of copy | "
             "extra peak GiB | x grad size | agrees |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -592,7 +597,8 @@ def print_tables(report):
             print(
                 f"| {r['system']} | {r['train_img_s']:.1f} | {r['train_s_per_iter']:.3f} | "
                 f"{fmt(gib(r['train_peak_bytes']), '.1f')} | {r['train_vs_stock']:.3f}x | "
-                f"{fmt(r.get('peak_vs_stock'), '.3f')} | {r['infer_img_s']:.1f} | {r['coco_1x_hours']:.1f} |"
+                f"{fmt(r.get('peak_vs_stock'), '.3f')} | {r['infer_img_s']:.1f} | "
+                f"{r['coco_1x_hours']:.1f} |"
             )
         print()
 
@@ -615,7 +621,8 @@ def main(argv=None):
                 )
             )
         device = torch.device("cuda")
-        sizes = FULL  # cudnn.benchmark stays off (detectron2's CUDNN_BENCHMARK default) but in its own row
+        # cudnn.benchmark stays off (detectron2's CUDNN_BENCHMARK default) but in its own row
+        sizes = FULL
     timer = Timer(device, sizes["warmup"])
     try:
         import triton

@@ -8,7 +8,8 @@ faster-coco-eval (d2_focalstar/evaluation/coco.py). Prints Markdown tables and w
 
     python tools/benchmark_eval.py --out output/benchmark_eval.json
     python tools/benchmark_eval.py --sections cocoeval --out output/benchmark_cocoeval.json
-    python tools/benchmark_eval.py --images 200 --resamples 20 --out output/bench_eval_small.json   # quick
+    python tools/benchmark_eval.py --images 200 --resamples 20 \\
+        --out output/bench_eval_small.json   # quick
 """
 
 import argparse
@@ -125,25 +126,30 @@ def main(argv=None):
     if "bootstrap" in args.sections:
         row = report["bootstrap"] = bench_bootstrap(args)
         print(
-            "| what | images | boxes | detections | resamples | matching (2 runs) s | one at a time s | "
+            "| what | images | boxes | detections | resamples | matching (2 runs) s | "
+            "one at a time s | "
             "batched s | speed-up | same intervals |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         print(
-            f"| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | {row['images']} | {row['boxes']} | "
+            f"| paired bootstrap of AP, AP50, APs, LAMR (a pair of runs) | {row['images']} | "
+            f"{row['boxes']} | "
             f"{row['detections']} | {row['resamples']} | {row['matching_s_two_runs']:.1f} | "
-            f"{row['reference_bootstrap_s']:.1f} | {row['bootstrap_s']:.1f} | {row['speedup']:.1f}x | "
+            f"{row['reference_bootstrap_s']:.1f} | {row['bootstrap_s']:.1f} | "
+            f"{row['speedup']:.1f}x | "
             f"{'yes' if row['same_numbers'] else 'NO'} |\n"
         )
     if "cocoeval" in args.sections:
         row = report["cocoeval"] = bench_cocoeval(args)
         print(
-            "| what | images | boxes | detections | pycocotools s | faster-coco-eval s | speed-up | "
+            "| what | images | boxes | detections | pycocotools s | faster-coco-eval s | "
+            "speed-up | "
             "max diff of the 12 numbers |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         print(
-            f"| COCO evaluation of one run (COCOEvaluator's 12 numbers) | {row['images']} | {row['boxes']} | "
+            f"| COCO evaluation of one run (COCOEvaluator's 12 numbers) | {row['images']} | "
+            f"{row['boxes']} | "
             f"{row['detections']} | {row['pycocotools_s']:.1f} | {row['faster_coco_eval_s']:.1f} | "
             f"{row['speedup']:.1f}x | {row['max_abs_diff']:.1e} |"
         )

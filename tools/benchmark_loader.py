@@ -2,15 +2,18 @@
 """The input pipeline of a COCO run, measured: the 1x config's train loader (detectron2's
 build_detection_train_loader with this project's CheckedDatasetMapper, as train_net.py builds it:
 JPEG decoding, ResizeShortestEdge to 640-800, flips, box transforms, batching by aspect ratio)
-over COCO-like JPEG files made here (640x480, quality 90, boxes from d2_focalstar/data/synthetic_coco.py;
-nothing is downloaded), at 1, 2, ... loader workers: images/s of the loader of one training
-process, and per worker. From these and the train step measured on a GPU (docs/BENCHMARKS.md), it
-projects how many workers a GPU needs not to wait for data and the hours of a COCO 1x run on 1
-and 8 GPUs (steps + data + evaluation), each figure labelled measured or projected.
+over COCO-like JPEG files made here (640x480, quality 90, boxes from
+d2_focalstar/data/synthetic_coco.py; nothing is downloaded), at 1, 2, ... loader workers: images/s
+of the loader of one training process, and per worker. From these and the train step measured on
+a GPU (docs/BENCHMARKS.md), it projects how many workers a GPU needs not to wait for data and the
+hours of a COCO 1x run on 1 and 8 GPUs (steps + data + evaluation), each figure labelled measured
+or projected.
 
     python tools/benchmark_loader.py --workers 1 2 4 8 --out output/benchmark_loader.json
-    python tools/benchmark_loader.py --workers 4 8 12 --step --out output/loader_step.json  # GPU: + the train step on the loader's output
-    python tools/benchmark_loader.py --images 8 --workers 0 1 --batches 2 --out output/bench_loader_small.json   # quick
+    # GPU: + the train step on the loader's output
+    python tools/benchmark_loader.py --workers 4 8 12 --step --out output/loader_step.json
+    python tools/benchmark_loader.py --images 8 --workers 0 1 --batches 2 \\
+        --out output/bench_loader_small.json   # quick
 
 --step also trains the config's model (random weights, AMP with CUDA) for --step-iters steps fed
 by the loader (--step-workers workers): img/s with real data, and the share of each step spent
@@ -79,7 +82,8 @@ def make_coco_like(folder, num_images, size=(640, 480), quality=90, seed=0):
         for x, y, bw, bh in boxes.get(img["id"], []):
             x0, y0, x1, y1 = int(x), int(y), int(x + bw), int(y + bh)
             pixels[y0:y1, x0:x1] = 0.5 * pixels[y0:y1, x0:x1] + 0.5 * rng.uniform(0, 255, size=3)
-        # fine texture and sensor noise: what makes a photo's JPEG large (COCO's: ~160 KB on average)
+        # fine texture and sensor noise: what makes a photo's JPEG large (COCO's: ~160 KB on
+        # average)
         texture = rng.uniform(-60, 60, size=(h // 2, w // 2, 3)).astype(np.float32)
         pixels += cv2.resize(texture, (w, h), interpolation=cv2.INTER_LINEAR)
         pixels += rng.normal(0, 8, size=pixels.shape)
@@ -248,7 +252,8 @@ def project_coco_1x(
             (
                 f"waiting for data ({workers} loader workers per GPU)",
                 wait,
-                f"projected: loader {loader_img_s:.1f} img/s per process ({loader_how}) against the step",
+                f"projected: loader {loader_img_s:.1f} img/s per process ({loader_how}) "
+                "against the step",
             )
         )
     rows.append(
@@ -356,7 +361,8 @@ def main(argv=None):
         print(f"\n{meta}\n")
         rows = []
         print(
-            "| loader workers | images/s (one process) | images/s per worker | batches x images | seconds |"
+            "| loader workers | images/s (one process) | images/s per worker | batches x images "
+            "| seconds |"
         )
         print("| --- | --- | --- | --- | --- |")
         for workers in args.workers:
@@ -374,7 +380,8 @@ def main(argv=None):
             )
             rows.append(row)
             print(
-                f"| {workers} | {img_s:.1f} | {row['img_s_per_worker']:.1f} | {args.batches} x {args.batch} | "
+                f"| {workers} | {img_s:.1f} | {row['img_s_per_worker']:.1f} | "
+                f"{args.batches} x {args.batch} | "
                 f"{seconds:.1f} |",
                 flush=True,
             )
@@ -386,7 +393,8 @@ def main(argv=None):
         print(
             f"\nLoader workers per GPU for a {args.step_img_s} img/s train step: {needed} ({how}, "
             f"this machine's CPU: {meta['cpu']}); an 8-GPU node then needs "
-            f"{8 * (needed + 1) if needed else '?'} cores (a worker each, and each training process)"
+            f"{8 * (needed + 1) if needed else '?'} cores "
+            "(a worker each, and each training process)"
         )
         if args.step:
             workers = args.step_workers if args.step_workers is not None else max(args.workers)
@@ -397,7 +405,8 @@ def main(argv=None):
                 time_steps(cfg, args.step_iters, args.step_warmup), workers=workers
             )
             print(
-                f"\n| train step fed by the loader | device | AMP | workers | batch | img/s | s / iter | "
+                "\n| train step fed by the loader | device | AMP | workers | batch | img/s | "
+                "s / iter | "
                 f"waiting for data |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
                 f"| {cfg.MODEL.META_ARCHITECTURE} | {step['device']} | {step['amp']} | {workers} | "
                 f"{step['batch']} | {step['img_s']:.1f} | {step['s_per_iter']:.3f} | "

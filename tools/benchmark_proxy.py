@@ -5,12 +5,14 @@ table (seconds per iteration, speed-up over the first row, minutes for one run o
 MAX_ITER, hours for one setting x 5 seeds) and writes it as JSON.
 
     python tools/benchmark_proxy.py --out docs/benchmarks/benchmark_proxy_cpu.json
-    python tools/benchmark_proxy.py --iters 1 --rounds 2 --warmup 1 --images 32 --out output/bench_proxy_small.json   # quick
+    python tools/benchmark_proxy.py --iters 1 --rounds 2 --warmup 1 --images 32 \\
+        --out output/bench_proxy_small.json   # quick
 
 Every lever trains the same detector on the same data with the same loss; none changes what a
 comparison of losses compares. The levers are timed round robin (each a few iterations per round),
-so that a busy spell of a shared machine falls on all of them; the median round is reported. The weights are random (the cost does not depend on them); the
-trunk is initialised from one seed, so that the cache made here belongs to the trunk that reads it.
+so that a busy spell of a shared machine falls on all of them; the median round is reported. The
+weights are random (the cost does not depend on them); the trunk is initialised from one seed, so
+that the cache made here belongs to the trunk that reads it.
 The levers, each row adding to the one before unless it says otherwise:
 
 1. the round-2 proxy's set-up: the whole ResNet trains (quickstart: FREEZE_AT 0, BN), 2 threads;
@@ -244,15 +246,17 @@ def main(argv=None):
     )
     print(f"\n{meta}\n")
     print(
-        f"| lever | threads | s / iteration (batch {batch}) | speed-up | throughput speed-up (2 cores) | "
+        f"| lever | threads | s / iteration (batch {batch}) | speed-up | "
+        "throughput speed-up (2 cores) | "
         f"minutes per run ({max_iter} it) | hours for 5 seeds | cache hits / misses |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         cache_cell = "" if r["cache_hits"] is None else f"{r['cache_hits']} / {r['cache_misses']}"
         print(
-            f"| {r['lever']} | {r['threads']} | {r['seconds_per_iter']:.3f} | {r['speedup']:.2f}x | "
-            f"{r['throughput_speedup']:.2f}x | {r['minutes_per_run']:.0f} | {r['hours_for_5_seeds']:.1f} | {cache_cell} |"
+            f"| {r['lever']} | {r['threads']} | {r['seconds_per_iter']:.3f} | "
+            f"{r['speedup']:.2f}x | {r['throughput_speedup']:.2f}x | {r['minutes_per_run']:.0f} | "
+            f"{r['hours_for_5_seeds']:.1f} | {cache_cell} |"
         )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_json(args.out, {"meta": meta, "rows": rows})

@@ -95,11 +95,12 @@ def main(argv=None):
             )
             print(
                 f"{dtype} BLOCK={block} num_warps={warps} forward ITERS={iters} maxnreg={maxnreg}"
-                f"{' (default)' if rows[-1]['default'] else ''}: fwd+bwd {ms:.3f} ms, fwd {fwd_ms:.3f} ms",
+                f"{' (default)' if rows[-1]['default'] else ''}: fwd+bwd {ms:.3f} ms, "
+                f"fwd {fwd_ms:.3f} ms",
                 flush=True,
             )
             write_json(args.out, rows, indent=1)
-        del x
+        x = None  # drop the tensor (its cell too, which step() reads) before the next dtype's
         fz._LAUNCH = {**fz._LAUNCH, size: shipped}
     for dtype in sorted({r["dtype"] for r in rows}):
         best = min((r for r in rows if r["dtype"] == dtype), key=lambda r: r["ms"])

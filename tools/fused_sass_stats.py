@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """
 What the fused loss kernel costs per element in machine instructions, without a GPU: compiles
-d2_focalstar/modeling/fused.py's forward and backward kernels for a CUDA architecture with Triton's own
-ptxas (no GPU or driver needed), disassembles them with its nvdisasm and counts the SASS
-instructions of one program, divided by the elements that program handles.
+d2_focalstar/modeling/fused.py's forward and backward kernels for a CUDA architecture with
+Triton's own ptxas (no GPU or driver needed), disassembles them with its nvdisasm and counts the
+SASS instructions of one program, divided by the elements that program handles.
 
     python tools/fused_sass_stats.py                        # sm_90 (H100), every loss and dtype
     python tools/fused_sass_stats.py --loss-types FLSTAR --dtypes fp32 --out output/sass.json

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Print the key table of the loss types (from d2_focalstar/modeling/losses.py's LOSS_TYPES) as Markdown,
-or with --write, put it between the markers of docs/CONFIG.md:
+"""Print the key table of the loss types (from d2_focalstar/modeling/losses.py's LOSS_TYPES) as
+Markdown, or with --write, put it between the markers of docs/CONFIG.md:
 
     python tools/loss_table.py
     python tools/loss_table.py --write docs/CONFIG.md
@@ -38,7 +38,8 @@ def main(argv=None):
                 text = f.read().decode("utf-8")
         except FileNotFoundError:
             parser.error(
-                f"--write {args.write}: no such file; it must exist and hold the markers {BEGIN.strip()} "
+                f"--write {args.write}: no such file; it must exist and hold the markers "
+                f"{BEGIN.strip()} "
                 f"... {END}"
             )
         except UnicodeDecodeError:

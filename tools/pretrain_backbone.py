@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pretrain a detection config's ResNet on fractals (no real image, no download), for MODEL.WEIGHTS.
 
-    python tools/pretrain_backbone.py --config-file configs/proxy_flstar.yaml --out output/pretrain_fractal_r18
+    python tools/pretrain_backbone.py --config-file configs/proxy_flstar.yaml \\
+        --out output/pretrain_fractal_r18
 
 writes <out>/backbone.pth (detectron2 names: backbone.bottom_up.*, BN statistics included, loaded
 by the project's safe checkpointer) and <out>/pretrain.json (settings, time, held-out mAP).
@@ -9,7 +10,8 @@ Progress and ETA are logged every 20 iterations; a run that is killed resumes fr
 state (every --checkpoint-every iterations) when the same command runs again; a finished one
 with the same settings is reused at once. ResNet-50 works too: a config with RESNETS.DEPTH 50.
 
-    python tools/pretrain_backbone.py --from-detector output/pretrain_shapes_detector/model_final.pth \
+    python tools/pretrain_backbone.py \\
+        --from-detector output/pretrain_shapes_detector/model_final.pth \\
         --out output/pretrain_shapes_r18
 
 takes the ResNet of a trained detector instead (pretraining by detection on other synthetic data).

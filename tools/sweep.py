@@ -1,20 +1,21 @@
 #!/usr/bin/env python
-"""Run a list of trainings, loss type x parameters x seed, each in its own folder: one after another,
-or --jobs at a time sharing the GPUs. Finished runs (results.json present) are skipped;
+"""Run a list of trainings, loss type x parameters x seed, each in its own folder: one after
+another, or --jobs at a time sharing the GPUs. Finished runs (results.json present) are skipped;
 interrupted ones resume from their checkpoint.
 
     python tools/sweep.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8 \\
         --loss-types CE FL FLSTAR --gammas 0.125 0.25 0.5 --seeds 0 1 --out output/sweep
     python tools/sweep.py --config-file configs/study_shapes_gpu.yaml --jobs 12 \\
         --loss-types CE FL FLSTAR FLSTAR_APPENDIX --seeds 0 1 --out output/study_gpu
-    python tools/sweep.py --config-file configs/quickstart_flstar.yaml --loss-types CE FL \
+    python tools/sweep.py --config-file configs/quickstart_flstar.yaml --loss-types CE FL \\
         --param FL.gamma=0.5,1,2,5 --alphas 0.25 0.75 --seeds 0 1 2 --out output/table1
     python tools/compare.py output/sweep/*
 
 The loss types, their parameters and the values a sweep tries by default come from the loss
-table (d2_focalstar/modeling/losses.py): FL* tries the proposal's gammas, FL g = 2; --param TYPE.NAME=V,V
-sets the values of any parameter (--gammas and --fl-gamma are short for FLSTAR.gamma and
-FL.gamma). Any detector's config works (RetinaNet, FCOS): the keys are the config's own.
+table (d2_focalstar/modeling/losses.py): FL* tries the proposal's gammas, FL g = 2;
+--param TYPE.NAME=V,V sets the values of any parameter (--gammas and --fl-gamma are short for
+FLSTAR.gamma and FL.gamma). Any detector's config works (RetinaNet, FCOS): the keys are the
+config's own.
 
 With --jobs N, N runs go at once: run slot j gets --num-gpus GPUs starting at GPU j * num_gpus,
 wrapping around (small models share a GPU well), each run's output goes to <folder>/sweep.log,
@@ -86,7 +87,8 @@ def _tail(path, size=8192):
 
 
 def last_progress(log_path, tail=8192):
-    """'iter N, eta H:MM:SS' from the last progress line detectron2 wrote to a run's log, or None."""
+    """'iter N, eta H:MM:SS' from the last progress line detectron2 wrote to a run's log, or
+    None."""
     found = re.findall(r"eta: (\S+)\s+iter: (\d+)", _tail(log_path, tail) or "")
     return f"iter {found[-1][1]}, eta {found[-1][0]}" if found else None
 
@@ -259,7 +261,8 @@ def main(argv=None):
             sys.exit(error_line("sweep.py", e))
         for i, run, folder, state in [t for t in todo if os.path.abspath(t[2]) in live]:
             print(
-                f"[sweep {i}/{total}] {run.name}: job {live[os.path.abspath(folder)]} is still queued or "
+                f"[sweep {i}/{total}] {run.name}: job {live[os.path.abspath(folder)]} "
+                "is still queued or "
                 "running: not submitted again",
                 flush=True,
             )
@@ -292,7 +295,8 @@ def main(argv=None):
             sys.exit(error_line("sweep.py", e))
         for (i, run, folder, state), (job, _) in zip(todo, submitted):
             print(
-                f"[sweep {i}/{total}] {run.name}: submitted, job {job.job_id} (log {job.paths.stdout})",
+                f"[sweep {i}/{total}] {run.name}: submitted, job {job.job_id} "
+                f"(log {job.paths.stdout})",
                 flush=True,
             )
         if args.local:  # the jobs run under this command, and stop with it
@@ -328,7 +332,8 @@ def main(argv=None):
     # SIGTERM (kill, a job scheduler) stops the sweep like Ctrl-C: its runs are stopped with it
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        # a second sweep of the same runs at once is refused (they would train twice into one folder)
+        # a second sweep of the same runs at once is refused (they would train twice into one
+        # folder)
         with run_folder_lock(args.out, "--out") if todo else contextlib.nullcontext():
             failed = run_all(args, todo, total, env, gpus, extra, node)
     except RunFolderBusy as e:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""RetinaNet's Table 1 (Lin et al. 2017) beside a proxy study's runs, and whether the proxy counts as
-calibrated: CE at alpha 0.75 above CE at 0.25, FL's gamma profile peaking at 1-2, and FL g=2 above
-the best CE with a 95% paired-bootstrap interval over the test images that excludes 0.
+"""RetinaNet's Table 1 (Lin et al. 2017) beside a proxy study's runs, and whether the proxy counts
+as calibrated: CE at alpha 0.75 above CE at 0.25, FL's gamma profile peaking at 1-2, and FL g=2
+above the best CE with a 95% paired-bootstrap interval over the test images that excludes 0.
 
     python tools/table1.py docs/results/proxy_shapes/*/ --out docs/results/proxy_shapes_table1
 
@@ -36,7 +36,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not os.path.basename(args.out) or os.path.isdir(args.out):
         parser.error(
-            f"--out {args.out!r} is not a path prefix: give the file's name too, e.g. --out output/table1"
+            f"--out {args.out!r} is not a path prefix: give the file's name too, "
+            "e.g. --out output/table1"
         )
     if args.resamples < 1:
         parser.error(f"--resamples {args.resamples}: must be 1 or more")
@@ -70,7 +71,8 @@ def main(argv=None):
     )
     calibrated = all(v == "met" for _, v, _ in checks)
     text += (
-        f"\n\nCalibrated: **{'yes' if calibrated else 'no'}** (paired bootstrap over the test images, "
+        f"\n\nCalibrated: **{'yes' if calibrated else 'no'}** "
+        "(paired bootstrap over the test images, "
         f"{args.resamples} resamples, seed {args.bootstrap_seed}; seed-to-seed spread: the ± sd).\n"
     )
     print(text)

@@ -3,10 +3,10 @@ A training DatasetMapper that survives bad images and boxes, the way detectron2 
 
 | fault | what happens |
 | --- | --- |
-| image missing, unreadable, truncated, size unlike the JSON's | skipped (the loader takes another) |
+| image missing, unreadable, truncated, sized unlike the JSON | skipped (the loader takes another) |
 | 16-bit image | skipped: detectron2's reader would clip it to white; convert it to 8 bits |
 | grayscale or RGBA image | read as RGB (gray replicated, alpha dropped) |
-| box of zero or negative size | removed (detectron2 would flip a negative-size box into a valid one) |
+| box of zero or negative size | removed (detectron2 would flip a negative one into a valid one) |
 | box outside the image | clipped to the image (detectron2's transform_instance_annotations) |
 | image without annotations | removed before training (DATALOADER.FILTER_EMPTY_ANNOTATIONS) |
 

@@ -5,11 +5,11 @@ settings, so that the images' own difficulty cancels).
 
 The per-image work is done once per run: pycocotools' ``COCOeval.evaluate()`` matches each
 image's detections to its ground truth (every category, IoU threshold and area range), and the
-safety metrics' matcher (``d2_focalstar.evaluation.safety.match_detections``) does the same for LAMR. A
-resample is then only an accumulation: each image's detections and ground truth weighted by how
-many times the resample drew it. :meth:`RunEvaluation.metrics` with every weight 1 is COCOeval's
-``accumulate()`` + ``summarize()`` (a test holds it to 1e-6); with weights it is that on the
-resampled image set.
+safety metrics' matcher (``d2_focalstar.evaluation.safety.match_detections``) does the same for
+LAMR. A resample is then only an accumulation: each image's detections and ground truth weighted
+by how many times the resample drew it. :meth:`RunEvaluation.metrics` with every weight 1 is
+COCOeval's ``accumulate()`` + ``summarize()`` (a test holds it to 1e-6); with weights it is that on
+the resampled image set.
 
 With several seeds per setting, each resample scores every seed's run on the same image set and
 averages them: the interval is over images for seed-averaged metrics (seed-to-seed spread is the
@@ -135,7 +135,8 @@ class RunEvaluation:
         self.rec_thrs = np.asarray(p.recThrs)
         self.iou50 = int(np.argmin(np.abs(np.asarray(p.iouThrs) - 0.5)))
         num_images, num_areas = len(p.imgIds), len(p.areaRng)
-        self._groups = {}  # (area, category index) -> (image index per det, tp (T, n), fp (T, n), npig (I,))
+        # (area, category index) -> (image index per det, tp (T, n), fp (T, n), npig (I,))
+        self._groups = {}
         for a in self._AREAS:
             for k in range(len(p.catIds)):
                 evals = [

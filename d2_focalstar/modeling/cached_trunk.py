@@ -108,7 +108,8 @@ class TrunkFeatureCache:
         where = os.path.join(self.folder, META)
         if self.meta.get("fingerprint") != fingerprint:
             raise FeatureCacheError(
-                f"{where}: made by another trunk (weights {self.meta.get('weights')!r}, fingerprint "
+                f"{where}: made by another trunk (weights {self.meta.get('weights')!r}, "
+                "fingerprint "
                 f"{str(self.meta.get('fingerprint'))[:12]}), not this model's (fingerprint "
                 f"{fingerprint[:12]}): make the cache again with tools/cache_features.py"
             )
@@ -175,9 +176,9 @@ def build_cached_trunk_retinanet_fpn_backbone(cfg, input_shape):
         trainable = [n for n, p in trunk.named_parameters() if p.requires_grad]
         if trainable or cfg.MODEL.RESNETS.NORM != "FrozenBN":
             raise FeatureCacheError(
-                f"MODEL.FOCALSTAR.FEATURE_CACHE={folder!r} needs a trunk that training cannot change: "
-                f"MODEL.BACKBONE.FREEZE_AT 5 (is {cfg.MODEL.BACKBONE.FREEZE_AT}) and MODEL.RESNETS.NORM "
-                f"FrozenBN (is {cfg.MODEL.RESNETS.NORM!r})"
+                f"MODEL.FOCALSTAR.FEATURE_CACHE={folder!r} needs a trunk that training cannot "
+                f"change: MODEL.BACKBONE.FREEZE_AT 5 (is {cfg.MODEL.BACKBONE.FREEZE_AT}) and "
+                f"MODEL.RESNETS.NORM FrozenBN (is {cfg.MODEL.RESNETS.NORM!r})"
             )
         trunk.forward = _CachedForward(trunk, folder, input_settings(cfg))
     return backbone

@@ -3,9 +3,10 @@ The classification loss of a dense detector, independent of the detector.
 
 A :class:`ClassificationLoss` takes logits (R, K) and integer labels (R,) (0..K-1 a class, K
 background, -1 ignored) and returns the loss summed over anchors and classes, for any type of the
-loss table (d2_focalstar/modeling/losses.py). It chooses the fused Triton kernel (d2_focalstar/modeling/fused.py)
-where it can run and has a branch for the type, after checking it once per device, dtype and
-setting against the float64 reference; elsewhere the reference functions. RetinaNetFLStar and
+loss table (d2_focalstar/modeling/losses.py). It chooses the fused Triton kernel
+(d2_focalstar/modeling/fused.py) where it can run and has a branch for the type, after checking it
+once per device, dtype and setting against the float64 reference; elsewhere the reference
+functions. RetinaNetFLStar and
 FCOSFLStar call it from their ``losses()``; each builds it from its own config node.
 """
 
@@ -32,7 +33,8 @@ def _fused_kernel_runs_on(logits):
 
 
 class ClassificationLoss:
-    """The summed sigmoid classification loss of one setting (type, alpha, the type's parameters)."""
+    """The summed sigmoid classification loss of one setting (type, alpha, the type's
+    parameters)."""
 
     def __init__(
         self,
@@ -46,8 +48,9 @@ class ClassificationLoss:
         """
         Args:
             num_classes: K, the number of foreground classes.
-            loss_type, alpha, params: as :func:`d2_focalstar.modeling.losses.sigmoid_classification_loss`
-                takes them (``params`` a dict of the type's parameters; defaults from the table).
+            loss_type, alpha, params: as
+                :func:`d2_focalstar.modeling.losses.sigmoid_classification_loss` takes them
+                (``params`` a dict of the type's parameters; defaults from the table).
             fused_kernel: use the fused kernel where it runs (CUDA; Triton's interpreter in the
                 tests) and the type has a branch in it.
             compile_on_cpu: compute CPU logits' loss with the reference functions compiled by
@@ -80,7 +83,10 @@ class ClassificationLoss:
 
     def __repr__(self):
         params = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
-        return f"ClassificationLoss({self.entry.name}, alpha={self.alpha:g}{', ' + params if params else ''})"
+        return (
+            f"ClassificationLoss({self.entry.name}, alpha={self.alpha:g}"
+            f"{', ' + params if params else ''})"
+        )
 
     def uses_kernel(self, logits):
         """Whether the fused kernel computes the loss of these logits (after its self-check)."""

@@ -93,7 +93,8 @@ class FCOSFLStar(FCOS):
     def losses(
         self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
     ):
-        """Same inputs and outputs as :meth:`FCOS.losses`; the classification term by ``cls_loss``."""
+        """Same inputs and outputs as :meth:`FCOS.losses`; the classification term by
+        ``cls_loss``."""
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R); background = num_classes, no ignored anchors
 

@@ -2,9 +2,10 @@
 A fused Triton kernel for the classification loss of RetinaNetFLStar (FL*, FL, CE and the
 appendix FL*), forward and backward, taking the integer anchor labels directly.
 
-Compared with the reference path (:func:`d2_focalstar.modeling.losses.sigmoid_classification_loss` on a
-one-hot target), it builds no one-hot tensor and no boolean-masked copy of the logits: ignored
-anchors (label -1) are masked inside the kernel. The forward reads the logits once and writes one
+Compared with the reference path
+(:func:`d2_focalstar.modeling.losses.sigmoid_classification_loss` on a one-hot target), it builds
+no one-hot tensor and no boolean-masked copy of the logits: ignored anchors (label -1) are masked
+inside the kernel. The forward reads the logits once and writes one
 partial sum per block (summed in fp32 afterwards, in a fixed order: deterministic); the backward
 reads them again and writes the gradient, so the whole costs three passes over the logits. The
 work is cut into blocks of consecutive elements of the flattened logits (not tiles of rows), so
@@ -176,7 +177,8 @@ def _forward_kernel(
                 loss = loss * tl.exp2(tl.minimum(-gamma * y_t, log2_max_factor))
             elif LOSS == _FL:  # FL: factor (1 - p_t)^gamma
                 loss = loss * tl.exp2(-gamma * nl2_qt)
-        # 0 for an ignored anchor (its logits were not loaded: the loss is finite, whatever they hold)
+        # 0 for an ignored anchor (its logits were not loaded: the loss is finite, whatever they
+        # hold)
         acc += loss * tl.where(positive, tl.where(valid, w_pos, 0.0), tl.where(valid, w_neg, 0.0))
     tl.store(partial_ptr + tl.program_id(0), tl.sum(acc))
 
@@ -201,7 +203,8 @@ def _backward_kernel(
     NEG_WEIGHT_IS_ZERO: tl.constexpr,
     POS_WEIGHT_IS_ZERO: tl.constexpr,
 ):
-    # w_pos and w_neg are alpha_t; with d x_t / d x = +1 or -1 and the incoming gradient: two scalars
+    # w_pos and w_neg are alpha_t; with d x_t / d x = +1 or -1 and the incoming gradient: two
+    # scalars
     g_out = tl.load(grad_out_ptr).to(tl.float32)
     w_pos = w_pos * g_out
     w_neg = -(w_neg * g_out)
@@ -340,8 +343,9 @@ def fused_classification_loss(logits, labels, loss_type="FLSTAR", alpha=0.25, **
         logits: (R, K) logits, fp32/fp16/bf16, on CUDA (or any device under TRITON_INTERPRET=1).
         labels: (R,) integer labels: 0..K-1 a class, K background (all columns negative),
             -1 ignored (no loss, zero gradient).
-        loss_type, alpha, params: as in :func:`d2_focalstar.modeling.losses.sigmoid_classification_loss`;
-            a type whose table entry has a kernel code (ValueError otherwise).
+        loss_type, alpha, params: as in
+            :func:`d2_focalstar.modeling.losses.sigmoid_classification_loss`; a type whose table
+            entry has a kernel code (ValueError otherwise).
 
     Returns:
         fp32 scalar, equal to ``sigmoid_classification_loss(logits[valid], one_hot(labels[valid])

@@ -19,7 +19,8 @@ class RetinaNetFLStar(RetinaNet):
     RetinaNet's.
     """
 
-    #: where this detector's alpha, FL gamma and class count live ('{node}' in the loss table's keys)
+    #: where this detector's alpha, FL gamma and class count live ('{node}' in the loss table's
+    #: keys)
     loss_config_node = "MODEL.RETINANET"
 
     @configurable

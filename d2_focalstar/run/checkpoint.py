@@ -60,8 +60,10 @@ def _write_failure(path, e, last):
     cause = cause or e
     code = errno.errorcode.get(cause.errno, cause.errno) if cause.errno else "no errno"
     return (
-        f"cannot write checkpoint {path}: {cause.strerror or cause} ({code}); nothing complete was lost: "
-        f"the last complete checkpoint is {last or 'none yet'}. Free disk space (or raise the file-size "
+        f"cannot write checkpoint {path}: {cause.strerror or cause} ({code}); "
+        "nothing complete was lost: "
+        f"the last complete checkpoint is {last or 'none yet'}. "
+        "Free disk space (or raise the file-size "
         "limit, ulimit -f) and continue with --resume"
     )
 
@@ -175,7 +177,8 @@ class SafeCheckpointer(DetectionCheckpointer):
         bad = _non_finite(self.model.state_dict())
         if bad:
             raise NonFiniteCheckpointError(
-                f"{self.loaded_path or 'the model'} holds weights that are not finite: {len(bad)} of "
+                f"{self.loaded_path or 'the model'} holds weights that are not finite: "
+                f"{len(bad)} of "
                 f"the model's weight tensors have NaN/inf values (first: {bad[0]}), so it would "
                 f"detect nothing. Use a checkpoint from before the training diverged (this "
                 f"project's training never saves such weights)."
@@ -192,7 +195,8 @@ class SafeCheckpointer(DetectionCheckpointer):
         if self.missing_keys:
             total = len(self.model.state_dict())
             raise IncompleteCheckpointError(
-                f"{self.loaded_path} is not a trained detector for this config: {len(self.missing_keys)} "
+                f"{self.loaded_path} is not a trained detector for this config: "
+                f"{len(self.missing_keys)} "
                 f"of the model's {total} weight tensors are missing from it or have another shape "
                 f"(e.g. {', '.join(self.missing_keys[:3])}). Evaluate a checkpoint of this model "
                 f"(a training's model_final.pth, or a model-zoo RetinaNet with the same classes)."

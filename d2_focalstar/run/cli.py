@@ -488,7 +488,8 @@ def prepare_run(args, held=None):
         allow_unsafe=getattr(args, "unsafe_config", False),
     )
     check_output_dir(cfg)
-    preemption_signal()  # a SUBMITIT_PREEMPT_SIGNAL that names no signal: one line now, not in every process
+    # a SUBMITIT_PREEMPT_SIGNAL that names no signal: one line now, not in every process
+    preemption_signal()
     draw_seed(
         cfg, args.num_machines
     )  # SEED -1: one seed for all processes, recorded in the run's files

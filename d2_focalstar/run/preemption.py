@@ -79,7 +79,8 @@ class CheckpointOnSignal(HookBase):
         what = (
             "the job is being stopped; it is requeued and resumes from it"
             if os.environ.get("SLURM_JOB_ID")
-            else "not a SLURM job: nothing stops it, the training goes on; --resume would continue from it"
+            else "not a SLURM job: nothing stops it, the training goes on; "
+            "--resume would continue from it"
         )
         logger.info(
             f"Checkpoint {name}.pth saved at iteration {iteration} on "

@@ -273,7 +273,8 @@ class TrainJob:
                 time.sleep(0.2)
         saved = os.path.exists(marker) and os.path.getmtime(marker) >= asked
         print(
-            f"[slurm] stopping: {'checkpoint saved' if saved else 'no new checkpoint'}; requeued, the job "
+            f"[slurm] stopping: {'checkpoint saved' if saved else 'no new checkpoint'}; "
+            "requeued, the job "
             f"resumes from {_read(marker) or 'the start'}",
             flush=True,
         )
@@ -753,7 +754,8 @@ def submit_jobs(executor, jobs, timeout_s=SBATCH_TIMEOUT_S):
         if isinstance(error, FailedSubmissionError):
             answer = re.search(r'sbatch output "(.*?)"', str(error), re.S)
             raise SlurmError(
-                f"sbatch answered {answer.group(1).strip()[:200] if answer else str(error)[:200]!r}, "
+                "sbatch answered "
+                f"{answer.group(1).strip()[:200] if answer else str(error)[:200]!r}, "
                 "which holds no job id: whether a job was queued is unknown; look with squeue "
                 "before submitting again"
             )

@@ -79,8 +79,9 @@ def _ground_truth(record):
 def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
     """
     The difference of each setting to a reference setting in AP, AP50, APs and LAMR, with a 95%
-    interval from a paired bootstrap over the test images (d2_focalstar/evaluation/bootstrap.py), computed
-    from each run's saved detections (OUTPUT_DIR/inference/coco_instances_results.json[.gz]).
+    interval from a paired bootstrap over the test images (d2_focalstar/evaluation/bootstrap.py),
+    computed from each run's saved detections
+    (OUTPUT_DIR/inference/coco_instances_results.json[.gz]).
 
     Args:
         records: load_run() records.
@@ -173,7 +174,8 @@ def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
 
 
 def intervals_to_markdown(rows):
-    """'| setting | vs | runs | ΔAP [95% interval] | ... |', differences signed, lower LAMR better."""
+    """'| setting | vs | runs | ΔAP [95% interval] | ... |', differences signed, lower LAMR
+    better."""
     head = (
         "| setting | vs | runs | "
         + " | ".join(f"Δ{m} [95% interval]" for m in BOOTSTRAP_METRICS)
