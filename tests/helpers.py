@@ -105,11 +105,8 @@ def run_here(script, *args, check=None, interpreter=False):
     it prints, logs or passes to sys.exit is captured. ``interpreter``: let the fused kernel run
     in Triton's interpreter, as a command that sets TRITON_INTERPRET=1 itself does."""
     out, err, code = io.StringIO(), io.StringIO(), 0
-    cwd, environ, argv = (
-        os.getcwd(),
-        dict(os.environ),
-        sys.argv,
-    )  # a command may set them for its process
+    # a command may set them for its process
+    cwd, environ, argv = os.getcwd(), dict(os.environ), sys.argv
     os.chdir(REPO)
     sys.argv = [script, *args]  # argparse names the program after it
     try:

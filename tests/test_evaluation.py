@@ -36,9 +36,8 @@ def test_faster_coco_eval_gives_pycocotools_twelve_numbers_on_a_synthetic_set():
     official = evaluate_coco(_coco(gt), [dict(d) for d in dets], "pycocotools")
     fast = evaluate_coco(_coco(gt), [dict(d) for d in dets], "fast")
     assert len(official) == len(fast) == 12
-    assert (
-        0.05 < official[0] < 0.95 and 0.05 < official[8] < 1
-    )  # AP and AR100: not a degenerate case
+    # AP and AR100: not a degenerate case
+    assert 0.05 < official[0] < 0.95 and 0.05 < official[8] < 1
     np.testing.assert_allclose(fast, official, rtol=0, atol=1e-6)
 
 
@@ -107,9 +106,8 @@ def test_coco_evaluator_on_the_embedded_data_gives_the_same_numbers_fast_and_off
     # the results dict detectron2 reports (AP..APl and per-class AP, in percent) agrees too
     assert fast_results["bbox"].keys() == official_results["bbox"].keys()
     for key, value in official_results["bbox"].items():
-        assert fast_results["bbox"][key] == pytest.approx(value, abs=1e-4, nan_ok=True), (
-            key
-        )  # APl: none
+        # APl: none
+        assert fast_results["bbox"][key] == pytest.approx(value, abs=1e-4, nan_ok=True), key
     # and stock detectron2's evaluator (pycocotools here, without _C) says the same
     stock = _run(COCOEvaluator("focalstar_shapes_val"), inputs, outputs)
     assert stock["bbox"]["AP"] == pytest.approx(fast_results["bbox"]["AP"], abs=1e-4)

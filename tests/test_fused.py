@@ -11,9 +11,8 @@ from detectron2.utils.events import EventStorage
 from d2_focalstar.modeling.losses import LOSS_TYPES
 from test_losses import classification_loss
 
-fused = pytest.importorskip(
-    "d2_focalstar.modeling.fused"
-)  # needs triton, which torch's wheel brings
+# needs triton, which torch's wheel brings
+fused = pytest.importorskip("d2_focalstar.modeling.fused")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 

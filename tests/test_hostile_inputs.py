@@ -495,11 +495,8 @@ def test_compare_that_fails_leaves_the_previous_outputs_and_one_that_succeeds_le
     assert_one_line_error(proc, "compare.py", "--versus 'nothing' is not one of the settings")
     assert {n: (tmp_path / "cmp" / n).read_bytes() for n in os.listdir(tmp_path / "cmp")} == before
     run_here("tools/compare.py", runs[0], "--resamples", "0", "--out", out, check=True)
-    assert sorted(os.listdir(tmp_path / "cmp")) == [
-        "c.csv",
-        "c.md",
-        "c_curves.png",
-    ]  # no stale intervals
+    # no stale intervals
+    assert sorted(os.listdir(tmp_path / "cmp")) == ["c.csv", "c.md", "c_curves.png"]
 
 
 def test_compare_out_where_nothing_can_be_written_is_one_line(tmp_path):
@@ -763,9 +760,8 @@ def test_a_checkpoint_over_the_file_size_limit_is_one_line_naming_the_last_compl
 
     out = tmp_path / "out"
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(
-        resource.RLIMIT_FSIZE, (20 * 2**20, hard)
-    )  # ulimit -f 20000: logs fit, a checkpoint not
+    # ulimit -f 20000: logs fit, a checkpoint not
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, hard))
     try:
         proc = run_here(
             "train_net.py",
@@ -787,9 +783,8 @@ def test_a_checkpoint_over_the_file_size_limit_is_one_line_naming_the_last_compl
         "the last complete checkpoint is none yet",
         "--resume",
     )
-    assert not [
-        n for n in os.listdir(out) if n.endswith(".tmp")
-    ]  # the partial file went with the failure
+    # the partial file went with the failure
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
 # ---- 12. weights, inputs and outputs -----------------------------------------------------------

@@ -283,9 +283,8 @@ def test_channels_last_layout_gives_the_same_losses(device):
         }
 
     assert layouts(nhwc) == {True} and layouts(nchw) == {False}
-    assert layouts(default) == (
-        {True} if device == "cuda" else {False}
-    )  # the key's default: on, CUDA only
+    # the key's default: on, CUDA only
+    assert layouts(default) == ({True} if device == "cuda" else {False})
     batch = synthetic_batch()
     for d in batch:
         d["image"], d["instances"] = d["image"].to(device), d["instances"].to(device)

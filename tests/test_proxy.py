@@ -48,9 +48,8 @@ def test_proxy_data_has_80_distinct_categories_drawn_alike(tiny_proxy):
     assert MetadataCatalog.get("tiny_proxy80_train").thing_classes == names
     dicts = DatasetCatalog.get("tiny_proxy80_train")
     per_image = [len(d["annotations"]) for d in dicts]
-    assert (
-        min(per_image) >= 1 and max(per_image) <= 2
-    )  # 1-2 objects a scene: COCO's imbalance per class
+    # 1-2 objects a scene: COCO's imbalance per class
+    assert min(per_image) >= 1 and max(per_image) <= 2
     counts = np.bincount([a["category_id"] for d in dicts for a in d["annotations"]], minlength=80)
     # ~450 objects over 80 categories drawn uniformly: nearly all present, none dominating
     assert (counts > 0).sum() >= 74 and counts.max() <= 20

@@ -79,9 +79,8 @@ def test_typo_in_config_file_key_names_the_file(tmp_path):
 def test_config_file_that_is_no_config_is_one_line_naming_it(tmp_path, kind, content, needle):
     bad = tmp_path / f"{kind}.yaml"
     bad.write_bytes(content)
-    (tmp_path / "other.yaml").write_text(
-        f'_BASE_: "{kind}.yaml"\n'
-    )  # the loop: bad -> other -> bad
+    # the loop: bad -> other -> bad
+    (tmp_path / "other.yaml").write_text(f'_BASE_: "{kind}.yaml"\n')
     if kind in ("binary", "loop"):  # as a command: one line, not ~3,000 of RecursionError
         assert_one_line_error(run_here("train_net.py", "--config-file", str(bad)), str(bad), needle)
     else:  # what train_net.py's one line is made of, without a process per case

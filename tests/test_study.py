@@ -278,9 +278,8 @@ def test_training_curves_use_the_last_record_of_each_iteration(tmp_path, monkeyp
     from d2_focalstar.study.curves import plot_training_curves
 
     lines = [{"iteration": i, "total_loss": 10.0 - i / 10} for i in range(0, 30, 5)]  # first run
-    lines += [
-        {"iteration": i, "total_loss": 1.0 - i / 100} for i in range(20, 40, 5)
-    ]  # resumed at 20
+    # resumed at 20
+    lines += [{"iteration": i, "total_loss": 1.0 - i / 100} for i in range(20, 40, 5)]
     (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in lines))
     rows = read_metrics(str(tmp_path))
     assert [r["iteration"] for r in rows] == [0, 5, 10, 15, 20, 25, 30, 35]
@@ -309,9 +308,8 @@ def test_compare_needs_a_file_name_in_its_prefix(tmp_path, out):
 
 def test_run_state(tmp_path):
     assert run_state(str(tmp_path / "absent")) == "new"
-    (tmp_path / "model_0000004.pth").write_bytes(
-        b""
-    )  # killed before its last_checkpoint was written
+    # killed before its last_checkpoint was written
+    (tmp_path / "model_0000004.pth").write_bytes(b"")
     assert run_state(str(tmp_path)) == "interrupted"
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
     assert run_state(str(tmp_path)) == "interrupted"
@@ -523,11 +521,12 @@ def test_runs_that_differ_in_weights_are_not_seeds_of_one_setting(runs):
     _fake_run(runs / "finetune_s0", "FLSTAR", 0.25, 0, 60.0, weights="output/coco/model_final.pth")
     names = ("flstar_s0", "scratch_s2", "scratch_s3", "imagenet_s0", "imagenet_s1", "finetune_s0")
     records = [load_run(str(runs / n)) for n in names]
-    assert setting_names(records) == ["FLSTAR g=0.25"] * 3 + [
-        "FLSTAR g=0.25 weights=R-50.pkl"
-    ] * 2 + [
-        "FLSTAR g=0.25 weights=model_final.pth"
-    ]  # flstar_s0 does not say: no setting of its own
+    # flstar_s0 does not say: no setting of its own
+    assert setting_names(records) == (
+        ["FLSTAR g=0.25"] * 3
+        + ["FLSTAR g=0.25 weights=R-50.pkl"] * 2
+        + ["FLSTAR g=0.25 weights=model_final.pth"]
+    )
     means = _means(records)
     assert means["FLSTAR g=0.25 weights=R-50.pkl"]["AP"] == 50.0
     assert means["FLSTAR g=0.25"]["seeds"] == "3"
@@ -919,9 +918,8 @@ def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
             _run_with_detections(
                 folder, loss, gamma, seed, str(tmp_path / "gt.json"), kept, alpha=alpha
             )
-            record = json.loads(
-                (folder / "results.json").read_text()
-            )  # its AP: that of its detections
+            # its AP: that of its detections
+            record = json.loads((folder / "results.json").read_text())
             record["results"]["bbox"]["AP"] = RunEvaluation(gt, kept).metrics()["AP"]
             (folder / "results.json").write_text(json.dumps(record))
     out = tmp_path / "t1"

@@ -341,9 +341,8 @@ def detector_class(config_file):
 
     cfg = get_cfg()
     add_focalstar_config(cfg)
-    cfg.merge_from_file(
-        config_file, allow_unsafe=False
-    )  # a Python tag in a config is refused, not run
+    # a Python tag in a config is refused, not run
+    cfg.merge_from_file(config_file, allow_unsafe=False)
     return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
 
 
@@ -359,9 +358,8 @@ def detectron2_model(
 
     cfg = get_cfg()
     add_focalstar_config(cfg)
-    cfg.merge_from_file(
-        config_file, allow_unsafe=False
-    )  # a Python tag in a config is refused, not run
+    # a Python tag in a config is refused, not run
+    cfg.merge_from_file(config_file, allow_unsafe=False)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = str(device)
     cfg.MODEL.FOCALSTAR.FUSED_KERNEL = fused
@@ -606,9 +604,8 @@ def print_tables(report):
 def main(argv=None):
     args = parse_args(argv)
     if args.cpu_smoke:
-        os.environ.setdefault(
-            "TRITON_INTERPRET", "1"
-        )  # read when d2_focalstar.modeling.fused is imported
+        # read when d2_focalstar.modeling.fused is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
         device = torch.device("cpu")
         sizes = SMOKE
     else:
@@ -630,9 +627,8 @@ def main(argv=None):
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    copy_gbs = copy_bandwidth(
-        device, sizes["copy_bytes"], timer
-    )  # what the GPU ms are held against
+    # what the GPU ms are held against
+    copy_gbs = copy_bandwidth(device, sizes["copy_bytes"], timer)
     report = {
         "meta": dict(
             command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),

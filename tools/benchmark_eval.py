@@ -33,9 +33,8 @@ def bench_bootstrap(args):
     (what tools/compare.py uses); the intervals must be the same."""
     gt, dets_a = synthetic_coco(args.images, seed=0)
     rng = np.random.default_rng(1)
-    dets_b = [
-        d for d in dets_a if rng.random() > 0.1
-    ]  # another "run": a tenth of its detections lost
+    # another "run": a tenth of its detections lost
+    dets_b = [d for d in dets_a if rng.random() > 0.1]
     start = time.perf_counter()
     a = RunEvaluation(gt, dets_a, ["class1", "class2"], name="a")
     b = RunEvaluation(gt, dets_b, ["class1", "class2"], name="b")

@@ -69,9 +69,8 @@ def plan(folder, to):
 
 
 def keep(dest, sources):
-    data = {
-        name: _read_regular(path) for name, path in sources.items()
-    }  # all read before any write
+    # all read before any write
+    data = {name: _read_regular(path) for name, path in sources.items()}
     for name, content in data.items():
         if name == DETECTIONS:
             if not sources[name].endswith(".json"):

@@ -255,9 +255,8 @@ class RunEvaluation:
                     pr = tpc / (seen + np.spacing(1))
                     pr = np.maximum.accumulate(pr[:, :, ::-1], axis=2)[:, :, ::-1]
                     shift = 2.0 * np.arange(num_t)[:, None]
-                    shifted_rc = (
-                        tpc / n_gt[valid][:, None, None] + shift
-                    )  # as metrics(): rows 2 apart
+                    # as metrics(): rows 2 apart
+                    shifted_rc = tpc / n_gt[valid][:, None, None] + shift
                     thrs = (self.rec_thrs[None, :] + shift).ravel()
                     rows_t = np.arange(num_t)[:, None]
                     starts = n * rows_t

@@ -6,8 +6,8 @@ background, -1 ignored) and returns the loss summed over anchors and classes, fo
 loss table (d2_focalstar/modeling/losses.py). It chooses the fused Triton kernel
 (d2_focalstar/modeling/fused.py) where it can run and has a branch for the type, after checking it
 once per device, dtype and setting against the float64 reference; elsewhere the reference
-functions. RetinaNetFLStar and
-FCOSFLStar call it from their ``losses()``; each builds it from its own config node.
+functions. RetinaNetFLStar and FCOSFLStar call it from their ``losses()``; each builds it from its
+own config node.
 """
 
 import logging

@@ -5,9 +5,9 @@ appendix FL*), forward and backward, taking the integer anchor labels directly.
 Compared with the reference path
 (:func:`d2_focalstar.modeling.losses.sigmoid_classification_loss` on a one-hot target), it builds
 no one-hot tensor and no boolean-masked copy of the logits: ignored anchors (label -1) are masked
-inside the kernel. The forward reads the logits once and writes one
-partial sum per block (summed in fp32 afterwards, in a fixed order: deterministic); the backward
-reads them again and writes the gradient, so the whole costs three passes over the logits. The
+inside the kernel. The forward reads the logits once and writes one partial sum per block (summed
+in fp32 afterwards, in a fixed order: deterministic); the backward reads them again and writes the
+gradient, so the whole costs three passes over the logits. The
 work is cut into blocks of consecutive elements of the flattened logits (not tiles of rows), so
 that loads and stores are contiguous and no lanes are lost when K is not a power of two; a block
 is read in groups of gcd(K, 16) elements, which lie in one row and share one label load. A

@@ -137,9 +137,8 @@ def load_config(
     if not os.path.isfile(config_file):
         raise ConfigError(f"--config-file {config_file}: no such file")
     _check_num_processes(num_gpus)  # before anything starts: a process each is memory each
-    _check_config_files(
-        config_file, allow_unsafe=allow_unsafe
-    )  # the whole chain, before any tag runs
+    # the whole chain, before any tag runs
+    _check_config_files(config_file, allow_unsafe=allow_unsafe)
     opts = list(opts)
     cfg = get_cfg()
     add_focalstar_config(cfg)
@@ -490,9 +489,8 @@ def prepare_run(args, held=None):
     check_output_dir(cfg)
     # a SUBMITIT_PREEMPT_SIGNAL that names no signal: one line now, not in every process
     preemption_signal()
-    draw_seed(
-        cfg, args.num_machines
-    )  # SEED -1: one seed for all processes, recorded in the run's files
+    # SEED -1: one seed for all processes, recorded in the run's files
+    draw_seed(cfg, args.num_machines)
     register_config_datasets(cfg)
     # evaluation needs only DATASETS.TEST
     check_datasets(cfg, train=not args.eval_only, num_classes=detector_classes(cfg))

@@ -235,9 +235,8 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def _to_tensor(images, pixel_mean, pixel_std):
-    x = (
-        torch.as_tensor(images).to(pixel_mean.device).permute(0, 3, 1, 2).float()
-    )  # BGR, as detectron2's input
+    # BGR, as detectron2's input
+    x = torch.as_tensor(images).to(pixel_mean.device).permute(0, 3, 1, 2).float()
     return (x - pixel_mean) / pixel_std
 
 
