@@ -174,10 +174,8 @@ def test_json_that_would_train_wrong_labels_or_crash_is_named_at_start_up(broken
         "DATASETS.TRAIN",
         f"('mine_{fault.__name__}',)",
     ]
-    if fault in (
-        _duplicated_image_id,
-        _one_category_too_many,
-    ):  # the silently wrong ones, as a command
+    # the silently wrong ones, as a command
+    if fault in (_duplicated_image_id, _one_category_too_many):
         proc = run_here("train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "1", *opts)
         assert_one_line_error(proc, "train_net.py", str(json_file), needle)
         assert "Starting training" not in proc.output  # nothing ran

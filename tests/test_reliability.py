@@ -176,9 +176,8 @@ def test_whole_number_for_a_float_key_means_that_float(monkeypatch):
     )
     assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
     assert cfg.SOLVER.MAX_ITER == 7 and isinstance(cfg.SOLVER.MAX_ITER, int)
-    with pytest.raises(
-        ConfigError, match="command line"
-    ):  # a fraction for an int key stays an error
+    # a fraction for an int key stays an error
+    with pytest.raises(ConfigError, match="command line"):
         load_config(QUICKSTART[1], ["SOLVER.MAX_ITER", "10.5"])
 
 

@@ -651,9 +651,8 @@ def main(argv=None):
             args, sizes, device, synthetic_batch(sizes, sizes["train_batch"], device)
         )
         report["detector"] = bench_detectors(args, sizes, device, timer)
-        if (
-            "d2_focalstar.modeling.fused" in sys.modules
-        ):  # a kernel that failed its self-check was not timed
+        # a kernel that failed its self-check was not timed
+        if "d2_focalstar.modeling.fused" in sys.modules:
             report["fused_self_check"] = [
                 dict(setting=[str(k) for k in key], disagreement=verdict)
                 for key, verdict in sys.modules["d2_focalstar.modeling.fused"]._verdicts.items()

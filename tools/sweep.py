@@ -228,9 +228,8 @@ def main(argv=None):
     runs = plan_sweep(args.loss_types, args.seeds, values, args.alphas)
     total = len(runs)
     gpus = visible_gpus()
-    if (
-        gpus and args.num_gpus > len(gpus) and not args.slurm
-    ):  # every run would fail in detectron2's launch
+    # every run would fail in detectron2's launch
+    if gpus and args.num_gpus > len(gpus) and not args.slurm:
         parser.error(
             f"--num-gpus {args.num_gpus}: only {len(gpus)} GPUs visible ({','.join(gpus)})"
         )

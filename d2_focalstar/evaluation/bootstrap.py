@@ -260,9 +260,8 @@ class RunEvaluation:
                     thrs = (self.rec_thrs[None, :] + shift).ravel()
                     rows_t = np.arange(num_t)[:, None]
                     starts = n * rows_t
-                    for j, b in enumerate(
-                        np.flatnonzero(valid)
-                    ):  # one search over the T shifted rows
+                    # one search over the T shifted rows
+                    for j, b in enumerate(np.flatnonzero(valid)):
                         idx = (
                             np.searchsorted(shifted_rc[j].ravel(), thrs, side="left").reshape(
                                 num_t, -1

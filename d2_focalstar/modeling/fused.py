@@ -166,9 +166,8 @@ def _forward_kernel(
             logits_ptr, labels_ptr, tl.program_id(0) * ITERS + i, N, K, G, BLOCK, INT64_OFFSETS
         )
         x_t = _zero_weight_at_0(x_t, positive, NEG_WEIGHT_IS_ZERO, POS_WEIGHT_IS_ZERO)
-        if (
-            LOSS == _APPENDIX
-        ):  # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
+        # appendix FL*: softplus(-gamma x_t) / gamma = -log(sigmoid(gamma x_t)) / gamma
+        if LOSS == _APPENDIX:
             loss = _neg_log2_sigmoid(x_t * (gamma * _LOG2E))
         else:
             y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
@@ -218,9 +217,8 @@ def _backward_kernel(
         else:
             y_t, nl2_pt, nl2_qt = _neg_log2_pt(x_t)
             d = -tl.exp2(-nl2_qt)  # d CE / d x_t = -(1 - p_t)
-            if (
-                LOSS == _FLSTAR
-            ):  # FL* = factor * CE with d factor / d x_t = -gamma factor (0 past the cap)
+            # FL* = factor * CE with d factor / d x_t = -gamma factor (0 past the cap)
+            if LOSS == _FLSTAR:
                 log2_factor = -gamma * y_t
                 capped = log2_factor > log2_max_factor
                 factor = tl.exp2(tl.minimum(log2_factor, log2_max_factor))

@@ -315,9 +315,8 @@ class SafeCheckpointer(DetectionCheckpointer):
             ) from None
         except Exception as e:  # a truncated zip, an empty file, bytes that are not a pickle
             raise _not_a_checkpoint(f, e) from None
-        if not isinstance(
-            loaded, dict
-        ):  # torch.save(torch.zeros(5), f): a tensor, no weights by name
+        # torch.save(torch.zeros(5), f): a tensor, no weights by name
+        if not isinstance(loaded, dict):
             raise _not_a_checkpoint(
                 f, TypeError(f"it holds a {type(loaded).__name__}, not a dict of weights by name")
             )

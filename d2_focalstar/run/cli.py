@@ -501,9 +501,8 @@ def prepare_run(args, held=None):
             raise ConfigError(f"DATASETS.TEST: {e}") from None
     # several processes: a bad weights file is one line, not N tracebacks
     check_weights_file(cfg, args.eval_only, args.resume, args.num_gpus * args.num_machines)
-    if (
-        held is not None and args.machine_rank == 0
-    ):  # before removing files another run may be writing
+    # before removing files another run may be writing
+    if held is not None and args.machine_rank == 0:
         held.enter_context(run_folder_lock(cfg.OUTPUT_DIR))
     remove_partial_writes(cfg.OUTPUT_DIR)  # left by a run killed while saving
     cfg.freeze()

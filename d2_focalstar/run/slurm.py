@@ -141,9 +141,8 @@ class TrainJob:
 
         env = submitit.JobEnvironment()
         rank = env.global_rank
-        if (
-            run_state(self.output_dir) == "done"
-        ):  # finished before this start (a requeue after the end)
+        # finished before this start (a requeue after the end)
+        if run_state(self.output_dir) == "done":
             print(
                 f"[slurm] {self.output_dir} is finished (results.json): nothing to train",
                 flush=True,
