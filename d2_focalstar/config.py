@@ -4,6 +4,8 @@ values (``check_focalstar_config``). Loading a config from a command line is
 ``d2_focalstar.run.cli.load_config``.
 """
 
+from typing import List, Optional
+
 from detectron2.config import CfgNode as CN
 
 from .modeling.losses import (
@@ -22,7 +24,7 @@ class ConfigError(ValueError):
     """A bad config value, command line or dataset, found at start-up; reported on one line."""
 
 
-def add_focalstar_config(cfg):
+def add_focalstar_config(cfg: CN) -> None:
     """
     Add every config key of d2-focalstar, with its default. The loss parameters' keys and
     defaults come from the table of loss types (d2_focalstar/modeling/losses.py, LOSS_TYPES);
@@ -119,7 +121,7 @@ FOLDER_DATASET_KEYS = {
 }
 
 
-def _folder_entry_problems(cfg: CN) -> list:
+def _folder_entry_problems(cfg: CN) -> List[str]:
     """What is wrong with the shape of DATASETS.YOLO's and DATASETS.VOC_STYLE's entries (their
     files are checked when they are registered)."""
     problems = []
@@ -136,7 +138,7 @@ def _folder_entry_problems(cfg: CN) -> list:
     return problems
 
 
-def check_focalstar_config(cfg, node=None):
+def check_focalstar_config(cfg: CN, node: Optional[str] = None) -> List[str]:
     """Raise ConfigError naming the key, the value and what is allowed, for a bad setting of ours.
     ``node``: the config node of the config's detector, where its alpha and FL gamma live
     (``d2_focalstar.modeling.loss_config_node(cfg)``; None: MODEL.RETINANET). Returns the

@@ -24,11 +24,15 @@ import os
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .detections import DetectionsError, check_detection_categories, read_detections
 from .safety import log_average_miss_rate, match_detections
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike  # numpy >= 1.20; only for the annotations
 
 __all__ = [
     "RunEvaluation",
@@ -54,7 +58,7 @@ class BootstrapError(ValueError):
     """Runs that cannot be compared (other datasets or image sets), or files that cannot be used."""
 
 
-def detections_file(folder, dataset=None):
+def detections_file(folder: str, dataset: Optional[str] = None) -> Optional[str]:
     """The COCO-format detections that detectron2's COCOEvaluator saved for a run: under
     <folder>/inference/ (or inference/<dataset>/ with several test datasets), as .json or .json.gz;
     None if there are none."""
@@ -66,7 +70,7 @@ def detections_file(folder, dataset=None):
     return None
 
 
-def load_detections(path):
+def load_detections(path: str) -> List[Dict[str, Any]]:
     """A COCO results list from a .json or .json.gz file; BootstrapError naming the file and its
     first bad record for one that no detector wrote (evaluation/detections.py)."""
     try:
@@ -107,7 +111,14 @@ class RunEvaluation:
     # areas of COCOeval's params.areaRng that the metrics need: 0 all, 1 small
     _AREAS = (0, 1)
 
-    def __init__(self, gt, detections, safety_classes=(), safety_iou=0.5, name=""):
+    def __init__(
+        self,
+        gt: Dict[str, Any],
+        detections: List[Dict[str, Any]],
+        safety_classes: Sequence[str] = (),
+        safety_iou: float = 0.5,
+        name: str = "",
+    ) -> None:
         """
         Args:
             gt: the ground truth, a COCO detection dict (images, annotations, categories).
@@ -224,7 +235,7 @@ class RunEvaluation:
                 self._compressed[key] = (img, keep, tp[:, keep], (~tp & ~fp)[:, keep], npig)
         return self._compressed
 
-    def metrics_batch(self, weights):
+    def metrics_batch(self, weights: "ArrayLike") -> Dict[str, np.ndarray]:
         """:meth:`metrics` for many resamples at once: ``weights`` is (B, images) of integer image
         counts (a bootstrap's draws); returns {metric: (B,) array}, equal to calling
         :meth:`metrics` on each row. The per-detection work (a running total of the weights per
@@ -294,7 +305,7 @@ class RunEvaluation:
                 out["LAMR"][b] = float(np.mean(values))
         return out
 
-    def metrics(self, weights=None):
+    def metrics(self, weights: Optional["ArrayLike"] = None) -> Dict[str, float]:
         """AP, AP50, APs (COCO's, in percent) and LAMR (the mean over safety classes, percent)
         with image i counted ``weights[i]`` times (in the order of sorted image ids; None: once)."""
         w = (
@@ -347,15 +358,15 @@ class RunEvaluation:
 
 
 def paired_bootstrap(
-    setting_a,
-    setting_b,
-    num_resamples=1000,
-    seed=0,
-    level=0.95,
-    metrics=BOOTSTRAP_METRICS,
-    batch=50,
-    progress=None,
-):
+    setting_a: Sequence[RunEvaluation],
+    setting_b: Sequence[RunEvaluation],
+    num_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    metrics: Sequence[str] = BOOTSTRAP_METRICS,
+    batch: int = 50,
+    progress: Optional[Callable[[int, int], Any]] = None,
+) -> Dict[str, Dict[str, float]]:
     """
     The difference A - B of each metric (seed-averaged) and its percentile interval over
     ``num_resamples`` resamples of the images with replacement, the same resample for every run.

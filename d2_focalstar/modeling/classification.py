@@ -12,18 +12,23 @@ own config node.
 
 import logging
 import sys
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .losses import ALPHA, check_loss_arguments, loss_setting, sigmoid_classification_loss
 
+if TYPE_CHECKING:
+    from detectron2.config import CfgNode
+    from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+
 __all__ = ["ClassificationLoss", "add_classification_loss"]
 
 logger = logging.getLogger(__name__)
 
 
-def _fused_kernel_runs_on(logits):
+def _fused_kernel_runs_on(logits: torch.Tensor) -> bool:
     """CUDA logits; or CPU ones where d2_focalstar.modeling.fused was imported to run in Triton's
     interpreter (the tests); never on a CPU without that (a laptop may lack Triton)."""
     if logits.is_cuda:
@@ -38,13 +43,13 @@ class ClassificationLoss:
 
     def __init__(
         self,
-        num_classes,
-        loss_type="FLSTAR",
-        alpha=ALPHA.default,
-        params=None,
-        fused_kernel=True,
-        compile_on_cpu=False,
-    ):
+        num_classes: int,
+        loss_type: str = "FLSTAR",
+        alpha: float = ALPHA.default,
+        params: Optional[Mapping[str, Optional[float]]] = None,
+        fused_kernel: bool = True,
+        compile_on_cpu: bool = False,
+    ) -> None:
         """
         Args:
             num_classes: K, the number of foreground classes.
@@ -62,11 +67,11 @@ class ClassificationLoss:
         self.alpha = alpha
         self.fused_kernel = fused_kernel
         self.compile_on_cpu = compile_on_cpu
-        self._compiled = None
+        self._compiled: Optional[Callable[..., torch.Tensor]] = None
         self._told_no_kernel = False
 
     @classmethod
-    def from_config(cls, cfg, node, num_classes):
+    def from_config(cls, cfg: "CfgNode", node: str, num_classes: int) -> "ClassificationLoss":
         """The loss that ``cfg`` sets for the detector whose config node is ``node``
         ('MODEL.RETINANET', 'MODEL.FCOS'): :func:`d2_focalstar.modeling.losses.loss_setting`.
         A bad value is a ValueError naming it (the command line checks the whole config before,
@@ -81,14 +86,14 @@ class ClassificationLoss:
             cfg.MODEL.FOCALSTAR.COMPILE_LOSS,
         )
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         params = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
         return (
             f"ClassificationLoss({self.entry.name}, alpha={self.alpha:g}"
             f"{', ' + params if params else ''})"
         )
 
-    def uses_kernel(self, logits):
+    def uses_kernel(self, logits: torch.Tensor) -> bool:
         """Whether the fused kernel computes the loss of these logits (after its self-check)."""
         if not (self.fused_kernel and _fused_kernel_runs_on(logits)):
             return False
@@ -108,7 +113,7 @@ class ClassificationLoss:
             logits.device, logits.dtype, self.num_classes, self.entry.name, self.alpha, self.params
         )
 
-    def __call__(self, logits, labels):
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """
         Args:
             logits: (R, K) class logits, any float dtype.
@@ -129,7 +134,7 @@ class ClassificationLoss:
             return self._compiled_loss(*args)
         return sigmoid_classification_loss(*args, **self.params)
 
-    def _compiled_loss(self, *args):
+    def _compiled_loss(self, *args: Any) -> torch.Tensor:
         if self._compiled is None:
             # dynamic shapes: the number of valid anchors changes every step
             self._compiled = torch.compile(sigmoid_classification_loss, dynamic=True)
@@ -146,7 +151,11 @@ class ClassificationLoss:
         return sigmoid_classification_loss(*args, **self.params)
 
 
-def add_classification_loss(detector, cls_loss=None, channels_last=False):
+def add_classification_loss(
+    detector: "DenseDetector",
+    cls_loss: Optional[ClassificationLoss] = None,
+    channels_last: bool = False,
+) -> None:
     """What RetinaNetFLStar's and FCOSFLStar's ``__init__`` add to their parent's: ``cls_loss``
     (None: FL with the detector's ``focal_loss_alpha`` and ``focal_loss_gamma``, its parent's
     loss) as ``detector.cls_loss``, and the channels_last layout of its weights if asked."""

@@ -6,14 +6,19 @@ table. Its keys are MODEL.FCOS.* (added by ``add_focalstar_config``), and its ba
 detectron2's ``COCO-Detection/fcos_R_50_FPN_1x.py``.
 """
 
+from typing import Any, Dict, List, Optional
+
 import torch
 import torch.nn.functional as F
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
 from .classification import ClassificationLoss, add_classification_loss
@@ -22,7 +27,7 @@ __all__ = ["FCOSFLStar", "build_fcos_resnet_fpn_backbone"]
 
 
 @BACKBONE_REGISTRY.register()
-def build_fcos_resnet_fpn_backbone(cfg, input_shape):
+def build_fcos_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
     """detectron2's ``build_retinanet_resnet_fpn_backbone``, but P6 from P5 (FCOS, Sec. 2.2 of
     arXiv:2006.09214), not from C5."""
     bottom_up = build_resnet_backbone(cfg, input_shape)
@@ -48,7 +53,13 @@ class FCOSFLStar(FCOS):
     loss_config_node = "MODEL.FCOS"
 
     @configurable
-    def __init__(self, *, cls_loss=None, channels_last=False, **kwargs):
+    def __init__(
+        self,
+        *,
+        cls_loss: Optional[ClassificationLoss] = None,
+        channels_last: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """
         Args:
             cls_loss: a :class:`ClassificationLoss`; None: FL with ``focal_loss_alpha`` and
@@ -60,7 +71,7 @@ class FCOSFLStar(FCOS):
         add_classification_loss(self, cls_loss, channels_last)
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
         fcos = cfg.MODEL.FCOS
         backbone = build_backbone(cfg)
         shapes = [backbone.output_shape()[f] for f in fcos.IN_FEATURES]
@@ -91,8 +102,14 @@ class FCOSFLStar(FCOS):
         }
 
     def losses(
-        self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
-    ):
+        self,
+        anchors: List[Boxes],
+        pred_logits: List[torch.Tensor],
+        gt_labels: List[torch.Tensor],
+        pred_anchor_deltas: List[torch.Tensor],
+        gt_boxes: List[torch.Tensor],
+        pred_centerness: List[torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
         """Same inputs and outputs as :meth:`FCOS.losses`; the classification term by
         ``cls_loss``."""
         num_images = len(gt_labels)

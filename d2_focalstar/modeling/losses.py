@@ -29,10 +29,23 @@ dispatch, the divergence message, sweep plans and the comparison's setting names
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from detectron2.config import CfgNode
 
 __all__ = [
     "LossParam",
@@ -71,10 +84,10 @@ class LossParam:
     short: str  # in run and setting names: "g" -> flstar_g0.25
     help: str  # one line, for the config and the docs
 
-    def config_key(self, node):
+    def config_key(self, node: str) -> str:
         return self.key.format(node=node)
 
-    def validate(self, value):
+    def validate(self, value: Any) -> Optional[str]:
         """None if ``value`` is allowed, else 'name=value must be ...'."""
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
         return None if ok and self.check(value) else f"{self.name}={value!r} must be {self.allowed}"
@@ -93,22 +106,23 @@ class KernelCode(enum.IntEnum):
 class LossType:
     name: str  # MODEL.FOCALSTAR.LOSS_TYPE
     formula: str  # in p_t, as papers write it
-    per_element: Callable  # (x_t, **params) -> loss before a_t, in logit space
+    per_element: Callable[..., torch.Tensor]  # (x_t, **params) -> loss before a_t, in logit space
     params: Tuple[LossParam, ...] = ()
-    unweighted: Optional[Callable] = None  # (x_t, **params) -> a term added after a_t
+    # (x_t, **params) -> a term added after a_t
+    unweighted: Optional[Callable[..., torch.Tensor]] = None
     capped: bool = False  # MODEL.FOCALSTAR.MAX_FACTOR caps the factor (one of params)
     kernel: Optional[KernelCode] = None  # None: the reference functions on the GPU too
     sweep: Dict[str, Tuple[float, ...]] = field(default_factory=dict)  # values a sweep tries
     reference: str = ""  # the paper
 
-    def param(self, name):
+    def param(self, name: str) -> LossParam:
         return next(p for p in self.params if p.name == name)
 
-    def defaults(self):
+    def defaults(self) -> Dict[str, float]:
         return {p.name: p.default for p in self.params}
 
 
-def _finite_at_least(low, strict=False):
+def _finite_at_least(low: float, strict: bool = False) -> Callable[[float], bool]:
     return lambda v: (v > low if strict else v >= low) and v < math.inf
 
 
@@ -174,30 +188,30 @@ POLY1_EPS = LossParam(
 # ---- the per-element formulas, in logit space, before a_t -------------------------------------
 
 
-def _ce(x_t):
+def _ce(x_t: torch.Tensor) -> torch.Tensor:
     return F.softplus(-x_t)  # -log(p_t)
 
 
-def _fl(x_t, gamma):
+def _fl(x_t: torch.Tensor, gamma: float) -> torch.Tensor:
     return F.softplus(-x_t) * torch.exp(-gamma * F.softplus(x_t)) if gamma > 0 else _ce(x_t)
 
 
-def _flstar(x_t, gamma, max_factor):
+def _flstar(x_t: torch.Tensor, gamma: float, max_factor: float) -> torch.Tensor:
     log_factor = -gamma * x_t  # log ((1 - p_t) / p_t)^gamma
     if 0 < max_factor < math.inf:
         log_factor = log_factor.clamp(max=math.log(max_factor))
     return F.softplus(-x_t) * torch.exp(log_factor) if gamma > 0 else _ce(x_t)
 
 
-def _flstar_appendix(x_t, gamma):
+def _flstar_appendix(x_t: torch.Tensor, gamma: float) -> torch.Tensor:
     return F.softplus(-gamma * x_t) / gamma
 
 
-def _fl_of_poly1(x_t, gamma, eps):
+def _fl_of_poly1(x_t: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
     return _fl(x_t, gamma)  # the a_t-weighted part; eps enters through _poly1_term
 
 
-def _poly1_term(x_t, gamma, eps):
+def _poly1_term(x_t: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
     # (1 - p_t)^(g + 1) = exp(-(g + 1) softplus(x_t)): finite and in [0, 1] for any logit.
     # Not weighted by a_t: Leng et al. add it to the alpha-balanced FL.
     return eps * torch.exp(-(gamma + 1) * F.softplus(x_t))
@@ -253,7 +267,7 @@ LOSS_TYPES: Dict[str, LossType] = {
 }
 
 
-def loss_type(name):
+def loss_type(name: str) -> LossType:
     """The :class:`LossType` of ``name`` (any case); a ValueError listing the table's names."""
     entry = LOSS_TYPES.get(str(name).upper())
     if entry is None:
@@ -261,7 +275,9 @@ def loss_type(name):
     return entry
 
 
-def check_loss_arguments(name, alpha, params):
+def check_loss_arguments(
+    name: str, alpha: float, params: Mapping[str, Optional[float]]
+) -> Tuple[LossType, Dict[str, float]]:
     """(LossType, every parameter of the type with defaults filled in); a ValueError naming the
     argument and what is allowed if one is bad or is not the type's. Shared by the reference
     functions and the fused kernel (d2_focalstar/modeling/fused.py)."""
@@ -283,10 +299,10 @@ def check_loss_arguments(name, alpha, params):
 
 #: The config node whose FOCAL_LOSS_* keys a detector reads when it does not say
 #: (``loss_config_node``): detectron2's RetinaNet's.
-DEFAULT_NODE = "MODEL.RETINANET"
+DEFAULT_NODE: str = "MODEL.RETINANET"
 
 
-def config_value(cfg, key):
+def config_value(cfg: "CfgNode", key: str) -> Any:
     """cfg's value at a dotted key ('MODEL.FOCALSTAR.GAMMA'); KeyError if it has none."""
     node = cfg
     for part in key.split("."):
@@ -304,13 +320,13 @@ class LossSetting:
     params: Dict[str, float]  # every parameter of the type, from its config key
     node: str  # the detector's config node ('{node}' in the keys)
 
-    def keys(self):
+    def keys(self) -> Dict[str, str]:
         """{parameter name: its config key} of the type's parameters."""
         entry = LOSS_TYPES[self.loss_type]
         return {p.name: p.config_key(self.node) for p in entry.params}
 
 
-def loss_config_problems(cfg, node):
+def loss_config_problems(cfg: "CfgNode", node: str) -> Tuple[List[str], List[str]]:
     """(problems, warnings) of the loss keys of ``cfg`` for the detector whose config node is
     ``node``: MODEL.FOCALSTAR.LOSS_TYPE, alpha and every parameter of the table (those of other
     types too: a bad value is a mistake wherever it is). A problem names the key, the value and
@@ -343,7 +359,7 @@ def loss_config_problems(cfg, node):
     return problems, warnings
 
 
-def loss_setting(cfg, node=None):
+def loss_setting(cfg: "CfgNode", node: Optional[str] = None) -> LossSetting:
     """The :class:`LossSetting` of ``cfg`` for the detector whose config node is ``node``
     (MODEL.RETINANET, MODEL.FCOS; None: :data:`DEFAULT_NODE`): MODEL.FOCALSTAR.LOSS_TYPE, alpha
     from ``node``.FOCAL_LOSS_ALPHA, each parameter from its key in the table. A ValueError naming
@@ -363,7 +379,7 @@ def sigmoid_classification_loss(
     loss_type: str = "FLSTAR",
     alpha: float = ALPHA.default,
     reduction: str = "none",
-    **params,
+    **params: Optional[float],
 ) -> torch.Tensor:
     """
     The one implementation of every type in :data:`LOSS_TYPES`, so that runs comparing them
@@ -418,13 +434,13 @@ def sigmoid_classification_loss(
 
 
 def sigmoid_flstar_loss(
-    inputs,
-    targets,
-    alpha=ALPHA.default,
-    gamma=FLSTAR_GAMMA.default,
-    reduction="none",
-    max_factor=MAX_FACTOR.default,
-):
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = ALPHA.default,
+    gamma: float = FLSTAR_GAMMA.default,
+    reduction: str = "none",
+    max_factor: float = MAX_FACTOR.default,
+) -> torch.Tensor:
     """
     Modified focal loss of the d2-focalstar proposal (not fvcore's ``sigmoid_focal_loss_star``):
 
@@ -440,8 +456,12 @@ def sigmoid_flstar_loss(
 
 
 def sigmoid_focal_loss(
-    inputs, targets, alpha=ALPHA.default, gamma=FL_GAMMA.default, reduction="none"
-):
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = ALPHA.default,
+    gamma: float = FL_GAMMA.default,
+    reduction: str = "none",
+) -> torch.Tensor:
     """
     Focal loss of RetinaNet (Lin et al., ICCV 2017), FL(p_t) = -a_t (1 - p_t)^gamma log(p_t),
     in logit space; equal to ``fvcore.nn.sigmoid_focal_loss`` up to rounding.
@@ -450,7 +470,12 @@ def sigmoid_focal_loss(
     return sigmoid_classification_loss(inputs, targets, "FL", alpha, reduction, gamma=gamma)
 
 
-def sigmoid_ce_loss(inputs, targets, alpha=ALPHA.default, reduction="none"):
+def sigmoid_ce_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = ALPHA.default,
+    reduction: str = "none",
+) -> torch.Tensor:
     """
     Alpha-balanced sigmoid cross-entropy, CE(p_t) = -a_t log(p_t).
     Arguments and return value as in :func:`sigmoid_classification_loss`.
@@ -459,13 +484,13 @@ def sigmoid_ce_loss(inputs, targets, alpha=ALPHA.default, reduction="none"):
 
 
 def sigmoid_poly1_focal_loss(
-    inputs,
-    targets,
-    alpha=ALPHA.default,
-    gamma=FL_GAMMA.default,
-    eps=POLY1_EPS.default,
-    reduction="none",
-):
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = ALPHA.default,
+    gamma: float = FL_GAMMA.default,
+    eps: float = POLY1_EPS.default,
+    reduction: str = "none",
+) -> torch.Tensor:
     """
     Poly-1 focal loss (Leng et al., "PolyLoss", ICLR 2022): FL(p_t) + eps (1 - p_t)^(gamma + 1),
     where FL is alpha-balanced and the eps term is not, as in the paper's code.
@@ -476,7 +501,7 @@ def sigmoid_poly1_focal_loss(
     )
 
 
-def config_table(nodes=("MODEL.RETINANET", "MODEL.FCOS")):
+def config_table(nodes: Sequence[str] = ("MODEL.RETINANET", "MODEL.FCOS")) -> str:
     """The Markdown key table of the loss types and their parameters, for docs/CONFIG.md (a test
     checks that it holds this table; ``tools/loss_table.py --write`` puts it there). ``nodes``:
     the detectors' config nodes, where a key is the detector's own ('{node}' in the table)."""

@@ -1,8 +1,11 @@
+from typing import Any, Dict, List, Optional
+
 import torch
-from detectron2.config import configurable
+from detectron2.config import CfgNode, configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.box_regression import _dense_box_regression_loss
+from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
 from .classification import ClassificationLoss, add_classification_loss
@@ -24,7 +27,13 @@ class RetinaNetFLStar(RetinaNet):
     loss_config_node = "MODEL.RETINANET"
 
     @configurable
-    def __init__(self, *, cls_loss=None, channels_last=False, **kwargs):
+    def __init__(
+        self,
+        *,
+        cls_loss: Optional[ClassificationLoss] = None,
+        channels_last: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """
         Args:
             cls_loss: a :class:`ClassificationLoss`; None: FL with the parent's
@@ -38,7 +47,7 @@ class RetinaNetFLStar(RetinaNet):
         add_classification_loss(self, cls_loss, channels_last)
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
         ret = super().from_config(cfg)
         ret.update(
             cls_loss=ClassificationLoss.from_config(cfg, cls.loss_config_node, ret["num_classes"]),
@@ -47,7 +56,14 @@ class RetinaNetFLStar(RetinaNet):
         )
         return ret
 
-    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+    def losses(
+        self,
+        anchors: List[Boxes],
+        pred_logits: List[torch.Tensor],
+        gt_labels: List[torch.Tensor],
+        pred_anchor_deltas: List[torch.Tensor],
+        gt_boxes: List[torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
         """Same inputs and outputs as :meth:`RetinaNet.losses`."""
         num_images = len(gt_labels)
         gt_labels = torch.stack(gt_labels)  # (N, R); background = num_classes, ignored = -1

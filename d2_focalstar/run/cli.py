@@ -5,15 +5,18 @@ detectron2 keys a run relies on, the process count, the weights to load and the 
 and ``prepare_run``: all of it once, in the process that launches the others.
 """
 
+import argparse
+import contextlib
 import difflib
 import logging
 import os
 import re
 import tempfile
+from typing import Optional, Sequence, Tuple
 
 import torch
 import yaml
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 
 from ..config import ConfigError, add_focalstar_config, check_focalstar_config, config_value
 from ..modeling import loss_config_node
@@ -90,7 +93,7 @@ def _fall_back_to_cpu(cfg, warn=True):
 UNSAFE_CONFIG_FLAG = "--unsafe-config"
 
 
-def add_unsafe_config_argument(parser):
+def add_unsafe_config_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--unsafe-config`` flag of a command that loads configs (args.unsafe_config)."""
     parser.add_argument(
         UNSAFE_CONFIG_FLAG,
@@ -101,15 +104,15 @@ def add_unsafe_config_argument(parser):
 
 
 def load_config(
-    config_file,
-    opts=(),
-    num_gpus=1,
-    eval_only=False,
-    resume=False,
-    num_machines=1,
-    warn_no_cuda=True,
-    allow_unsafe=False,
-):
+    config_file: str,
+    opts: Sequence[str] = (),
+    num_gpus: int = 1,
+    eval_only: bool = False,
+    resume: bool = False,
+    num_machines: int = 1,
+    warn_no_cuda: bool = True,
+    allow_unsafe: bool = False,
+) -> CfgNode:
     """
     The config of a run, checked; a ConfigError (one line) for bad input. Warnings (a CUDA config
     on a machine without CUDA, a loss parameter the loss type does not use) are logged here.
@@ -165,7 +168,7 @@ def load_config(
     return cfg
 
 
-def cpu_cores():
+def cpu_cores() -> int:
     """The CPU cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
@@ -316,7 +319,7 @@ def _check_detectron2_values(cfg, num_gpus, num_machines, eval_only):
         check_batch_split(cfg, num_gpus * num_machines, where)
 
 
-def check_batch_split(cfg, processes, where):
+def check_batch_split(cfg: CfgNode, processes: int, where: str) -> None:
     """ConfigError unless SOLVER.IMS_PER_BATCH splits evenly over ``processes`` (``where`` says
     what made that number, e.g. '(--num-gpus)')."""
     batch = cfg.SOLVER.IMS_PER_BATCH
@@ -327,7 +330,7 @@ def check_batch_split(cfg, processes, where):
         )
 
 
-def check_output_dir(cfg):
+def check_output_dir(cfg: CfgNode) -> None:
     """OUTPUT_DIR can hold the run's files: it is a folder, or can be made one, and a file can be
     created there. Checked before any process starts, without creating it (a run that is
     refused later leaves nothing behind)."""
@@ -396,7 +399,7 @@ def _separate_evaluation_folder(cfg, resume, weights_given=False):
     cfg.OUTPUT_DIR = folder
 
 
-def check_weights_file(cfg, eval_only, resume, num_processes):
+def check_weights_file(cfg: CfgNode, eval_only: bool, resume: bool, num_processes: int) -> None:
     """Before any process starts, read the weights the run will load (the last checkpoint with
     --resume, else MODEL.WEIGHTS) through the same safe loaders; for --eval-only also load them
     into the model (on the CPU) and require all of its weights. A bad file is then one line with
@@ -429,7 +432,7 @@ _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
 
 
-def draw_seed(cfg, num_machines=1):
+def draw_seed(cfg: CfgNode, num_machines: int = 1) -> None:
     """With SEED < 0 (detectron2's "a different seed each run"), draw the seed here, once, for
     every process, so that config.yaml and results.json record the seed the run used instead of
     -1. Not on several machines: each would draw its own, and the one recorded would not repeat
@@ -438,7 +441,7 @@ def draw_seed(cfg, num_machines=1):
         cfg.SEED = int.from_bytes(os.urandom(4), "little") % 2**31
 
 
-def default_argument_parser_for(doc):
+def default_argument_parser_for(doc: str) -> argparse.ArgumentParser:
     """detectron2's ``default_argument_parser`` for train_net.py: its description and examples
     from ``doc`` (the script's docstring: a first line, a blank line, the examples), and help
     texts that fit this project."""
@@ -457,14 +460,14 @@ def default_argument_parser_for(doc):
     return parser
 
 
-def detector_classes(cfg):
+def detector_classes(cfg: CfgNode) -> Tuple[str, int]:
     """(key, value) of the class count of the detector that ``cfg`` builds, e.g.
     ("MODEL.FCOS.NUM_CLASSES", 80)."""
     key = f"{loss_config_node(cfg)}.NUM_CLASSES"
     return key, config_value(cfg, key)
 
 
-def prepare_run(args, held=None):
+def prepare_run(args: argparse.Namespace, held: Optional[contextlib.ExitStack] = None) -> CfgNode:
     """train_net.py's checks before any process starts, each done once: the config (loaded and
     checked), the output folder, the seed, the datasets and the weights; the partial files of a
     killed run are removed. Returns the frozen config that every process runs; a ConfigError or a
