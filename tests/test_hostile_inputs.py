@@ -32,6 +32,9 @@ def _tagged(path, marker, base=QUICKSTART_FILE, key="SEED"):
         ("tools/pretrain_backbone.py", ["--out", "{tmp}/pb"]),
         ("tools/submit_slurm.py", ["--local", "--"]),
         ("demo.py", ["--input", "{tmp}/none.jpg", "--output", "{tmp}/demo"]),
+        ("tools/cache_features.py", []),
+        ("tools/benchmark_proxy.py", ["--out", "{tmp}/bp.json"]),
+        ("tools/benchmark_loader.py", ["--out", "{tmp}/bl.json"]),
     ],
 )
 def test_a_python_tag_in_a_config_is_refused_in_every_entry_point(tmp_path, script, args):
@@ -84,6 +87,16 @@ def test_unsafe_config_allows_tags_in_a_file_one_trusts(tmp_path):
     assert load_config(str(tmp_path / "t.yaml"), allow_unsafe=True).OUTPUT_DIR == os.path.join(
         "out", "tagged"
     )
+
+
+def test_cache_features_unsafe_config_constructs_the_tag_it_was_told_to_trust(tmp_path):
+    """The flag that the refusal names exists in the tool that names it: with it, the tag runs
+    (and the quickstart config, which has no feature cache, then stops with its own line)."""
+    marker = tmp_path / "ran"
+    config = _tagged(tmp_path / "tagged.yaml", marker)
+    proc = run_here("tools/cache_features.py", "--unsafe-config", "--config-file", config)
+    assert_one_line_error(proc, "cache_features.py", "MODEL.FOCALSTAR.FEATURE_CACHE is empty")
+    assert marker.exists()
 
 
 def test_the_projects_own_configs_need_no_tags():

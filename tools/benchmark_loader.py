@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -33,9 +34,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from d2_focalstar.config import ConfigError
 from d2_focalstar.data.synthetic_coco import synthetic_coco
 from d2_focalstar.fileio import write_json
-from d2_focalstar.run.cli import load_config
+from d2_focalstar.run.cli import add_unsafe_config_argument, load_config
+from d2_focalstar.run.errors import error_line
 
 # Measured figures the projection starts from (docs/BENCHMARKS.md, H100, run B, commit 626fba8):
 STEP_IMG_S = (
@@ -96,7 +99,7 @@ def make_coco_like(folder, num_images, size=(640, 480), quality=90, seed=0):
     return json_file, image_root, sum(sizes) / len(sizes) / 1024
 
 
-def loader_config(config_file, json_file, image_root, workers, batch, opts=()):
+def loader_config(config_file, json_file, image_root, workers, batch, opts=(), allow_unsafe=False):
     """The config's train loader settings for the COCO-like set: DATASETS.TRAIN is it,
     DATALOADER.NUM_WORKERS ``workers``, SOLVER.IMS_PER_BATCH ``batch`` (one process's batch)."""
     from d2_focalstar.data.catalog import register_coco_json_datasets
@@ -117,6 +120,7 @@ def loader_config(config_file, json_file, image_root, workers, batch, opts=()):
             "SOLVER.IMS_PER_BATCH",
             str(batch),
         ],
+        allow_unsafe=allow_unsafe,
     )
     from detectron2.data import DatasetCatalog
 
@@ -286,6 +290,13 @@ def project_coco_1x(
 
 
 def main(argv=None):
+    try:
+        benchmark(argv)
+    except ConfigError as e:  # a bad config or key: one line, as train_net.py gives it
+        sys.exit(error_line("benchmark_loader.py", e))
+
+
+def benchmark(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -335,6 +346,7 @@ def main(argv=None):
         "--data-dir", help="where to make the files (default: a temporary folder, removed)"
     )
     p.add_argument("--out", default="output/benchmark_loader.json")
+    add_unsafe_config_argument(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs, last")
     args = p.parse_args(argv)
 
@@ -367,7 +379,13 @@ def main(argv=None):
         print("| --- | --- | --- | --- | --- |")
         for workers in args.workers:
             cfg = loader_config(
-                args.config_file, json_file, image_root, workers, args.batch, args.opts
+                args.config_file,
+                json_file,
+                image_root,
+                workers,
+                args.batch,
+                args.opts,
+                allow_unsafe=args.unsafe_config,
             )
             img_s, images, seconds = time_loader(cfg, args.batches, args.warmup)
             row = dict(
@@ -387,7 +405,9 @@ def main(argv=None):
             )
         report = {"meta": meta, "loader": rows}
         # what a run of the config gets: its own DATALOADER.NUM_WORKERS per GPU
-        cfg_workers = load_config(args.config_file, args.opts).DATALOADER.NUM_WORKERS
+        cfg_workers = load_config(
+            args.config_file, args.opts, allow_unsafe=args.unsafe_config
+        ).DATALOADER.NUM_WORKERS
         needed, how = workers_needed(rows, args.step_img_s)
         report["workers_per_gpu"] = dict(for_img_s=args.step_img_s, workers=needed, how=how)
         print(
@@ -399,7 +419,13 @@ def main(argv=None):
         if args.step:
             workers = args.step_workers if args.step_workers is not None else max(args.workers)
             cfg = loader_config(
-                args.config_file, json_file, image_root, workers, args.step_batch, args.opts
+                args.config_file,
+                json_file,
+                image_root,
+                workers,
+                args.step_batch,
+                args.opts,
+                allow_unsafe=args.unsafe_config,
             )
             step = report["step"] = dict(
                 time_steps(cfg, args.step_iters, args.step_warmup), workers=workers

@@ -48,10 +48,12 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
+from d2_focalstar.config import ConfigError
 from d2_focalstar.data import CheckedDatasetMapper
 from d2_focalstar.fileio import write_json
 from d2_focalstar.modeling.cached_trunk import input_settings, trunk_fingerprint
-from d2_focalstar.run.cli import load_config
+from d2_focalstar.run.cli import add_unsafe_config_argument, load_config
+from d2_focalstar.run.errors import error_line
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cache_features import write_cache  # noqa: E402  (a sibling tool: the cache is made as it makes it)
@@ -130,6 +132,13 @@ class Lever:
 
 
 def main(argv=None):
+    try:
+        benchmark(argv)
+    except ConfigError as e:  # a bad config or key: one line, as train_net.py gives it
+        sys.exit(error_line("benchmark_proxy.py", e))
+
+
+def benchmark(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", default="configs/proxy80_flstar.yaml")
     p.add_argument("--iters", type=int, default=4, help="timed iterations per lever and round")
@@ -139,6 +148,7 @@ def main(argv=None):
         "--images", type=int, default=512, help="training images the levers draw from (and cache)"
     )
     p.add_argument("--out", default="output/benchmark_proxy.json")
+    add_unsafe_config_argument(p)
     args = p.parse_args(argv)
     for flag in ("iters", "rounds", "images"):
         if getattr(args, flag) < 1:
@@ -156,6 +166,7 @@ def main(argv=None):
             "DATASETS.TEST",
             "()",
         ],
+        allow_unsafe=args.unsafe_config,
     )
     train = subset(base.DATASETS.TRAIN[0], args.images)
     max_iter, batch = base.SOLVER.MAX_ITER, base.SOLVER.IMS_PER_BATCH
@@ -178,6 +189,7 @@ def main(argv=None):
                     os.path.join(cache, "c") if cached else "",
                 ]
                 + opts,
+                allow_unsafe=args.unsafe_config,
             )
             if cached and not os.path.exists(os.path.join(cache, "c")):
                 plain = cfg.clone()

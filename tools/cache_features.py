@@ -46,7 +46,7 @@ from d2_focalstar.modeling.cached_trunk import (
     trunk_fingerprint,
 )
 from d2_focalstar.run.checkpoint import CheckpointReadError, SafeCheckpointer, UnsafeCheckpointError
-from d2_focalstar.run.cli import load_config
+from d2_focalstar.run.cli import add_unsafe_config_argument, load_config
 from d2_focalstar.run.errors import error_line
 
 logger = logging.getLogger("d2_focalstar.cache_features")
@@ -70,13 +70,18 @@ def main(argv=None):
     p.add_argument(
         "--overwrite", action="store_true", help="replace a cache made for another trunk or inputs"
     )
+    add_unsafe_config_argument(p)
     p.add_argument("opts", nargs="*", help="config KEY VALUE pairs")
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch {args.batch}: must be at least 1")
     setup_logger(name="d2_focalstar")
     try:
-        cfg = load_config(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
+        cfg = load_config(
+            args.config_file,
+            list(args.opts) + ["MODEL.DEVICE", "cpu"],
+            allow_unsafe=args.unsafe_config,
+        )
         folder = cfg.MODEL.FOCALSTAR.FEATURE_CACHE
         if not folder:
             raise ConfigError(
