@@ -17,7 +17,7 @@
 #                                                                       -> OUTDIR/study_gpu.tgz
 #   study-lr   CE, FL* g=0.25 and g=0.5 at lr 0.005 on the same data, seeds 0 1 (6 runs at once)
 #                                                                       -> OUTDIR/study_gpu_lr005.tgz
-#   proxy-pretrain  the calibrated proxy's fractal-pretrained ResNet-18 (docs/RESULTS.md)
+#   proxy-pretrain  the round-2 proxy's fractal-pretrained ResNet-18 (docs/RESULTS.md)
 #                                                                       -> OUTDIR/pretrain.json
 #   proxy-table1    RetinaNet's Table 1 on the proxy: CE at alpha .25/.5/.75, FL at gamma
 #                   .5/1/2/5, seeds 0 1 2 (21 runs: 9, then 12 at once)         -> OUTDIR/proxy.tgz
