@@ -20,3 +20,8 @@ $PY tools/table1.py $R/proxy_shapes/*/ --out $R/proxy_shapes_table1
 # the schedule-length variation (2.5x iterations)
 $PY tools/compare.py $R/proxy_shapes_long/*/ --versus "CE alpha=0.75" --out $R/proxy_shapes_long_vs_ce
 $PY tools/compare.py $R/proxy_shapes_long/*/ --versus "FL g=2" --out $R/proxy_shapes_long_vs_fl
+# the COCO-imbalance proxy (issue 23): its set-up tables (imbalance, the cost of each speed lever)
+# and the first CE-vs-FL pair with its interval
+$PY tools/proxy80_tables.py --anchor-stats $R/anchor_stats/*.txt \
+  --cost docs/benchmarks/benchmark_proxy_cpu_2026-12-07.json --out $R/proxy80_setup.md
+$PY tools/compare.py $R/proxy80/*/ --versus "CE" --out $R/proxy80_vs_ce
