@@ -13,7 +13,8 @@ R=docs/results
 
 $PY tools/compare.py $R/study_gpu/*/ --out $R/compare_gpu
 $PY tools/compare.py $R/study_cpu/*/ --out $R/compare_cpu
-# the round-2 proxy study (issue 16, not calibrated): Table 1 and FL*, each setting against the best CE and FL g=2
+# the round-2 proxy study (issue 16, not calibrated): Table 1 and FL*, each setting against the
+# best CE and FL g=2
 $PY tools/compare.py $R/proxy_shapes/*/ --versus "CE alpha=0.75" --out $R/proxy_shapes_vs_ce
 $PY tools/compare.py $R/proxy_shapes/*/ --versus "FL g=2" --out $R/proxy_shapes_vs_fl
 $PY tools/table1.py $R/proxy_shapes/*/ --out $R/proxy_shapes_table1
