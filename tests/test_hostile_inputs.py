@@ -498,6 +498,10 @@ def test_compare_that_fails_leaves_the_previous_outputs_and_one_that_succeeds_le
     gt_file, dets = ground_truth
     _run_with(tmp_path / "fl", "FL", gt_file, _gz(dets))
     _run_with(tmp_path / "flstar", "FLSTAR", gt_file, _gz(dets[: len(dets) // 2]))
+    # training curves for one run; the other is like a run of --eval-only (no metrics.json)
+    (tmp_path / "fl" / "metrics.json").write_text(
+        "".join(json.dumps({"iteration": i, "total_loss": 2.0 - i / 10}) + "\n" for i in range(5))
+    )
     runs, out = [str(tmp_path / "fl"), str(tmp_path / "flstar")], str(tmp_path / "cmp" / "c")
     run_here("tools/compare.py", *runs, "--resamples", "5", "--out", out, check=True)
     before = {n: (tmp_path / "cmp" / n).read_bytes() for n in os.listdir(tmp_path / "cmp")}
@@ -510,6 +514,10 @@ def test_compare_that_fails_leaves_the_previous_outputs_and_one_that_succeeds_le
     run_here("tools/compare.py", runs[0], "--resamples", "0", "--out", out, check=True)
     # no stale intervals
     assert sorted(os.listdir(tmp_path / "cmp")) == ["c.csv", "c.md", "c_curves.png"]
+    # no curves to draw (the eval-only run alone): no empty figure, and no stale one
+    proc = run_here("tools/compare.py", runs[1], "--resamples", "0", "--out", out, check=True)
+    assert "no training curves" in proc.stderr
+    assert sorted(os.listdir(tmp_path / "cmp")) == ["c.csv", "c.md"]
 
 
 def test_compare_out_where_nothing_can_be_written_is_one_line(tmp_path):

@@ -6,7 +6,7 @@
 prints the table (AP, AP50, AP75, APs, APm, APl and the safety metrics per run, then per setting
 the mean ± sd over seeds and the difference to FL at the same learning rate and other settings,
 none where there is no such FL) and writes <out>.md, <out>.csv and <out>_curves.png (loss_cls,
-loss_box_reg, total_loss and AP vs iteration).
+loss_box_reg, total_loss and AP vs iteration; none for runs of --eval-only, which have no curves).
 
 Where the runs saved their detections (detectron2's inference/coco_instances_results.json, or
 .json.gz), each setting's difference to FL (or to --versus SETTING) in AP, AP50, APs and LAMR
@@ -127,12 +127,16 @@ def compare(args, staging):
         os.path.join(staging, "curves.png"),
         groups=setting_names(records),
     )
+    if curves is None:
+        print("no training curves (no run has a metrics.json: --eval-only runs)", file=sys.stderr)
+    written = [*outputs] + (["_curves.png"] if curves is not None else [])
     try:
         for suffix, data in outputs.items():
             atomic_write(args.out + suffix, lambda f, d=data: f.write(d))
-        os.replace(curves, args.out + "_curves.png")
-        for suffix in ("_intervals.md", "_intervals.csv"):
-            if suffix not in outputs and os.path.isfile(args.out + suffix):
+        if curves is not None:
+            os.replace(curves, args.out + "_curves.png")
+        for suffix in ("_intervals.md", "_intervals.csv", "_curves.png"):  # stale ones
+            if suffix not in written and os.path.isfile(args.out + suffix):
                 os.remove(args.out + suffix)
     except OSError as e:
         sys.exit(
@@ -140,7 +144,7 @@ def compare(args, staging):
                 "compare.py", f"--out {args.out}: {e.strerror or e} writing {e.filename or 'it'}"
             )
         )
-    return [args.out + suffix for suffix in [*outputs, "_curves.png"]]
+    return [args.out + suffix for suffix in written]
 
 
 if __name__ == "__main__":
