@@ -26,3 +26,9 @@ $PY tools/compare.py $R/proxy_shapes_long/*/ --versus "FL g=2" --out $R/proxy_sh
 $PY tools/proxy80_tables.py --anchor-stats $R/anchor_stats/*.txt \
   --cost docs/benchmarks/benchmark_proxy_cpu_2026-12-07.json --out $R/proxy80_setup.md
 $PY tools/compare.py $R/proxy80/*/ --versus "CE" --out $R/proxy80_vs_ce
+# the pair's checkpoints at iterations 1000 and 2000 (train_net.py --eval-only), then where each
+# run's AP goes (found vs named)
+for IT in 1000 2000; do
+  $PY tools/compare.py $R/proxy80_curve/*_it$IT/ --versus "CE" --out $R/proxy80_curve_vs_ce_it$IT
+done
+$PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_curve/*/ --out $R/proxy80_diagnostics

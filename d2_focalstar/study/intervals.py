@@ -22,7 +22,7 @@ from ..evaluation.bootstrap import (
 from ..run.results import read_run_config
 from .tables import fl_baselines, group_by_setting
 
-__all__ = ["interval_rows", "intervals_to_markdown", "resampling_progress"]
+__all__ = ["interval_rows", "intervals_to_markdown", "resampling_progress", "run_ground_truth"]
 
 
 def resampling_progress(label, stream=None, every_s=10.0):
@@ -46,7 +46,7 @@ def resampling_progress(label, stream=None, every_s=10.0):
     return report
 
 
-def _ground_truth(record):
+def run_ground_truth(record):
     """The COCO ground-truth dict of a run's (first) test dataset: an embedded dataset (made
     again from its seed if absent), a detectron2 builtin, or one of the run's DATASETS.COCO_JSON
     (its config.yaml). BootstrapError naming the run if none can be found."""
@@ -114,7 +114,7 @@ def interval_rows(records, versus=None, num_resamples=1000, seed=0, warn=None):
                 return None
             if tuple(test) not in gts:
                 try:
-                    gts[tuple(test)] = _ground_truth(record)
+                    gts[tuple(test)] = run_ground_truth(record)
                 except BootstrapError as e:
                     gts[tuple(test)] = e
             if isinstance(gts[tuple(test)], BootstrapError):
