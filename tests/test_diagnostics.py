@@ -102,3 +102,17 @@ def test_diagnose_runs_writes_the_table_and_names_a_run_without_detections(tmp_p
     _run(tmp_path / "b", str(gt_file), None)
     proc = run_here("tools/diagnose_runs.py", str(tmp_path / "a"), str(tmp_path / "b"))
     assert_one_line_error(proc, "diagnose_runs.py", str(tmp_path / "b"), "no saved detections")
+    proc = run_here(
+        "tools/diagnose_runs.py", str(tmp_path / "a"), "--name-parts", "colour", "shape"
+    )
+    assert_one_line_error(proc, "diagnose_runs.py", "--name-parts", "category 'one' is not 2 words")
+
+
+def test_name_parts_say_which_part_of_the_name_is_wrong():
+    gt = dict(GT, categories=[{"id": 1, "name": "red circle"}, {"id": 2, "name": "red square"}])
+    d = detection_diagnostics(gt, DETS, name_parts=("colour", "shape"))
+    # B (a red square) is named a red circle by its best box: its shape is wrong, not its colour
+    assert d["wrong colour"] == 0
+    assert d["wrong shape"] == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="category 'one' is not 2 words"):
+        detection_diagnostics(GT, DETS, name_parts=("colour", "shape"))

@@ -3,9 +3,11 @@
 diagnostics.py). For every train_net.py output folder with saved detections: AP and AR@100 by
 category and class-agnostic, the share of objects found by a box of any category at IoU 0.5, the
 share whose highest-scoring such box names the right category, detections per image, and score
-quantiles. Writes <out>.md and <out>.csv.
+quantiles; with --name-parts, which part of a category's name the misnamed objects get wrong.
+Writes <out>.md and <out>.csv.
 
-    python tools/diagnose_runs.py docs/results/proxy80/*/ --out docs/results/proxy80_diagnostics
+    python tools/diagnose_runs.py docs/results/proxy80/*/ --name-parts colour fill shape \
+        --out docs/results/proxy80_diagnostics
 """
 
 import argparse
@@ -21,7 +23,7 @@ from d2_focalstar.study.intervals import run_ground_truth
 from d2_focalstar.study.tables import setting_names, to_csv, to_markdown
 
 
-def diagnose(folders):
+def diagnose(folders, name_parts=()):
     """(columns, rows): one row per run, in the order given."""
     records = [load_run(f) for f in folders]
     rows, truths = [], {}
@@ -37,18 +39,27 @@ def diagnose(folders):
         if not detections:
             raise BootstrapError(f"{path}: no detections to diagnose")
         row = {"run": os.path.basename(os.path.normpath(folder)), "setting": name}
-        row.update(detection_diagnostics(truths[test], detections))
+        try:
+            row.update(detection_diagnostics(truths[test], detections, name_parts=name_parts))
+        except ValueError as e:
+            raise BootstrapError(f"--name-parts: {folder}: {e}") from None
         rows.append(row)
-    return ["run", "setting", *DIAGNOSTIC_COLUMNS], rows
+    return ["run", "setting", *DIAGNOSTIC_COLUMNS, *(f"wrong {p}" for p in name_parts)], rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("folders", nargs="+", help="train_net.py OUTPUT_DIRs with saved detections")
+    p.add_argument(
+        "--name-parts",
+        nargs="+",
+        default=(),
+        help="labels of the words of every category name (the proxy80 data: colour fill shape)",
+    )
     p.add_argument("--out", help="path prefix of the .md and .csv to write")
     args = p.parse_args(argv)
     try:
-        columns, rows = diagnose(args.folders)
+        columns, rows = diagnose(args.folders, args.name_parts)
     except (FileNotFoundError, RunRecordError, BootstrapError) as e:
         sys.exit(error_line("diagnose_runs.py", e))
     text = to_markdown(columns, rows)

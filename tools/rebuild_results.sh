@@ -31,4 +31,5 @@ $PY tools/compare.py $R/proxy80/*/ --versus "CE" --out $R/proxy80_vs_ce
 for IT in 1000 2000; do
   $PY tools/compare.py $R/proxy80_curve/*_it$IT/ --versus "CE" --out $R/proxy80_curve_vs_ce_it$IT
 done
-$PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_curve/*/ --out $R/proxy80_diagnostics
+$PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_curve/*/ --name-parts colour fill shape \
+  --out $R/proxy80_diagnostics

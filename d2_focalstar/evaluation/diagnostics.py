@@ -7,7 +7,10 @@ ground truth:
 - ``found``: the share of objects with a detection of any category at IoU >= 0.5;
 - ``named``: the share of objects whose highest-scoring detection at IoU >= 0.5 (of any
   category) names the object's category;
-- detections per image and their score quantiles.
+- detections per image and their score quantiles;
+- with ``name_parts`` (categories named by parts, as the proxy's "red striped circle": colour,
+  fill, shape): for each part, the share of objects whose best box names a category that differs
+  in that part (an object counts under every part that differs).
 
 Two losses with the same ``found`` and different ``named`` differ in classification, not in
 localisation; low score quantiles show a loss that has not yet pushed its scores apart.
@@ -16,7 +19,7 @@ localisation; low score quantiles show a loss that has not yet pushed its scores
 import contextlib
 import io
 from collections import defaultdict
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -54,21 +57,37 @@ def _coco_stats(gt: Dict[str, Any], detections: List[Dict[str, Any]], use_cats: 
 
 
 def detection_diagnostics(
-    gt: Dict[str, Any], detections: List[Dict[str, Any]], iou: float = 0.5
+    gt: Dict[str, Any],
+    detections: List[Dict[str, Any]],
+    iou: float = 0.5,
+    name_parts: Sequence[str] = (),
 ) -> Dict[str, float]:
     """
     Args:
         gt: the ground truth, a COCO detection dict (images, annotations, categories).
         detections: a COCO results list (image_id, category_id, bbox XYWH, score), non-empty.
         iou: the IoU at which a detection is on an object, for ``found`` and ``named``.
+        name_parts: labels of the space-separated words of every category name, in order.
     Returns:
-        a dict with the keys of DIAGNOSTIC_COLUMNS; AP, AR and shares in percent. Crowd
-        regions are not objects here.
+        a dict with the keys of DIAGNOSTIC_COLUMNS, then "wrong <part>" for each name part; AP,
+        AR and shares in percent. Crowd regions are not objects here. ValueError naming a
+        category whose name does not have one word per part.
     """
     from pycocotools import mask as mask_utils
 
     if not detections:
         raise ValueError("no detections to diagnose")
+    parts = {}
+    if name_parts:
+        for c in gt["categories"]:
+            words = c["name"].split()
+            if len(words) != len(name_parts):
+                raise ValueError(
+                    f"category {c['name']!r} is not {len(name_parts)} words "
+                    f"({' '.join(name_parts)})"
+                )
+            parts[c["id"]] = words
+    wrong = [0] * len(name_parts)
     ap, ar = _coco_stats(gt, detections, use_cats=True)
     agnostic_ap, agnostic_ar = _coco_stats(gt, detections, use_cats=False)
 
@@ -94,9 +113,13 @@ def detection_diagnostics(
                 found += 1
                 best = on[np.argmax(scores[on])]
                 named += dets[best]["category_id"] == a["category_id"]
+                if parts:
+                    said, true = parts[dets[best]["category_id"]], parts[a["category_id"]]
+                    for k, (x, y) in enumerate(zip(said, true)):
+                        wrong[k] += x != y
     scores = np.array([d["score"] for d in detections])
     n_obj = max(len(objects), 1)
-    return {
+    out = {
         "AP": ap,
         "AR100": ar,
         "agnostic AP": agnostic_ap,
@@ -108,3 +131,6 @@ def detection_diagnostics(
         "score p90": float(np.quantile(scores, 0.9)),
         "score p99": float(np.quantile(scores, 0.99)),
     }
+    for part, n in zip(name_parts, wrong):
+        out[f"wrong {part}"] = 100 * n / n_obj
+    return out
