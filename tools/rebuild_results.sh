@@ -31,5 +31,7 @@ $PY tools/compare.py $R/proxy80/*/ --versus "CE" --out $R/proxy80_vs_ce
 for IT in 1000 2000; do
   $PY tools/compare.py $R/proxy80_curve/*_it$IT/ --versus "CE" --out $R/proxy80_curve_vs_ce_it$IT
 done
-$PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_curve/*/ --name-parts colour fill shape \
-  --out $R/proxy80_diagnostics
+# the levers on FL alone (its own rate, alpha 0.75), each against the same CE
+$PY tools/compare.py $R/proxy80/*/ $R/proxy80_levers/*/ --versus "CE" --out $R/proxy80_levers_vs_ce
+$PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_curve/*/ \
+  --name-parts colour fill shape --out $R/proxy80_diagnostics
