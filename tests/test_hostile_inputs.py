@@ -630,9 +630,22 @@ def test_sigterm_to_train_net_is_the_ctrl_c_line_with_status_143(tmp_path):
 
 def test_sigterm_to_a_local_slurm_job_stops_its_training_too(tmp_path):
     import signal
-    import time
 
     out = tmp_path / "out"
+    try:
+        _sigterm_to_a_local_slurm_job(out)
+    finally:  # a failure must not leave a training writing a checkpoint per iteration behind
+        for pid in _processes_mentioning(str(out)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _sigterm_to_a_local_slurm_job(out):
+    import signal
+    import time
+
     proc = _signalled(
         [
             "tools/submit_slurm.py",
