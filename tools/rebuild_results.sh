@@ -31,7 +31,7 @@ $PY tools/compare.py $R/proxy80/*/ --versus "CE" --out $R/proxy80_vs_ce
 for IT in 1000 2000; do
   $PY tools/compare.py $R/proxy80_curve/*_it$IT/ --versus "CE alpha=0.75" --out $R/proxy80_curve_vs_ce_it$IT
 done
-# the levers on FL alone (its own rate, alpha 0.75), each against the same CE
+# each loss on its short rate grid (and FL on an alpha grid), each against CE alpha 0.75 at 0.005
 $PY tools/compare.py $R/proxy80/*/ $R/proxy80_levers/*/ --versus "CE" --out $R/proxy80_levers_vs_ce
 $PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_curve/*/ \
   --name-parts colour fill shape --out $R/proxy80_diagnostics
