@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Run a list of trainings, loss type x parameters x seed, each in its own folder: one after
-another, or --jobs at a time sharing the GPUs. Finished runs (results.json present) are skipped;
-interrupted ones resume from their checkpoint.
+"""Run a list of trainings, loss type x parameters x alpha x learning rate x seed, each in its own
+folder: one after another, or --jobs at a time sharing the GPUs. Finished runs (results.json
+present) are skipped; interrupted ones resume from their checkpoint.
 
     python tools/sweep.py --config-file configs/retinanet_R50_flstar_1x.yaml --num-gpus 8 \\
         --loss-types CE FL FLSTAR --gammas 0.125 0.25 0.5 --seeds 0 1 --out output/sweep
@@ -9,13 +9,16 @@ interrupted ones resume from their checkpoint.
         --loss-types CE FL FLSTAR FLSTAR_APPENDIX --seeds 0 1 --out output/study_gpu
     python tools/sweep.py --config-file configs/quickstart_flstar.yaml --loss-types CE FL \\
         --param FL.gamma=0.5,1,2,5 --alphas 0.25 0.75 --seeds 0 1 2 --out output/table1
+    python tools/sweep.py --config-file configs/proxy80_flstar.yaml --loss-types FL \\
+        --base-lrs 0.005 0.01 0.02 0.04 --seeds 0 --out output/proxy80_rates
     python tools/compare.py output/sweep/*
 
 The loss types, their parameters and the values a sweep tries by default come from the loss
 table (d2_focalstar/modeling/losses.py): FL* tries the proposal's gammas, FL g = 2;
 --param TYPE.NAME=V,V sets the values of any parameter (--gammas and --fl-gamma are short for
 FLSTAR.gamma and FL.gamma). Any detector's config works (RetinaNet, FCOS): the keys are the
-config's own.
+config's own. --base-lrs tries learning rates: losses differ in their best rate (on the
+COCO-imbalance proxy CE's is 0.005 and FL g=2's 0.02), so one shared rate can decide a comparison.
 
 With --jobs N, N runs go at once: run slot j gets --num-gpus GPUs starting at GPU j * num_gpus,
 wrapping around (small models share a GPU well), each run's output goes to <folder>/sweep.log,
@@ -182,6 +185,14 @@ def main(argv=None):
         type=float,
         help="alphas to try for every loss type (default: the config's)",
     )
+    parser.add_argument(
+        "--base-lrs",
+        nargs="+",
+        type=float,
+        metavar="LR",
+        help="learning rates (SOLVER.BASE_LR) to try for every setting (default: the config's); "
+        "run folders get _lr<rate>",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs (or CPU processes) per run")
     parser.add_argument(
@@ -209,6 +220,11 @@ def main(argv=None):
     if args.jobs < 1 or args.num_gpus < 1:
         parser.error(f"--jobs ({args.jobs}) and --num-gpus ({args.num_gpus}) must be at least 1")
     check_slurm_arguments(parser, args)
+    bad = [lr for lr in args.base_lrs or [] if not 0 < lr < float("inf")]
+    if bad:
+        parser.error(f"--base-lrs {bad[0]:g}: a learning rate must be a positive number")
+    if args.base_lrs and "SOLVER.BASE_LR" in extra[::2]:
+        parser.error("--base-lrs and SOLVER.BASE_LR after '--' both set the rate: give one")
 
     values = dict(args.param)
     if args.gammas:
@@ -225,7 +241,7 @@ def main(argv=None):
         )
     except ConfigError as e:
         sys.exit(error_line("sweep.py", e))
-    runs = plan_sweep(args.loss_types, args.seeds, values, args.alphas)
+    runs = plan_sweep(args.loss_types, args.seeds, values, args.alphas, args.base_lrs)
     total = len(runs)
     gpus = visible_gpus()
     # every run would fail in detectron2's launch
