@@ -33,6 +33,7 @@ from d2_focalstar.run import (
     default_argument_parser_for,
     die_with_launcher,
     enable_cpu_ddp,
+    forget_divergence,
     launch_processes,
     prepare_run,
     project_hooks,
@@ -116,6 +117,8 @@ def main(cfg, args):
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if comm.is_main_process():  # a divergence recorded by an earlier try no longer holds
+        forget_divergence(cfg.OUTPUT_DIR)
     trainer.train()
     res = getattr(trainer, "_last_eval_results", None) or {}  # the final evaluation
     if comm.is_main_process():  # also without evaluation: it marks the run as finished

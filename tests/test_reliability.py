@@ -729,6 +729,20 @@ def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (tmp_path / "model_final.pth").exists()
     assert "lower MODEL.FOCALSTAR.MAX_FACTOR" in msg and "enable gradient clipping" in msg
+    # the divergence is the run's result: recorded, not retried by a sweep, counted by table1.py
+    from d2_focalstar.run.results import RunDiverged, load_run, run_state
+
+    assert run_state(str(tmp_path)) == "diverged"
+    iteration = int(re.search(r"Training diverged at iteration (\d+)", msg).group(1))
+    with pytest.raises(RunDiverged, match=f"diverged at iteration {iteration} \\(Loss became"):
+        load_run(str(tmp_path))
+    # tried again in its folder at a sane rate: the old record no longer holds
+    proc = run_here(
+        "train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path)
+    )
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert run_state(str(tmp_path)) == "done"
+    assert load_run(str(tmp_path))["iteration"] == 2
 
 
 @pytest.mark.parametrize(

@@ -529,6 +529,24 @@ def test_results_json_records_the_solver_settings(tmp_path):
     assert load_run(str(tmp_path))["solver"]["amp"] is True
 
 
+def test_a_diverged_run_is_a_result_until_a_training_starts_again_in_its_folder(tmp_path):
+    from d2_focalstar.run.results import RunDiverged, forget_divergence, write_results
+
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    cfg.OUTPUT_DIR, cfg.SEED = str(tmp_path), 3
+    write_results(cfg, {}, 84, diverged="Loss became infinite or NaN at iteration=84!")
+    assert run_state(str(tmp_path)) == "diverged"
+    with pytest.raises(RunDiverged, match="diverged at iteration 84 .Loss became") as e:
+        load_run(str(tmp_path))
+    assert e.value.record["seed"] == 3 and e.value.record["solver"]["base_lr"] == cfg.SOLVER.BASE_LR
+    forget_divergence(str(tmp_path))
+    assert run_state(str(tmp_path)) == "new"
+    write_results(cfg, {"bbox": {"AP": 1.0}}, 7)  # a finished run's record is never removed
+    forget_divergence(str(tmp_path))
+    assert run_state(str(tmp_path)) == "done"
+
+
 def _means(records):
     return {r["setting"]: r for r in comparison_rows(records)[1] if r["run"] == "mean"}
 
@@ -716,6 +734,24 @@ def test_a_failed_run_shows_its_reason_and_log(tmp_path):
         f"sweep.py: 2 run(s) failed: ce_s0 (log {logs[0]}), fl_g2_s0 (log {logs[1]}) "
         "(rerun to retry them)"
     )
+
+
+def test_a_run_that_diverges_is_a_result_the_sweep_does_not_retry(tmp_path):
+    """A diverged run is recorded (its results.json) and reported as diverged, not failed; the
+    sweep exits 0 and, run again, leaves it as it is: retrying until a seed survives would
+    favour the unstable setting."""
+    args = [*QUICKSTART, "--loss-types", "FLSTAR", "--gammas", "0.25", "--base-lrs", "50", "0.001"]
+    args += ["--out", str(tmp_path)]
+    opts = ["--", *FAST, "SOLVER.MAX_ITER", "10", "SOLVER.WARMUP_ITERS", "0"]
+    opts += ["SOLVER.CLIP_GRADIENTS.ENABLED", "False"]
+    proc = run_here("tools/sweep.py", *args, *opts)
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert "1 run(s) diverged: flstar_g0.25_s0_lr50 (recorded in their results.json" in proc.stdout
+    assert run_state(str(tmp_path / "flstar_g0.25_s0_lr50")) == "diverged"
+    assert run_state(str(tmp_path / "flstar_g0.25_s0_lr0.001")) == "done"
+    proc = run_here("tools/sweep.py", *args, *opts)
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert "flstar_g0.25_s0_lr50: diverged" in proc.stdout and "exit" not in proc.stdout
 
 
 def test_evaluations_of_each_runs_own_checkpoint_stay_seeds_of_one_setting(tmp_path):
@@ -924,7 +960,7 @@ def _drop_confident(dets, share, seed):
     return [d for d in dets if not (d["score"] > 0.5 and rng.random() < share)]
 
 
-def _table1_runs(root, quality, seeds=(0, 1)):
+def _table1_runs(root, quality, seeds=(0, 1), runs="runs"):
     """Runs of {(loss, gamma, alpha, lr or None): share of confident detections dropped}, each
     with its detections and their AP."""
     from d2_focalstar.data.synthetic_coco import synthetic_coco
@@ -934,7 +970,7 @@ def _table1_runs(root, quality, seeds=(0, 1)):
     (root / "gt.json").write_text(json.dumps(gt))
     for (loss, gamma, alpha, lr), share in quality.items():
         for seed in seeds:
-            folder = root / "runs" / f"{loss}_{gamma}_{alpha}_{lr}_s{seed}"
+            folder = root / runs / f"{loss}_{gamma}_{alpha}_{lr}_s{seed}"
             kept = _drop_confident(dets, share, seed)
             _run_with_detections(
                 folder, loss, gamma, seed, str(root / "gt.json"), kept, alpha=alpha
@@ -945,7 +981,7 @@ def _table1_runs(root, quality, seeds=(0, 1)):
             if lr is not None:
                 record["solver"] = {"base_lr": lr, "max_iter": 3000}
             (folder / "results.json").write_text(json.dumps(record))
-    return sorted(map(str, (root / "runs").iterdir()))
+    return sorted(map(str, (root / runs).iterdir()))
 
 
 @pytest.mark.parametrize("fl_better", [True, False])
@@ -1016,8 +1052,22 @@ def test_table1_puts_each_loss_at_its_own_best_rate(tmp_path):
     assert "| FL | 2 | 0.25 | 34.0 | +2.9 | 0.25 | 0.005 | 2 |" in text
     fl2 = next(line for line in text.splitlines() if line.startswith("- FL g=2 above the best CE"))
     assert "**not met**" in fl2
+    # CE at a third rate, the best on seed 0, diverged on seed 1: a diverged seed counts as AP 0,
+    # so 0.005 stays CE's rate (left out instead, 0.01 would win on the one seed both finished)
+    more = _table1_runs(tmp_path, {("CE", None, 0.75, 0.01): 0.0}, runs="more")
+    path = tmp_path / "more" / "CE_None_0.75_0.01_s1" / "results.json"
+    record = json.loads(path.read_text())
+    record.update(results={}, iteration=84, diverged="Loss became infinite or NaN at iteration=84!")
+    path.write_text(json.dumps(record))
+    proc = run_here("tools/table1.py", *folders, *more, *args, check=True)
+    assert "| CE |  | 0.75 | 31.1 | +0.0 | 0.75 | 0.005 | 2 |" in proc.stdout
+    assert "0.01: " in proc.stdout and " (1 of 2 diverged)" in proc.stdout
+    assert "diverged: " in proc.stderr and "CE_None_0.75_0.01_s1" in proc.stderr
+    # at that rate alone: the row says so, its mean is its finished seed's
+    proc = run_here("tools/table1.py", *more, *args, check=True)
+    assert "| CE |  | 0.75 | 31.1 | +0.0 | 0.75 | 0.01 | 1 + 1 diverged |" in proc.stdout
+    assert "Diverged seeds (" in proc.stdout
     # another knob differs too: not one setting at several rates
-    record = json.loads((tmp_path / "runs" / "FL_2.0_0.25_0.02_s0" / "results.json").read_text())
     for seed in (0, 1):
         path = tmp_path / "runs" / f"FL_2.0_0.25_0.02_s{seed}" / "results.json"
         record = json.loads(path.read_text())

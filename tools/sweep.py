@@ -266,7 +266,7 @@ def main(argv=None):
             + (f" ({' '.join(run.opts(node))})" if args.dry_run else ""),
             flush=True,
         )
-        if state != "done" and not args.dry_run:
+        if state not in ("done", "diverged") and not args.dry_run:
             todo.append((i, run, folder, state))
     if args.slurm and todo:  # the jobs resume interrupted runs themselves
         slurm_folder = args.slurm_folder or os.path.join(args.out, "slurm")
@@ -339,9 +339,7 @@ def main(argv=None):
                 for (i, run, folder, state), (job, _, why) in zip(todo, finished)
                 if why
             ]
-            if failed:
-                listed = ", ".join(f"{name} (log {path})" for _, name, path in failed)
-                sys.exit(f"sweep.py: {len(failed)} run(s) failed: {listed} (rerun to retry them)")
+            report_failures(failed, args.out)
         return
 
     # SIGTERM (kill, a job scheduler) stops the sweep like Ctrl-C: its runs are stopped with it
@@ -355,8 +353,24 @@ def main(argv=None):
         sys.exit(error_line("sweep.py", e))
     finally:
         signal.signal(signal.SIGTERM, previous)
+    report_failures(failed, args.out)
+
+
+def report_failures(failed, out):
+    """Exit naming the runs that failed (in the sweep's order) and what a rerun does. Runs that
+    diverged are results (recorded in their results.json, counted by table1.py, not retried):
+    a sweep where only those failed exits 0."""
+    diverged = [f for f in failed if run_state(os.path.join(out, f[1])) == "diverged"]
+    failed = [f for f in failed if f not in diverged]
+    if diverged:
+        print(
+            f"sweep.py: {len(diverged)} run(s) diverged: "
+            + ", ".join(name for _, name, _ in sorted(diverged))
+            + " (recorded in their results.json as results; a rerun does not retry them: "
+            "delete a run's folder to)",
+            flush=True,
+        )
     if failed:
-        # in the sweep's order, whichever of the runs at once ended first
         listed = ", ".join(
             f"{name} (log {path})" if path else name for _, name, path in sorted(failed)
         )

@@ -6,7 +6,9 @@ above the best CE with a 95% paired-bootstrap interval over the test images that
     python tools/table1.py docs/results/proxy_shapes/*/ --out docs/results/proxy_shapes_table1
 
 prints the table and the three checks and writes <out>.md. Runs other than CE and FL (FL*, ...)
-are ignored; runs without saved detections get no interval (named on stderr).
+are ignored; runs without saved detections get no interval (named on stderr). Runs of one row at
+several learning rates (tools/sweep.py --base-lrs): the row takes its best rate. Runs that
+diverged count in their row ('+ k diverged').
 """
 
 import argparse
@@ -16,7 +18,7 @@ import sys
 from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.errors import error_line
-from d2_focalstar.run.results import RunRecordError, load_run
+from d2_focalstar.run.results import RunDiverged, RunRecordError, load_run
 from d2_focalstar.study.table1 import table1
 
 
@@ -50,6 +52,9 @@ def main(argv=None):
     for folder in args.folders:
         try:
             records.append(load_run(folder))
+        except RunDiverged as e:  # a seed that failed: counted in its row
+            print(f"diverged: {e}", file=sys.stderr)
+            records.append(e.record)
         except (FileNotFoundError, RunRecordError) as e:
             print(f"skipped {e}", file=sys.stderr)
     try:

@@ -16,7 +16,7 @@ from .cli import check_output_dir, default_argument_parser_for, load_config, pre
 from .errors import command_errors, error_line, reported_errors
 from .preemption import CheckpointOnSignal
 from .processes import die_with_launcher, launch_processes
-from .results import load_run, read_metrics, run_state, write_results
+from .results import forget_divergence, load_run, read_metrics, run_state, write_results
 from .training import (
     enable_cpu_ddp,
     project_hooks,
@@ -40,6 +40,7 @@ __all__ = [
     "CheckpointOnSignal",
     "die_with_launcher",
     "launch_processes",
+    "forget_divergence",
     "load_run",
     "read_metrics",
     "run_state",

@@ -19,7 +19,9 @@ from .checkpoint import last_checkpoint
 __all__ = [
     "RESULTS_FILE",
     "RunRecordError",
+    "RunDiverged",
     "write_results",
+    "forget_divergence",
     "load_run",
     "run_state",
     "read_run_config",
@@ -32,10 +34,12 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 
 
-def write_results(cfg, results, iteration, evaluation_error=None):
+def write_results(cfg, results, iteration, evaluation_error=None, diverged=None):
     """Write the final metrics and the settings that identify the run to OUTPUT_DIR/results.json
     (``iteration`` None: an evaluation only; ``evaluation_error``: why a finished training has no
-    metrics)."""
+    metrics; ``diverged``: the one-line reason a training stopped with a loss or weights that
+    were not finite, at ``iteration``. A diverged run is a result, not a failure to retry: a
+    comparison that retried it until a seed survived would favour the unstable loss.)"""
     setting = loss_setting(cfg, loss_config_node(cfg))
     record = {
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
@@ -59,6 +63,8 @@ def write_results(cfg, results, iteration, evaluation_error=None):
     }
     if evaluation_error is not None:
         record["evaluation_error"] = evaluation_error
+    if diverged is not None:
+        record["diverged"] = diverged
     path = os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     write_json(path, record)
@@ -67,6 +73,19 @@ def write_results(cfg, results, iteration, evaluation_error=None):
 
 class RunRecordError(ValueError):
     """A results.json that is not a record train_net.py wrote: cut short, edited, another file."""
+
+
+class RunDiverged(RunRecordError):
+    """The record of a training that diverged: no metrics; ``record`` is the run's record (its
+    settings, 'diverged': the reason, 'iteration': where), for the tools that count such runs."""
+
+    def __init__(self, message, record):
+        super().__init__(message)
+        self.record = record
+
+
+def _diverged_record(record):
+    return isinstance(record, dict) and isinstance(record.get("diverged"), str)
 
 
 def load_run(folder):
@@ -144,6 +163,10 @@ def load_run(folder):
     if wrong:
         raise RunRecordError(f"{path}: {', '.join(wrong)}: not a record train_net.py wrote")
     record["folder"] = folder
+    if "diverged" in record and not isinstance(record["diverged"], str):
+        raise RunRecordError(
+            f"{path}: 'diverged' is {record['diverged']!r:.40}: not a record train_net.py wrote"
+        )
     if "params" not in record:
         entry = LOSS_TYPES.get(record["loss_type"])
         names = [p.name for p in entry.params] if entry else []
@@ -157,6 +180,12 @@ def load_run(folder):
                 for k in ("BASE_LR", "MAX_ITER", "IMS_PER_BATCH")
                 if k in solver
             }
+    if _diverged_record(record):
+        raise RunDiverged(
+            f"{path}: the training diverged at iteration {record.get('iteration')} "
+            f"({record['diverged']}): no metrics",
+            record,
+        )
     return record
 
 
@@ -198,20 +227,32 @@ def read_run_config(folder):
     return data
 
 
-def _evaluation_failed(folder):
+def _read_record(folder):
     try:
         with open(os.path.join(folder, RESULTS_FILE), "rb") as f:
-            record = json.loads(f.read().decode("utf-8"))
-    except (ValueError, OSError):
-        return False  # damaged: compare.py names it; a sweep leaves it as it is
+            return json.loads(f.read().decode("utf-8"))
+    except (ValueError, OSError, RecursionError):
+        return None  # damaged: compare.py names it; a sweep leaves it as it is
+
+
+def _evaluation_failed(folder):
+    record = _read_record(folder)
     return isinstance(record, dict) and record.get("evaluation_error") is not None
 
 
+def forget_divergence(folder):
+    """Before a training starts in ``folder`` (again, e.g. --resume with a lower rate): a record
+    of an earlier divergence there no longer describes the run, and is removed."""
+    if _diverged_record(_read_record(folder)):
+        os.remove(os.path.join(folder, RESULTS_FILE))
+
+
 def run_state(folder):
-    """'done' (results.json written), 'interrupted' (a checkpoint to resume from, also a finished
-    training whose evaluation failed: resuming evaluates it) or 'new'."""
+    """'done' (results.json written), 'diverged' (its record says the training diverged: a
+    result, not retried), 'interrupted' (a checkpoint to resume from, also a finished training
+    whose evaluation failed: resuming evaluates it) or 'new'."""
     if os.path.isfile(os.path.join(folder, RESULTS_FILE)) and not _evaluation_failed(folder):
-        return "done"
+        return "diverged" if _diverged_record(_read_record(folder)) else "done"
     if last_checkpoint(folder) is not None:  # last_checkpoint, else the newest checkpoint
         return "interrupted"
     return "new"

@@ -142,12 +142,14 @@ class TrainJob:
         env = submitit.JobEnvironment()
         rank = env.global_rank
         # finished before this start (a requeue after the end)
-        if run_state(self.output_dir) == "done":
+        state = run_state(self.output_dir)
+        if state in ("done", "diverged"):  # a divergence is a result: not retried
             print(
-                f"[slurm] {self.output_dir} is finished (results.json): nothing to train",
+                f"[slurm] {self.output_dir} is {'finished' if state == 'done' else state} "
+                "(results.json): nothing to train",
                 flush=True,
             )
-            return load_run(self.output_dir)
+            return load_run(self.output_dir) if state == "done" else None
         resume = ["--resume"] if run_state(self.output_dir) == "interrupted" else []
         cmd = [
             sys.executable,

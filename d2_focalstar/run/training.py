@@ -158,6 +158,8 @@ def training_errors(trainer):
     (what to change, the last good checkpoint); a test image that cannot be read becomes
     EvaluationFailed, and after the last iteration the finished training's results.json is
     written first, recording the error."""
+    import detectron2.utils.comm as comm
+
     from ..data.mapper import EvaluationImageError
     from .results import RESULTS_FILE, write_results
 
@@ -171,6 +173,13 @@ def training_errors(trainer):
     try:
         yield
     except FloatingPointError as e:
+        if comm.is_main_process():  # the run's record: a diverged seed counts (table1.py)
+            write_results(
+                trainer.cfg,
+                {},
+                iteration=trainer.iter,
+                diverged=str(e).splitlines()[0][:300],
+            )
         raise TrainingDiverged(divergence_message(trainer.cfg, trainer.iter, e, last())) from None
     except EvaluationImageError as e:
         if trainer.iter < trainer.max_iter:  # a periodic evaluation (TEST.EVAL_PERIOD)

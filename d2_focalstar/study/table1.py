@@ -52,6 +52,8 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
     row has runs at several learning rates (tools/sweep.py --base-lrs), the rate with the highest
     mean AP on the seeds all its rates share is the row's (losses differ in their best rate: one
     shared rate can decide the comparison); the table names each row's rates and the pick.
+    Records of diverged runs (load_run's RunDiverged.record) count as that seed's failure: 0 AP
+    when a rate is picked, '+ k diverged' in the row, left out of its mean and interval.
     Returns (markdown table, [(check, 'met' / 'not met' / 'not measured', detail)]).
     """
 
@@ -61,9 +63,17 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
     def rate(name):
         return (groups[name][0].get("solver") or {}).get("base_lr")
 
-    def ap_by_seed(name):
-        aps = {r.get("seed", 0): metrics_of(r).get("AP", math.nan) for r in groups[name]}
+    def ap_by_seed(name, diverged_as=None):
+        """{seed: AP} of a setting's finished runs; its diverged ones at ``diverged_as`` (None:
+        left out)."""
+        aps = {
+            r.get("seed", 0): diverged_as if r.get("diverged") else metrics_of(r).get("AP")
+            for r in groups[name]
+        }
         return {s: v for s, v in aps.items() if v is not None and not math.isnan(v)}
+
+    def diverged(name):
+        return sum(1 for r in groups[name] if r.get("diverged"))
 
     ours = [r for r in records if r["loss_type"] in ("CE", "FL")]
     groups, suffixes = group_by_setting(ours)
@@ -84,15 +94,16 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
         rates = []
         if len(found) > 1 and _differ_only_in_rate(found, groups, suffixes, rate):
             # each loss at its own best rate: the one with the highest mean AP on the seeds all
-            # its rates have (the rate grid's seed), else on each rate's own seeds
-            by_seed = {n: ap_by_seed(n) for n in found}
+            # its rates have (the rate grid's seed), else on each rate's own seeds; a seed that
+            # diverged counts as AP 0 (it detects nothing)
+            by_seed = {n: ap_by_seed(n, diverged_as=0.0) for n in found}
             common = set.intersection(*(set(a) for a in by_seed.values()))
 
             def score(n, common=common, by_seed=by_seed):
                 aps = [v for s, v in by_seed[n].items() if s in common or not common]
                 return float(np.mean(aps)) if aps else -math.inf
 
-            rates = sorted((rate(n), score(n)) for n in found)
+            rates = sorted((rate(n), score(n), diverged(n), len(groups[n])) for n in found)
             found = [max(found, key=score)]
         if len(found) > 1 or (found and len({r.get("alpha") for r in groups[found[0]]}) > 1):
             raise ValueError(
@@ -112,17 +123,20 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
                 lr=rate(found[0]) if found else None,
                 rates=rates,
                 seeds=len(aps),
+                diverged=diverged(found[0]) if found else 0,
                 mean=float(np.mean(aps)) if aps else math.nan,
                 sd=float(np.std(aps, ddof=1)) if len(aps) > 1 else math.nan,
             )
         )
     # the rows' runs only, named again among themselves (a knob's usual value is the majority's):
     # the intervals are computed on them alone
-    chosen = [r for row in rows if row["name"] for r in groups[row["name"]]]
+    chosen = [
+        r for row in rows if row["name"] for r in groups[row["name"]] if not r.get("diverged")
+    ]
     renamed = {id(r): n for n, rs in group_by_setting(chosen)[0].items() for r in rs}
     for row in rows:
-        if row["name"]:
-            row["name"] = renamed[id(groups[row["name"]][0])]
+        finished = [r for r in groups.get(row["name"], ()) if not r.get("diverged")]
+        row["name"] = renamed[id(finished[0])] if finished else None
     ours = chosen
     measured = [r for r in rows if r["seeds"]]
     ce = [r for r in measured if r["loss"] == "CE"]
@@ -135,7 +149,7 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
 
     def cell(r):
         if not r["seeds"]:
-            return "not run", ""
+            return ("all diverged" if r["diverged"] else "not run"), ""
         ours_ = f"{r['mean']:.2f}" + ("" if math.isnan(r["sd"]) else f" ± {r['sd']:.2f}")
         d = intervals.get(r["name"])
         return ours_, (
@@ -156,10 +170,10 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
         gamma = "" if r["gamma"] is None else f"{r['gamma']:g}"
         alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
         lr = "" if r["lr"] is None else f"{r['lr']:g}"
+        seeds = f"{r['seeds']}" + (f" + {r['diverged']} diverged" if r["diverged"] else "")
         lines.append(
             f"| {r['loss']} | {gamma} | {r['paper_alpha']:g} | {r['paper_ap']:.1f} | "
-            f"{r['paper_ap'] - paper_best_ce:+.1f} | {alpha} | {lr} | {r['seeds']} | {ours_} | "
-            f"{vs} |"
+            f"{r['paper_ap'] - paper_best_ce:+.1f} | {alpha} | {lr} | {seeds} | {ours_} | {vs} |"
         )
     picked = [r for r in rows if r["rates"]]
     if picked:
@@ -167,9 +181,11 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
         def tried(r):
             return ", ".join(
                 ("**{}**" if lr == r["lr"] else "{}").format(
-                    f"{lr:g}: " + ("no AP" if math.isinf(ap) else f"{ap:.2f}")
+                    f"{lr:g}: "
+                    + ("no AP" if math.isinf(ap) else f"{ap:.2f}")
+                    + (f" ({d} of {n} diverged)" if d else "")
                 )
-                for lr, ap in r["rates"]
+                for lr, ap, d, n in r["rates"]
             )
 
         def setting(r):
@@ -178,10 +194,19 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
 
         lines.append("")
         lines.append(
-            "Rates tried, mean AP on the seeds they share (the row's in bold): "
+            "Rates tried, mean AP on the seeds they share, a diverged seed as 0 (the row's in "
+            "bold): "
             + "; ".join(f"{setting(r)}: {tried(r)}" for r in picked)
             + ". The rates were picked on the test images the table reports (the proxy has no "
             "separate validation split): rows with more rates tried have a small advantage."
+        )
+
+    if any(r["diverged"] for r in rows):
+        lines.append("")
+        lines.append(
+            "Diverged seeds (the training's loss or weights stopped being finite; recorded in "
+            "their results.json, never retried) are counted in 'proxy: seeds'; the means, sds "
+            "and intervals are over the finished seeds, what a run that survives gives."
         )
 
     def row_of(loss, gamma=None, alpha=None):
