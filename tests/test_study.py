@@ -1046,6 +1046,12 @@ def test_table1_puts_each_loss_at_its_own_best_rate(tmp_path):
     assert "**0.02: " in tried.split("FL g=2")[1]
     fl2 = next(line for line in text.splitlines() if line.startswith("- FL g=2 above the best CE"))
     assert "**met**" in fl2
+    # the sweep arguments of each row at its rate (gpu_checks.sh: seeds 1-4 after the grid)
+    proc = run_here("tools/table1.py", *folders, "--sweep-args", check=True)
+    assert proc.stdout.splitlines() == [
+        "--loss-types CE --alphas 0.75 --base-lrs 0.005",
+        "--loss-types FL --param FL.gamma=2 --alphas 0.25 --base-lrs 0.02",
+    ]
     # FL only at CE's rate: below it
     at_one_rate = [f for f in folders if "_0.02_" not in f or "CE" in f]
     text = run_here("tools/table1.py", *at_one_rate, *args, check=True).stdout

@@ -24,10 +24,15 @@
 #   proxy-flstar    FL* at gamma .125/.25/.5 on the proxy, seeds 0 1 2  -> OUTDIR/proxy.tgz
 #   proxy80-pretrain  the COCO-imbalance proxy's backbone: configs/proxy80_pretrain.yaml (detection
 #                   on other scenes, FLSTAR_APPENDIX loss), its ResNet kept -> OUTDIR/proxy80_pretrain.tgz
-#   proxy80-table1  Table 1 on configs/proxy80_flstar.yaml (the trunk runs on the GPU, no cache):
-#                   CE alpha .25/.5/.75 and FL gamma .5/1/2/5 (alpha .25), seeds 0-2; CE a.75
-#                   and FL g2 also seeds 3-4 (25 runs, up to 12 at once)  -> OUTDIR/proxy80.tgz
-#   proxy80-flstar  FL* gamma .125/.25/.5 at alpha .25 and .75, seeds 0-4 (30 runs) -> OUTDIR/proxy80.tgz
+#   proxy80-table1  Table 1 on configs/proxy80_flstar.yaml (the trunk runs on the GPU, no cache),
+#                   each loss at its own rate (a shared rate decides the comparison: on this proxy
+#                   CE's best is 0.005, FL g2's 0.02): a rate grid (0.0025-0.04) on seed 0 for CE
+#                   alpha .25/.5/.75 and FL gamma .5/1/2/5 (alpha .25), 35 runs, 12 at once (a
+#                   diverging rate is a result, not retried); then seeds 1-4 of each row at its
+#                   best rate (tools/table1.py --sweep-args), 28 runs, 14 at once
+#                   -> OUTDIR/proxy80_rates.tgz, OUTDIR/proxy80_table1.tgz, OUTDIR/proxy80_table1.md
+#   proxy80-flstar  FL* gamma .125/.25/.5 (alpha .25) on the same rate grid, seed 0 (15 runs):
+#                   its own best rates, before its seeds    -> OUTDIR/proxy80_flstar_rates.tgz
 #   (the three in one call: a fresh machine keeps nothing from an earlier one)
 # A study's .tgz holds, per run, results.json, metrics.json, config.yaml (the files docs/results/
 # keeps), log.txt and the saved detections (inference/coco_instances_results.json, for the
@@ -74,10 +79,12 @@ PROXY_CFG=configs/proxy_flstar.yaml
 PROXY80_CFG=configs/proxy80_flstar.yaml
 # on the GPU the proxy's frozen trunk runs (the feature cache is the CPU's speed lever)
 PROXY80_GPU=(MODEL.DEVICE cuda MODEL.FOCALSTAR.FEATURE_CACHE "" DATALOADER.NUM_WORKERS 2)
-pack_study() {  # folder name -> OUTDIR/name.tgz with the kept files of each run and the comparison
-  local name=$1 dir=output/$1
+PROXY80_RATES=(0.0025 0.005 0.01 0.02 0.04)
+pack_study() {  # folder name [run glob] -> OUTDIR/name.tgz with the kept files of each run and the comparison
+  local name=$1 dir=output/$1 runs=${2:-*/}
   [ -d "$dir" ] || return 0
-  "$PY" tools/compare.py "$dir"/*/ --out "$dir/compare" || echo "[gpu_checks] compare.py failed"
+  # shellcheck disable=SC2086  # $runs is a glob
+  "$PY" tools/compare.py "$dir"/$runs --out "$dir/compare" || echo "[gpu_checks] compare.py failed"
   (cd output && find "$name" -maxdepth 4 \( -name results.json -o -name metrics.json \
       -o -name config.yaml -o -name log.txt -o -name 'compare*' -o -name coco_instances_results.json \) -print0 |
     tar czf - --null -T -) >"$OUTDIR/$name.tgz"
@@ -136,21 +143,35 @@ run_step() {
         proxy80_pretrain/config.yaml proxy80_pretrain/log.txt 2>/dev/null) >"$OUTDIR/proxy80_pretrain.tgz"
       return $rc ;;
     proxy80-table1)
-      # CE at each alpha, FL at each gamma (alpha .25, the paper's for gamma 2), then seeds 3-4 of
-      # the pair the calibration turns on
-      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 9 --loss-types CE \
-        --alphas 0.25 0.5 0.75 --seeds 0 1 2 --out output/proxy80 -- "${PROXY80_GPU[@]}" &&
+      # 1. the rate grid on seed 0 (CE at each alpha, FL at each gamma)
+      timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 12 --loss-types CE \
+        --alphas 0.25 0.5 0.75 --base-lrs "${PROXY80_RATES[@]}" --seeds 0 --out output/proxy80_rates \
+        -- "${PROXY80_GPU[@]}" &&
       timeout -k 20 "$(left)" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 12 --loss-types FL \
-        --param FL.gamma=0.5,1,2,5 --seeds 0 1 2 --out output/proxy80 -- "${PROXY80_GPU[@]}" &&
-      timeout -k 20 "$(left)" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 2 --loss-types CE \
-        --alphas 0.75 --seeds 3 4 --out output/proxy80 -- "${PROXY80_GPU[@]}" &&
-      timeout -k 20 "$(left)" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 2 --loss-types FL \
-        --param FL.gamma=2 --seeds 3 4 --out output/proxy80 -- "${PROXY80_GPU[@]}"
-      local rc=$?; pack_study proxy80; return $rc ;;
+        --param FL.gamma=0.5,1,2,5 --alphas 0.25 --base-lrs "${PROXY80_RATES[@]}" --seeds 0 \
+        --out output/proxy80_rates -- "${PROXY80_GPU[@]}" &&
+      "$PY" tools/table1.py output/proxy80_rates/*/ --sweep-args >output/proxy80_rows.txt
+      local rc=$?; pack_study proxy80_rates; [ $rc -eq 0 ] || return $rc
+      # 2. seeds 1-4 of each row at its rate, the rows side by side (a sweep per row: its own folder)
+      local i=0 pids=() row p
+      while read -r row; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086  # $row is the row's sweep.py arguments
+        OMP_NUM_THREADS=1 timeout -k 20 "$(left)" "$PY" tools/sweep.py --config-file $PROXY80_CFG \
+          --jobs 2 $row --seeds 1 2 3 4 --out "output/proxy80_table1/row$i" -- "${PROXY80_GPU[@]}" \
+          >"output/proxy80_table1_row$i.log" 2>&1 &
+        pids+=($!)
+      done <output/proxy80_rows.txt
+      for p in "${pids[@]}"; do wait "$p" || rc=1; done
+      tail -n 3 output/proxy80_table1_row*.log
+      "$PY" tools/table1.py output/proxy80_rates/*/ output/proxy80_table1/*/*/ \
+        --out "$OUTDIR/proxy80_table1" || rc=1
+      pack_study proxy80_table1 '*/*/'; return $rc ;;
     proxy80-flstar)
       timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 15 --loss-types FLSTAR \
-        --gammas 0.125 0.25 0.5 --alphas 0.25 0.75 --seeds 0 1 2 3 4 --out output/proxy80 -- "${PROXY80_GPU[@]}"
-      local rc=$?; pack_study proxy80; return $rc ;;
+        --gammas 0.125 0.25 0.5 --alphas 0.25 --base-lrs "${PROXY80_RATES[@]}" --seeds 0 \
+        --out output/proxy80_flstar_rates -- "${PROXY80_GPU[@]}"
+      local rc=$?; pack_study proxy80_flstar_rates; return $rc ;;
   esac
 }
 

@@ -8,7 +8,9 @@ above the best CE with a 95% paired-bootstrap interval over the test images that
 prints the table and the three checks and writes <out>.md. Runs other than CE and FL (FL*, ...)
 are ignored; runs without saved detections get no interval (named on stderr). Runs of one row at
 several learning rates (tools/sweep.py --base-lrs): the row takes its best rate. Runs that
-diverged count in their row ('+ k diverged').
+diverged count in their row ('+ k diverged'). After a rate grid on one seed, --sweep-args prints
+the sweep.py arguments of each row at its rate (tools/gpu_checks.sh proxy80-table1 runs seeds 1-4
+with them).
 """
 
 import argparse
@@ -19,7 +21,7 @@ from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.errors import error_line
 from d2_focalstar.run.results import RunDiverged, RunRecordError, load_run
-from d2_focalstar.study.table1 import table1
+from d2_focalstar.study.table1 import sweep_args, table1, table1_rows
 
 
 def main(argv=None):
@@ -35,6 +37,12 @@ def main(argv=None):
         help=f"allow more than {MAX_RESAMPLES:,} resamples (hours to days)",
     )
     parser.add_argument("--bootstrap-seed", type=int, default=0)
+    parser.add_argument(
+        "--sweep-args",
+        action="store_true",
+        help="print, one line per row that was run, the tools/sweep.py arguments that run it at "
+        "its rate (add --seeds), and stop: seeds 1-4 at each row's rate after a rate grid",
+    )
     args = parser.parse_args(argv)
     if not os.path.basename(args.out) or os.path.isdir(args.out):
         parser.error(
@@ -57,6 +65,14 @@ def main(argv=None):
             records.append(e.record)
         except (FileNotFoundError, RunRecordError) as e:
             print(f"skipped {e}", file=sys.stderr)
+    if args.sweep_args:
+        try:
+            rows, _ = table1_rows(records)
+        except ValueError as e:
+            sys.exit(error_line("table1.py", e))
+        for line in sweep_args(rows):
+            print(" ".join(line))
+        return
     try:
         table, checks = table1(
             records,

@@ -10,7 +10,7 @@ import numpy as np
 from .intervals import interval_rows
 from .tables import group_by_setting, metrics_of
 
-__all__ = ["TABLE1", "table1"]
+__all__ = ["TABLE1", "table1", "table1_rows", "sweep_args"]
 
 #: RetinaNet's Table 1 (Lin et al., ICCV 2017; ResNet-50, COCO minival AP): (loss type, gamma,
 #: alpha, AP). (a) CE at three alphas; (b) FL at each gamma with the alpha the paper found best.
@@ -41,20 +41,12 @@ def _differ_only_in_rate(names, groups, suffixes, rate):
     )
 
 
-def table1(records, num_resamples=1000, seed=0, warn=None):
+def table1_rows(records):
     """
-    The proxy's runs beside RetinaNet's Table 1, and the three checks that make the proxy count
-    as calibrated: CE at alpha 0.75 above CE at 0.25; FL's best gamma 1 or 2; FL g=2 above the
-    best CE with a 95% paired-bootstrap interval (``interval_rows``) that excludes 0.
-
-    Runs are matched to a row by loss type and gamma (and alpha for CE; for FL the paper's alpha
-    where such runs exist, else the runs' own). Other runs (FL*, other knobs) are ignored. Where a
-    row has runs at several learning rates (tools/sweep.py --base-lrs), the rate with the highest
-    mean AP on the seeds all its rates share is the row's (losses differ in their best rate: one
-    shared rate can decide the comparison); the table names each row's rates and the pick.
-    Records of diverged runs (load_run's RunDiverged.record) count as that seed's failure: 0 AP
-    when a rate is picked, '+ k diverged' in the row, left out of its mean and interval.
-    Returns (markdown table, [(check, 'met' / 'not met' / 'not measured', detail)]).
+    Each row of Table 1 with the proxy's runs that match it (see ``table1``): dicts of loss,
+    gamma, paper_alpha, paper_ap, name (setting name among ``records``' CE and FL runs, None:
+    not run), alpha, lr (the row's rate), rates ([(rate, score, diverged, runs)] where several
+    were tried), seeds (finished), diverged, mean, sd; and {setting name: its records}.
     """
 
     def key(r):
@@ -128,6 +120,25 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
                 sd=float(np.std(aps, ddof=1)) if len(aps) > 1 else math.nan,
             )
         )
+    return rows, groups
+
+
+def table1(records, num_resamples=1000, seed=0, warn=None):
+    """
+    The proxy's runs beside RetinaNet's Table 1, and the three checks that make the proxy count
+    as calibrated: CE at alpha 0.75 above CE at 0.25; FL's best gamma 1 or 2; FL g=2 above the
+    best CE with a 95% paired-bootstrap interval (``interval_rows``) that excludes 0.
+
+    Runs are matched to a row by loss type and gamma (and alpha for CE; for FL the paper's alpha
+    where such runs exist, else the runs' own). Other runs (FL*, other knobs) are ignored. Where a
+    row has runs at several learning rates (tools/sweep.py --base-lrs), the rate with the highest
+    mean AP on the seeds all its rates share is the row's (losses differ in their best rate: one
+    shared rate can decide the comparison); the table names each row's rates and the pick.
+    Records of diverged runs (load_run's RunDiverged.record) count as that seed's failure: 0 AP
+    when a rate is picked, '+ k diverged' in the row, left out of its mean and interval.
+    Returns (markdown table, [(check, 'met' / 'not met' / 'not measured', detail)]).
+    """
+    rows, groups = table1_rows(records)
     # the rows' runs only, named again among themselves (a knob's usual value is the majority's):
     # the intervals are computed on them alone
     chosen = [
@@ -262,3 +273,19 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
             )
         )
     return "\n".join(lines) + "\n", checks
+
+
+def sweep_args(rows):
+    """Per row that was run, the tools/sweep.py arguments that run its setting at its rate (for
+    more seeds: add --seeds), e.g. ['--loss-types', 'FL', '--param', 'FL.gamma=2', '--alphas',
+    '0.25', '--base-lrs', '0.02']."""
+    out = []
+    for r in rows:
+        if r["name"] is None:
+            continue  # not run
+        args = ["--loss-types", r["loss"]]
+        args += ["--param", f"FL.gamma={r['gamma']:g}"] if r["gamma"] is not None else []
+        args += ["--alphas", f"{r['alpha']:g}"] if r["alpha"] is not None else []
+        args += ["--base-lrs", f"{r['lr']:g}"] if r["lr"] is not None else []
+        out.append(args)
+    return out
