@@ -99,6 +99,14 @@ def test_diagnose_runs_writes_the_table_and_names_a_run_without_detections(tmp_p
     assert "| a | FL g=2 | 50.25 | 75.00 | 66.34 | 66.67 | 66.67 | 33.33 |" in table
     assert (tmp_path / "d.csv").read_text().startswith("run,setting,AP,AR100,agnostic AP")
 
+    # a diverged run (no detections, nothing to diagnose) is skipped, named
+    _run(tmp_path / "c", str(gt_file), None)
+    record = json.loads((tmp_path / "c" / "results.json").read_text())
+    record.update(results={}, iteration=84, diverged="Loss became infinite or NaN")
+    (tmp_path / "c" / "results.json").write_text(json.dumps(record))
+    proc = run_here("tools/diagnose_runs.py", str(tmp_path / "a"), str(tmp_path / "c"))
+    assert proc.returncode == 0 and "| a | FL g=2 | 50.25 |" in proc.stdout, proc.output[-2000:]
+    assert "skipped " in proc.stderr and "diverged at iteration 84" in proc.stderr
     _run(tmp_path / "b", str(gt_file), None)
     proc = run_here("tools/diagnose_runs.py", str(tmp_path / "a"), str(tmp_path / "b"))
     assert_one_line_error(proc, "diagnose_runs.py", str(tmp_path / "b"), "no saved detections")

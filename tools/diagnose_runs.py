@@ -18,14 +18,19 @@ from d2_focalstar.evaluation.bootstrap import BootstrapError, detections_file, l
 from d2_focalstar.evaluation.diagnostics import DIAGNOSTIC_COLUMNS, detection_diagnostics
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.errors import error_line
-from d2_focalstar.run.results import RunRecordError, load_run
+from d2_focalstar.run.results import RunDiverged, RunRecordError, load_run
 from d2_focalstar.study.intervals import run_ground_truth
 from d2_focalstar.study.tables import setting_names, to_csv, to_markdown
 
 
 def diagnose(folders, name_parts=()):
     """(columns, rows): one row per run, in the order given."""
-    records = [load_run(f) for f in folders]
+    records = []
+    for folder in folders:
+        try:
+            records.append(load_run(folder))
+        except RunDiverged as e:  # nothing to diagnose: no detections
+            print(f"skipped {e}", file=sys.stderr)
     rows, truths = [], {}
     for record, name in zip(records, setting_names(records)):
         folder = record["folder"]
