@@ -107,6 +107,8 @@ def test_diagnose_runs_writes_the_table_and_names_a_run_without_detections(tmp_p
     proc = run_here("tools/diagnose_runs.py", str(tmp_path / "a"), str(tmp_path / "c"))
     assert proc.returncode == 0 and "| a | FL g=2 | 50.25 |" in proc.stdout, proc.output[-2000:]
     assert "skipped " in proc.stderr and "diverged at iteration 84" in proc.stderr
+    proc = run_here("tools/diagnose_runs.py", str(tmp_path / "c"))
+    assert_one_line_error(proc, "diagnose_runs.py", "none of the folders holds a finished run")
     _run(tmp_path / "b", str(gt_file), None)
     proc = run_here("tools/diagnose_runs.py", str(tmp_path / "a"), str(tmp_path / "b"))
     assert_one_line_error(proc, "diagnose_runs.py", str(tmp_path / "b"), "no saved detections")

@@ -694,7 +694,7 @@ def test_checkpoints_of_a_training_run_load_with_weights_only(tmp_path):
 # ---- divergence -------------------------------------------------------------------------------
 
 
-def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_path):
+def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     proc = run(
         "train_net.py",
         *QUICKSTART,
@@ -736,6 +736,17 @@ def test_divergence_stops_with_explanation_and_keeps_last_good_checkpoint(tmp_pa
     iteration = int(re.search(r"Training diverged at iteration (\d+)", msg).group(1))
     with pytest.raises(RunDiverged, match=f"diverged at iteration {iteration} \\(Loss became"):
         load_run(str(tmp_path))
+    # a try again in its folder that stops before its end (here: a crash) leaves no record of a
+    # divergence that no longer describes the folder (else sweeps would skip it for good)
+    from detectron2.engine import DefaultTrainer
+
+    def crash(self):
+        raise RuntimeError("stopped by the test")
+
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="stopped by the test"):
+        m.setattr(DefaultTrainer, "train", crash)
+        run_here("train_net.py", *QUICKSTART, "--resume", *FAST, "OUTPUT_DIR", str(tmp_path))
+    assert run_state(str(tmp_path)) == "interrupted"
     # tried again in its folder at a sane rate: the old record no longer holds
     proc = run_here(
         "train_net.py", *QUICKSTART, *FAST, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path)

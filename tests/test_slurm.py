@@ -432,3 +432,37 @@ def test_sweep_slurm_local_waits_for_its_runs_and_they_finish(tmp_path):
     (run,) = [p for p in out.iterdir() if p.is_dir() and p.name != "slurm"]
     assert (run / "results.json").is_file() and (run / "model_final.pth").is_file()
     assert f"[sweep 1/1] {run.name}: finished" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_a_local_job_in_a_folder_whose_training_diverged_says_so_and_trains_nothing(tmp_path):
+    """A divergence is a result: a job (a requeue, a second submission) on its folder does not
+    train it again, and says why in one line instead of crashing on the missing metrics."""
+    from detectron2.config import get_cfg
+
+    from d2_focalstar.config import add_focalstar_config
+    from d2_focalstar.run.results import run_state, write_results
+
+    out = tmp_path / "run"
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    cfg.OUTPUT_DIR = str(out)
+    write_results(cfg, {}, 84, diverged="Loss became infinite or NaN at iteration=84!")
+    proc = run_here(
+        "tools/submit_slurm.py",
+        "--local",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--time",
+        "5",
+        "--slurm-folder",
+        str(tmp_path / "slurm"),
+        "--",
+        *QUICKSTART,
+        "OUTPUT_DIR",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert "holds a training that diverged at iteration 84 (Loss became infinite" in proc.stdout
+    assert run_state(str(out)) == "diverged" and not list(out.glob("model_*.pth"))

@@ -1082,3 +1082,49 @@ def test_table1_puts_each_loss_at_its_own_best_rate(tmp_path):
     assert_one_line_error(
         run_here("tools/table1.py", *folders, *args), "table1.py", "FL gamma=2.0", "give one"
     )
+
+
+def _rate_record(loss, gamma, alpha, lr, seed, ap, diverged=False):
+    record = {
+        "loss_type": loss,
+        "params": {} if gamma is None else {"gamma": gamma},
+        "gamma": gamma,
+        "alpha": alpha,
+        "seed": seed,
+        "solver": {"base_lr": lr, "max_iter": 3000},
+        "results": {} if diverged else {"bbox": {"AP": ap}},
+        "folder": f"{loss}_{gamma}_{alpha}_{lr}_s{seed}",
+    }
+    if diverged:
+        record.update(diverged="Loss became infinite or NaN", iteration=84)
+    return record
+
+
+def test_table1_rate_pick_does_not_depend_on_the_other_runs_given():
+    """Where every rate of a row diverged on the grid's seed, the row keeps the rate whose seeds
+    were run after the grid (more finished seeds), then the lowest, whatever the other rows'
+    rates; a finished run with no AP (it detected nothing: COCO's NaN) counts as AP 0 and does
+    not take the seeds the rates share away."""
+    from d2_focalstar.study.table1 import table1_rows
+
+    grid = [_rate_record("CE", None, 0.75, lr, 0, None, True) for lr in (0.0025, 0.005, 0.02)]
+    fl = [_rate_record("FL", 2.0, 0.25, 0.02, s, 40.0) for s in range(5)]
+    rows, _ = table1_rows(grid + fl[:1])
+    ce = next(r for r in rows if r["loss"] == "CE" and r["paper_alpha"] == 0.75)
+    assert ce["lr"] == 0.0025 and ce["diverged"] == 1 and ce["seeds"] == 0
+    more = [_rate_record("CE", None, 0.75, 0.0025, s, 15.0) for s in (1, 2, 3, 4)]
+    rows, _ = table1_rows(grid + more + fl)  # 0.02 now the most common rate of all runs
+    ce = next(r for r in rows if r["loss"] == "CE" and r["paper_alpha"] == 0.75)
+    assert ce["lr"] == 0.0025 and ce["seeds"] == 4 and ce["diverged"] == 1
+    # a rate that detected nothing (NaN AP) on seed 0: still scored on seed 0, as 0
+    runs = [_rate_record("CE", None, 0.75, 0.005, s, 30.0 if s == 0 else 25.0) for s in range(5)]
+    runs += [_rate_record("CE", None, 0.75, 0.02, 0, 29.0)]
+    runs += [_rate_record("CE", None, 0.75, 0.04, 0, float("nan"))]
+    rows, _ = table1_rows(runs)
+    ce = next(r for r in rows if r["loss"] == "CE" and r["paper_alpha"] == 0.75)
+    assert ce["lr"] == 0.005 and ce["seeds"] == 5
+    assert [(lr, score) for lr, score, _, _ in ce["rates"]] == [
+        (0.005, 30.0),
+        (0.02, 29.0),
+        (0.04, 0.0),
+    ]

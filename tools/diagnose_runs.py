@@ -31,6 +31,8 @@ def diagnose(folders, name_parts=()):
             records.append(load_run(folder))
         except RunDiverged as e:  # nothing to diagnose: no detections
             print(f"skipped {e}", file=sys.stderr)
+    if not records:
+        raise BootstrapError("none of the folders holds a finished run: nothing to diagnose")
     rows, truths = [], {}
     for record, name in zip(records, setting_names(records)):
         folder = record["folder"]

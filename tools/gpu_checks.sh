@@ -153,11 +153,13 @@ run_step() {
       "$PY" tools/table1.py output/proxy80_rates/*/ --sweep-args >output/proxy80_rows.txt
       local rc=$?; pack_study proxy80_rates; [ $rc -eq 0 ] || return $rc
       # 2. seeds 1-4 of each row at its rate, the rows side by side (a sweep per row: its own folder)
+      t=$(left)  # (timeout 0 would mean no limit)
+      if [ "$t" -lt 30 ]; then echo "[gpu_checks] $step: seeds 1-4 not started, ${t} s left"; return 1; fi
       local i=0 pids=() row p
       while read -r row; do
         i=$((i + 1))
         # shellcheck disable=SC2086  # $row is the row's sweep.py arguments
-        OMP_NUM_THREADS=1 timeout -k 20 "$(left)" "$PY" tools/sweep.py --config-file $PROXY80_CFG \
+        OMP_NUM_THREADS=1 timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY80_CFG \
           --jobs 2 $row --seeds 1 2 3 4 --out "output/proxy80_table1/row$i" -- "${PROXY80_GPU[@]}" \
           >"output/proxy80_table1_row$i.log" 2>&1 &
         pids+=($!)

@@ -84,6 +84,13 @@ def submit_and_report(args, train_args):
             sys.exit(143 if isinstance(e, Terminated) else 130)
         if failed:
             raise SlurmError(f"the job failed: {failed}")
+        if "diverged" in record:  # an earlier training in the folder diverged: not retried
+            print(
+                f"[{PROG}] {job.output_dir} holds a training that diverged at iteration "
+                f"{record.get('iteration')} ({record['diverged']}): a result, not retried; "
+                "delete its results.json to train again"
+            )
+            return
         print(
             f"[{PROG}] finished: {os.path.join(job.output_dir, 'results.json')} "
             f"(iteration {record.get('iteration')})"

@@ -35,7 +35,7 @@ import time
 from .errors import reported_message
 from .preemption import preemption_signal
 from .processes import die_with_parent, stop_process_groups
-from .results import load_run, run_state
+from .results import RunDiverged, load_run, run_state
 
 __all__ = [
     "SlurmError",
@@ -149,7 +149,10 @@ class TrainJob:
                 "(results.json): nothing to train",
                 flush=True,
             )
-            return load_run(self.output_dir) if state == "done" else None
+            try:
+                return load_run(self.output_dir)
+            except RunDiverged as e:  # its record, as for a training that diverged here
+                return e.record
         resume = ["--resume"] if run_state(self.output_dir) == "interrupted" else []
         cmd = [
             sys.executable,

@@ -178,7 +178,7 @@ def training_errors(trainer):
                 trainer.cfg,
                 {},
                 iteration=trainer.iter,
-                diverged=str(e).splitlines()[0][:300],
+                diverged=(str(e).strip().splitlines() or [type(e).__name__])[0][:300],
             )
         raise TrainingDiverged(divergence_message(trainer.cfg, trainer.iter, e, last())) from None
     except EvaluationImageError as e:

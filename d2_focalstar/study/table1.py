@@ -55,17 +55,18 @@ def table1_rows(records):
     def rate(name):
         return (groups[name][0].get("solver") or {}).get("base_lr")
 
-    def ap_by_seed(name, diverged_as=None):
-        """{seed: AP} of a setting's finished runs; its diverged ones at ``diverged_as`` (None:
-        left out)."""
+    def ap_by_seed(name, failed_as=None):
+        """{seed: AP} of a setting's finished runs with an AP; its diverged runs and those
+        without an AP (no detections: COCO's NaN) at ``failed_as`` (None: left out)."""
         aps = {
-            r.get("seed", 0): diverged_as if r.get("diverged") else metrics_of(r).get("AP")
+            r.get("seed", 0): None if "diverged" in r else metrics_of(r).get("AP")
             for r in groups[name]
         }
-        return {s: v for s, v in aps.items() if v is not None and not math.isnan(v)}
+        aps = {s: failed_as if v is None or math.isnan(v) else v for s, v in aps.items()}
+        return {s: v for s, v in aps.items() if v is not None}
 
     def diverged(name):
-        return sum(1 for r in groups[name] if r.get("diverged"))
+        return sum(1 for r in groups[name] if "diverged" in r)
 
     ours = [r for r in records if r["loss_type"] in ("CE", "FL")]
     groups, suffixes = group_by_setting(ours)
@@ -87,16 +88,20 @@ def table1_rows(records):
         if len(found) > 1 and _differ_only_in_rate(found, groups, suffixes, rate):
             # each loss at its own best rate: the one with the highest mean AP on the seeds all
             # its rates have (the rate grid's seed), else on each rate's own seeds; a seed that
-            # diverged counts as AP 0 (it detects nothing)
-            by_seed = {n: ap_by_seed(n, diverged_as=0.0) for n in found}
+            # diverged or detected nothing counts as AP 0. Ties (every rate diverged): the rate
+            # with more finished seeds, then the lower rate, whatever other runs are given
+            by_seed = {n: ap_by_seed(n, failed_as=0.0) for n in found}
             common = set.intersection(*(set(a) for a in by_seed.values()))
 
             def score(n, common=common, by_seed=by_seed):
                 aps = [v for s, v in by_seed[n].items() if s in common or not common]
                 return float(np.mean(aps)) if aps else -math.inf
 
+            def best(n):
+                return score(n), len(ap_by_seed(n)), -rate(n)
+
             rates = sorted((rate(n), score(n), diverged(n), len(groups[n])) for n in found)
-            found = [max(found, key=score)]
+            found = [max(found, key=best)]
         if len(found) > 1 or (found and len({r.get("alpha") for r in groups[found[0]]}) > 1):
             raise ValueError(
                 f"Table 1's {loss} gamma={gamma} alpha={alpha} matches {found}: give one "
@@ -141,12 +146,10 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
     rows, groups = table1_rows(records)
     # the rows' runs only, named again among themselves (a knob's usual value is the majority's):
     # the intervals are computed on them alone
-    chosen = [
-        r for row in rows if row["name"] for r in groups[row["name"]] if not r.get("diverged")
-    ]
+    chosen = [r for row in rows if row["name"] for r in groups[row["name"]] if "diverged" not in r]
     renamed = {id(r): n for n, rs in group_by_setting(chosen)[0].items() for r in rs}
     for row in rows:
-        finished = [r for r in groups.get(row["name"], ()) if not r.get("diverged")]
+        finished = [r for r in groups.get(row["name"], ()) if "diverged" not in r]
         row["name"] = renamed[id(finished[0])] if finished else None
     ours = chosen
     measured = [r for r in rows if r["seeds"]]
@@ -201,7 +204,8 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
 
         def setting(r):
             gamma = "" if r["gamma"] is None else f" g={r['gamma']:g}"
-            return f"{r['loss']}{gamma} alpha {r['alpha']:g}"
+            alpha = "" if r["alpha"] is None else f" alpha {r['alpha']:g}"
+            return f"{r['loss']}{gamma}{alpha}"
 
         lines.append("")
         lines.append(
@@ -285,7 +289,8 @@ def sweep_args(rows):
             continue  # not run
         args = ["--loss-types", r["loss"]]
         args += ["--param", f"FL.gamma={r['gamma']:g}"] if r["gamma"] is not None else []
-        args += ["--alphas", f"{r['alpha']:g}"] if r["alpha"] is not None else []
-        args += ["--base-lrs", f"{r['lr']:g}"] if r["lr"] is not None else []
+        # repr: the exact value (":g" keeps 6 digits, another setting than the grid's run)
+        args += ["--alphas", repr(float(r["alpha"]))] if r["alpha"] is not None else []
+        args += ["--base-lrs", repr(float(r["lr"]))] if r["lr"] is not None else []
         out.append(args)
     return out
