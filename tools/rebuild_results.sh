@@ -33,5 +33,11 @@ for IT in 1000 2000; do
 done
 # each loss on its short rate grid (and FL on an alpha grid), each against CE alpha 0.75 at 0.005
 $PY tools/compare.py $R/proxy80/*/ $R/proxy80_levers/*/ --versus "CE" --out $R/proxy80_levers_vs_ce
-$PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_curve/*/ \
+$PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ $R/proxy80_curve/*/ \
   --name-parts colour fill shape --out $R/proxy80_diagnostics
+# the pair's seeds (FL g=2 at 0.02, CE alpha 0.75 at 0.005; a diverged seed is named and skipped),
+# and Table 1 as far as it is run: each row at its best rate among the kept runs, diverged seeds
+# counted
+$PY tools/compare.py $R/proxy80/ce_a0.75_s0/ $R/proxy80_levers/fl_g2_a0.25_s0_lr0.02/ \
+  $R/proxy80_seeds/*/ --versus "CE" --out $R/proxy80_seeds_vs_ce
+$PY tools/table1.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ --out $R/proxy80_table1
