@@ -235,11 +235,6 @@ def _read_record(folder):
         return None  # damaged: compare.py names it; a sweep leaves it as it is
 
 
-def _evaluation_failed(folder):
-    record = _read_record(folder)
-    return isinstance(record, dict) and record.get("evaluation_error") is not None
-
-
 def forget_divergence(folder):
     """Before a training starts in ``folder`` (again, e.g. --resume with a lower rate): a record
     of an earlier divergence there no longer describes the run, and is removed."""
@@ -251,8 +246,11 @@ def run_state(folder):
     """'done' (results.json written), 'diverged' (its record says the training diverged: a
     result, not retried), 'interrupted' (a checkpoint to resume from, also a finished training
     whose evaluation failed: resuming evaluates it) or 'new'."""
-    if os.path.isfile(os.path.join(folder, RESULTS_FILE)) and not _evaluation_failed(folder):
-        return "diverged" if _diverged_record(_read_record(folder)) else "done"
+    if os.path.isfile(os.path.join(folder, RESULTS_FILE)):
+        record = _read_record(folder)  # a damaged one: 'done' (compare.py names it)
+        evaluation_failed = isinstance(record, dict) and record.get("evaluation_error") is not None
+        if not evaluation_failed:
+            return "diverged" if _diverged_record(record) else "done"
     if last_checkpoint(folder) is not None:  # last_checkpoint, else the newest checkpoint
         return "interrupted"
     return "new"

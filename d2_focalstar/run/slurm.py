@@ -153,7 +153,7 @@ class TrainJob:
                 return load_run(self.output_dir)
             except RunDiverged as e:  # its record, as for a training that diverged here
                 return e.record
-        resume = ["--resume"] if run_state(self.output_dir) == "interrupted" else []
+        resume = ["--resume"] if state == "interrupted" else []
         cmd = [
             sys.executable,
             self.script,
