@@ -1084,6 +1084,111 @@ def test_table1_puts_each_loss_at_its_own_best_rate(tmp_path):
     )
 
 
+def test_ablation_gives_the_gap_and_its_interval_at_each_step(tmp_path):
+    """tools/ablation.py: per step, FL g=2 against the best CE at their best rates, with the
+    interval; a step without runs is 'not run' and the next step's move is not from it; the gap's
+    move between two run steps is the difference of their gaps."""
+    before = _table1_runs(
+        tmp_path, {("CE", None, 0.75, None): 0.2, ("FL", 2.0, 0.25, None): 0.7}, runs="before"
+    )
+    after = _table1_runs(
+        tmp_path,
+        {
+            ("CE", None, 0.75, 0.005): 0.6,
+            ("CE", None, 0.75, 0.02): 0.9,  # CE's rate: 0.005
+            ("FL", 2.0, 0.25, 0.005): 0.8,
+            ("FL", 2.0, 0.25, 0.02): 0.0,  # FL's rate: 0.02
+        },
+        runs="after",
+    )
+    args = ["--resamples", "100", "--out", str(tmp_path / "abl")]
+    steps = ["--step", "before", *before, "--step", "+ lever", "--step", "after", *after]
+    proc = run_here("tools/ablation.py", *steps, *args, check=True)
+    text = (tmp_path / "abl.md").read_text()
+    assert text in proc.stdout
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()[2:5]}
+    assert rows["+ lever"] == ["not run", "not run", "not run", " |"]
+    gaps = {}
+    for step, sign in (("before", -1), ("after", +1)):
+        ce, fl, gap, moved = rows[step]
+        d, interval = gap.strip("*").split(" ", 1)
+        low, high = (float(v) for v in interval.strip("*[]").split(", "))
+        assert sign * low > 0 and sign * high > 0 and gap.startswith("**")  # excludes 0: bold
+        assert low <= float(d) <= high
+        gaps[step] = float(d)
+        assert "alpha 0.75" in ce and "2 seeds" in ce and "2 seeds" in fl
+        assert moved == " |"  # the step before 'after' was not run
+    assert "lr 0.005" in rows["after"][0] and "lr 0.02" in rows["after"][1]
+    # two run steps in a row: the move is the difference of their gaps
+    proc = run_here("tools/ablation.py", "--step", "a", *before, "--step", "b", *after, *args)
+    b = next(line for line in proc.stdout.splitlines() if line.startswith("| b |"))
+    assert b.split(" | ")[4] == f"{gaps['after'] - gaps['before']:+.2f} |"
+    # a step whose folders hold no run, and a step mixing two settings: one line naming it
+    assert_one_line_error(
+        run_here("tools/ablation.py", "--step", "empty", str(tmp_path), *args),
+        "ablation.py",
+        "step 'empty': none of its folders is a run",
+    )
+    for seed in (0, 1):  # FL g=2 of 'after' at another schedule too: not one setting
+        path = tmp_path / "after" / f"FL_2.0_0.25_0.02_s{seed}" / "results.json"
+        record = json.loads(path.read_text())
+        record["solver"]["max_iter"] = 6000
+        path.write_text(json.dumps(record))
+    assert_one_line_error(
+        run_here("tools/ablation.py", "--step", "after", *after, *args),
+        "ablation.py",
+        "step 'after'",
+        "FL gamma=2.0",
+    )
+
+
+def test_ablation_configs_change_one_thing_per_step():
+    """configs/proxy80_ablation/: each step differs from the one before only in what its label
+    says, and the last differs from the round-3 proxy only in the schedule (and speed settings)."""
+
+    def load(name):  # the files alone (load_config also checks that the weights exist)
+        cfg = get_cfg()
+        add_focalstar_config(cfg)
+        cfg.merge_from_file(os.path.join(REPO, "configs", name))
+        return cfg
+
+    def flat(cfg, prefix=""):
+        out = {}
+        for k, v in cfg.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    def changed(a, b):
+        fa, fb = (flat(load(c)) for c in (a, b))
+        return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)} - {"OUTPUT_DIR"}
+
+    chain = [
+        "proxy_shapes_flstar.yaml",
+        "proxy80_ablation/1_classes.yaml",
+        "proxy80_ablation/2_no_clipping.yaml",
+        "proxy80_ablation/3_neutral_trunk.yaml",
+    ]
+    steps = [changed(a, b) for a, b in zip(chain, chain[1:])]
+    assert steps[0] == {
+        "MODEL.RETINANET.NUM_CLASSES",
+        "DATASETS.TRAIN",
+        "DATASETS.TEST",
+        "TEST.SAFETY.CLASSES",
+    }
+    assert steps[1] == {"SOLVER.CLIP_GRADIENTS.ENABLED"}
+    assert steps[2] == {"MODEL.WEIGHTS", "MODEL.BACKBONE.FREEZE_AT"}
+    schedule = {"SOLVER.IMS_PER_BATCH", "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS"}
+    speed = {
+        "SOLVER.BASE_LR",  # the ablation sets it by a rate grid
+        "SOLVER.CHECKPOINT_PERIOD",
+        "TEST.EVAL_PERIOD",
+        "DATALOADER.NUM_WORKERS",
+        "MODEL.BACKBONE.NAME",  # the cached trunk's, the same ResNet
+        "MODEL.FOCALSTAR.FEATURE_CACHE",
+    }
+    assert changed(chain[-1], "proxy80_flstar.yaml") == schedule | speed
+
+
 def _rate_record(loss, gamma, alpha, lr, seed, ap, diverged=False):
     record = {
         "loss_type": loss,

@@ -33,7 +33,14 @@
 #                   -> OUTDIR/proxy80_rates.tgz, OUTDIR/proxy80_table1.tgz, OUTDIR/proxy80_table1.md
 #   proxy80-flstar  FL* gamma .125/.25/.5 (alpha .25) on the same rate grid, seed 0 (15 runs):
 #                   its own best rates, before its seeds    -> OUTDIR/proxy80_flstar_rates.tgz
-#   (the three in one call: a fresh machine keeps nothing from an earlier one)
+#   proxy80-ablation  what moves the FL-vs-CE gap between the round-2 proxy and the round-3 one
+#                   (tools/ablation.py): CE alpha .75 and FL g2 alpha .25 on the round-2 proxy, then
+#                   + 80 classes, + no clipping, + the round-3 trunk (configs/proxy80_ablation/),
+#                   the rate grid on seed 0 (40 runs of 600 iterations, 10 at once), then seeds 1-2
+#                   at each one's rate (16 at once); the last step is proxy80-table1's runs. Makes
+#                   the round-2 CE-trained trunk first (~1 min) and needs proxy80-pretrain's
+#                   -> OUTDIR/proxy80_ablation.tgz, OUTDIR/proxy80_ablation.md
+#   (the four in one call: a fresh machine keeps nothing from an earlier one)
 # A study's .tgz holds, per run, results.json, metrics.json, config.yaml (the files docs/results/
 # keeps), log.txt and the saved detections (inference/coco_instances_results.json, for the
 # comparison's intervals), and the comparison of all its runs (tools/compare.py). Unpack it with
@@ -45,7 +52,7 @@
 # /tmp/site first, with no index.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS="env test bench bench-loss blocks study study-lr proxy-pretrain proxy-table1 proxy-flstar proxy80-pretrain proxy80-table1 proxy80-flstar"
+STEPS="env test bench bench-loss blocks study study-lr proxy-pretrain proxy-table1 proxy-flstar proxy80-pretrain proxy80-table1 proxy80-flstar proxy80-ablation"
 OUTDIR=${1:?usage: bash tools/gpu_checks.sh OUTDIR STEP... (steps: $STEPS)}
 shift
 [ $# -gt 0 ] || { echo "gpu_checks.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -80,6 +87,10 @@ PROXY80_CFG=configs/proxy80_flstar.yaml
 # on the GPU the proxy's frozen trunk runs (the feature cache is the CPU's speed lever)
 PROXY80_GPU=(MODEL.DEVICE cuda MODEL.FOCALSTAR.FEATURE_CACHE "" DATALOADER.NUM_WORKERS 2)
 PROXY80_RATES=(0.0025 0.005 0.01 0.02 0.04)
+# the ablation's steps, in the chain's order (tools/ablation.py); the round-3 proxy is the last
+ABLATION_CFGS=(configs/proxy_shapes_flstar.yaml configs/proxy80_ablation/1_classes.yaml
+  configs/proxy80_ablation/2_no_clipping.yaml configs/proxy80_ablation/3_neutral_trunk.yaml)
+ABLATION_PAIR=("--loss-types CE --alphas 0.75" "--loss-types FL --param FL.gamma=2 --alphas 0.25")
 pack_study() {  # folder name [run glob] -> OUTDIR/name.tgz with the kept files of each run and the comparison
   local name=$1 dir=output/$1 runs=${2:-*/}
   [ -d "$dir" ] || return 0
@@ -174,6 +185,58 @@ run_step() {
         --gammas 0.125 0.25 0.5 --alphas 0.25 --base-lrs "${PROXY80_RATES[@]}" --seeds 0 \
         --out output/proxy80_flstar_rates -- "${PROXY80_GPU[@]}"
       local rc=$?; pack_study proxy80_flstar_rates; return $rc ;;
+    proxy80-ablation)
+      if [ ! -f output/pretrain_shapes_r18/backbone.pth ]; then  # configs/proxy_shapes_flstar.yaml's
+        timeout -k 20 "$t" "$PY" train_net.py --config-file configs/quickstart_flstar.yaml \
+          MODEL.DEVICE cuda MODEL.FOCALSTAR.LOSS_TYPE CE MODEL.RETINANET.FOCAL_LOSS_ALPHA 0.5 \
+          OUTPUT_DIR output/pretrain_shapes_detector &&
+        "$PY" tools/pretrain_backbone.py --from-detector \
+          output/pretrain_shapes_detector/model_final.pth --out output/pretrain_shapes_r18 || return 1
+      fi
+      [ -f output/proxy80_backbone/backbone.pth ] ||
+        { echo "[gpu_checks] $step: run proxy80-pretrain first (the round-3 trunk)"; return 1; }
+      local rc=0 cfg name pair pids=() p row i
+      for cfg in "${ABLATION_CFGS[@]}"; do  # 1. the rate grid, seed 0: the step's two losses at once
+        name=$(basename "$cfg" .yaml); pids=(); t=$(left)
+        if [ "$t" -lt 30 ]; then echo "[gpu_checks] $step: $name not started, ${t} s left"; rc=1; break; fi
+        for pair in "${ABLATION_PAIR[@]}"; do
+          # shellcheck disable=SC2086  # $pair is sweep.py arguments
+          timeout -k 20 "$t" "$PY" tools/sweep.py --config-file "$cfg" --jobs 5 $pair \
+            --base-lrs "${PROXY80_RATES[@]}" --seeds 0 --out "output/proxy80_ablation/$name" \
+            -- MODEL.DEVICE cuda DATALOADER.NUM_WORKERS 1 >>"output/proxy80_ablation_$name.log" 2>&1 &
+          pids+=($!)
+        done
+        for p in "${pids[@]}"; do wait "$p" || rc=1; done
+        tail -n 2 "output/proxy80_ablation_$name.log"
+      done
+      t=$(left)
+      if [ "$t" -lt 30 ]; then echo "[gpu_checks] $step: seeds 1-2 not started, ${t} s left"; rc=1; fi
+      pids=()
+      for cfg in "${ABLATION_CFGS[@]}"; do  # 2. seeds 1-2 of each step's two rows at their rates
+        [ "$t" -ge 30 ] || break
+        name=$(basename "$cfg" .yaml); i=0
+        while read -r row; do
+          i=$((i + 1))
+          # shellcheck disable=SC2086  # $row is the row's sweep.py arguments
+          timeout -k 20 "$t" "$PY" tools/sweep.py --config-file "$cfg" --jobs 2 $row --seeds 1 2 \
+            --out "output/proxy80_ablation/${name}_seeds_row$i" -- MODEL.DEVICE cuda \
+            DATALOADER.NUM_WORKERS 1 >>"output/proxy80_ablation_${name}_seeds.log" 2>&1 &
+          pids+=($!)
+        done < <("$PY" tools/table1.py "output/proxy80_ablation/$name"/*/ --sweep-args)
+      done
+      for p in "${pids[@]}"; do wait "$p" || rc=1; done
+      local A=output/proxy80_ablation R3=(output/proxy80_rates output/proxy80_table1/*)
+      "$PY" tools/ablation.py \
+        --step "round-2 proxy, the shared rate 0.01" $A/proxy_shapes_flstar/*_lr0.01/ \
+        --step "round-2 proxy, each loss at its rate" $A/proxy_shapes_flstar/*/ \
+          $A/proxy_shapes_flstar_seeds_row*/*/ \
+        --step "+ 80 classes" $A/1_classes/*/ $A/1_classes_seeds_row*/*/ \
+        --step "+ no clipping" $A/2_no_clipping/*/ $A/2_no_clipping_seeds_row*/*/ \
+        --step "+ the round-3 trunk, frozen whole" $A/3_neutral_trunk/*/ $A/3_neutral_trunk_seeds_row*/*/ \
+        --step "+ 3,000 iterations of 16: the round-3 proxy" \
+          $(find "${R3[@]}" -maxdepth 1 -type d \( -name 'ce_a0.75_*' -o -name 'fl_g2_a0.25_*' \) 2>/dev/null) \
+        --out "$OUTDIR/proxy80_ablation" || rc=1
+      pack_study proxy80_ablation '3_neutral_trunk/*/'; return $rc ;;  # (compare.py: one step's runs)
   esac
 }
 

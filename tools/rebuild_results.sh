@@ -41,3 +41,13 @@ $PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*
 $PY tools/compare.py $R/proxy80/ce_a0.75_s0/ $R/proxy80_levers/fl_g2_a0.25_s0_lr0.02/ \
   $R/proxy80_seeds/*/ --versus "CE" --out $R/proxy80_seeds_vs_ce
 $PY tools/table1.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ --out $R/proxy80_table1
+# the ablation of the FL-vs-CE gap from the round-2 proxy to the round-3 one, as far as it is run
+# (the three steps between are tools/gpu_checks.sh proxy80-ablation; the round-2 proxy at 1,500
+# iterations, a schedule lever off this chain, is in proxy_shapes_long_vs_ce)
+$PY tools/ablation.py \
+  --step "round-2 proxy (4 classes, clipping, CE-trained trunk, 600 it of 8), the shared rate 0.01" \
+    $R/proxy_shapes/ce_a0.75_s*/ $R/proxy_shapes/fl_g2_s*/ \
+  --step "+ 80 classes" --step "+ no clipping" --step "+ the round-3 trunk, frozen whole" \
+  --step "+ 3,000 it of 16: the round-3 proxy, the shared rate 0.005" $R/proxy80/*/ \
+  --step "+ each loss at its best rate (more seeds)" $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ \
+  --out $R/proxy80_ablation

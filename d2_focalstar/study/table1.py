@@ -10,7 +10,7 @@ import numpy as np
 from .intervals import interval_rows
 from .tables import group_by_setting, metrics_of
 
-__all__ = ["TABLE1", "table1", "table1_rows", "sweep_args"]
+__all__ = ["TABLE1", "fl_versus_best_ce", "table1", "table1_rows", "sweep_args"]
 
 #: RetinaNet's Table 1 (Lin et al., ICCV 2017; ResNet-50, COCO minival AP): (loss type, gamma,
 #: alpha, AP). (a) CE at three alphas; (b) FL at each gamma with the alpha the paper found best.
@@ -128,6 +128,36 @@ def table1_rows(records):
     return rows, groups
 
 
+def _versus_best_ce(rows, groups, num_resamples, seed, warn):
+    """The best CE row of ``table1_rows`` (highest mean AP) and {row name: (AP difference, low,
+    high)} of every row against it: a paired bootstrap on the rows' finished runs alone. Renames
+    each row's ``name`` to its setting's name among those runs (None: no finished run)."""
+    # named again among themselves (a knob's usual value is the majority's)
+    chosen = [r for row in rows if row["name"] for r in groups[row["name"]] if "diverged" not in r]
+    renamed = {id(r): n for n, rs in group_by_setting(chosen)[0].items() for r in rs}
+    for row in rows:
+        finished = [r for r in groups.get(row["name"], ()) if "diverged" not in r]
+        row["name"] = renamed[id(finished[0])] if finished else None
+    ce = [r for r in rows if r["seeds"] and r["loss"] == "CE"]
+    best_ce = max(ce, key=lambda r: r["mean"]) if ce else None
+    intervals = {}
+    if best_ce is not None:
+        for row in interval_rows(chosen, best_ce["name"], num_resamples, seed, warn):
+            intervals[row["setting"]] = (row["AP diff"], row["AP low"], row["AP high"])
+    return best_ce, intervals
+
+
+def fl_versus_best_ce(records, num_resamples=1000, seed=0, warn=None):
+    """FL g=2 against the best CE among ``records`` (each row at its best rate, as in
+    ``table1``): (best CE row, FL g=2 row, (AP difference, low, high) or None where either is
+    missing). The rows are ``table1_rows``' dicts."""
+    rows, groups = table1_rows(records)
+    best_ce, intervals = _versus_best_ce(rows, groups, num_resamples, seed, warn)
+    fl2 = next(r for r in rows if r["loss"] == "FL" and r["gamma"] == 2.0)
+    gap = intervals.get(fl2["name"]) if fl2["name"] and best_ce is not None else None
+    return best_ce, fl2, gap
+
+
 def table1(records, num_resamples=1000, seed=0, warn=None):
     """
     The proxy's runs beside RetinaNet's Table 1, and the three checks that make the proxy count
@@ -144,21 +174,7 @@ def table1(records, num_resamples=1000, seed=0, warn=None):
     Returns (markdown table, [(check, 'met' / 'not met' / 'not measured', detail)]).
     """
     rows, groups = table1_rows(records)
-    # the rows' runs only, named again among themselves (a knob's usual value is the majority's):
-    # the intervals are computed on them alone
-    chosen = [r for row in rows if row["name"] for r in groups[row["name"]] if "diverged" not in r]
-    renamed = {id(r): n for n, rs in group_by_setting(chosen)[0].items() for r in rs}
-    for row in rows:
-        finished = [r for r in groups.get(row["name"], ()) if "diverged" not in r]
-        row["name"] = renamed[id(finished[0])] if finished else None
-    ours = chosen
-    measured = [r for r in rows if r["seeds"]]
-    ce = [r for r in measured if r["loss"] == "CE"]
-    best_ce = max(ce, key=lambda r: r["mean"]) if ce else None
-    intervals = {}
-    if best_ce is not None:
-        for row in interval_rows(ours, best_ce["name"], num_resamples, seed, warn):
-            intervals[row["setting"]] = (row["AP diff"], row["AP low"], row["AP high"])
+    best_ce, intervals = _versus_best_ce(rows, groups, num_resamples, seed, warn)
     paper_best_ce = max(p[3] for p in TABLE1 if p[0] == "CE")
 
     def cell(r):
