@@ -1119,10 +1119,24 @@ def test_ablation_gives_the_gap_and_its_interval_at_each_step(tmp_path):
         assert "alpha 0.75" in ce and "2 seeds" in ce and "2 seeds" in fl
         assert moved == " |"  # the step before 'after' was not run
     assert "lr 0.005" in rows["after"][0] and "lr 0.02" in rows["after"][1]
+    # the gap is table1.py's FL g=2 against the best CE on the same runs
+    t1 = run_here("tools/table1.py", *after, *args[:2], "--out", str(tmp_path / "t1")).stdout
+    fl2 = next(line for line in t1.splitlines() if line.startswith("| FL | 2 |"))
+    assert fl2.split(" | ")[-1] == rows["after"][2].strip("*") + " |"
     # two run steps in a row: the move is the difference of their gaps
     proc = run_here("tools/ablation.py", "--step", "a", *before, "--step", "b", *after, *args)
     b = next(line for line in proc.stdout.splitlines() if line.startswith("| b |"))
     assert b.split(" | ")[4] == f"{gaps['after'] - gaps['before']:+.2f} |"
+    # CE diverged at every rate of a step: said so, and no gap
+    for path in (tmp_path / "after").glob("CE_*/results.json"):
+        record = json.loads(path.read_text())
+        record.update(results={}, iteration=39, diverged="Loss became infinite or NaN")
+        path.write_text(json.dumps(record))
+    proc = run_here("tools/ablation.py", "--step", "a", *before, "--step", "b", *after, *args)
+    b = next(line for line in proc.stdout.splitlines() if line.startswith("| b |"))
+    # (both rates failed on both seeds: the tie goes to the lower rate)
+    assert b.split(" | ")[1:3] == ["all diverged (alpha 0.75, lr 0.005, 2 seeds)", rows["after"][1]]
+    assert b.endswith("|  |  |")
     # a step whose folders hold no run, and a step mixing two settings: one line naming it
     assert_one_line_error(
         run_here("tools/ablation.py", "--step", "empty", str(tmp_path), *args),
@@ -1178,15 +1192,15 @@ def test_ablation_configs_change_one_thing_per_step():
     assert steps[1] == {"SOLVER.CLIP_GRADIENTS.ENABLED"}
     assert steps[2] == {"MODEL.WEIGHTS", "MODEL.BACKBONE.FREEZE_AT"}
     schedule = {"SOLVER.IMS_PER_BATCH", "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS"}
+    rate = {"SOLVER.BASE_LR"}  # the round-2 proxy's; the ablation runs a rate grid
     speed = {
-        "SOLVER.BASE_LR",  # the ablation sets it by a rate grid
         "SOLVER.CHECKPOINT_PERIOD",
         "TEST.EVAL_PERIOD",
         "DATALOADER.NUM_WORKERS",
         "MODEL.BACKBONE.NAME",  # the cached trunk's, the same ResNet
         "MODEL.FOCALSTAR.FEATURE_CACHE",
     }
-    assert changed(chain[-1], "proxy80_flstar.yaml") == schedule | speed
+    assert changed(chain[-1], "proxy80_flstar.yaml") == schedule | rate | speed
 
 
 def _rate_record(loss, gamma, alpha, lr, seed, ap, diverged=False):

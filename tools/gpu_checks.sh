@@ -199,10 +199,11 @@ run_step() {
       for cfg in "${ABLATION_CFGS[@]}"; do  # 1. the rate grid, seed 0: the step's two losses at once
         name=$(basename "$cfg" .yaml); pids=(); t=$(left)
         if [ "$t" -lt 30 ]; then echo "[gpu_checks] $step: $name not started, ${t} s left"; rc=1; break; fi
-        for pair in "${ABLATION_PAIR[@]}"; do
+        for pair in "${ABLATION_PAIR[@]}"; do  # a folder each: a sweep locks its --out
           # shellcheck disable=SC2086  # $pair is sweep.py arguments
           timeout -k 20 "$t" "$PY" tools/sweep.py --config-file "$cfg" --jobs 5 $pair \
-            --base-lrs "${PROXY80_RATES[@]}" --seeds 0 --out "output/proxy80_ablation/$name" \
+            --base-lrs "${PROXY80_RATES[@]}" --seeds 0 \
+            --out "output/proxy80_ablation/${name}_$(echo "$pair" | cut -d' ' -f2)" \
             -- MODEL.DEVICE cuda DATALOADER.NUM_WORKERS 1 >>"output/proxy80_ablation_$name.log" 2>&1 &
           pids+=($!)
         done
@@ -222,21 +223,25 @@ run_step() {
             --out "output/proxy80_ablation/${name}_seeds_row$i" -- MODEL.DEVICE cuda \
             DATALOADER.NUM_WORKERS 1 >>"output/proxy80_ablation_${name}_seeds.log" 2>&1 &
           pids+=($!)
-        done < <("$PY" tools/table1.py "output/proxy80_ablation/$name"/*/ --sweep-args)
+        done < <("$PY" tools/table1.py "output/proxy80_ablation/$name"_{CE,FL}/*/ --sweep-args)
       done
       for p in "${pids[@]}"; do wait "$p" || rc=1; done
       local A=output/proxy80_ablation R3=(output/proxy80_rates output/proxy80_table1/*)
+      # a step that did not run (no folder matches) is a 'not run' row, not a literal glob
+      shopt -s nullglob
       "$PY" tools/ablation.py \
-        --step "round-2 proxy, the shared rate 0.01" $A/proxy_shapes_flstar/*_lr0.01/ \
-        --step "round-2 proxy, each loss at its rate" $A/proxy_shapes_flstar/*/ \
+        --step "round-2 proxy, the shared rate 0.01" $A/proxy_shapes_flstar_{CE,FL}/*_lr0.01/ \
+        --step "round-2 proxy, each loss at its rate" $A/proxy_shapes_flstar_{CE,FL}/*/ \
           $A/proxy_shapes_flstar_seeds_row*/*/ \
-        --step "+ 80 classes" $A/1_classes/*/ $A/1_classes_seeds_row*/*/ \
-        --step "+ no clipping" $A/2_no_clipping/*/ $A/2_no_clipping_seeds_row*/*/ \
-        --step "+ the round-3 trunk, frozen whole" $A/3_neutral_trunk/*/ $A/3_neutral_trunk_seeds_row*/*/ \
+        --step "+ 80 classes" $A/1_classes_{CE,FL}/*/ $A/1_classes_seeds_row*/*/ \
+        --step "+ no clipping" $A/2_no_clipping_{CE,FL}/*/ $A/2_no_clipping_seeds_row*/*/ \
+        --step "+ the round-3 trunk, frozen whole" $A/3_neutral_trunk_{CE,FL}/*/ \
+          $A/3_neutral_trunk_seeds_row*/*/ \
         --step "+ 3,000 iterations of 16: the round-3 proxy" \
           $(find "${R3[@]}" -maxdepth 1 -type d \( -name 'ce_a0.75_*' -o -name 'fl_g2_a0.25_*' \) 2>/dev/null) \
         --out "$OUTDIR/proxy80_ablation" || rc=1
-      pack_study proxy80_ablation '3_neutral_trunk/*/'; return $rc ;;  # (compare.py: one step's runs)
+      shopt -u nullglob
+      pack_study proxy80_ablation '3_neutral_trunk_*/*/'; return $rc ;;  # (compare.py: one step's runs)
   esac
 }
 

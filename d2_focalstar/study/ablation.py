@@ -40,6 +40,8 @@ def _cell(row, what):
     lr = f"lr {row['lr']:g}, " if row["lr"] is not None else ""
     n = row["seeds"] + row["diverged"]
     seeds = f"{row['seeds']}" + (f" + {row['diverged']} diverged" if row["diverged"] else "")
+    if not row["seeds"]:
+        seeds = f"{row['diverged']}"  # all diverged: the AP cell says so
     return f"{ap} ({alpha}{lr}{seeds} seed{'s' if n > 1 else ''})"
 
 

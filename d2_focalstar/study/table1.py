@@ -149,12 +149,15 @@ def _versus_best_ce(rows, groups, num_resamples, seed, warn):
 
 def fl_versus_best_ce(records, num_resamples=1000, seed=0, warn=None):
     """FL g=2 against the best CE among ``records`` (each row at its best rate, as in
-    ``table1``): (best CE row, FL g=2 row, (AP difference, low, high) or None where either is
-    missing). The rows are ``table1_rows``' dicts."""
+    ``table1``): (best CE row, FL g=2 row, (AP difference, low, high) or None where either has
+    no finished seed). The rows are ``table1_rows``' dicts; where no CE row finished a seed, the
+    CE row is one whose seeds all diverged (None: no CE run)."""
     rows, groups = table1_rows(records)
     best_ce, intervals = _versus_best_ce(rows, groups, num_resamples, seed, warn)
     fl2 = next(r for r in rows if r["loss"] == "FL" and r["gamma"] == 2.0)
     gap = intervals.get(fl2["name"]) if fl2["name"] and best_ce is not None else None
+    if best_ce is None:
+        best_ce = next((r for r in rows if r["loss"] == "CE" and r["diverged"]), None)
     return best_ce, fl2, gap
 
 
