@@ -31,8 +31,9 @@
 #                   diverging rate is a result, not retried); then seeds 1-4 of each row at its
 #                   best rate (tools/table1.py --sweep-args), 28 runs, 14 at once
 #                   -> OUTDIR/proxy80_rates.tgz, OUTDIR/proxy80_table1.tgz, OUTDIR/proxy80_table1.md
-#   proxy80-flstar  FL* gamma .125/.25/.5 (alpha .25) on the same rate grid, seed 0 (15 runs):
-#                   its own best rates, before its seeds    -> OUTDIR/proxy80_flstar_rates.tgz
+#   proxy80-flstar  FL* gamma .125/.25/.5 at alpha .25 and .75 (the issue: .25 and FL*'s own
+#                   best) on the same rate grid, seed 0 (30 runs, 15 at once): its own best rates,
+#                   before its seeds                         -> OUTDIR/proxy80_flstar_rates.tgz
 #   proxy80-ablation  what moves the FL-vs-CE gap between the round-2 proxy and the round-3 one
 #                   (tools/ablation.py): CE alpha .75 and FL g2 alpha .25 on the round-2 proxy, then
 #                   + 80 classes, + no clipping, + the round-3 trunk (configs/proxy80_ablation/),
@@ -182,7 +183,7 @@ run_step() {
       pack_study proxy80_table1 '*/*/'; return $rc ;;
     proxy80-flstar)
       timeout -k 20 "$t" "$PY" tools/sweep.py --config-file $PROXY80_CFG --jobs 15 --loss-types FLSTAR \
-        --gammas 0.125 0.25 0.5 --alphas 0.25 --base-lrs "${PROXY80_RATES[@]}" --seeds 0 \
+        --gammas 0.125 0.25 0.5 --alphas 0.25 0.75 --base-lrs "${PROXY80_RATES[@]}" --seeds 0 \
         --out output/proxy80_flstar_rates -- "${PROXY80_GPU[@]}"
       local rc=$?; pack_study proxy80_flstar_rates; return $rc ;;
     proxy80-ablation)
