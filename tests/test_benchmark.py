@@ -168,6 +168,93 @@ def test_gpu_checks_script_refuses_unknown_steps_and_logs_the_ones_it_runs(tmp_p
     assert "torch" in log and "detectron2" in log and "[gpu_checks] all steps passed" in log
 
 
+_STUB_PYTHON = r"""#!/bin/bash
+# a stand-in for the Python gpu_checks.sh calls: logs each call; sweep.py makes one run folder
+# per rate and seed under --out (none for the third step's config: as if it failed); table1.py
+# --sweep-args prints a CE and an FL row
+echo "$*" >>"$STUB_LOG"
+case "$1" in
+  tools/sweep.py)
+    case "$*" in *3_neutral_trunk*) exit 1 ;; esac
+    out=; lrs=(0.01); seeds=(0); what=
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --out) out=$2; shift ;;
+        --loss-types) what=$2; shift ;;
+        --base-lrs) lrs=(); while [[ "${2:-}" =~ ^[0-9.]+$ ]]; do lrs+=("$2"); shift; done ;;
+        --seeds) seeds=(); while [[ "${2:-}" =~ ^[0-9]+$ ]]; do seeds+=("$2"); shift; done ;;
+        --) break ;;
+      esac
+      shift
+    done
+    for lr in "${lrs[@]}"; do for s in "${seeds[@]}"; do
+      run="$out/${what}_s${s}_lr${lr}"; mkdir -p "$run/inference"; echo {} >"$run/results.json"
+    done; done ;;
+  tools/table1.py)
+    echo "--loss-types CE --alphas 0.75 --base-lrs 0.005"
+    echo "--loss-types FL --param FL.gamma=2 --alphas 0.25 --base-lrs 0.02" ;;
+esac
+exit 0
+"""
+
+
+def test_gpu_checks_ablation_step_wires_its_folders(tmp_path):
+    """gpu_checks.sh proxy80-ablation, with a stand-in Python: per step, the two losses' rate
+    grids go to two folders (a sweep locks its --out: one folder would stop the second sweep),
+    seeds 1-2 of each row read table1.py's arguments, and tools/ablation.py gets each step's
+    folders, no folder (a 'not run' row, not a literal glob) for a step that made none."""
+    import shutil
+    import subprocess
+
+    from helpers import REPO
+
+    root = tmp_path / "repo"
+    (root / "tools").mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "tools", "gpu_checks.sh"), root / "tools")
+    for trunk in ("pretrain_shapes_r18", "proxy80_backbone"):  # made by earlier steps
+        (root / "output" / trunk).mkdir(parents=True)
+        (root / "output" / trunk / "backbone.pth").write_text("")
+    stub = tmp_path / "python"
+    stub.write_text(_STUB_PYTHON)
+    stub.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, PYTHON=str(stub), STUB_LOG=str(log))
+    proc = subprocess.run(
+        ["bash", "tools/gpu_checks.sh", str(tmp_path / "out"), "proxy80-ablation"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the failed step's sweeps
+    calls = log.read_text().splitlines()
+    grids = [c for c in calls if c.startswith("tools/sweep.py") and "--seeds 0 " in c]
+    outs = [c.split("--out ")[1].split()[0] for c in grids]
+    assert len(outs) == 8 == len(set(outs))  # 4 steps x 2 losses, a folder each
+    assert "output/proxy80_ablation/1_classes_CE" in outs
+    assert "output/proxy80_ablation/1_classes_FL" in outs
+    seeds = [c for c in calls if c.startswith("tools/sweep.py") and "--seeds 1 2 " in c]
+    assert len(seeds) == 8  # 4 steps x 2 rows, at the rows' rates (table1.py's, here stubbed)
+    assert any(
+        "--base-lrs 0.02 --seeds 1 2 --out output/proxy80_ablation/2_no_clipping_seeds_row2" in c
+        for c in seeds
+    )
+    (ablation,) = [c for c in calls if c.startswith("tools/ablation.py")]
+    steps = ablation.split("--step ")[1:]
+    assert steps[0].startswith("round-2 proxy, the shared rate 0.01 output/")
+    assert "proxy_shapes_flstar_CE/CE_s0_lr0.01/" in steps[0] and "lr0.02" not in steps[0]
+    assert (
+        "1_classes_FL/FL_s0_lr0.04/" in steps[2]
+        and "1_classes_seeds_row1/CE_s1_lr0.005/" in steps[2]
+    )
+    # the step that made no run, and the round-3 proxy's runs (proxy80-table1's, not run here):
+    # no folder, no literal glob
+    assert steps[4] == "+ the round-3 trunk, frozen whole "
+    assert steps[5].startswith("+ 3,000 iterations of 16: the round-3 proxy --out ")
+    assert "*" not in ablation
+
+
 def test_benchmark_takes_an_fcos_config_unchanged(tmp_path):
     """The detector rows of an FCOS config: FCOSFLStar against stock detectron2 FCOS (no
     torchvision row), and its FL mode equal to stock FCOS's losses."""
