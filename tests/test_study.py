@@ -1118,7 +1118,8 @@ def test_ablation_gives_the_gap_and_its_interval_at_each_step(tmp_path):
         gaps[step] = float(d)
         assert "alpha 0.75" in ce and "2 seeds" in ce and "2 seeds" in fl
         assert moved == " |"  # the step before 'after' was not run
-    assert "lr 0.005" in rows["after"][0] and "lr 0.02" in rows["after"][1]
+    assert "lr 0.005 of 2 tried (0.005-0.02)" in rows["after"][0]
+    assert "lr 0.02 of 2 tried (0.005-0.02)" in rows["after"][1]
     # the gap is table1.py's FL g=2 against the best CE on the same runs
     t1 = run_here("tools/table1.py", *after, *args[:2], "--out", str(tmp_path / "t1")).stdout
     fl2 = next(line for line in t1.splitlines() if line.startswith("| FL | 2 |"))
@@ -1135,7 +1136,10 @@ def test_ablation_gives_the_gap_and_its_interval_at_each_step(tmp_path):
     proc = run_here("tools/ablation.py", "--step", "a", *before, "--step", "b", *after, *args)
     b = next(line for line in proc.stdout.splitlines() if line.startswith("| b |"))
     # (both rates failed on both seeds: the tie goes to the lower rate)
-    assert b.split(" | ")[1:3] == ["all diverged (alpha 0.75, lr 0.005, 2 seeds)", rows["after"][1]]
+    assert b.split(" | ")[1:3] == [
+        "all diverged (alpha 0.75, lr 0.005 of 2 tried (0.005-0.02), 2 seeds)",
+        rows["after"][1],
+    ]
     assert b.endswith("|  |  |")
     # a step whose folders hold no run, and a step mixing two settings: one line naming it
     assert_one_line_error(

@@ -38,6 +38,9 @@ def _cell(row, what):
         ap += f" ± {row['sd']:.2f}"
     alpha = f"alpha {row['alpha']:g}, " if what == "CE" and row["alpha"] is not None else ""
     lr = f"lr {row['lr']:g}, " if row["lr"] is not None else ""
+    if len(row["rates"]) > 1:  # the picked rate among those tried
+        tried = [r[0] for r in row["rates"]]
+        lr = f"lr {row['lr']:g} of {len(tried)} tried ({min(tried):g}-{max(tried):g}), "
     n = row["seeds"] + row["diverged"]
     seeds = f"{row['seeds']}" + (f" + {row['diverged']} diverged" if row["diverged"] else "")
     if not row["seeds"]:
