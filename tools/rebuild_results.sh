@@ -39,15 +39,22 @@ $PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*
 # and Table 1 as far as it is run: each row at its best rate among the kept runs, diverged seeds
 # counted
 $PY tools/compare.py $R/proxy80/ce_a0.75_s0/ $R/proxy80_levers/fl_g2_a0.25_s0_lr0.02/ \
-  $R/proxy80_seeds/*/ --versus "CE" --out $R/proxy80_seeds_vs_ce
+  $R/proxy80_seeds/*/ --versus "CE lr=0.005 alpha=0.75" --out $R/proxy80_seeds_vs_ce
 $PY tools/table1.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ --out $R/proxy80_table1
-# the ablation of the FL-vs-CE gap from the round-2 proxy to the round-3 one, as far as it is run
-# (the three steps between are tools/gpu_checks.sh proxy80-ablation; the round-2 proxy at 1,500
-# iterations, a schedule lever off this chain, is in proxy_shapes_long_vs_ce)
+# the ablation of the FL-vs-CE gap from the round-2 proxy to the round-3 one (seed 0; the three
+# steps between are configs/proxy80_ablation/; on the CPU at the round-2 rate 0.01, CE also lower
+# where it diverged; tools/gpu_checks.sh proxy80-ablation runs a rate grid and more seeds). The
+# round-2 proxy at 1,500 iterations, a schedule lever off this chain, is proxy_shapes_long_vs_ce.
+A=$R/proxy80_ablation
 $PY tools/ablation.py \
-  --step "round-2 proxy (4 classes, clipping, CE-trained trunk, 600 it of 8), the shared rate 0.01" \
+  --step "round-2 proxy (4 classes, clipping, CE-trained trunk, 600 it of 8, warm-up 50), at 0.01" \
     $R/proxy_shapes/ce_a0.75_s*/ $R/proxy_shapes/fl_g2_s*/ \
-  --step "+ 80 classes" --step "+ no clipping" --step "+ the round-3 trunk, frozen whole" \
-  --step "+ 3,000 it of 16: the round-3 proxy, the shared rate 0.005" $R/proxy80/*/ \
-  --step "+ each loss at its best rate (more seeds)" $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ \
-  --out $R/proxy80_ablation
+  --step "+ 80 classes, at 0.01" $A/1_classes/*/ \
+  --step "+ no clipping (CE at 4 rates)" $A/2_no_clipping/*/ \
+  --step "+ the round-3 trunk, frozen whole (CE at 4 rates)" $A/3_neutral_trunk/*/ \
+  --step "+ 3,000 it of 16, warm-up 300: the round-3 proxy, at 0.01" \
+    $R/proxy80_levers/ce_a0.75_s0_lr0.01/ $R/proxy80_levers/fl_g2_a0.25_s0_lr0.01/ \
+  --step "the round-3 proxy at 0.005, CE's highest rate there" $R/proxy80/*/ \
+  --step "the round-3 proxy, each loss at its best rate (more seeds)" \
+    $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ \
+  --out $R/proxy80_ablation_table
