@@ -20,7 +20,7 @@ import sys
 from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.errors import error_line
-from d2_focalstar.run.results import RunDiverged, RunRecordError, load_run
+from d2_focalstar.run.results import load_runs_counting_divergences
 from d2_focalstar.study.ablation import ablation
 
 
@@ -49,15 +49,8 @@ def main(argv=None):
         parser.error(f"--step labels repeat: {labels}; give each step its own")
     steps = []
     for label, *folders in args.step:
-        records = []
-        for folder in folders:
-            try:
-                records.append(load_run(folder))
-            except RunDiverged as e:  # a seed that failed: counted in its row
-                print(f"diverged: {e}", file=sys.stderr)
-                records.append(e.record)
-            except (FileNotFoundError, RunRecordError) as e:
-                print(f"skipped {e}", file=sys.stderr)
+        # a diverged seed is counted in its row
+        records = load_runs_counting_divergences(folders, lambda line: print(line, file=sys.stderr))
         if folders and not records:
             sys.exit(error_line("ablation.py", f"step {label!r}: none of its folders is a run"))
         steps.append((label, records))

@@ -20,7 +20,7 @@ import sys
 from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.errors import error_line
-from d2_focalstar.run.results import RunDiverged, RunRecordError, load_run
+from d2_focalstar.run.results import load_runs_counting_divergences
 from d2_focalstar.study.table1 import sweep_args, table1, table1_rows
 
 
@@ -56,15 +56,10 @@ def main(argv=None):
             f"--resamples {args.resamples:,}: more than {MAX_RESAMPLES:,} would run for days; "
             "add --many-resamples to allow it"
         )
-    records = []
-    for folder in args.folders:
-        try:
-            records.append(load_run(folder))
-        except RunDiverged as e:  # a seed that failed: counted in its row
-            print(f"diverged: {e}", file=sys.stderr)
-            records.append(e.record)
-        except (FileNotFoundError, RunRecordError) as e:
-            print(f"skipped {e}", file=sys.stderr)
+    # a diverged seed is counted in its row
+    records = load_runs_counting_divergences(
+        args.folders, lambda line: print(line, file=sys.stderr)
+    )
     if args.sweep_args:
         try:
             rows, _ = table1_rows(records)

@@ -23,6 +23,7 @@ __all__ = [
     "write_results",
     "forget_divergence",
     "load_run",
+    "load_runs_counting_divergences",
     "run_state",
     "read_run_config",
     "read_metrics",
@@ -187,6 +188,22 @@ def load_run(folder):
             record,
         )
     return record
+
+
+def load_runs_counting_divergences(folders, warn):
+    """``load_run`` of each folder, for a table that counts a diverged seed as that seed's failure
+    (tools/table1.py, tools/ablation.py): a diverged run gives its record, a folder without a
+    readable finished run is left out; each is named through ``warn(line)``."""
+    records = []
+    for folder in folders:
+        try:
+            records.append(load_run(folder))
+        except RunDiverged as e:
+            warn(f"diverged: {e}")
+            records.append(e.record)
+        except (FileNotFoundError, RunRecordError) as e:
+            warn(f"skipped {e}")
+    return records
 
 
 def _leaves(node, prefix=""):
