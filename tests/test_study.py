@@ -264,11 +264,16 @@ def test_compare_skips_runs_whose_files_are_cut_short_or_not_a_record_naming_the
     (runs / "half" / "results.json").write_text('{"loss_type": "FL", "results": {"bbox": {"AP": 3')
     (runs / "keyless").mkdir()
     (runs / "keyless" / "results.json").write_text('{"seed": 0}')
+    (runs / "gone").mkdir()  # a seed that diverged: named in the table's file, not averaged
+    (runs / "gone" / "results.json").write_text(
+        '{"loss_type": "FL", "results": {}, "seed": 4, "iteration": 433, '
+        '"diverged": "Loss became infinite or NaN at iteration=433!"}'
+    )
     with open(runs / "fl_s1" / "metrics.json", "a") as f:
         f.write("\nnull\n")
     proc = run_here(
         "tools/compare.py",
-        *[str(runs / n) for n in ("fl_s0", "fl_s1", "half", "keyless", "flstar_s0")],
+        *[str(runs / n) for n in ("fl_s0", "fl_s1", "half", "keyless", "gone", "flstar_s0")],
         "--resamples",
         "0",
         "--out",
@@ -276,6 +281,12 @@ def test_compare_skips_runs_whose_files_are_cut_short_or_not_a_record_naming_the
         check=True,
     )
     assert "| mean | FLSTAR g=0.25 |" in proc.stdout and "| fl_s1 |" in proc.stdout
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "| gone |" not in table and "| mean | FL g=2 | 2 |" in table
+    assert table.endswith(
+        "Diverged (recorded, never retried; not in the rows, means or intervals): "
+        "gone (seed 4, iteration 433).\n"
+    )
     lines = proc.stderr.splitlines()
     assert any(
         f"skipped {runs / 'half' / 'results.json'}: not valid JSON" in line for line in lines

@@ -25,7 +25,7 @@ import tempfile
 from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.errors import error_line, warnings_on_stderr
-from d2_focalstar.run.results import RunRecordError, load_run
+from d2_focalstar.run.results import RunDiverged, RunRecordError, load_run
 from d2_focalstar.study.curves import plot_training_curves
 from d2_focalstar.study.intervals import interval_rows, intervals_to_markdown
 from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to_markdown
@@ -90,10 +90,13 @@ def compare(args, staging):
     """Everything computed first, the files written last: a comparison that fails leaves the
     previous outputs as they were, one that succeeds leaves none of them behind (an
     _intervals.md of earlier runs beside the new table would not belong to it)."""
-    records, skipped = [], []
+    records, skipped, diverged = [], [], []
     for folder in args.folders:
         try:
             records.append(load_run(folder))
+        except RunDiverged as e:  # a result with no metrics: named in the table's file
+            skipped.append(str(e))
+            diverged.append(e.record)
         except (FileNotFoundError, RunRecordError) as e:  # unfinished, cut short or not a run
             skipped.append(str(e))
     for msg in skipped:
@@ -103,6 +106,15 @@ def compare(args, staging):
 
     columns, rows = comparison_rows(records)
     markdown = to_markdown(columns, rows)
+    if diverged:  # a seed that diverged is a result: the table says which, not only stderr
+        named = "; ".join(
+            f"{os.path.basename(os.path.normpath(r['folder']))} (seed {r.get('seed')}, "
+            f"iteration {r.get('iteration')})"
+            for r in diverged
+        )
+        markdown += (
+            f"\nDiverged (recorded, never retried; not in the rows, means or intervals): {named}.\n"
+        )
     print(markdown)
     outputs = {".md": markdown.encode(), ".csv": to_csv(columns, rows).encode()}
     intervals = []
