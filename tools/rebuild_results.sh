@@ -33,14 +33,19 @@ for IT in 1000 2000; do
 done
 # each loss on its short rate grid (and FL on an alpha grid), each against CE alpha 0.75 at 0.005
 $PY tools/compare.py $R/proxy80/*/ $R/proxy80_levers/*/ --versus "CE" --out $R/proxy80_levers_vs_ce
-$PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ $R/proxy80_curve/*/ \
+$PY tools/diagnose_runs.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ $R/proxy80_table1_rows/*/ \
+  $R/proxy80_curve/*/ \
   --name-parts colour fill shape --out $R/proxy80_diagnostics
 # the pair's seeds (FL g=2 at 0.02, CE alpha 0.75 at 0.005; a diverged seed is named and skipped),
 # and Table 1 as far as it is run: each row at its best rate among the kept runs, diverged seeds
 # counted
 $PY tools/compare.py $R/proxy80/ce_a0.75_s0/ $R/proxy80_levers/fl_g2_a0.25_s0_lr0.02/ \
   $R/proxy80_seeds/*/ --versus "CE lr=0.005 alpha=0.75" --out $R/proxy80_seeds_vs_ce
-$PY tools/table1.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ --out $R/proxy80_table1
+$PY tools/table1.py $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ $R/proxy80_table1_rows/*/ \
+  --out $R/proxy80_table1
+# FL's gamma profile at one shared rate, 0.01 (seed 0): gamma 1, 2 and 5, each against gamma 2
+$PY tools/compare.py $R/proxy80_levers/fl_g2_a0.25_s0_lr0.01/ $R/proxy80_table1_rows/fl_g[15]_a0.25_s0_lr0.01/ \
+  --versus "FL g=2" --out $R/proxy80_gamma_at_0.01
 # the ablation of the FL-vs-CE gap from the round-2 proxy to the round-3 one (seed 0; the three
 # steps between are configs/proxy80_ablation/; on the CPU at the round-2 rate 0.01, CE also lower
 # where it diverged; tools/gpu_checks.sh proxy80-ablation runs a rate grid and more seeds). The
