@@ -1004,6 +1004,7 @@ def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
         ("CE", None, 0.75, None): 0.3,
         ("FL", 1.0, 0.25, None): 0.2,
         ("FL", 2.0, 0.25, None): 0.0 if fl_better else 0.7,
+        ("FL", 5.0, 0.25, None): 0.5,  # a gamma outside 1-2: check 2 can fail
     }
     folders = _table1_runs(tmp_path, quality)
     out = tmp_path / "t1"
@@ -1020,7 +1021,7 @@ def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
     assert text in proc.stdout
     assert "| CE |  | 0.75 | 31.1 | +0.0 | 0.75 |  | 2 |" in text and "best CE |" in text
     assert "| FL | 2 | 0.25 | 34.0 | +2.9 | 0.25 |  | 2 |" in text
-    assert "| FL | 5 | 0.25 | 32.2 | +1.1 |  |  | 0 | not run |" in text
+    assert "| FL | 0.5 | 0.5 | 32.9 | +1.8 |  |  | 0 | not run |" in text
     assert "Rates tried" not in text
     assert "- CE alpha 0.75 above CE alpha 0.25: **met**" in text
     fl2 = next(line for line in text.splitlines() if line.startswith("- FL g=2 above the best CE"))
@@ -1034,6 +1035,46 @@ def test_table1_checks_the_calibration_against_the_paper(tmp_path, fl_better):
         )
     else:
         assert "**not met**" in fl2 and "best gamma 1" in text and "Calibrated: **no**" in text
+
+
+def test_gamma_profile_check_is_measured_only_where_it_could_fail():
+    """Check 2 (FL's best gamma is 1 or 2) needs a finished gamma outside 1-2: gamma 1 and 2
+    alone always peak inside; a gamma whose seeds all diverged is named, not counted."""
+    from d2_focalstar.study.table1 import gamma_profile_check
+
+    def row(gamma, mean, seeds=1, diverged=0, lr=0.01, rates=()):
+        return dict(
+            loss="FL",
+            gamma=gamma,
+            mean=mean,
+            seeds=seeds,
+            diverged=diverged,
+            lr=lr,
+            rates=list(rates),
+        )
+
+    ce = dict(loss="CE", gamma=None, mean=60.0, seeds=3, diverged=0, lr=0.005, rates=[])
+    g1, g2 = row(1.0, 50.0), row(2.0, 54.0)
+    g5_gone = row(5.0, math.nan, seeds=0, diverged=2, rates=[(0.01, 0.0, 1, 1), (0.02, 0.0, 1, 1)])
+    assert gamma_profile_check([ce, g1, g2]) == (
+        "FL's gamma profile peaks at 1-2",
+        "not measured",
+        "no FL gamma outside 1-2 has a finished seed",
+    )
+    assert gamma_profile_check([ce, g1, g2, g5_gone])[1:] == (
+        "not measured",
+        "no FL gamma outside 1-2 has a finished seed; "
+        "gamma 5 diverged at every rate tried (0.01, 0.02)",
+    )
+    assert gamma_profile_check([ce, row(5.0, 40.0), row(0.5, 45.0, seeds=0, diverged=1)])[1:] == (
+        "not measured",
+        "no FL gamma 1 or 2 has a finished seed; gamma 0.5 diverged at every rate tried (0.01)",
+    )
+    assert gamma_profile_check([g2, row(5.0, 40.0)])[1:] == (
+        "met",
+        "best gamma 2 (54.00 AP) of 2, 5",
+    )
+    assert gamma_profile_check([g1, g2, row(0.5, 55.0)])[1] == "not met"
 
 
 def test_table1_puts_each_loss_at_its_own_best_rate(tmp_path):
