@@ -25,7 +25,7 @@ import tempfile
 from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.errors import error_line, warnings_on_stderr
-from d2_focalstar.run.results import RunDiverged, RunRecordError, load_run
+from d2_focalstar.run.results import load_runs_counting_divergences
 from d2_focalstar.study.curves import plot_training_curves
 from d2_focalstar.study.intervals import interval_rows, intervals_to_markdown
 from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to_markdown
@@ -90,17 +90,11 @@ def compare(args, staging):
     """Everything computed first, the files written last: a comparison that fails leaves the
     previous outputs as they were, one that succeeds leaves none of them behind (an
     _intervals.md of earlier runs beside the new table would not belong to it)."""
-    records, skipped, diverged = [], [], []
-    for folder in args.folders:
-        try:
-            records.append(load_run(folder))
-        except RunDiverged as e:  # a result with no metrics: named in the table's file
-            skipped.append(str(e))
-            diverged.append(e.record)
-        except (FileNotFoundError, RunRecordError) as e:  # unfinished, cut short or not a run
-            skipped.append(str(e))
-    for msg in skipped:
-        print(f"skipped {msg}", file=sys.stderr)
+    # unfinished, cut short or not a run: named on stderr and left out; a diverged run is a
+    # result with no metrics: named on stderr and in the table's file
+    loaded = load_runs_counting_divergences(args.folders, lambda line: print(line, file=sys.stderr))
+    diverged = [r for r in loaded if "diverged" in r]
+    records = [r for r in loaded if "diverged" not in r]
     if not records:
         sys.exit(error_line("compare.py", "none of the folders holds a finished run"))
 
