@@ -52,6 +52,13 @@ def provenance():
         "cuda": torch.version.cuda,  # the CUDA torch was built with; None for a CPU build
         "detectron2": detectron2.__version__,
         "python": platform.python_version(),
+        # a CPU training is deterministic only at one thread count and one instruction set: the
+        # same config and seed gave another trunk on an AVX2 machine (docs/RESULTS.md)
+        "cpu": {
+            "machine": platform.machine(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+        },
     }
 
 

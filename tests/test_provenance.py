@@ -19,6 +19,8 @@ def test_provenance_names_the_code_and_the_libraries():
     assert p["d2_focalstar"] == d2_focalstar.__version__
     assert p["torch"] == torch.__version__ and p["cuda"] == torch.version.cuda
     assert p["detectron2"] == detectron2.__version__
+    assert p["cpu"]["threads"] == torch.get_num_threads() >= 1
+    assert p["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
     json.dumps(p, allow_nan=False)  # plain JSON data
     if p["git"] is not None:  # a checkout (this repository); an installed copy has none
         assert re.fullmatch(r"[0-9a-f]{40}", p["git"]["commit"])

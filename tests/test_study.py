@@ -271,6 +271,10 @@ def test_compare_skips_runs_whose_files_are_cut_short_or_not_a_record_naming_the
     )
     with open(runs / "fl_s1" / "metrics.json", "a") as f:
         f.write("\nnull\n")
+    record = json.loads((runs / "flstar_s0" / "results.json").read_text())
+    (runs / "flstar_s0" / "results.json").write_text(
+        json.dumps(dict(record, weights_sha256="ab" * 32))
+    )
     proc = run_here(
         "tools/compare.py",
         *[str(runs / n) for n in ("fl_s0", "fl_s1", "half", "keyless", "gone", "flstar_s0")],
@@ -283,10 +287,14 @@ def test_compare_skips_runs_whose_files_are_cut_short_or_not_a_record_naming_the
     assert "| mean | FLSTAR g=0.25 |" in proc.stdout and "| fl_s1 |" in proc.stdout
     table = (tmp_path / "cmp" / "table.md").read_text()
     assert "| gone |" not in table and "| mean | FL g=2 | 2 |" in table
-    assert table.endswith(
+    assert (
         "Diverged (recorded, never retried; not in the rows, means or intervals): "
-        "gone (seed 4, iteration 433).\n"
+        "gone (seed 4, iteration 433).\n" in table
     )
+    # a run from other weights (its SHA-256): the table says it compares two starting points
+    assert "\nStarted from 2 different weights: " in table
+    assert "sha256 not recorded: fl_s0, fl_s1, gone;" in table
+    assert table.endswith("sha256 abababababab: flstar_s0.\n")
     lines = proc.stderr.splitlines()
     assert any(
         f"skipped {runs / 'half' / 'results.json'}: not valid JSON" in line for line in lines
@@ -538,6 +546,38 @@ def test_results_json_records_the_solver_settings(tmp_path):
     cfg.SOLVER.AMP.ENABLED = True
     write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
     assert load_run(str(tmp_path))["solver"]["amp"] is True
+
+
+def test_results_json_records_the_bytes_of_the_weights_a_run_started_from(tmp_path):
+    """The same config and seed build another trunk on another CPU: the record names the weights
+    file by its SHA-256, and Table 1's rows refuse runs from two starting points, naming them."""
+    import hashlib
+
+    from d2_focalstar.run.results import write_results
+    from d2_focalstar.study.table1 import table1_rows
+
+    weights = tmp_path / "trunk.pth"
+    weights.write_bytes(b"trunk B" * 100_000)
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS = str(tmp_path / "run"), str(weights)
+    write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert load_run(cfg.OUTPUT_DIR)["weights_sha256"] == sha
+    cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS = str(tmp_path / "random_init"), ""
+    write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
+    assert load_run(cfg.OUTPUT_DIR)["weights_sha256"] is None
+
+    old = [_rate_record("CE", None, 0.75, 0.005, s, 50.0) for s in (0, 1)]  # no hash recorded
+    new = [dict(_rate_record("FL", 2.0, 0.25, 0.02, 0, 52.0), weights_sha256=sha)]
+    rows, _ = table1_rows(old + [_rate_record("FL", 2.0, 0.25, 0.02, 0, 52.0)])  # one point
+    assert sum(r["seeds"] for r in rows) == 3
+    table1_rows([dict(r, weights_sha256=sha) for r in old] + new)  # one trunk, recorded
+    with pytest.raises(RunRecordError, match="started from 2") as e:
+        table1_rows(old + new)
+    message = str(e.value)
+    assert "not recorded: CE_None_0.75_0.005_s0, CE_None_0.75_0.005_s1" in message
+    assert f"sha256 {sha[:12]}: FL_2.0_0.25_0.02_s0" in message and "\n" not in message
 
 
 def test_a_diverged_run_is_a_result_until_a_training_starts_again_in_its_folder(tmp_path):

@@ -4,6 +4,7 @@ written by train_net.py and read by the sweep (is a run finished?) and the compa
 detectron2's metrics.json of a run, read back one record per iteration.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,9 @@ __all__ = [
     "forget_divergence",
     "load_run",
     "load_runs_counting_divergences",
+    "weights_sha256",
+    "starting_points",
+    "check_one_starting_point",
     "run_state",
     "read_run_config",
     "read_metrics",
@@ -33,6 +37,53 @@ logger = logging.getLogger(__name__)
 
 #: Where train_net.py leaves the final metrics of a run.
 RESULTS_FILE = "results.json"
+
+#: The record's key for the SHA-256 of the MODEL.WEIGHTS file the run started from.
+WEIGHTS_SHA256 = "weights_sha256"
+
+
+def weights_sha256(weights):
+    """SHA-256 (hex) of a MODEL.WEIGHTS that is a local file; None for none ("": random init)
+    or a URL / catalog name (detectron2://..., whose content its name fixes)."""
+    if not weights or not os.path.isfile(weights):
+        return None
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def starting_points(records):
+    """The records grouped by the weights file they started from: one line per group (the
+    weights' path and SHA-256, the first run folders), in the records' order. Records written
+    before the SHA-256 was recorded form one group, "not recorded"."""
+    groups = {}
+    for r in records:
+        groups.setdefault(r.get(WEIGHTS_SHA256, "not recorded"), []).append(r)
+
+    def line(key, runs):
+        sha = "not recorded" if key == "not recorded" else (key[:12] if key else "no file")
+        folders = ", ".join(
+            os.path.basename(os.path.normpath(str(r.get("folder", "?")))) for r in runs[:4]
+        )
+        more = f" and {len(runs) - 4} more" if len(runs) > 4 else ""
+        return f"weights {runs[0].get('weights')!r} sha256 {sha}: {folders}{more}"
+
+    return [line(k, v) for k, v in groups.items()]
+
+
+def check_one_starting_point(records, what):
+    """RunRecordError unless every record started from the same weights file (``starting_points``).
+    ``what`` names the table in the message. The same config and seed give another trunk on
+    another CPU, so rows from two trunks would compare proxies, not losses."""
+    points = starting_points(records)
+    if len(points) > 1:
+        raise RunRecordError(
+            f"{what} needs runs from one starting point, these started from {len(points)}: "
+            + "; ".join(points)
+            + f" (the {WEIGHTS_SHA256!r} of each results.json; give the runs of one trunk)"
+        )
 
 
 def write_results(cfg, results, iteration, evaluation_error=None, diverged=None):
@@ -52,6 +103,9 @@ def write_results(cfg, results, iteration, evaluation_error=None, diverged=None)
         "alpha": setting.alpha,
         "seed": cfg.SEED,
         "weights": cfg.MODEL.WEIGHTS,
+        # the file's bytes, not its path: the same command builds a different trunk on another
+        # CPU (docs/RESULTS.md), and a table must not mix runs from two of them
+        WEIGHTS_SHA256: weights_sha256(cfg.MODEL.WEIGHTS),
         "iteration": iteration,
         "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
         "solver": {
@@ -157,6 +211,7 @@ def load_run(folder):
             ("gamma", (int, float, type(None))),
             ("alpha", (int, float, type(None))),
             ("weights", (str, type(None))),
+            (WEIGHTS_SHA256, (str, type(None))),
             ("iteration", (int, type(None))),
         )
         if key in record and not isinstance(record[key], types)
