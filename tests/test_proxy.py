@@ -2,6 +2,7 @@
 feature cache (it gives the trunk's own features, is used by training, and is refused in one
 line when it belongs to another trunk or other input settings)."""
 
+import hashlib
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ from detectron2.utils.events import EventStorage
 from d2_focalstar.config import ConfigError
 from d2_focalstar.data import EMBEDDED_DATASETS, check_datasets
 from d2_focalstar.modeling.cached_trunk import FeatureCacheError, input_settings, trunk_fingerprint
+from d2_focalstar.run.checkpoint import SafeCheckpointer
 from d2_focalstar.run.cli import detector_classes, load_config
 from helpers import REPO, run_here
 
@@ -53,6 +55,27 @@ def test_proxy_data_has_80_distinct_categories_drawn_alike(tiny_proxy):
     counts = np.bincount([a["category_id"] for d in dicts for a in d["annotations"]], minlength=80)
     # ~450 objects over 80 categories drawn uniformly: nearly all present, none dominating
     assert (counts > 0).sum() >= 74 and counts.max() <= 20
+
+
+def test_the_proxy_starts_from_the_committed_trunk_its_readme_names():
+    """The same pretraining command makes another trunk on another CPU, so the proxy's configs
+    start from a committed file: the one weights/README.md names by SHA-256 (not a damaged copy
+    or a Git LFS pointer), which sets every weight of the proxy's frozen trunk, finite."""
+    configs = [PROXY, os.path.join(REPO, "configs", "proxy80_ablation", "3_neutral_trunk.yaml")]
+    cfgs = [load_config(c, ["MODEL.FOCALSTAR.FEATURE_CACHE", ""]) for c in configs]
+    assert {c.MODEL.WEIGHTS for c in cfgs} == {"weights/proxy80_trunk.pth"}
+    path = os.path.join(REPO, "weights", "proxy80_trunk.pth")
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(REPO, "weights", "README.md")) as f:
+        assert f"| SHA-256 | `{sha}` |" in f.read()
+    model = build_model(cfgs[0])
+    SafeCheckpointer(model).load(path)  # the loader training uses
+    trunk = {f"backbone.bottom_up.{k}": v for k, v in model.backbone.bottom_up.state_dict().items()}
+    stored = torch.load(path, weights_only=True)["model"]
+    assert sorted(stored) == sorted(trunk) and len(trunk) == 100
+    assert all(torch.equal(trunk[k], stored[k]) and torch.isfinite(stored[k]).all() for k in trunk)
+    assert not any(p.requires_grad for p in model.backbone.bottom_up.parameters())
 
 
 def test_more_classes_than_the_embedded_data_has_is_refused():

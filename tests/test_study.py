@@ -553,6 +553,8 @@ def test_results_json_records_the_bytes_of_the_weights_a_run_started_from(tmp_pa
     file by its SHA-256, and Table 1's rows refuse runs from two starting points, naming them."""
     import hashlib
 
+    import torch
+
     from d2_focalstar.run.results import write_results
     from d2_focalstar.study.table1 import table1_rows
 
@@ -563,7 +565,9 @@ def test_results_json_records_the_bytes_of_the_weights_a_run_started_from(tmp_pa
     cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS = str(tmp_path / "run"), str(weights)
     write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert load_run(cfg.OUTPUT_DIR)["weights_sha256"] == sha
+    record = load_run(cfg.OUTPUT_DIR)
+    assert record["weights_sha256"] == sha
+    assert record["provenance"]["cpu"]["threads"] == torch.get_num_threads()
     cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS = str(tmp_path / "random_init"), ""
     write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
     assert load_run(cfg.OUTPUT_DIR)["weights_sha256"] is None

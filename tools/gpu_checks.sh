@@ -22,8 +22,11 @@
 #   proxy-table1    RetinaNet's Table 1 on the proxy: CE at alpha .25/.5/.75, FL at gamma
 #                   .5/1/2/5, seeds 0 1 2 (21 runs: 9, then 12 at once)         -> OUTDIR/proxy.tgz
 #   proxy-flstar    FL* at gamma .125/.25/.5 on the proxy, seeds 0 1 2  -> OUTDIR/proxy.tgz
-#   proxy80-pretrain  the COCO-imbalance proxy's backbone: configs/proxy80_pretrain.yaml (detection
-#                   on other scenes, FLSTAR_APPENDIX loss), its ResNet kept -> OUTDIR/proxy80_pretrain.tgz
+#   proxy80-pretrain  the COCO-imbalance proxy's backbone rebuilt: configs/proxy80_pretrain.yaml
+#                   (detection on other scenes, FLSTAR_APPENDIX loss), its ResNet kept in
+#                   output/proxy80_backbone; the proxy's configs use the committed
+#                   weights/proxy80_trunk.pth (another machine makes another trunk: compare its AP
+#                   with weights/README.md's)                    -> OUTDIR/proxy80_pretrain.tgz
 #   proxy80-table1  Table 1 on configs/proxy80_flstar.yaml (the trunk runs on the GPU, no cache),
 #                   each loss at its own rate (a shared rate decides the comparison: on this proxy
 #                   CE's best is 0.005, FL g2's 0.02): a rate grid (0.0025-0.04) on seed 0 for CE
@@ -39,7 +42,7 @@
 #                   + 80 classes, + no clipping, + the round-3 trunk (configs/proxy80_ablation/),
 #                   the rate grid on seed 0 (40 runs of 600 iterations, 10 at once), then seeds 1-2
 #                   at each one's rate (16 at once); the last step is proxy80-table1's runs. Makes
-#                   the round-2 CE-trained trunk first (~1 min) and needs proxy80-pretrain's
+#                   the round-2 CE-trained trunk first (~1 min); the round-3 one is committed
 #                   -> OUTDIR/proxy80_ablation.tgz, OUTDIR/proxy80_ablation.md
 #   (the four in one call: a fresh machine keeps nothing from an earlier one)
 # A study's .tgz holds, per run, results.json, metrics.json, config.yaml (the files docs/results/
@@ -194,8 +197,6 @@ run_step() {
         "$PY" tools/pretrain_backbone.py --from-detector \
           output/pretrain_shapes_detector/model_final.pth --out output/pretrain_shapes_r18 || return 1
       fi
-      [ -f output/proxy80_backbone/backbone.pth ] ||
-        { echo "[gpu_checks] $step: run proxy80-pretrain first (the round-3 trunk)"; return 1; }
       local rc=0 cfg name pair pids=() p row i
       for cfg in "${ABLATION_CFGS[@]}"; do  # 1. the rate grid, seed 0: the step's two losses at once
         name=$(basename "$cfg" .yaml); pids=(); t=$(left)

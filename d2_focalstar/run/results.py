@@ -15,6 +15,7 @@ import yaml
 from ..fileio import write_json
 from ..modeling import loss_config_node
 from ..modeling.losses import LOSS_TYPES, loss_setting
+from ..provenance import add_provenance
 from .checkpoint import last_checkpoint
 
 __all__ = [
@@ -120,6 +121,7 @@ def write_results(cfg, results, iteration, evaluation_error=None, diverged=None)
         record["evaluation_error"] = evaluation_error
     if diverged is not None:
         record["diverged"] = diverged
+    add_provenance(record)  # which code, libraries and CPU made it
     path = os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     write_json(path, record)
