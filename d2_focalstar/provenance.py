@@ -1,6 +1,7 @@
-"""Which code and which libraries produced a record (results.json): the project's version, the git
-commit of the checkout it runs from (and whether that tree had uncommitted changes), and the
-torch, detectron2 and CUDA versions. Readers accept records without it (older ones)."""
+"""Which code, libraries and CPU produced a record (results.json): the project's version, the git
+commit of the checkout it runs from (and whether that tree had uncommitted changes), the torch,
+detectron2 and CUDA versions, and the CPU's architecture, instruction set and torch's thread
+count (a CPU training repeats only on the same ones). Readers accept records without it."""
 
 import os
 import platform

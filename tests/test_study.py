@@ -556,6 +556,7 @@ def test_results_json_records_the_bytes_of_the_weights_a_run_started_from(tmp_pa
     import torch
 
     from d2_focalstar.run.results import write_results
+    from d2_focalstar.study.ablation import ablation
     from d2_focalstar.study.table1 import table1_rows
 
     weights = tmp_path / "trunk.pth"
@@ -571,6 +572,10 @@ def test_results_json_records_the_bytes_of_the_weights_a_run_started_from(tmp_pa
     cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS = str(tmp_path / "random_init"), ""
     write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
     assert load_run(cfg.OUTPUT_DIR)["weights_sha256"] is None
+    # an evaluation alone: its weights are the checkpoint it evaluated, not a starting point
+    cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS = str(tmp_path / "eval"), str(weights)
+    write_results(cfg, {"bbox": {"AP": 1.0}}, None)
+    assert "weights_sha256" not in load_run(cfg.OUTPUT_DIR)
 
     old = [_rate_record("CE", None, 0.75, 0.005, s, 50.0) for s in (0, 1)]  # no hash recorded
     new = [dict(_rate_record("FL", 2.0, 0.25, 0.02, 0, 52.0), weights_sha256=sha)]
@@ -582,6 +587,16 @@ def test_results_json_records_the_bytes_of_the_weights_a_run_started_from(tmp_pa
     message = str(e.value)
     assert "not recorded: CE_None_0.75_0.005_s0, CE_None_0.75_0.005_s1" in message
     assert f"sha256 {sha[:12]}: FL_2.0_0.25_0.02_s0" in message and "\n" not in message
+    # without a SHA-256, other paths are other starting points; no file: random init or a URL
+    moved = [dict(r, weights="output/other_trunk.pth") for r in old[:1]]
+    with pytest.raises(RunRecordError, match="started from 2"):
+        table1_rows(old[1:] + moved + [_rate_record("FL", 2.0, 0.25, 0.02, 0, 52.0)])
+    urls = [dict(r, weights_sha256=None, weights="detectron2://R-18.pkl") for r in old]
+    with pytest.raises(RunRecordError, match="'detectron2://R-18.pkl' no file: CE_None"):
+        table1_rows(urls + [dict(new[0], weights_sha256=None, weights="")])
+    # the ablation names its step
+    with pytest.raises(ValueError, match="^step 'trunks': .*started from 2"):
+        ablation([("trunks", old + new)], num_resamples=10)
 
 
 def test_a_diverged_run_is_a_result_until_a_training_starts_again_in_its_folder(tmp_path):

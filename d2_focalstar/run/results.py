@@ -56,20 +56,29 @@ def weights_sha256(weights):
 
 
 def starting_points(records):
-    """The records grouped by the weights file they started from: one line per group (the
-    weights' path and SHA-256, the first run folders), in the records' order. Records written
-    before the SHA-256 was recorded form one group, "not recorded"."""
+    """The trainings among ``records`` grouped by the weights they started from: one line per
+    group (the weights' path and SHA-256, the first run folders), in the records' order. A
+    record without the SHA-256 (written before it was recorded) is grouped by its weights' path;
+    an evaluation alone (iteration None: its weights are the checkpoint it evaluated, not where
+    a training started) is left out."""
     groups = {}
     for r in records:
-        groups.setdefault(r.get(WEIGHTS_SHA256, "not recorded"), []).append(r)
+        if "iteration" in r and r["iteration"] is None:
+            continue
+        if WEIGHTS_SHA256 not in r:
+            key = ("sha256 not recorded", r.get("weights"))
+        elif r[WEIGHTS_SHA256] is None:
+            key = ("no file", r.get("weights"))
+        else:
+            key = (f"sha256 {r[WEIGHTS_SHA256][:12]}", r[WEIGHTS_SHA256])
+        groups.setdefault(key, []).append(r)
 
     def line(key, runs):
-        sha = "not recorded" if key == "not recorded" else (key[:12] if key else "no file")
         folders = ", ".join(
             os.path.basename(os.path.normpath(str(r.get("folder", "?")))) for r in runs[:4]
         )
         more = f" and {len(runs) - 4} more" if len(runs) > 4 else ""
-        return f"weights {runs[0].get('weights')!r} sha256 {sha}: {folders}{more}"
+        return f"weights {runs[0].get('weights')!r} {key[0]}: {folders}{more}"
 
     return [line(k, v) for k, v in groups.items()]
 
@@ -104,9 +113,6 @@ def write_results(cfg, results, iteration, evaluation_error=None, diverged=None)
         "alpha": setting.alpha,
         "seed": cfg.SEED,
         "weights": cfg.MODEL.WEIGHTS,
-        # the file's bytes, not its path: the same command builds a different trunk on another
-        # CPU (docs/RESULTS.md), and a table must not mix runs from two of them
-        WEIGHTS_SHA256: weights_sha256(cfg.MODEL.WEIGHTS),
         "iteration": iteration,
         "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
         "solver": {
@@ -117,6 +123,10 @@ def write_results(cfg, results, iteration, evaluation_error=None, diverged=None)
         },
         "results": {task: dict(metrics) for task, metrics in results.items()},
     }
+    if iteration is not None:  # a training: where it started (an evaluation's are its checkpoint)
+        # the file's bytes, not its path: the same command builds a different trunk on another
+        # CPU (docs/RESULTS.md), and a table must not mix runs from two of them
+        record[WEIGHTS_SHA256] = weights_sha256(cfg.MODEL.WEIGHTS)
     if evaluation_error is not None:
         record["evaluation_error"] = evaluation_error
     if diverged is not None:

@@ -57,7 +57,7 @@ def table1_rows(records):
     were tried), seeds (finished), diverged, mean, sd; and {setting name: its records}.
     RunRecordError (a ValueError) naming the runs where they started from different weights.
     """
-    check_one_starting_point(records, "Table 1's rows (one proxy, one trunk)")
+    check_one_starting_point(records, "Comparing losses on one proxy")
 
     def key(r):
         return r["loss_type"], (r.get("params") or {}).get("gamma"), r.get("alpha")
