@@ -902,12 +902,19 @@ def test_ctrl_c_is_one_line_that_says_how_to_go_on(tmp_path):
             stdout=stdout,
             stderr=stderr,
             text=True,
+            # started as a background job of a script is (SIGINT ignored): Ctrl-C still counts
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
         try:
             _wait_for(lambda: (out / "last_checkpoint").exists(), proc)
         finally:
             proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-            proc.wait(timeout=300)
+            try:
+                proc.wait(timeout=60)
+            finally:  # one that goes on writes a checkpoint per iteration until the disk is full
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     proc.stderr = (tmp_path / "stderr").read_text()
     proc.output = (tmp_path / "stdout").read_text() + proc.stderr
     assert proc.returncode == 130
@@ -1009,3 +1016,22 @@ def test_one_failing_rank_ends_the_whole_job(tmp_path):
     assert proc.returncode != 0
     assert "injected fault on rank 1 at iteration 3" in proc.output
     assert time.time() - start < 240
+
+
+def test_ctrl_c_reaches_a_command_that_started_with_sigint_ignored(capsys):
+    """In this process: a command started as a background job of a script inherits SIGINT
+    ignored; inside command_errors Ctrl-C (and a local SLURM job's stop signal) is still the
+    one line and status 130, and the inherited disposition is back afterwards."""
+    from d2_focalstar.run.errors import command_errors
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(SystemExit) as e:
+            with command_errors("job.py"):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the KeyboardInterrupt ends this at once
+        assert e.value.code == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert capsys.readouterr().err.strip() == "job.py: error: interrupted"

@@ -112,6 +112,12 @@ def command_errors(program, eval_only=False):
     command = _Command()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    # a background job of a non-interactive shell (`cmd &` in a script, a CI runner) starts with
+    # SIGINT ignored, and Python then leaves it so: Ctrl-C, and the SIGINT by which a local
+    # SLURM job stops its trainings, would do nothing while checkpoints pile up
+    ignored_int = main_thread and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored_int:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield command
     except reported_errors() as e:
@@ -128,3 +134,5 @@ def command_errors(program, eval_only=False):
     finally:
         if main_thread:  # None: a handler not set from Python, i.e. the default
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if ignored_int:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
