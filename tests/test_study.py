@@ -542,6 +542,8 @@ def test_results_json_records_the_solver_settings(tmp_path):
         "max_iter": cfg.SOLVER.MAX_ITER,
         "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
         "amp": False,
+        "warmup_iters": cfg.SOLVER.WARMUP_ITERS,
+        "clip_gradients": cfg.SOLVER.CLIP_GRADIENTS.ENABLED,
     }
     cfg.SOLVER.AMP.ENABLED = True
     write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
@@ -597,6 +599,49 @@ def test_results_json_records_the_bytes_of_the_weights_a_run_started_from(tmp_pa
     # the ablation names its step
     with pytest.raises(ValueError, match="^step 'trunks': .*started from 2"):
         ablation([("trunks", old + new)], num_resamples=10)
+
+
+def test_table1_refuses_runs_of_two_warm_ups_read_from_the_record_or_its_config(tmp_path):
+    """The proxy's warm-up went from 300 to 1,000 iterations before Table 1 on the committed
+    trunk: a run of each recipe in one table would compare recipes, not losses. The record holds
+    the warm-up and clipping; an older one without them is read from its saved config.yaml."""
+    from d2_focalstar.run.results import recipes, write_results
+    from d2_focalstar.study.table1 import table1_rows
+
+    cfg = get_cfg()
+    add_focalstar_config(cfg)
+    cfg.OUTPUT_DIR, cfg.SOLVER.WARMUP_ITERS = str(tmp_path / "new"), 1000
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    write_results(cfg, {"bbox": {"AP": 1.0}}, 7)
+    assert load_run(cfg.OUTPUT_DIR)["solver"]["warmup_iters"] == 1000
+    old = tmp_path / "old"  # a record written before the recipe was: its config.yaml says
+    old.mkdir()
+    (old / "config.yaml").write_text(
+        "SOLVER:\n  BASE_LR: 0.005\n  MAX_ITER: 3000\n  WARMUP_ITERS: 300\n"
+        "  CLIP_GRADIENTS:\n    ENABLED: false\n"
+    )
+    record = {k: v for k, v in load_run(cfg.OUTPUT_DIR).items() if k != "folder"}
+    record["solver"] = {"base_lr": 0.005, "max_iter": 3000}
+    (old / "results.json").write_text(json.dumps(record))
+    assert load_run(str(old))["solver"]["warmup_iters"] == 300
+    assert load_run(str(old))["solver"]["clip_gradients"] is False
+
+    def warm(r, w):
+        return dict(r, solver=dict(r["solver"], warmup_iters=w, clip_gradients=False))
+
+    ce = [warm(_rate_record("CE", None, 0.75, 0.005, s, 50.0), 1000) for s in (0, 1)]
+    fl = _rate_record("FL", 2.0, 0.25, 0.02, 0, 52.0)
+    rows, _ = table1_rows(ce + [warm(fl, 1000)])
+    assert sum(r["seeds"] for r in rows) == 3
+    rows, _ = table1_rows(ce + [fl])  # a record that does not say: not counted as another
+    assert sum(r["seeds"] for r in rows) == 3
+    with pytest.raises(RunRecordError, match="runs of one recipe, these have 2") as e:
+        table1_rows(ce + [warm(fl, 300)])
+    message = str(e.value)
+    assert "warmup_iters=1000 clip_gradients=False: CE_None_0.75_0.005_s0, CE_None" in message
+    assert message.count("warmup_iters=300 clip_gradients=False: FL_2.0_0.25_0.02_s0") == 1
+    clipped = dict(fl, solver=dict(fl["solver"], warmup_iters=1000, clip_gradients=True))
+    assert len(recipes(ce + [clipped])) == 2
 
 
 def test_a_diverged_run_is_a_result_until_a_training_starts_again_in_its_folder(tmp_path):

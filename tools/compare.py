@@ -25,7 +25,7 @@ import tempfile
 from d2_focalstar.evaluation.bootstrap import MAX_RESAMPLES, BootstrapError
 from d2_focalstar.fileio import atomic_write
 from d2_focalstar.run.errors import error_line, warnings_on_stderr
-from d2_focalstar.run.results import load_runs_counting_divergences, starting_points
+from d2_focalstar.run.results import load_runs_counting_divergences, recipes, starting_points
 from d2_focalstar.study.curves import plot_training_curves
 from d2_focalstar.study.intervals import interval_rows, intervals_to_markdown
 from d2_focalstar.study.tables import comparison_rows, setting_names, to_csv, to_markdown
@@ -112,6 +112,9 @@ def compare(args, staging):
     points = starting_points(loaded)
     if len(points) > 1:  # two trunks: the table compares proxies as well as losses
         markdown += f"\nStarted from {len(points)} different weights: {'; '.join(points)}.\n"
+    kinds = recipes(loaded)
+    if len(kinds) > 1:  # two warm-ups or clipping on and off: the recipe differs as well
+        markdown += f"\nTrained with {len(kinds)} different recipes: {'; '.join(kinds)}.\n"
     print(markdown)
     outputs = {".md": markdown.encode(), ".csv": to_csv(columns, rows).encode()}
     intervals = []

@@ -29,6 +29,8 @@ __all__ = [
     "weights_sha256",
     "starting_points",
     "check_one_starting_point",
+    "recipes",
+    "check_one_recipe",
     "run_state",
     "read_run_config",
     "read_metrics",
@@ -96,6 +98,55 @@ def check_one_starting_point(records, what):
         )
 
 
+#: The training recipe besides the loss, its rate and the schedule's length, that a table of
+#: losses must hold fixed: (name in the record's 'solver', its key in a saved config.yaml).
+RECIPE_KEYS = (
+    ("warmup_iters", ("SOLVER", "WARMUP_ITERS")),
+    ("clip_gradients", ("SOLVER", "CLIP_GRADIENTS", "ENABLED")),
+)
+
+
+def recipes(records):
+    """The trainings among ``records`` grouped by their recipe (``RECIPE_KEYS``: the warm-up's
+    length, gradient clipping): one line per group (the values, the first run folders), in the
+    records' order. A value a record does not give (an older record without its config.yaml) is
+    left out of its key; an evaluation alone is left out."""
+    groups = {}
+    for r in records:
+        if "iteration" in r and r["iteration"] is None:
+            continue
+        solver = r.get("solver") or {}
+        key = tuple(
+            f"{name}={solver[name]}" for name, _ in RECIPE_KEYS if solver.get(name) is not None
+        )
+        groups.setdefault(key, []).append(r)
+    known = {k: v for k, v in groups.items() if k}
+    if len(known) < 2:  # one recipe (the records that do not say may have it): nothing to tell
+        return [" ".join(next(iter(known), ()))] if known else []
+
+    def line(key, runs):
+        folders = ", ".join(
+            os.path.basename(os.path.normpath(str(r.get("folder", "?")))) for r in runs[:4]
+        )
+        more = f" and {len(runs) - 4} more" if len(runs) > 4 else ""
+        return f"{' '.join(key)}: {folders}{more}"
+
+    return [line(k, v) for k, v in known.items()]
+
+
+def check_one_recipe(records, what):
+    """RunRecordError unless every record that gives its recipe gives the same one
+    (``recipes``): a row of Table 1 run with a 300-iteration warm-up and one run with 1,000
+    measure two recipes, not two losses. ``what`` names the table in the message."""
+    groups = recipes(records)
+    if len(groups) > 1:
+        raise RunRecordError(
+            f"{what} needs runs of one recipe, these have {len(groups)}: "
+            + "; ".join(groups)
+            + " (the 'solver' of each results.json, else its config.yaml; give runs of one recipe)"
+        )
+
+
 def write_results(cfg, results, iteration, evaluation_error=None, diverged=None):
     """Write the final metrics and the settings that identify the run to OUTPUT_DIR/results.json
     (``iteration`` None: an evaluation only; ``evaluation_error``: why a finished training has no
@@ -120,6 +171,8 @@ def write_results(cfg, results, iteration, evaluation_error=None, diverged=None)
             "max_iter": cfg.SOLVER.MAX_ITER,
             "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
             "amp": cfg.SOLVER.AMP.ENABLED,
+            "warmup_iters": cfg.SOLVER.WARMUP_ITERS,
+            "clip_gradients": cfg.SOLVER.CLIP_GRADIENTS.ENABLED,
         },
         "results": {task: dict(metrics) for task, metrics in results.items()},
     }
@@ -240,14 +293,28 @@ def load_run(folder):
         names = [p.name for p in entry.params] if entry else []
         record["params"] = {n: record[n] for n in names if n in record}
     record.setdefault("gamma", record["params"].get("gamma"))
-    if "solver" not in record:  # written before results.json had it: the run's config.yaml
-        solver = read_run_config(folder).get("SOLVER") or {}
-        if solver:
-            record["solver"] = {
-                k.lower(): solver[k]
+    solver = record.get("solver")
+    missing = [name for name, _ in RECIPE_KEYS if name not in (solver or {})]
+    if solver is None or missing:  # written before results.json had them: the run's config.yaml
+        try:
+            saved = read_run_config(folder)
+        except RunRecordError:
+            if solver is None:
+                raise
+            saved = {}  # the record has what a comparison needs; its recipe stays unknown
+        if solver is None and saved.get("SOLVER"):
+            record["solver"] = solver = {
+                k.lower(): saved["SOLVER"][k]
                 for k in ("BASE_LR", "MAX_ITER", "IMS_PER_BATCH")
-                if k in solver
+                if k in saved["SOLVER"]
             }
+        for name, keys in RECIPE_KEYS:
+            if name in missing and solver is not None:
+                value = saved
+                for k in keys:
+                    value = value.get(k) if isinstance(value, dict) else None
+                if value is not None:
+                    solver[name] = value
     if _diverged_record(record):
         raise RunDiverged(
             f"{path}: the training diverged at iteration {record.get('iteration')} "

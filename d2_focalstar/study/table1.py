@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ..run.results import check_one_starting_point
+from ..run.results import check_one_recipe, check_one_starting_point
 from .intervals import interval_rows
 from .tables import group_by_setting, metrics_of
 
@@ -55,9 +55,11 @@ def table1_rows(records):
     gamma, paper_alpha, paper_ap, name (setting name among ``records``' CE and FL runs, None:
     not run), alpha, lr (the row's rate), rates ([(rate, score, diverged, runs)] where several
     were tried), seeds (finished), diverged, mean, sd; and {setting name: its records}.
-    RunRecordError (a ValueError) naming the runs where they started from different weights.
+    RunRecordError (a ValueError) naming the runs where they started from different weights or
+    were trained with different recipes (warm-up, clipping).
     """
     check_one_starting_point(records, "Comparing losses on one proxy")
+    check_one_recipe(records, "Comparing losses on one proxy")
 
     def key(r):
         return r["loss_type"], (r.get("params") or {}).get("gamma"), r.get("alpha")
