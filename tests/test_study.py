@@ -176,7 +176,8 @@ def _fake_run(
         record["weights"] = weights
     if datasets is not None:
         record["datasets"] = {"train": datasets[0], "test": datasets[1]}
-    if amp is not None:  # a solver record in results.json: load_run no longer reads config.yaml
+    if amp is not None:  # a solver record in results.json: load_run reads only the recipe's keys
+        # (warm-up, clipping) from config.yaml
         record["solver"] = {"amp": amp, **({"base_lr": lr} if lr is not None else {})}
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(record, f)
@@ -642,6 +643,12 @@ def test_table1_refuses_runs_of_two_warm_ups_read_from_the_record_or_its_config(
     assert message.count("warmup_iters=300 clip_gradients=False: FL_2.0_0.25_0.02_s0") == 1
     clipped = dict(fl, solver=dict(fl["solver"], warmup_iters=1000, clip_gradients=True))
     assert len(recipes(ce + [clipped])) == 2
+    # a record giving only part of the recipe conflicts with none that agrees on that part
+    partial = dict(fl, solver=dict(fl["solver"], warmup_iters=1000))
+    assert recipes(ce + [partial]) == ["warmup_iters=1000 clip_gradients=False"]
+    # compare.py never averages two recipes as seeds of one setting
+    assert setting_names([ce[0], ce[1], warm(ce[0], 300)]) == ["CE", "CE", "CE warmup=300"]
+    assert setting_names(ce + [clipped])[-1] == "FL g=2 lr=0.02 clip=on alpha=0.25"
 
 
 def test_a_diverged_run_is_a_result_until_a_training_starts_again_in_its_folder(tmp_path):

@@ -98,8 +98,9 @@ def check_one_starting_point(records, what):
         )
 
 
-#: The training recipe besides the loss, its rate and the schedule's length, that a table of
-#: losses must hold fixed: (name in the record's 'solver', its key in a saved config.yaml).
+#: The parts of the training recipe, besides the loss, its rate and the schedule's length, that
+#: a table of losses must hold fixed and a record gives: (name in the record's 'solver', its key
+#: in a saved config.yaml). Not recorded: the warm-up's start factor, the steps, clipping's value.
 RECIPE_KEYS = (
     ("warmup_iters", ("SOLVER", "WARMUP_ITERS")),
     ("clip_gradients", ("SOLVER", "CLIP_GRADIENTS", "ENABLED")),
@@ -107,31 +108,40 @@ RECIPE_KEYS = (
 
 
 def recipes(records):
-    """The trainings among ``records`` grouped by their recipe (``RECIPE_KEYS``: the warm-up's
-    length, gradient clipping): one line per group (the values, the first run folders), in the
-    records' order. A value a record does not give (an older record without its config.yaml) is
-    left out of its key; an evaluation alone is left out."""
-    groups = {}
-    for r in records:
-        if "iteration" in r and r["iteration"] is None:
-            continue
-        solver = r.get("solver") or {}
-        key = tuple(
-            f"{name}={solver[name]}" for name, _ in RECIPE_KEYS if solver.get(name) is not None
+    """The recipes (``RECIPE_KEYS``: the warm-up's length, gradient clipping) of the trainings
+    among ``records``, as lines: one line of the values where they agree, else one line per
+    group (the values, the first run folders), in the records' order. A value a record does not
+    give (an older record without its config.yaml) agrees with any; an evaluation alone is left
+    out."""
+    trainings = [r for r in records if not ("iteration" in r and r["iteration"] is None)]
+    keys = [
+        tuple(
+            f"{name}={(r.get('solver') or {})[name]}"
+            for name, _ in RECIPE_KEYS
+            if (r.get("solver") or {}).get(name) is not None
         )
+        for r in trainings
+    ]
+    values = {}
+    for r in trainings:
+        for name, _ in RECIPE_KEYS:
+            if (r.get("solver") or {}).get(name) is not None:
+                values.setdefault(name, set()).add(r["solver"][name])
+    if all(len(v) == 1 for v in values.values()):  # one recipe: the records that do not say
+        agreed = [f"{n}={next(iter(values[n]))}" for n, _ in RECIPE_KEYS if n in values]
+        return [" ".join(agreed)] if agreed else []
+    groups = {}
+    for key, r in zip(keys, trainings):
         groups.setdefault(key, []).append(r)
-    known = {k: v for k, v in groups.items() if k}
-    if len(known) < 2:  # one recipe (the records that do not say may have it): nothing to tell
-        return [" ".join(next(iter(known), ()))] if known else []
 
     def line(key, runs):
         folders = ", ".join(
             os.path.basename(os.path.normpath(str(r.get("folder", "?")))) for r in runs[:4]
         )
         more = f" and {len(runs) - 4} more" if len(runs) > 4 else ""
-        return f"{' '.join(key)}: {folders}{more}"
+        return f"{' '.join(key) or 'recipe not recorded'}: {folders}{more}"
 
-    return [line(k, v) for k, v in known.items()]
+    return [line(k, v) for k, v in groups.items()]
 
 
 def check_one_recipe(records, what):
@@ -302,7 +312,7 @@ def load_run(folder):
             if solver is None:
                 raise
             saved = {}  # the record has what a comparison needs; its recipe stays unknown
-        if solver is None and saved.get("SOLVER"):
+        if solver is None and isinstance(saved.get("SOLVER"), dict) and saved["SOLVER"]:
             record["solver"] = solver = {
                 k.lower(): saved["SOLVER"][k]
                 for k in ("BASE_LR", "MAX_ITER", "IMS_PER_BATCH")
@@ -367,6 +377,8 @@ def read_run_config(folder):
             f"({(e.problem or '').split(' ')[-1] or 'a tag'}), which a config that "
             "detectron2 saved never does: not read"
         ) from None
+    except RecursionError:  # nested deeper than the parser goes
+        raise RunRecordError(f"{path}: YAML nested too deep to be a saved config") from None
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise RunRecordError(
             f"{path}: not a saved config ({str(e).splitlines()[0][:120]})"

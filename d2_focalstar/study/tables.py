@@ -100,6 +100,8 @@ _KNOBS = (
     ("iters", _solver("max_iter"), _show),
     ("batch", _solver("ims_per_batch"), _show),
     ("amp", _solver("amp"), _show),  # results.json written before it was recorded: None
+    ("warmup", _solver("warmup_iters"), _show),  # older records: from their config.yaml
+    ("clip", _solver("clip_gradients"), _show),
     ("alpha", lambda r: r.get("alpha"), _show),
     ("weights", lambda r: _initial_weights(r), _show_weights),
     ("train", _datasets("train"), _show),
@@ -129,10 +131,11 @@ def _knob_suffixes(records):
 
 def setting_names(records):
     """The setting of each record: loss type, gamma and cap (see ``_setting``), plus 'lr=..',
-    'iters=..', 'batch=..', 'amp=on/off', 'alpha=..', 'weights=<file name>', 'train=..' or
-    'test=..' (datasets joined with '+') where a run's value differs from the one most of
-    ``records`` have, so that runs differing in more than the seed are never averaged. A record
-    that does not say (an older results.json) takes the usual value."""
+    'iters=..', 'batch=..', 'amp=on/off', 'warmup=..', 'clip=on/off', 'alpha=..',
+    'weights=<file name>', 'train=..' or 'test=..' (datasets joined with '+') where a run's
+    value differs from the one most of ``records`` have, so that runs differing in more than the
+    seed are never averaged. A record that does not say (an older results.json) takes the usual
+    value."""
     return [_setting(r) + s for r, s in zip(records, _knob_suffixes(records))]
 
 
