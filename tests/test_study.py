@@ -410,6 +410,13 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
     assert "fl_g2_s0: interrupted" in again.stdout
     assert load_run(str(fl))["iteration"] == 2
 
+    # the same folder, another warm-up: its finished runs are not this sweep's, and are named
+    cut = sweep.index("--")
+    other = run_here(*sweep[:cut], "--dry-run", *sweep[cut:], "SOLVER.WARMUP_ITERS", "7")
+    assert_one_line_error(
+        other, "sweep.py", "2 finished run(s)", f"{out / 'ce_s0'}: warmup_iters 2 (the config: 7)"
+    )
+
 
 def _processes_mentioning(text):
     """PIDs of the processes whose command line holds ``text``."""

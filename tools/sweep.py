@@ -53,7 +53,7 @@ from d2_focalstar.run.cli import UNSAFE_CONFIG_FLAG, add_unsafe_config_argument,
 from d2_focalstar.run.errors import Terminated, error_line
 from d2_focalstar.run.lock import RunFolderBusy, run_folder_lock
 from d2_focalstar.run.processes import stop_process_groups
-from d2_focalstar.run.results import run_state
+from d2_focalstar.run.results import recipe_mismatch, run_state
 from d2_focalstar.run.slurm import (
     SlurmError,
     add_slurm_arguments,
@@ -234,11 +234,10 @@ def main(argv=None):
     if not os.path.isfile(args.config_file):
         parser.error(f"--config-file {args.config_file}: no such file")
     try:  # the config every run starts from, checked once here (its runs add the loss's keys)
-        node = loss_config_node(
-            load_config(
-                args.config_file, extra, warn_no_cuda=False, allow_unsafe=args.unsafe_config
-            )
+        cfg = load_config(
+            args.config_file, extra, warn_no_cuda=False, allow_unsafe=args.unsafe_config
         )
+        node = loss_config_node(cfg)
     except ConfigError as e:
         sys.exit(error_line("sweep.py", e))
     runs = plan_sweep(args.loss_types, args.seeds, values, args.alphas, args.base_lrs)
@@ -257,7 +256,7 @@ def main(argv=None):
     if args.jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     unsafe = [UNSAFE_CONFIG_FLAG] if args.unsafe_config else []  # each run loads the config again
-    todo = []
+    todo, stale = [], []
     for i, run in enumerate(runs, 1):
         folder = os.path.join(args.out, run.name)
         state = run_state(folder)
@@ -268,6 +267,18 @@ def main(argv=None):
         )
         if state not in ("done", "diverged") and not args.dry_run:
             todo.append((i, run, folder, state))
+        elif state in ("done", "diverged") and recipe_mismatch(folder, cfg):
+            # kept as this sweep's run, it would enter a table beside runs of another recipe
+            stale.append(f"{folder}: {recipe_mismatch(folder, cfg)}")
+    if stale:
+        sys.exit(
+            error_line(
+                "sweep.py",
+                f"{len(stale)} finished run(s) in --out were trained with another recipe than "
+                f"{args.config_file} sets, so they are not this sweep's runs: {'; '.join(stale)}"
+                " (give another --out, or move them away)",
+            )
+        )
     if args.slurm and todo:  # the jobs resume interrupted runs themselves
         slurm_folder = args.slurm_folder or os.path.join(args.out, "slurm")
         try:  # a run whose job is still queued or running is not submitted again

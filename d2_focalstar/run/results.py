@@ -31,6 +31,7 @@ __all__ = [
     "check_one_starting_point",
     "recipes",
     "check_one_recipe",
+    "recipe_mismatch",
     "run_state",
     "read_run_config",
     "read_metrics",
@@ -155,6 +156,27 @@ def check_one_recipe(records, what):
             + "; ".join(groups)
             + " (the 'solver' of each results.json, else its config.yaml; give runs of one recipe)"
         )
+
+
+def recipe_mismatch(folder, cfg):
+    """For a finished or diverged run in ``folder``: 'warmup_iters 300 (the config: 1000)'-like
+    for each part of the recipe its record gives that ``cfg`` sets otherwise; '' where they agree,
+    the record does not say, or there is no readable record."""
+    try:
+        record = load_run(folder)
+    except RunDiverged as e:
+        record = e.record
+    except (FileNotFoundError, RunRecordError):
+        return ""
+    solver = record.get("solver") or {}
+    differ = []
+    for name, keys in RECIPE_KEYS:
+        wanted = cfg
+        for k in keys:
+            wanted = getattr(wanted, k)
+        if solver.get(name) is not None and solver[name] != wanted:
+            differ.append(f"{name} {solver[name]} (the config: {wanted})")
+    return ", ".join(differ)
 
 
 def write_results(cfg, results, iteration, evaluation_error=None, diverged=None):
