@@ -63,3 +63,7 @@ $PY tools/ablation.py \
   --step "the round-3 proxy, each loss at its best rate (more seeds)" \
     $R/proxy80/*/ $R/proxy80_levers/*/ $R/proxy80_seeds/*/ \
   --out $R/proxy80_ablation_table
+# Table 1 on the committed trunk (weights/proxy80_trunk.pth) with the 1,000-iteration warm-up for
+# every loss: the pair, seed 0, each loss at the rate it had on the lost trunk
+$PY tools/compare.py $R/proxy80_trunk_w1000/*/ --versus "CE" --out $R/proxy80_trunk_w1000_vs_ce
+$PY tools/table1.py $R/proxy80_trunk_w1000/*/ --out $R/proxy80_trunk_w1000_table1
