@@ -76,14 +76,18 @@ def starting_points(records):
             key = (f"sha256 {r[WEIGHTS_SHA256][:12]}", r[WEIGHTS_SHA256])
         groups.setdefault(key, []).append(r)
 
-    def line(key, runs):
-        folders = ", ".join(
-            os.path.basename(os.path.normpath(str(r.get("folder", "?")))) for r in runs[:4]
-        )
-        more = f" and {len(runs) - 4} more" if len(runs) > 4 else ""
-        return f"weights {runs[0].get('weights')!r} {key[0]}: {folders}{more}"
+    return [
+        f"weights {runs[0].get('weights')!r} {key[0]}: {_run_folders(runs)}"
+        for key, runs in groups.items()
+    ]
 
-    return [line(k, v) for k, v in groups.items()]
+
+def _run_folders(runs):
+    """'a, b, c, d and 3 more': the first run folders of a group, for a one-line message."""
+    names = ", ".join(
+        os.path.basename(os.path.normpath(str(r.get("folder", "?")))) for r in runs[:4]
+    )
+    return names + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
 
 
 def check_one_starting_point(records, what):
@@ -115,19 +119,15 @@ def recipes(records):
     give (an older record without its config.yaml) agrees with any; an evaluation alone is left
     out."""
     trainings = [r for r in records if not ("iteration" in r and r["iteration"] is None)]
-    keys = [
-        tuple(
-            f"{name}={(r.get('solver') or {})[name]}"
-            for name, _ in RECIPE_KEYS
-            if (r.get("solver") or {}).get(name) is not None
-        )
-        for r in trainings
+    given = [  # per training, the (name, value) pairs of the recipe its record gives
+        [(n, (r.get("solver") or {}).get(n)) for n, _ in RECIPE_KEYS] for r in trainings
     ]
+    given = [[(n, v) for n, v in pairs if v is not None] for pairs in given]
+    keys = [tuple(f"{n}={v}" for n, v in pairs) for pairs in given]
     values = {}
-    for r in trainings:
-        for name, _ in RECIPE_KEYS:
-            if (r.get("solver") or {}).get(name) is not None:
-                values.setdefault(name, set()).add(r["solver"][name])
+    for pairs in given:
+        for n, v in pairs:
+            values.setdefault(n, set()).add(v)
     if all(len(v) == 1 for v in values.values()):  # one recipe: the records that do not say
         agreed = [f"{n}={next(iter(values[n]))}" for n, _ in RECIPE_KEYS if n in values]
         return [" ".join(agreed)] if agreed else []
@@ -135,14 +135,10 @@ def recipes(records):
     for key, r in zip(keys, trainings):
         groups.setdefault(key, []).append(r)
 
-    def line(key, runs):
-        folders = ", ".join(
-            os.path.basename(os.path.normpath(str(r.get("folder", "?")))) for r in runs[:4]
-        )
-        more = f" and {len(runs) - 4} more" if len(runs) > 4 else ""
-        return f"{' '.join(key) or 'recipe not recorded'}: {folders}{more}"
-
-    return [line(k, v) for k, v in groups.items()]
+    return [
+        f"{' '.join(key) or 'recipe not recorded'}: {_run_folders(runs)}"
+        for key, runs in groups.items()
+    ]
 
 
 def check_one_recipe(records, what):
